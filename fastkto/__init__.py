@@ -1,0 +1,6 @@
+"""fastkto: memory-efficient per-token log-probabilities and the KTO / DPO losses built on them."""
+
+from .logprob import fused_logprobs, sequence_logps
+
+__version__ = "0.1.0"
+__all__ = ["fused_logprobs", "sequence_logps", "__version__"]

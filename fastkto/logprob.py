@@ -1,0 +1,256 @@
+"""The primitive: per-token log-probabilities of labels under softmax(hidden @ weight.T), without the logits.
+
+This module is the contract. It checks the arguments, keeps only the tokens whose label is not ``ignore_index``
+(prompt and padding tokens cost nothing), picks an implementation (``kernels.fused_logprob`` with Triton, or
+``kernels.torch_chunked`` elsewhere: same arguments, same outputs), merges vocabulary shards for tensor-parallel
+LM heads, and wraps it all in one ``torch.autograd.Function`` whose backward recomputes what it needs. Nothing of
+size tokens x vocabulary is built or saved, forward or backward.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from types import ModuleType
+
+import torch
+
+from . import distributed as _dist
+from .kernels import torch_chunked
+
+__all__ = ["fused_logprobs", "sequence_logps", "BACKENDS", "triton_available", "resolve_backend"]
+
+BACKENDS = ("auto", "triton", "torch")
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def triton_available() -> bool:
+    """True when Triton can be imported (it is optional: the PyTorch path needs none)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def _triton_impl() -> ModuleType:
+    from .kernels import fused_logprob
+
+    return fused_logprob
+
+
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The implementation ``backend`` means for tensors on ``device``: "triton" or "torch"."""
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "torch":
+        return "torch"
+    has_triton = triton_available()
+    if backend == "auto":
+        if device.type != "cuda" or not has_triton:
+            return "torch"
+        if dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) < (8, 0):
+            return "torch"  # bf16 tensor-core dots need sm_80 or newer
+        return "triton"
+    if not has_triton:
+        raise RuntimeError("backend='triton' needs the triton package; install it or use backend='torch'")
+    if device.type != "cuda" and not _triton_impl().INTERPRET:
+        raise RuntimeError(
+            f"backend='triton' needs CUDA tensors (got {device.type}); on the CPU it runs only under Triton's "
+            "interpreter (TRITON_INTERPRET=1 set before triton is imported). Use backend='torch' or 'auto'."
+        )
+    return "triton"
+
+
+def _check_number(name: str, value, *, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a positive number{' or None' if optional else ''}, got {type(value).__name__}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a finite number > 0, got {value}")
+
+
+def _check_inputs(hidden, weight, labels, bias, ignore_index, temperature, softcap) -> None:
+    for name, t in (("hidden", hidden), ("weight", weight), ("labels", labels)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if hidden.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"hidden must be float32, bfloat16 or float16, got {hidden.dtype}")
+    if weight.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"weight must be float32, bfloat16 or float16, got {weight.dtype}")
+    if hidden.dtype != weight.dtype:
+        raise TypeError(f"hidden and weight must share a dtype, got hidden {hidden.dtype} and weight {weight.dtype}")
+    if hidden.dim() < 1:
+        raise ValueError("hidden must have shape (..., D), got a 0-d tensor")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must have shape (V, D), got {tuple(weight.shape)}")
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"hidden size mismatch: hidden has D={hidden.shape[-1]} but weight has shape {tuple(weight.shape)} (V, D)"
+        )
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+    if tuple(labels.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(
+            f"labels must have hidden's leading shape {tuple(hidden.shape[:-1])}, got {tuple(labels.shape)}"
+        )
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor):
+            raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+        if bias.shape != (weight.shape[0],):
+            raise ValueError(f"bias must have shape (V,) = ({weight.shape[0]},), got {tuple(bias.shape)}")
+        if bias.dtype != weight.dtype:
+            raise TypeError(f"bias must have weight's dtype {weight.dtype}, got {bias.dtype}")
+    devices = {t.device for t in (hidden, weight, labels) + (() if bias is None else (bias,))}
+    if len(devices) > 1:
+        raise ValueError(f"hidden, weight, labels and bias must be on one device, got {sorted(map(str, devices))}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    _check_number("temperature", temperature)
+    _check_number("softcap", softcap, optional=True)
+
+
+class _FusedLogprob(torch.autograd.Function):
+    """(N, D) hidden, (V, D) weight -> (N,) float32 log-probabilities of the scored rows, 0 elsewhere."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, rows, labels, impl, opts, group, vocab_offset):
+        n_rows = hidden.shape[0]
+        out = torch.zeros(n_rows, device=hidden.device, dtype=torch.float32)
+        local = labels - vocab_offset if vocab_offset else labels
+        if labels.numel():
+            row_max, sum_exp, target = impl.logprob_fwd(hidden, weight, bias, rows, local, **opts)
+            if group is not None:
+                row_max, sum_exp, target = _dist.combine_vocab_parallel(row_max, sum_exp, target, group)
+            lse = row_max + torch.log(sum_exp)
+            logp = target - lse
+            if rows is None:
+                out = logp
+            else:
+                out.index_copy_(0, rows, logp)
+        else:
+            lse = out[:0]
+        ctx.save_for_backward(hidden, weight, bias, rows, local, lse)
+        ctx.impl, ctx.opts, ctx.group = impl, opts, group
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, bias, rows, local, lse = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        grad = grad_out.float()
+        grad = grad if rows is None else grad.index_select(0, rows)
+        d_hidden, d_weight, d_bias = ctx.impl.logprob_bwd(
+            hidden, weight, bias, rows, local, lse, grad,
+            need_hidden=need_h, need_weight=need_w, need_bias=need_b, **ctx.opts,
+        )
+        if d_hidden is not None:
+            if ctx.group is not None:  # every shard's vocabulary contributes to each hidden state's gradient
+                _dist.all_reduce_sum(d_hidden, ctx.group)
+            if rows is None:
+                d_hidden = d_hidden.to(hidden.dtype)
+            else:
+                d_hidden = torch.zeros_like(hidden).index_copy_(0, rows, d_hidden.to(hidden.dtype))
+        return d_hidden, d_weight, d_bias, None, None, None, None, None, None
+
+
+def fused_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    backend: str = "auto",
+    process_group=None,
+    workspace_bytes: int | None = None,
+) -> torch.Tensor:
+    """log_softmax(z)[label] for every position, with z = hidden @ weight.T + bias never materialized.
+
+    Args:
+        hidden: (..., D) float32, bfloat16 or float16: final hidden states.
+        weight: (V, D), hidden's dtype: the LM-head weight. With ``process_group``: this rank's contiguous slice
+            of the vocabulary rows (slices in rank order; sizes may differ). A DTensor (FSDP2) weight is gathered
+            once for the call.
+        labels: hidden's leading shape (...), integer: ``labels[..., t]`` is the token scored from
+            ``hidden[..., t]`` (no shift inside). Values in [0, V_total) or ``ignore_index``.
+        bias: (V,) in weight's dtype, or None (this rank's slice with ``process_group``).
+        ignore_index: label value whose positions return exactly 0, get exactly zero gradient and cost no work.
+        temperature: logits are divided by it after the soft-cap (> 0).
+        softcap: if set, z = softcap * tanh(z / softcap) before the temperature (Gemma-2 uses 30).
+        backend: "auto" (Triton for CUDA tensors when importable, else PyTorch), "triton" or "torch".
+        process_group: a torch.distributed group whose ranks hold the vocabulary slices (vocab-parallel head);
+            all ranks pass the same hidden and labels.
+        workspace_bytes: budget for temporaries (PyTorch path: tiles; Triton: split buffers); default
+            ``$FASTKTO_WORKSPACE_MIB`` MiB or 64 MiB.
+
+    Returns:
+        float32 tensor of labels' shape. Differentiable w.r.t. hidden, weight and bias for any upstream gradient;
+        gradients come back in the inputs' dtypes, accumulated in float32.
+    """
+    _check_inputs(hidden, weight, labels, bias, ignore_index, temperature, softcap)
+    if workspace_bytes is not None:
+        _check_number("workspace_bytes", workspace_bytes)
+        workspace_bytes = int(workspace_bytes)
+    weight, bias = _dist.gather_sharded(weight, bias)
+    impl_name = resolve_backend(backend, hidden.device, hidden.dtype)
+    impl = _triton_impl() if impl_name == "triton" else torch_chunked
+
+    dim = hidden.shape[-1]
+    hidden2d = hidden.reshape(-1, dim)
+    flat = labels.reshape(-1).long()
+    vocab_offset, vocab_total = 0, weight.shape[0]
+    if process_group is not None:
+        vocab_offset, vocab_total = _dist.vocab_shard_layout(weight.shape[0], dim, flat.numel(), process_group)
+
+    valid = flat != ignore_index
+    bad = valid & ((flat < 0) | (flat >= vocab_total))
+    if bool(bad.any()):
+        first = flat[bad][0].item()
+        raise ValueError(
+            f"labels must be in [0, {vocab_total}) or equal ignore_index={ignore_index}; found {first}"
+        )
+    if bool(valid.all()):
+        rows, kept = None, flat
+    else:
+        rows = valid.nonzero().squeeze(1)
+        kept = flat.index_select(0, rows)
+    opts = {"softcap": softcap, "temperature": float(temperature), "workspace_bytes": workspace_bytes}
+    out = _FusedLogprob.apply(hidden2d, weight, bias, rows, kept, impl, opts, process_group, vocab_offset)
+    return out.reshape(labels.shape)
+
+
+def sequence_logps(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    average: bool = False,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    backend: str = "auto",
+    process_group=None,
+    workspace_bytes: int | None = None,
+) -> torch.Tensor:
+    """Per-sequence log-probability: the sum (``average=True``: the mean) of ``fused_logprobs`` over the valid
+    tokens of the last dimension.
+
+    Args: as ``fused_logprobs``; hidden is (..., T, D) and labels (..., T).
+
+    Returns:
+        float32 tensor of shape labels.shape[:-1]. A sequence without a valid token gives 0 (never NaN).
+    """
+    if isinstance(labels, torch.Tensor) and labels.dim() < 1:
+        raise ValueError("labels must have a sequence dimension: shape (..., T), got a 0-d tensor")
+    if not isinstance(average, bool):
+        raise TypeError(f"average must be a bool, got {type(average).__name__}")
+    per_token = fused_logprobs(
+        hidden, weight, labels, bias=bias, ignore_index=ignore_index, temperature=temperature, softcap=softcap,
+        backend=backend, process_group=process_group, workspace_bytes=workspace_bytes,
+    )
+    total = per_token.sum(dim=-1)
+    if not average:
+        return total
+    count = (labels != ignore_index).sum(dim=-1).clamp(min=1)
+    return total / count
