@@ -1,0 +1,295 @@
+"""fused_logprobs / sequence_logps against a float64 reference that materializes the logits: values and gradients,
+on every backend that runs here (PyTorch everywhere; Triton under the interpreter on the CPU, compiled on CUDA).
+
+Tolerances. Every path accumulates the D-long dot products and the log-sum-exp in float32, from inputs that are
+exactly representable in float64, so values differ from the reference by float32 rounding only: ATOL_VALUE covers
+logits of magnitude ~10 summed over D <= 64 terms (about 1e-6 relative). Gradients come back in the input dtype, so
+their error is measured relative to the largest reference gradient ("scaled error") and bounded by a few units of
+that dtype's rounding (GRAD_TOL). On a GPU, 16-bit dots also round the logit gradient to the input dtype before
+the second product, which the same bound covers.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import fastkto
+from fastkto.kernels import torch_chunked
+from tests.conftest import HAS_CUDA, INTERPRET
+from tests.reference import leaf64, reference_logprobs, reference_sequence_logps
+
+ATOL_VALUE = 2e-4
+GRAD_TOL = {torch.float32: 1e-5, torch.bfloat16: 2 * 2**-8, torch.float16: 2 * 2**-11}
+
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(
+    not (HAS_CUDA or INTERPRET), reason="Triton needs CUDA or TRITON_INTERPRET=1"))]
+
+
+def make_inputs(lead, dim, vocab, dtype, *, ignore_frac=0.3, bias=False, device=DEVICE, logit_scale=3.0):
+    """Random hidden (*lead, D), weight (V, D), labels (*lead) with a fraction ignored, optional bias.
+
+    weight is scaled so logits have a standard deviation of about ``logit_scale``, as in trained LM heads.
+    """
+    hidden = torch.randn(*lead, dim, device=device).to(dtype)
+    weight = (torch.randn(vocab, dim, device=device) * (logit_scale / dim**0.5)).to(dtype)
+    labels = torch.randint(0, vocab, lead, device=device)
+    if ignore_frac:
+        labels[torch.rand(lead, device=device) < ignore_frac] = -100
+    b = (torch.randn(vocab, device=device) * 0.5).to(dtype) if bias else None
+    return hidden, weight, labels, b
+
+
+def scaled_error(got, ref):
+    return ((got.double() - ref).abs().max() / ref.abs().max().clamp(min=1e-30)).item()
+
+
+def check_against_reference(hidden, weight, labels, bias=None, backend="torch", **opts):
+    """Run fastkto and the float64 reference with the same random upstream gradient; compare all outputs."""
+    params = [hidden.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()]
+    b = None if bias is None else bias.detach().clone().requires_grad_()
+    out = fastkto.fused_logprobs(params[0], params[1], labels, bias=b, backend=backend, **opts)
+    assert out.dtype == torch.float32 and out.shape == labels.shape
+
+    ref_params = [leaf64(hidden), leaf64(weight), leaf64(bias)]
+    ref = reference_logprobs(ref_params[0], ref_params[1], labels, bias=ref_params[2], **opts)
+    assert (out.double() - ref).abs().max().item() <= ATOL_VALUE
+
+    upstream = torch.randn(labels.shape, device=labels.device)
+    (out * upstream).sum().backward()
+    (ref * upstream.double()).sum().backward()
+    tol = GRAD_TOL[hidden.dtype]
+    got_grads = [params[0].grad, params[1].grad] + ([] if b is None else [b.grad])
+    ref_grads = [ref_params[0].grad, ref_params[1].grad] + ([] if b is None else [ref_params[2].grad])
+    for name, got, want in zip(("hidden", "weight", "bias"), got_grads, ref_grads):
+        assert got.dtype == hidden.dtype, name
+        err = scaled_error(got, want)
+        assert err <= tol, f"d{name}: scaled error {err:.2e} > {tol:.2e}"
+    ignored = labels == -100
+    assert torch.all(out[ignored] == 0)
+    assert torch.all(params[0].grad[ignored] == 0), "ignored positions must get exactly zero gradient"
+    return out
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_values_and_gradients_3d(backend, dtype, seed):
+    # vocab 101 and D 19 are not multiples of any tile; (2, 13) tokens spans more than one 16-row tile
+    hidden, weight, labels, _ = make_inputs((2, 13), 19, 101, dtype)
+    check_against_reference(hidden, weight, labels, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bias_temperature_softcap(backend, dtype, seed):
+    hidden, weight, labels, bias = make_inputs((3, 7), 24, 70, dtype, bias=True, logit_scale=20.0)
+    check_against_reference(hidden, weight, labels, bias, backend=backend, temperature=0.7, softcap=15.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_single_token(backend, seed):
+    hidden, weight, labels, _ = make_inputs((1,), 16, 33, torch.float32, ignore_frac=0.0)
+    check_against_reference(hidden, weight, labels, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_all_ignored_gives_zeros_and_zero_grads(backend, seed):
+    hidden, weight, labels, _ = make_inputs((2, 5), 16, 40, torch.float32)
+    labels.fill_(-100)
+    h = hidden.clone().requires_grad_()
+    w = weight.clone().requires_grad_()
+    out = fastkto.fused_logprobs(h, w, labels, backend=backend)
+    assert torch.equal(out, torch.zeros_like(out))
+    out.sum().backward()
+    assert torch.equal(h.grad, torch.zeros_like(h)) and torch.equal(w.grad, torch.zeros_like(w))
+    seq = fastkto.sequence_logps(h, w, labels, average=True, backend=backend)
+    assert torch.equal(seq, torch.zeros(2, device=seq.device))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_inputs(backend, seed):
+    # hidden as a transposed view (T, B, D) -> (B, T, D), weight as a slice with a row stride wider than D
+    base = torch.randn(9, 2, 20, device=DEVICE)
+    hidden = base.transpose(0, 1)
+    wide = torch.randn(57, 40, device=DEVICE) * 0.7
+    weight = wide[:, 5:25]
+    labels = torch.randint(0, 57, (2, 9), device=DEVICE)
+    labels[0, :3] = -100
+    assert not hidden.is_contiguous() and not weight.is_contiguous()
+    check_against_reference(hidden, weight, labels, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_custom_ignore_index_and_int32_labels(backend, seed):
+    hidden, weight, labels, _ = make_inputs((4, 6), 16, 50, torch.float32, ignore_frac=0.0)
+    labels[:, :2] = 7  # token 7 plays the ignore role: those positions must be skipped
+    out = fastkto.fused_logprobs(hidden, weight, labels.int(), ignore_index=7, backend=backend)
+    ref = reference_logprobs(hidden, weight, labels, ignore_index=7)
+    assert torch.all(out[:, :2] == 0)
+    assert (out.double() - ref).abs().max().item() <= ATOL_VALUE
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grad_wrt_one_input_only(backend, seed):
+    hidden, weight, labels, bias = make_inputs((2, 8), 16, 45, torch.float32, bias=True)
+    ref_w = leaf64(weight)
+    ref = reference_logprobs(hidden.double(), ref_w, labels, bias=bias.double())
+    ref.sum().backward()
+    w = weight.clone().requires_grad_()
+    fastkto.fused_logprobs(hidden, w, labels, bias=bias, backend=backend).sum().backward()
+    assert scaled_error(w.grad, ref_w.grad) <= GRAD_TOL[torch.float32]
+
+    ref_h = leaf64(hidden)
+    reference_logprobs(ref_h, weight.double(), labels).sum().backward()
+    h = hidden.clone().requires_grad_()
+    fastkto.fused_logprobs(h, weight, labels, backend=backend).sum().backward()
+    assert scaled_error(h.grad, ref_h.grad) <= GRAD_TOL[torch.float32]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("average", [False, True])
+def test_sequence_logps(backend, average, seed):
+    hidden, weight, labels, _ = make_inputs((3, 11), 16, 64, torch.float32, ignore_frac=0.4)
+    labels[2] = -100  # a sequence with no valid token: 0, never NaN
+    h = hidden.clone().requires_grad_()
+    seq = fastkto.sequence_logps(h, weight, labels, average=average, backend=backend)
+    ref_h = leaf64(hidden)
+    ref = reference_sequence_logps(ref_h, weight.double(), labels, average=average)
+    assert seq.shape == (3,) and seq[2].item() == 0.0
+    assert (seq.double() - ref).abs().max().item() <= ATOL_VALUE * 11
+    upstream = torch.randn(3, device=DEVICE)
+    (seq * upstream).sum().backward()
+    (ref * upstream.double()).sum().backward()
+    assert scaled_error(h.grad, ref_h.grad) <= GRAD_TOL[torch.float32]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_extreme_logits_stay_finite(backend, seed):
+    # |z| ~ 1e4: the online log-sum-exp must not overflow; the error is float32 rounding of values near 1e4
+    hidden, weight, labels, _ = make_inputs((2, 6), 16, 40, torch.float32, ignore_frac=0.0, logit_scale=1e4)
+    out = fastkto.fused_logprobs(hidden, weight, labels, backend=backend)
+    ref = reference_logprobs(hidden, weight, labels)
+    assert torch.isfinite(out).all()
+    assert ref.abs().max() > 1e3  # the test really exercises large logits
+    assert ((out.double() - ref).abs() / ref.abs().clamp(min=1.0)).max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_in_gives_nan_out(backend, seed):
+    hidden, weight, labels, _ = make_inputs((5,), 16, 40, torch.float32, ignore_frac=0.0)
+    hidden[2, 3] = float("nan")
+    out = fastkto.fused_logprobs(hidden, weight, labels, backend=backend)
+    assert torch.isnan(out[2])
+    keep = torch.tensor([0, 1, 3, 4], device=DEVICE)
+    ref = reference_logprobs(hidden[keep], weight, labels[keep])
+    assert (out[keep].double() - ref).abs().max().item() <= ATOL_VALUE  # one bad row does not spoil the others
+    weight[0, 0] = float("nan")
+    assert torch.isnan(fastkto.fused_logprobs(hidden, weight, labels, backend=backend)).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_deterministic(backend, seed):
+    hidden, weight, labels, bias = make_inputs((3, 20), 24, 150, torch.bfloat16, bias=True)
+    results = []
+    for _ in range(2):
+        h, w, b = (t.clone().requires_grad_() for t in (hidden, weight, bias))
+        out = fastkto.fused_logprobs(h, w, labels, bias=b, softcap=10.0, backend=backend)
+        (out * torch.linspace(-1, 1, out.numel(), device=DEVICE).view_as(out)).sum().backward()
+        results.append((out, h.grad, w.grad, b.grad))
+    for first, second in zip(*results):
+        assert torch.equal(first, second), "two identical runs must agree bitwise"
+
+
+def test_torch_chunking_does_not_change_results(seed):
+    # a budget so small that every tile is a handful of tokens x vocabulary rows, against one big tile
+    hidden, weight, labels, bias = make_inputs((4, 25), 32, 300, torch.float32, bias=True)
+    outs = []
+    for budget in (1 << 12, 1 << 30):
+        h, w, b = (t.clone().requires_grad_() for t in (hidden, weight, bias))
+        out = fastkto.fused_logprobs(h, w, labels, bias=b, backend="torch", workspace_bytes=budget)
+        out.sum().backward()
+        outs.append((out, h.grad, w.grad, b.grad))
+    assert torch_chunked.plan_chunks(100, 300, 32, 1 << 12)[1] < 300  # the small budget really splits the vocabulary
+    for small, big in zip(*outs):
+        torch.testing.assert_close(small, big, rtol=1e-5, atol=1e-5)
+
+
+def test_plan_chunks_respects_budget():
+    for tokens, vocab, dim, budget in [(8192, 128256, 4096, 64 << 20), (100, 49152, 576, 64 << 20),
+                                       (4096, 256000, 2304, 1 << 20), (5, 7, 3, 1 << 20)]:
+        n, v = torch_chunked.plan_chunks(tokens, vocab, dim, budget)
+        assert 1 <= n <= tokens and 1 <= v <= vocab
+        floats = 2 * v * dim + n * dim + 3 * n * v
+        assert floats * 4 <= budget or (n == 1 or v == 1)
+
+
+def test_workspace_env_setting(monkeypatch):
+    monkeypatch.setenv("FASTKTO_WORKSPACE_MIB", "8")
+    assert torch_chunked.default_workspace_bytes() == 8 << 20
+    monkeypatch.setenv("FASTKTO_WORKSPACE_MIB", "zero")
+    with pytest.raises(ValueError, match="FASTKTO_WORKSPACE_MIB"):
+        torch_chunked.default_workspace_bytes()
+    monkeypatch.delenv("FASTKTO_WORKSPACE_MIB")
+    assert torch_chunked.default_workspace_bytes() == 64 << 20
+
+
+@pytest.mark.skipif(not (HAS_CUDA or INTERPRET), reason="Triton needs CUDA or TRITON_INTERPRET=1")
+@pytest.mark.interpret
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_splits_and_persistent_programs_match_torch(dtype, seed):
+    """The kernels' split merge (forward, dH) and persistent dW loop (several tiles per program, fp32 scratch for
+    16-bit weights) against the PyTorch implementation, through the shared implementation contract."""
+    from fastkto.kernels import fused_logprob
+
+    hidden, weight, labels, bias = make_inputs((45,), 20, 230, dtype, bias=True)
+    rows = (labels != -100).nonzero().squeeze(1)
+    kept = labels[rows]
+    opts = dict(softcap=8.0, temperature=1.3)
+    want = torch_chunked.logprob_fwd(hidden, weight, bias, rows, kept, **opts)
+    got = fused_logprob.logprob_fwd(hidden, weight, bias, rows, kept, splits=3, **opts)
+    lse_want = want[0] + want[1].log()
+    lse_got = got[0] + got[1].log()
+    torch.testing.assert_close(lse_got, lse_want, rtol=0, atol=1e-5)
+    torch.testing.assert_close(got[2], want[2], rtol=0, atol=1e-5)
+
+    grad = torch.randn(rows.numel(), device=DEVICE)
+    want_g = torch_chunked.logprob_bwd(hidden, weight, bias, rows, kept, lse_want, grad, **opts)
+    got_g = fused_logprob.logprob_bwd(hidden, weight, bias, rows, kept, lse_want, grad, splits=3, dw_programs=2,
+                                      **opts)
+    for name, g, w in zip(("hidden", "weight", "bias"), got_g, want_g):
+        assert g.dtype == w.dtype, name
+        assert scaled_error(g, w.double()) <= GRAD_TOL[dtype], name
+
+
+def test_backend_resolution():
+    from fastkto.logprob import resolve_backend
+
+    assert resolve_backend("torch", torch.device("cpu"), torch.float32) == "torch"
+    assert resolve_backend("auto", torch.device("cpu"), torch.float32) == "torch"
+    with pytest.raises(ValueError, match="backend"):
+        resolve_backend("cuda", torch.device("cpu"), torch.float32)
+
+
+def test_triton_on_cpu_without_interpreter_subprocess():
+    """backend="triton" on CPU tensors without the interpreter: a clear error (checked in a fresh process, since
+    this one may interpret)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, fastkto\n"
+        "h = torch.randn(3, 8); w = torch.randn(10, 8); y = torch.randint(0, 10, (3,))\n"
+        "try:\n"
+        "    fastkto.fused_logprobs(h, w, y, backend='triton')\n"
+        "except RuntimeError as e:\n"
+        "    print('RAISED', e)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    if "No module named 'triton'" in res.stderr:
+        pytest.skip("triton not installed")
+    assert "RAISED" in res.stdout and "TRITON_INTERPRET" in res.stdout, res.stdout + res.stderr

@@ -1,0 +1,54 @@
+"""The PyTorch path's workspace: bounded by the budget and flat as tokens or vocabulary grow.
+
+Workspace = peak bytes allocated during forward + backward, minus what any method must hold: the output and the
+hidden and weight gradients. Measured with fastkto.memory.track_peak_memory (allocator events on the CPU).
+"""
+
+import pytest
+import torch
+
+import fastkto
+from fastkto.memory import track_peak_memory
+
+BUDGET = 1 << 20
+# per-token statistics (row max, sum of exp, target logit, log-sum-exp, upstream gradient): a few floats per token,
+# of size tokens, never tokens x vocabulary
+PER_TOKEN_BYTES = 32
+
+
+def workspace(tokens, vocab, dim=32, ignore_every=0):
+    hidden = torch.randn(tokens, dim, requires_grad=True)
+    weight = torch.randn(vocab, dim, requires_grad=True)
+    labels = torch.randint(0, vocab, (tokens,))
+    if ignore_every:
+        labels[::ignore_every] = -100
+    with track_peak_memory("cpu") as mem:
+        out = fastkto.fused_logprobs(hidden, weight, labels, backend="torch", workspace_bytes=BUDGET)
+        out.sum().backward()
+    must_hold = out.numel() * 4 + hidden.numel() * 4 + weight.numel() * 4
+    return mem.peak - must_hold
+
+
+@pytest.mark.parametrize("ignore_every", [0, 2])
+def test_workspace_is_bounded_and_flat(ignore_every):
+    base = workspace(1024, 4096, ignore_every=ignore_every)
+    more_tokens = workspace(2048, 4096, ignore_every=ignore_every)
+    more_vocab = workspace(1024, 8192, ignore_every=ignore_every)
+    both = workspace(2048, 8192, ignore_every=ignore_every)  # tokens x vocab grown 4x
+    for name, value in (("base", base), ("2x tokens", more_tokens), ("2x vocab", more_vocab), ("4x", both)):
+        assert 0 < value <= BUDGET, f"{name}: workspace {value / 2**20:.2f} MiB over the {BUDGET >> 20} MiB budget"
+    assert more_vocab <= base + 64 * 1024, "doubling the vocabulary must not raise the workspace"
+    assert more_tokens <= base + PER_TOKEN_BYTES * 1024, "doubling tokens may add only per-token statistics"
+    assert both <= more_tokens + 64 * 1024
+
+
+def test_naive_logits_dwarf_the_workspace():
+    # the point of the package, measured the same way: the naive head holds tokens x vocab floats several times
+    tokens, vocab, dim = 1024, 4096, 32
+    hidden = torch.randn(tokens, dim, requires_grad=True)
+    weight = torch.randn(vocab, dim, requires_grad=True)
+    labels = torch.randint(0, vocab, (tokens,))
+    with track_peak_memory("cpu") as mem:
+        torch.log_softmax(hidden @ weight.T, -1).gather(-1, labels[:, None]).sum().backward()
+    assert mem.peak >= 2 * tokens * vocab * 4
+    assert workspace(tokens, vocab, dim) * 10 < mem.peak
