@@ -1,0 +1,437 @@
+"""KTO and paired preference data: loading, hh-rlhf prompt splitting, tokenization, and the collators.
+
+Two data formats, as in TRL:
+
+* KTO (unpaired): columns ``prompt`` (str), ``completion`` (str), ``label`` (bool: True = desirable).
+* Paired: columns ``prompt``, ``chosen``, ``rejected`` (str). hh-rlhf style files hold only ``chosen`` and
+  ``rejected`` whole transcripts; ``split_hh_transcripts`` cuts the prompt off them.
+
+Pipeline: ``load_kto_dataset`` / ``load_paired_dataset`` (local jsonl, jsonl.gz, json or parquet files, read with
+``datasets``) -> optionally ``paired_to_kto`` -> ``tokenize_kto`` / ``tokenize_paired`` (``prompt_ids`` plus
+``completion_ids`` or ``chosen_ids`` / ``rejected_ids``) -> ``KTOCollator`` / ``PairedCollator`` (padded tensors).
+
+The shift. fastkto scores ``labels[t]`` from ``hidden[t]`` and shifts nothing. A causal LM's hidden state at
+position t predicts token t + 1, so the collators shift once, here: ``labels[b, t] = input_ids[b, t + 1]`` when
+token t + 1 belongs to the completion, and ``-100`` otherwise (prompt, padding, and the last position, which
+predicts nothing). ``hidden = backbone(input_ids)`` of shape (B, T, D) and ``labels`` of shape (B, T) then line up
+with no slicing.
+
+``datasets`` is needed only by the loading and tokenizing functions; the collators need only torch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+__all__ = [
+    "HUMAN",
+    "ASSISTANT",
+    "split_prompt",
+    "transcript_to_messages",
+    "load_local_dataset",
+    "load_kto_dataset",
+    "load_paired_dataset",
+    "split_hh_transcripts",
+    "paired_to_kto",
+    "tokenize_prompt_completion",
+    "tokenize_kto",
+    "tokenize_paired",
+    "KTOCollator",
+    "PairedCollator",
+]
+
+logger = logging.getLogger(__name__)
+
+HUMAN = "\n\nHuman:"
+ASSISTANT = "\n\nAssistant:"
+IGNORE_INDEX = -100
+KTO_COLUMNS = ("prompt", "completion", "label")
+PAIRED_COLUMNS = ("prompt", "chosen", "rejected")
+_TURN = re.compile(r"\n\n(Human|Assistant):")
+_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+
+# ----------------------------------------------------------------------------------------------------- transcripts
+def split_prompt(transcript: str) -> tuple[str, str]:
+    """Split an hh-rlhf transcript into (prompt, completion) at its last "\\n\\nAssistant:".
+
+    The prompt keeps the marker (it is the text up to and including the last "\\n\\nAssistant:"); the completion is
+    the rest, leading space included, so ``prompt + completion == transcript``.
+    """
+    if not isinstance(transcript, str):
+        raise TypeError(f"transcript must be a str, got {type(transcript).__name__}")
+    cut = transcript.rfind(ASSISTANT)
+    if cut < 0:
+        raise ValueError(f"transcript has no {ASSISTANT!r} turn to split at: {transcript[:80]!r}...")
+    cut += len(ASSISTANT)
+    return transcript[:cut], transcript[cut:]
+
+
+def transcript_to_messages(prompt: str | list) -> list[dict[str, str]]:
+    """Chat messages of a prompt: hh-rlhf turns become user / assistant messages, any other text one user message.
+
+    A list of ``{"role", "content"}`` dicts (a conversational prompt) is returned unchanged. The trailing empty
+    "\\n\\nAssistant:" turn of an hh-rlhf prompt is the generation cue: it is dropped (the chat template's
+    ``add_generation_prompt`` renders it). Contents are stripped of surrounding whitespace.
+    """
+    if isinstance(prompt, list):
+        return prompt
+    if not isinstance(prompt, str):
+        raise TypeError(f"prompt must be a str or a list of messages, got {type(prompt).__name__}")
+    parts = _TURN.split(prompt)
+    # parts = [text before the first marker, role, content, role, content, ...]
+    if len(parts) == 1:
+        return [{"role": "user", "content": prompt.strip()}]
+    head = parts[0].strip()
+    messages = [{"role": "user", "content": head}] if head else []
+    for role, content in zip(parts[1::2], parts[2::2]):
+        messages.append({"role": "user" if role == "Human" else "assistant", "content": content.strip()})
+    if messages and messages[-1]["role"] == "assistant" and not messages[-1]["content"]:
+        messages.pop()
+    return messages
+
+
+# --------------------------------------------------------------------------------------------------------- loading
+def load_local_dataset(path: str | os.PathLike):
+    """A ``datasets.Dataset`` from one local file: .jsonl, .jsonl.gz, .json, .json.gz or .parquet."""
+    import datasets
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"data file not found: {path}")
+    stem = path[:-3] if path.endswith(".gz") else path
+    fmt = _FORMATS.get(os.path.splitext(stem)[1])
+    if fmt is None or (fmt == "parquet" and path.endswith(".gz")):
+        raise ValueError(f"path must end in .jsonl, .jsonl.gz, .json, .json.gz or .parquet, got {path}")
+    return datasets.load_dataset(fmt, data_files=path, split="train")
+
+
+def _require_columns(dataset, columns: Sequence[str], what: str) -> None:
+    missing = [c for c in columns if c not in dataset.column_names]
+    if missing:
+        raise ValueError(f"{what} needs columns {list(columns)}; missing {missing} (found {dataset.column_names})")
+
+
+def _check_texts(dataset, column: str, *, allow_messages: bool = False) -> None:
+    for i, text in enumerate(dataset[column]):
+        if allow_messages and isinstance(text, list):
+            continue
+        if not isinstance(text, str):
+            raise TypeError(f"column {column!r} must hold strings; row {i} is {type(text).__name__}")
+        if column != "prompt" and not text.strip():
+            raise ValueError(f"column {column!r} has an empty completion at row {i}")
+
+
+def _check_kto(dataset):
+    _require_columns(dataset, KTO_COLUMNS, "KTO data")
+    _check_texts(dataset, "prompt", allow_messages=True)
+    _check_texts(dataset, "completion")
+    labels = dataset["label"]
+    for i, label in enumerate(labels):
+        if isinstance(label, bool) or (isinstance(label, int) and label in (0, 1)):
+            continue
+        raise ValueError(f"column 'label' must be bool (True = desirable) or 0/1; row {i} is {label!r}")
+    if not all(isinstance(label, bool) for label in labels):
+        dataset = dataset.map(lambda row: {"label": bool(row["label"])})
+    return dataset
+
+
+def load_kto_dataset(path: str | os.PathLike):
+    """Unpaired KTO data from a local file; checks the columns (prompt, completion, label) and their values.
+
+    Raises ValueError for missing columns, empty completions and labels that are not bool or 0/1 (0/1 become
+    bool).
+    """
+    return _check_kto(load_local_dataset(path))
+
+
+def load_paired_dataset(path: str | os.PathLike, *, on_prompt_mismatch: str = "drop"):
+    """Paired data (prompt, chosen, rejected) from a local file.
+
+    A file with only ``chosen`` and ``rejected`` transcripts (hh-rlhf) goes through ``split_hh_transcripts``
+    (``on_prompt_mismatch`` is passed on). Raises ValueError for missing columns and empty completions.
+    """
+    dataset = load_local_dataset(path)
+    if "prompt" not in dataset.column_names and {"chosen", "rejected"} <= set(dataset.column_names):
+        dataset = split_hh_transcripts(dataset, on_prompt_mismatch=on_prompt_mismatch)
+    _require_columns(dataset, PAIRED_COLUMNS, "paired data")
+    _check_texts(dataset, "prompt", allow_messages=True)
+    _check_texts(dataset, "chosen")
+    _check_texts(dataset, "rejected")
+    return dataset
+
+
+def split_hh_transcripts(dataset, *, on_prompt_mismatch: str = "drop"):
+    """(chosen, rejected) transcripts -> (prompt, chosen, rejected), cutting at each one's last "\\n\\nAssistant:".
+
+    In a few pairs the two transcripts differ before that point (in hh-rlhf harmless-base test: 5 of 2,312; the
+    chosen side holds a malformed turn), so there is no common prompt and the preference does not compare two
+    answers to one context. ``on_prompt_mismatch="drop"`` (default) leaves those pairs out and logs how many;
+    ``"error"`` raises ValueError. Pairs whose chosen or rejected completion is empty (4 chosen ones in that file)
+    are dropped the same way, since an empty completion has no token to score.
+    """
+    if on_prompt_mismatch not in ("drop", "error"):
+        raise ValueError(f"on_prompt_mismatch must be 'drop' or 'error', got {on_prompt_mismatch!r}")
+    _require_columns(dataset, ("chosen", "rejected"), "hh-rlhf transcripts")
+
+    def split(row):
+        prompt, chosen = split_prompt(row["chosen"])
+        other, rejected = split_prompt(row["rejected"])
+        return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "_same": prompt == other}
+
+    dataset = dataset.map(split, remove_columns=dataset.column_names)
+    mismatched = [i for i, same in enumerate(dataset["_same"]) if not same]
+    if mismatched and on_prompt_mismatch == "error":
+        raise ValueError(f"{len(mismatched)} pairs have different chosen / rejected prompts (rows {mismatched[:10]})")
+    keep = [
+        i
+        for i, (same, c, r) in enumerate(zip(dataset["_same"], dataset["chosen"], dataset["rejected"]))
+        if same and c.strip() and r.strip()
+    ]
+    dropped = len(dataset) - len(keep)
+    if dropped:
+        logger.info(
+            "split_hh_transcripts: dropped %d of %d pairs (%d with different prompts, %d with an empty completion)",
+            dropped, len(dataset), len(mismatched), dropped - len(mismatched),
+        )
+    return dataset.select(keep).remove_columns("_same")
+
+
+def paired_to_kto(dataset):
+    """Paired -> unpaired KTO data: each chosen completion a desirable row, each rejected one undesirable.
+
+    Output rows: all chosen first (label True), then all rejected (label False), each keeping its prompt, so the
+    same prompt appears twice. Shuffle before batching: the KTO KL pairs (prompt i with completion i + 1) are only
+    mismatched when neighbours come from different prompts.
+    """
+    import datasets
+
+    _require_columns(dataset, PAIRED_COLUMNS, "paired data")
+    n = len(dataset)
+    return datasets.Dataset.from_dict(
+        {
+            "prompt": list(dataset["prompt"]) * 2,
+            "completion": list(dataset["chosen"]) + list(dataset["rejected"]),
+            "label": [True] * n + [False] * n,
+        }
+    )
+
+
+# ---------------------------------------------------------------------------------------------------- tokenization
+def _has_chat_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def _ids(encoded) -> list[int]:
+    ids = encoded["input_ids"] if isinstance(encoded, dict) or hasattr(encoded, "keys") else encoded
+    return [int(i) for i in ids]
+
+
+def tokenize_prompt_completion(
+    tokenizer, prompt: str | list, completion: str, *, chat_template: bool | None = None
+) -> tuple[list[int], list[int]]:
+    """Token ids of a prompt and of its completion, such that prompt_ids + completion_ids is the training sequence.
+
+    With a chat template (``chat_template=None`` means: when the tokenizer has one), the prompt becomes messages
+    (``transcript_to_messages``), the completion one assistant message; the sequence is the template's rendering of
+    all messages, and the prompt the rendering with ``add_generation_prompt=True``. If that is not a prefix of the
+    sequence (a template that renders the last turn differently), the prompt is cut where they diverge, so the
+    sequence is always the full rendering. Without a template: ``tokenizer(prompt)`` (with the tokenizer's special
+    tokens, e.g. BOS) and ``tokenizer(completion, add_special_tokens=False)`` plus EOS when the tokenizer has one.
+
+    Raises ValueError when the completion has no token.
+    """
+    use_template = _has_chat_template(tokenizer) if chat_template is None else chat_template
+    if use_template:
+        if not _has_chat_template(tokenizer):
+            raise ValueError("chat_template=True but the tokenizer has no chat template")
+        messages = transcript_to_messages(prompt)
+        answer = {"role": "assistant", "content": completion.strip()}
+        prompt_ids = _ids(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
+        full_ids = _ids(tokenizer.apply_chat_template(messages + [answer], tokenize=True))
+        cut = 0
+        limit = min(len(prompt_ids), len(full_ids))
+        while cut < limit and prompt_ids[cut] == full_ids[cut]:
+            cut += 1
+        prompt_ids, completion_ids = full_ids[:cut], full_ids[cut:]
+    else:
+        if isinstance(prompt, list):
+            raise ValueError("a conversational prompt (list of messages) needs a tokenizer with a chat template")
+        prompt_ids = _ids(tokenizer(prompt))
+        completion_ids = _ids(tokenizer(completion, add_special_tokens=False))
+        eos = getattr(tokenizer, "eos_token_id", None)
+        if eos is not None and (not completion_ids or completion_ids[-1] != eos):
+            completion_ids.append(int(eos))
+    if not completion_ids or not completion.strip():
+        raise ValueError(f"completion {completion[:40]!r} has no token to score (empty completion)")
+    return prompt_ids, completion_ids
+
+
+def tokenize_kto(dataset, tokenizer, *, chat_template: bool | None = None, num_proc: int | None = None):
+    """KTO data -> columns ``prompt_ids``, ``completion_ids`` (lists of int) and ``label`` (bool)."""
+    dataset = _check_kto(dataset)
+
+    def fn(row):
+        p, c = tokenize_prompt_completion(tokenizer, row["prompt"], row["completion"], chat_template=chat_template)
+        return {"prompt_ids": p, "completion_ids": c}
+
+    keep = ("label",)
+    return dataset.map(fn, remove_columns=[c for c in dataset.column_names if c not in keep], num_proc=num_proc)
+
+
+def tokenize_paired(dataset, tokenizer, *, chat_template: bool | None = None, num_proc: int | None = None):
+    """Paired data -> columns ``prompt_ids``, ``chosen_ids``, ``rejected_ids``.
+
+    The prompt ids are the chosen sequence's; with a chat template that renders the prompt the same way before
+    either answer (any template whose prompt is a prefix of the full rendering) they are the rejected one's too,
+    which is checked.
+    """
+    _require_columns(dataset, PAIRED_COLUMNS, "paired data")
+
+    def fn(row):
+        p, c = tokenize_prompt_completion(tokenizer, row["prompt"], row["chosen"], chat_template=chat_template)
+        p2, r = tokenize_prompt_completion(tokenizer, row["prompt"], row["rejected"], chat_template=chat_template)
+        if p2 != p:
+            raise ValueError(f"prompt {str(row['prompt'])[:60]!r} tokenizes differently before chosen and rejected")
+        return {"prompt_ids": p, "chosen_ids": c, "rejected_ids": r}
+
+    return dataset.map(fn, remove_columns=dataset.column_names, num_proc=num_proc)
+
+
+# ------------------------------------------------------------------------------------------------------- collation
+def _check_length(name: str, value) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+
+
+@dataclass
+class _Truncation:
+    """Shared sequence building: truncation, the shift, padding."""
+
+    pad_token_id: int
+    max_length: int | None = None
+    max_prompt_length: int | None = None
+    pad_to_multiple_of: int | None = None
+
+    def __post_init__(self):
+        if isinstance(self.pad_token_id, bool) or not isinstance(self.pad_token_id, int):
+            raise TypeError(f"pad_token_id must be an int, got {self.pad_token_id!r}")
+        _check_length("max_length", self.max_length)
+        _check_length("max_prompt_length", self.max_prompt_length)
+        _check_length("pad_to_multiple_of", self.pad_to_multiple_of)
+        if self.max_length is not None and self.max_length < 2:
+            raise ValueError(f"max_length must be >= 2 (one prompt token and one completion token), got {self.max_length}")
+
+    def sequence(self, prompt_ids: Sequence[int], completion_ids: Sequence[int], where: str) -> tuple[list, int]:
+        """(token ids, prompt length) after truncation: the prompt keeps its last ``max_prompt_length`` tokens, then
+        the sequence keeps its first ``max_length`` tokens (the completion loses its end)."""
+        prompt, completion = list(prompt_ids), list(completion_ids)
+        if not prompt:
+            raise ValueError(f"{where}: empty prompt_ids; the first completion token needs a token before it (BOS)")
+        if not completion:
+            raise ValueError(f"{where}: empty completion_ids; there is nothing to score")
+        if self.max_prompt_length is not None:
+            prompt = prompt[-self.max_prompt_length :]
+        ids = (prompt + completion)[: self.max_length]
+        if len(ids) <= len(prompt):
+            raise ValueError(
+                f"{where}: labels would be all masked: the prompt has {len(prompt)} tokens and max_length is "
+                f"{self.max_length}, so truncation leaves no completion token. Raise max_length, set a smaller "
+                "max_prompt_length, or filter such examples out."
+            )
+        return ids, len(prompt)
+
+    def batch(self, rows: list[tuple[list, int]]) -> dict[str, torch.Tensor]:
+        """Right-padded input_ids, attention_mask and shifted labels (B, T), int64."""
+        width = max(len(ids) for ids, _ in rows)
+        if self.pad_to_multiple_of:
+            width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+        for b, (ids, n_prompt) in enumerate(rows):
+            seq = torch.tensor(ids, dtype=torch.long)
+            input_ids[b, : len(ids)] = seq
+            attention_mask[b, : len(ids)] = 1
+            # hidden[t] predicts token t + 1: completion tokens n_prompt .. len - 1 sit at positions n_prompt - 1 ..
+            labels[b, n_prompt - 1 : len(ids) - 1] = seq[n_prompt:]
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def _field(example: dict[str, Any], key: str, i: int):
+    if key not in example:
+        raise ValueError(f"example {i} has no {key!r} key (found {sorted(example)}); tokenize the data first")
+    return example[key]
+
+
+@dataclass
+class KTOCollator(_Truncation):
+    """Batches tokenized KTO examples (``prompt_ids``, ``completion_ids``, ``label``) for a causal LM.
+
+    Args:
+        pad_token_id: the id padding positions get in input_ids (they are masked out of attention and labels, so
+            it may equal EOS).
+        max_length: total tokens per sequence (prompt + completion), or None. The completion's end is cut.
+        max_prompt_length: the prompt keeps its last this many tokens, or None.
+        pad_to_multiple_of: pad the time dimension to a multiple of this.
+        kl: also build the KL batch: prompt i with completion (i + 1) mod B (needs B >= 2).
+
+    Returns a dict of tensors: ``input_ids``, ``attention_mask``, ``labels`` (B, T) int64 (labels shifted, -100 on
+    prompt, padding and the last position; see the module docstring), ``desirable`` (B,) bool, and with ``kl``:
+    ``kl_input_ids``, ``kl_attention_mask``, ``kl_labels`` (B, T') int64.
+
+    Raises ValueError for a missing key, an empty completion, a batch of one with ``kl``, or truncation that leaves
+    a sequence no completion token.
+    """
+
+    kl: bool = True
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        n = len(examples)
+        if n == 0:
+            raise ValueError("cannot collate an empty batch")
+        if self.kl and n < 2:
+            raise ValueError(
+                "KL estimation needs a batch of at least 2 examples: the KL pairs match prompt i with completion "
+                "i + 1 of the same batch. Use a batch size >= 2, or kl=False (e.g. with a precomputed KL or z0 = 0)."
+            )
+        prompts = [_field(e, "prompt_ids", i) for i, e in enumerate(examples)]
+        completions = [_field(e, "completion_ids", i) for i, e in enumerate(examples)]
+        labels = [_field(e, "label", i) for i, e in enumerate(examples)]
+        out = self.batch([self.sequence(p, c, f"example {i}") for i, (p, c) in enumerate(zip(prompts, completions))])
+        out["desirable"] = torch.tensor([bool(x) for x in labels], dtype=torch.bool)
+        if self.kl:
+            kl_rows = [
+                self.sequence(prompts[i], completions[(i + 1) % n], f"KL pair (prompt {i}, completion {(i + 1) % n})")
+                for i in range(n)
+            ]
+            out.update({f"kl_{k}": v for k, v in self.batch(kl_rows).items()})
+        return out
+
+
+@dataclass
+class PairedCollator(_Truncation):
+    """Batches tokenized pairs (``prompt_ids``, ``chosen_ids``, ``rejected_ids``) for DPO.
+
+    Same arguments and truncation as ``KTOCollator`` (without ``kl``). Returns ``input_ids``, ``attention_mask``,
+    ``labels`` of shape (2B, T): rows [0, B) the chosen sequences, rows [B, 2B) the rejected ones, in example
+    order (the layout ``fastkto.loss.DPOLoss`` expects).
+    """
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        if not examples:
+            raise ValueError("cannot collate an empty batch")
+        rows = []
+        for key in ("chosen_ids", "rejected_ids"):
+            for i, e in enumerate(examples):
+                rows.append(self.sequence(_field(e, "prompt_ids", i), _field(e, key, i), f"example {i} ({key})"))
+        return self.batch(rows)

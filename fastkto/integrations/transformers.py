@@ -1,0 +1,314 @@
+"""Hidden states and LM head of any ``transformers`` causal LM, so that fastkto never needs its logits.
+
+A causal LM computes ``logits = transform(hidden @ W.T + b)`` where ``hidden`` is the backbone's last hidden state
+and ``transform`` is the identity for most models. This module gets the pieces:
+
+* ``get_backbone(model)`` / ``hidden_states(model, input_ids, ...)``: run ``model.base_model`` (the module named by
+  ``base_model_prefix``: ``model.model`` for Llama, ``model.transformer`` for GPT-2), never the LM head.
+* ``get_lm_head(model)``: an ``LMHead`` holding the head's weight (the input embeddings when tied), its bias, and
+  the transform expressed as fastkto's ``softcap`` and ``temperature``:
+
+  ============================  ==============================  =================================================
+  config attribute              model computes                  fastkto arguments
+  ============================  ==============================  =================================================
+  final_logit_softcapping = c   c tanh(a / c)  (Gemma-2/3)      softcap = c
+  logit_scale = s               s a  (Cohere, Cohere2)          temperature = 1 / s
+  logits_scaling = d            a / d  (Granite family,         temperature = d
+                                MiniCPM3; HyperCLOVA X
+                                multiplies: temperature 1 / d)
+  lm_head_multiplier = s        s a  (Falcon-H1)                temperature = 1 / s
+  output_multiplier = s         s a                             temperature = 1 / s
+  ============================  ==============================  =================================================
+
+  A scale s applied before a soft-cap c is the same as soft-cap c / s and temperature 1 / s:
+  c tanh(s a / c) = [(c / s) tanh(a / (c / s))] / (1 / s). A sampling temperature T divides on top of that.
+
+Then ``head.logprobs(hidden, labels)`` equals ``log_softmax(model(input_ids).logits)`` gathered at the labels
+(``verify_lm_head`` checks exactly that on a small input, for architectures not in the table).
+
+PEFT / LoRA: pass the ``PeftModel``; adapters in the backbone are active unless disabled, so the reference pass is
+``with model.disable_adapter(): ref_hidden = hidden_states(model, ...)``. An adapter on the LM head itself is
+refused (its weight would be read without the adapter). Gradient checkpointing (``model.gradient_checkpointing_
+enable()``) lives inside the backbone's layers and works unchanged.
+
+DeepSpeed ZeRO-3: a partitioned head weight (``ds_status`` not AVAILABLE) is gathered with
+``deepspeed.zero.GatheredParameters`` for the forward and gathered again in the backward, which recomputes the
+log-probabilities to get the hidden-state gradient. The head's own weight gradient is not supported under ZeRO-3
+(freeze the head, e.g. LoRA, or use ZeRO-2): it would have to be reduce-scattered into DeepSpeed's partition from
+outside a module hook, which DeepSpeed does not expose. deepspeed is not installed where this was written; the
+gathering is tested with a stand-in module only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..logprob import fused_logprobs, sequence_logps
+
+__all__ = [
+    "LMHead",
+    "unwrap_model",
+    "get_backbone",
+    "get_lm_head",
+    "logit_transform",
+    "hidden_states",
+    "verify_lm_head",
+    "gathered_parameters",
+]
+
+# (config attribute, True if the model multiplies the logits by it, False if it divides)
+_SCALES = (("logit_scale", True), ("lm_head_multiplier", True), ("output_multiplier", True))
+_MULTIPLYING_LOGITS_SCALING = ("hyperclovax",)
+
+
+# --------------------------------------------------------------------------------------------------- model lookup
+def _peft_model(model):
+    """The PeftModel if ``model`` is one (PEFT is optional), else None."""
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return None
+    return model if isinstance(model, PeftModel) else None
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The ``transformers`` model inside DDP / FSDP-style ``.module`` wrappers, ``torch.compile`` and PEFT."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    for _ in range(8):  # wrappers nest a few levels at most
+        peft = _peft_model(model)
+        if peft is not None:
+            config = peft.peft_config.get(peft.active_adapter)
+            if config is not None and getattr(config, "is_prompt_learning", False):
+                raise ValueError(
+                    "prompt-learning PEFT methods (prefix / prompt tuning) inject virtual tokens in PeftModel.forward, "
+                    "which running the backbone directly would skip; use an adapter method such as LoRA"
+                )
+            model = peft.get_base_model()
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif hasattr(model, "module") and isinstance(model.module, torch.nn.Module) and not hasattr(model, "config"):
+            model = model.module
+        else:
+            return model
+    return model
+
+
+def get_backbone(model: torch.nn.Module) -> torch.nn.Module:
+    """The module that maps input ids to the final hidden states (``model.base_model``), without the LM head."""
+    inner = unwrap_model(model)
+    backbone = getattr(inner, "base_model", None)
+    if backbone is None or backbone is inner:
+        raise ValueError(
+            f"{type(inner).__name__} has no backbone to run without its LM head: expected a transformers causal LM "
+            "whose base_model_prefix names the decoder (e.g. LlamaForCausalLM.model)"
+        )
+    return backbone
+
+
+def _head_module(inner: torch.nn.Module) -> torch.nn.Module:
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    if head is None:
+        raise ValueError(
+            f"{type(inner).__name__} has no LM head to find (get_output_embeddings() is None): fastkto needs a causal "
+            "LM with a linear output layer, e.g. AutoModelForCausalLM"
+        )
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+        from peft.utils.other import AuxiliaryTrainingWrapper
+
+        if isinstance(head, (BaseTunerLayer, AuxiliaryTrainingWrapper)):
+            raise ValueError(
+                "a PEFT adapter or modules_to_save on the LM head is not supported: fastkto reads the head's weight "
+                "directly, so the adapter would be ignored. Remove 'lm_head' from target_modules / modules_to_save."
+            )
+    except ImportError:
+        pass
+    weight = getattr(head, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise ValueError(f"the LM head {type(head).__name__} has no (vocab, hidden) weight matrix")
+    return head
+
+
+def logit_transform(config, temperature: float = 1.0) -> tuple[float | None, float]:
+    """(softcap, temperature) for fastkto that reproduce the logit transform ``config`` declares (see the table in
+    the module docstring), with an extra sampling ``temperature`` dividing the result."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+        raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    scale = 1.0
+    for name, multiplies in _SCALES:
+        value = getattr(text, name, None)
+        if value is not None:
+            scale = float(value) if multiplies else 1.0 / float(value)
+            break
+    else:
+        value = getattr(text, "logits_scaling", None)
+        if value is not None:
+            multiplies = getattr(text, "model_type", None) in _MULTIPLYING_LOGITS_SCALING
+            scale = float(value) if multiplies else 1.0 / float(value)
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"the model's logit scale must be finite and > 0 to map to a temperature, got {scale}")
+    cap = getattr(text, "final_logit_softcapping", None)
+    softcap = None if cap is None else float(cap) / scale
+    return softcap, float(temperature) / scale
+
+
+# ------------------------------------------------------------------------------------------------------- ZeRO-3
+def _is_partitioned(t: torch.Tensor | None) -> bool:
+    """True for a DeepSpeed ZeRO-3 parameter whose data is not gathered on this rank."""
+    status = getattr(t, "ds_status", None)
+    return status is not None and getattr(status, "name", str(status)) != "AVAILABLE"
+
+
+@contextlib.contextmanager
+def gathered_parameters(*params: torch.Tensor | None):
+    """Gather DeepSpeed ZeRO-3 partitioned parameters for the block (read-only); a no-op for ordinary tensors."""
+    todo = list({id(p): p for p in params if _is_partitioned(p)}.values())
+    if not todo:
+        yield
+        return
+    try:
+        import deepspeed
+    except ImportError as err:
+        raise RuntimeError("the LM head is ZeRO-3 partitioned (it has ds_status) but deepspeed cannot be imported") from err
+    with deepspeed.zero.GatheredParameters(todo, modifier_rank=None):
+        yield
+
+
+class _GatheredLogprobs(torch.autograd.Function):
+    """fused_logprobs with a ZeRO-3 partitioned (frozen) head: gather in forward, gather and recompute in backward."""
+
+    @staticmethod
+    def forward(ctx, hidden, labels, head, kwargs):
+        with gathered_parameters(head.weight, head.bias), torch.no_grad():
+            out = fused_logprobs(hidden, head.weight, labels, **head.kwargs(), **kwargs)
+        ctx.save_for_backward(hidden, labels)
+        ctx.head, ctx.kwargs = head, kwargs
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        hidden, labels = ctx.saved_tensors
+        head = ctx.head
+        with gathered_parameters(head.weight, head.bias), torch.enable_grad():
+            leaf = hidden.detach().requires_grad_(True)
+            kw = head.kwargs()
+            if kw["bias"] is not None:
+                kw["bias"] = kw["bias"].detach()
+            out = fused_logprobs(leaf, head.weight.detach(), labels, **kw, **ctx.kwargs)
+            (d_hidden,) = torch.autograd.grad(out, leaf, grad)
+        return d_hidden, None, None, None
+
+
+# ------------------------------------------------------------------------------------------------------- the head
+@dataclass(frozen=True)
+class LMHead:
+    """A causal LM's output layer as fastkto sees it: logits = transform(hidden @ weight.T + bias).
+
+    Attributes:
+        weight: (V, D) parameter of the model (shared with the input embeddings when tied): gradients reach it.
+        bias: (V,) or None.
+        softcap, temperature: fastkto's logit transform (``fused_logprobs``), already mapped from the model's.
+    """
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+    softcap: float | None = None
+    temperature: float = 1.0
+
+    def kwargs(self) -> dict:
+        """The keyword arguments of ``fastkto.fused_logprobs`` / ``sequence_logps`` / the loss modules."""
+        return {"bias": self.bias, "softcap": self.softcap, "temperature": self.temperature}
+
+    def _prepare(self, hidden: torch.Tensor) -> torch.Tensor:
+        # autocast or a norm computed in fp32 can hand back hidden states in another dtype than the head; the head
+        # is what the model would multiply with, so follow its dtype (fastkto accumulates in fp32 either way)
+        return hidden if hidden.dtype == self.weight.dtype else hidden.to(self.weight.dtype)
+
+    def logprobs(self, hidden: torch.Tensor, labels: torch.Tensor, **kwargs) -> torch.Tensor:
+        """Per-token log-probabilities, labels' shape, float32 (``fastkto.fused_logprobs`` with this head).
+
+        ``hidden`` (..., D), ``labels`` (...) int with -100 on unscored positions; extra kwargs (backend,
+        workspace_bytes, ...) go to ``fused_logprobs``.
+        """
+        hidden = self._prepare(hidden)
+        if _is_partitioned(self.weight) or _is_partitioned(self.bias):
+            if torch.is_grad_enabled() and (self.weight.requires_grad or (self.bias is not None and self.bias.requires_grad)):
+                raise NotImplementedError(
+                    "the LM head is ZeRO-3 partitioned and trainable; fastkto supports a partitioned head only when it "
+                    "is frozen (e.g. LoRA) or under no_grad. Freeze it or use ZeRO-2."
+                )
+            return _GatheredLogprobs.apply(hidden, labels, self, kwargs)
+        return fused_logprobs(hidden, self.weight, labels, **self.kwargs(), **kwargs)
+
+    def sequence_logps(self, hidden: torch.Tensor, labels: torch.Tensor, *, average: bool = False, **kwargs):
+        """Per-sequence sums (``average=True``: means) over valid tokens, shape labels.shape[:-1], float32."""
+        if _is_partitioned(self.weight) or _is_partitioned(self.bias):
+            per_token = self.logprobs(hidden, labels, **kwargs)
+            total = per_token.sum(-1)
+            return total / (labels != -100).sum(-1).clamp(min=1) if average else total
+        return sequence_logps(self._prepare(hidden), self.weight, labels, average=average, **self.kwargs(), **kwargs)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The materialized, transformed logits (..., V) in float32: for small metric chunks and naive baselines."""
+        with gathered_parameters(self.weight, self.bias):
+            z = hidden.float() @ self.weight.float().T
+            if self.bias is not None:
+                z = z + self.bias.float()
+        if self.softcap is not None:
+            z = self.softcap * torch.tanh(z / self.softcap)
+        return z / self.temperature
+
+
+def get_lm_head(model: torch.nn.Module, *, temperature: float = 1.0) -> LMHead:
+    """The ``LMHead`` of a transformers causal LM (or a PEFT / DDP / compiled wrapper of one).
+
+    ``temperature`` is an extra sampling temperature dividing the model's logits (1.0: the model's own logits).
+    Raises ValueError for a model without an LM head, or with an adapter on it.
+    """
+    inner = unwrap_model(model)
+    head = _head_module(inner)
+    softcap, temp = logit_transform(inner.config, temperature)
+    bias = getattr(head, "bias", None)
+    return LMHead(weight=head.weight, bias=bias if isinstance(bias, torch.Tensor) else None, softcap=softcap,
+                  temperature=temp)
+
+
+def hidden_states(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                  **kwargs) -> torch.Tensor:
+    """The backbone's last hidden states (B, T, D) in the model's dtype, without running the LM head.
+
+    Extra kwargs (position_ids, ...) go to the backbone; the KV cache is off. Row t predicts token t + 1, so pair it
+    with labels shifted as ``fastkto.data``'s collators shift them.
+    """
+    kwargs.setdefault("use_cache", False)
+    out = get_backbone(model)(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+    hidden = getattr(out, "last_hidden_state", None)
+    if hidden is None:
+        hidden = out[0]
+    return hidden
+
+
+def verify_lm_head(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                   **kwargs) -> float:
+    """Max |fastkto log-prob - log_softmax(model(input_ids).logits)| over the next-token labels of ``input_ids``.
+
+    Use it on a small input to check an architecture whose logit transform is not in this module's table; a value
+    near float rounding (about 1e-5 in float32) means the head was found correctly. Runs under no_grad.
+    """
+    with torch.no_grad():
+        logits = unwrap_model(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                                     **kwargs).logits
+        labels = input_ids[:, 1:]
+        expected = torch.log_softmax(logits[:, :-1].double(), dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+        hidden = hidden_states(model, input_ids, attention_mask, **kwargs)[:, :-1]
+        got = get_lm_head(model).logprobs(hidden, labels)
+        if attention_mask is not None:
+            keep = attention_mask[:, 1:].bool()
+            expected, got = expected[keep], got[keep]
+        return float((got.double() - expected).abs().max()) if got.numel() else 0.0
