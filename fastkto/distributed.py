@@ -1,9 +1,14 @@
-"""Distributed pieces: vocab-parallel (tensor-parallel) LM heads and sharded weights.
+"""Distributed pieces: vocab-parallel (tensor-parallel) LM heads and sharded (FSDP2 / DTensor) LM-head weights.
 
 Vocab-parallel: each rank of a process group holds a contiguous slice of the vocabulary rows, in rank order.
 Each computes its slice's running max, sum of exponentials and (if the label falls in its slice) target logit;
 two all-reduces (MAX, then one SUM for both sums) give the global log-sum-exp, as Megatron-LM does. Backward:
 each rank's weight gradient is its own slice's; the hidden-state gradient is summed over ranks.
+
+Sharded weights: a DTensor weight (what ``torch.distributed.fsdp.fully_shard`` registers as a parameter when the
+module's own forward does not run, or a weight built with ``distribute_tensor``) is all-gathered once per call by
+``gather_sharded``; its backward reduce-scatters the gradient to the shards with the mean over the mesh's ranks,
+which is what FSDP2 (and DDP) give every other parameter. See ``gather_sharded`` and docs/scale-out.md.
 """
 
 from __future__ import annotations
@@ -11,14 +16,15 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-__all__ = ["vocab_shard_layout", "combine_vocab_parallel", "all_reduce_sum", "gather_sharded"]
+__all__ = ["vocab_shard_layout", "combine_vocab_parallel", "all_reduce_sum", "gather_sharded", "is_sharded"]
 
 
 def vocab_shard_layout(local_vocab: int, dim: int, n_tokens: int, group, device=None) -> tuple[int, int]:
     """(this rank's first vocabulary id, total vocabulary) of a vocab-parallel head.
 
     One all-gather of three integers per call; it also checks, cheaply, that all ranks agree on the hidden size
-    and the token count (hidden and labels must be replicated over the group).
+    and the token count (hidden and labels must be replicated over the group). Every rank sees the same table,
+    so on a mismatch every rank raises the same ValueError (none is left waiting in a later collective).
     """
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("process_group needs an initialized torch.distributed process group")
@@ -55,10 +61,101 @@ def combine_vocab_parallel(row_max, sum_exp, target, group):
 
 
 def all_reduce_sum(tensor: torch.Tensor, group) -> torch.Tensor:
+    """Sum ``tensor`` in place over the ranks of ``group``; returns it."""
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
     return tensor
 
 
-def gather_sharded(weight: torch.Tensor, bias: torch.Tensor | None):
-    """Plain tensors pass through; a sharded DTensor (FSDP2) weight is gathered once per call."""
-    return weight, bias
+# ----------------------------------------------------------------------------------------------------------------
+# Sharded (DTensor) weights
+
+
+def _dtensor_api():
+    """(DTensor, Replicate, Partial) or None where torch has no DTensor (no distributed build)."""
+    if not dist.is_available():
+        return None
+    try:
+        from torch.distributed.tensor import DTensor, Partial, Replicate
+    except ImportError:  # torch < 2.5 keeps them private
+        try:
+            from torch.distributed._tensor import DTensor, Partial, Replicate
+        except ImportError:
+            return None
+    return DTensor, Replicate, Partial
+
+
+def is_sharded(tensor) -> bool:
+    """True for a DTensor (an FSDP2-sharded or tensor-parallel parameter), which ``gather_sharded`` gathers."""
+    api = _dtensor_api()
+    return api is not None and isinstance(tensor, api[0])
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; multiplies the gradient by ``scale`` (the 1/n of a mean taken as a sum of pre-divided
+    terms, which also keeps a bf16 / fp16 sum from overflowing, as FSDP2's pre-divide does)."""
+
+    @staticmethod
+    def forward(ctx, x, scale):
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.scale, None
+
+
+def _replicate(tensor):
+    """The full value of a DTensor as a plain local tensor whose gradient reaches the DTensor as the mean, over
+    the mesh's ranks, of each rank's gradient."""
+    _, Replicate, Partial = _dtensor_api()
+    mesh = tensor.device_mesh
+    full = tensor.redistribute(mesh, [Replicate()] * mesh.ndim)
+    # Partial: each rank's gradient of the full tensor is one term of a sum over the mesh; the redistribute's
+    # backward then reduce-scatters it (Shard dims) or all-reduces it (Replicate dims) back to the placements.
+    local = full.to_local(grad_placements=[Partial()] * mesh.ndim)
+    if local.requires_grad and mesh.size() > 1:
+        local = _ScaleGrad.apply(local, 1.0 / mesh.size())
+    return local
+
+
+def gather_sharded(weight: torch.Tensor, bias: torch.Tensor | None = None, *, process_group=None):
+    """Plain tensors pass through; a DTensor weight (or bias) is all-gathered into a plain full tensor.
+
+    ``fused_logprobs`` calls this once per call, before any chunking: one all-gather of the weight (and one of the
+    bias) per call, never per chunk, and one reduce-scatter of each in backward.
+
+    Gradient: the gathered tensor's gradient reaches the DTensor as the MEAN over all ranks of its device mesh of
+    each rank's gradient (reduce-scatter on Shard dims, all-reduce on Replicate dims, terms pre-divided by the
+    mesh size). That is exactly what FSDP2 gives a parameter by default (and what DDP gives a replicated one):
+    with a data-parallel mesh, rank r's loss L_r (a mean over its local batch) yields (1/n) sum_r dL_r/dW, the
+    gradient of the mean over the global batch when the local batches are equal. On a mesh dimension whose ranks
+    hold the same data (tensor parallel), every rank's gradient is the same and their mean is that gradient, so
+    the mean is right there too; a sum would multiply the step by the mesh size. (If you changed FSDP2's divide
+    factor, e.g. ``set_gradient_divide_factor(1.0)``, scale the loss to match.)
+
+    Memory: the gathered full tensor is new memory (V x D in the weight's dtype). Under ``torch.no_grad`` (the
+    reference model, the KTO KL pairs) nothing keeps it: it is freed when ``fused_logprobs`` returns. With
+    gradients, autograd holds it exactly as long as backward needs it (the log-prob function saves it for the
+    dH = dz @ W and dW recomputation; DTensor's redistribute / to_local nodes save no tensors) and frees it when
+    that backward has run. A caller making several passes in one step (policy, reference, KL pairs) may call
+    ``gather_sharded`` once and pass the result to each: one gather instead of several, same gradients.
+
+    Args:
+        weight: (V, D) tensor or DTensor (any mesh, any placements, e.g. FSDP2's Shard(0)).
+        bias: (V,) tensor, DTensor or None.
+        process_group: the vocab-parallel group passed to ``fused_logprobs``, if any. A DTensor weight cannot be
+            combined with it (gathering would hand every rank the whole vocabulary as its "slice"): pass
+            ``weight.to_local()``, this rank's slice, instead.
+
+    Returns:
+        (weight, bias) as plain tensors (bias None when None).
+    """
+    if not (is_sharded(weight) or is_sharded(bias)):
+        return weight, bias
+    if process_group is not None:
+        raise TypeError(
+            "weight (or bias) is a DTensor and process_group is set: for a vocab-parallel head pass this rank's "
+            "contiguous vocabulary slice as a plain tensor (e.g. weight.to_local()), or drop process_group to "
+            "gather the sharded weight"
+        )
+    return (_replicate(weight) if is_sharded(weight) else weight), (_replicate(bias) if is_sharded(bias) else bias)

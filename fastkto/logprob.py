@@ -191,7 +191,7 @@ def fused_logprobs(
     if workspace_bytes is not None:
         _check_number("workspace_bytes", workspace_bytes)
         workspace_bytes = int(workspace_bytes)
-    weight, bias = _dist.gather_sharded(weight, bias)
+    weight, bias = _dist.gather_sharded(weight, bias, process_group=process_group)
     impl_name = resolve_backend(backend, hidden.device, hidden.dtype)
     impl = _triton_impl() if impl_name == "triton" else torch_chunked
 

@@ -1,0 +1,400 @@
+"""Scale-out, on 2 CPU processes with the gloo backend on 127.0.0.1: vocab-parallel heads, sharded (FSDP2 / DTensor)
+LM-head weights, DDP and FSDP2 KTO steps, the KTO KL reference point across ranks, and bad distributed input.
+
+One pair of worker processes serves the whole module (a fresh Python with torch costs seconds on 2 cores): each
+test sends a module-level function to both ranks and gets back each rank's return value or traceback. A task that
+outlives TASK_TIMEOUT_S (a rank stuck in a collective) fails its test and the workers are replaced.
+
+References are float64 and materialize the logits (tests/reference.py); fastkto runs in float32. Tolerances:
+values differ by float32 rounding of logits of magnitude ~10 (ATOL_VALUE); gradients are compared relative to the
+largest reference gradient, bounded by a few float32 roundings accumulated over D and V terms (GRAD_TOL).
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import queue
+import socket
+import sys
+import time
+import traceback
+import weakref
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import fastkto
+import fastkto.distributed as fdist
+from tests.conftest import INTERPRET
+from tests.reference import leaf64, reference_logprobs, reference_sequence_logps
+
+pytestmark = [
+    pytest.mark.distributed,
+    pytest.mark.skipif(not dist.is_available(), reason="this torch build has no torch.distributed"),
+]
+
+WORLD = 2
+TASK_TIMEOUT_S = 90  # one task, both ranks; the slowest (Triton interpreter) takes a few seconds
+START_TIMEOUT_S = 120  # two fresh interpreters importing torch on 2 busy cores
+ATOL_VALUE = 2e-5  # float32 rounding of logits ~10 and of a log-sum-exp over ~100 terms: ~1e-6
+GRAD_TOL = 2e-5  # scaled error (max |got - ref| / max |ref|) of float32 gradients summed over ~100 terms
+
+BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(
+    not INTERPRET and not torch.cuda.is_available(), reason="Triton needs CUDA or TRITON_INTERPRET=1"))]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The 2-process cluster
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+_STATE: dict = {}  # per worker process: the vocab-parallel group and the 1-D device mesh
+
+
+def _serve(rank: int, world: int, port: int, tasks, results) -> None:
+    """Worker loop: join the gloo group, then run (function, args) tasks until None arrives."""
+    torch.set_num_threads(1)  # 2 ranks on 2 shared cores
+    if sys.platform.startswith("linux"):
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # keep gloo's pairs on the loopback interface
+    try:
+        from datetime import timedelta
+
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                                timeout=timedelta(seconds=TASK_TIMEOUT_S))
+        _STATE["group"] = dist.new_group(ranks=list(range(world)))  # not WORLD: the group must be threaded through
+        from torch.distributed.device_mesh import init_device_mesh
+
+        _STATE["mesh"] = init_device_mesh("cpu", (world,))
+    except BaseException:
+        results.put((rank, False, traceback.format_exc()))
+        return
+    results.put((rank, True, None))
+    while (task := tasks.get()) is not None:
+        fn, args = task
+        try:
+            results.put((rank, True, fn(rank, world, *args)))
+        except BaseException:
+            results.put((rank, False, f"rank {rank}: {traceback.format_exc()}"))
+    dist.destroy_process_group()
+
+
+class _Cluster:
+    def __init__(self):
+        self._ctx = mp.get_context("spawn")
+        self.procs = []
+        for _ in range(3):  # a free port can be taken before rank 0 binds it: retry with another
+            error = self._start()
+            if error is None:
+                return
+        raise RuntimeError(f"could not start {WORLD} gloo workers:\n{error}")
+
+    def _start(self):
+        port = _free_port()
+        self.results = self._ctx.Queue()
+        self.tasks = [self._ctx.Queue() for _ in range(WORLD)]
+        self.procs = [self._ctx.Process(target=_serve, args=(r, WORLD, port, self.tasks[r], self.results),
+                                        daemon=True) for r in range(WORLD)]
+        for p in self.procs:
+            p.start()
+        try:
+            replies = self._collect(START_TIMEOUT_S)
+        except TimeoutError as e:
+            self.close()
+            return str(e)
+        errors = [payload for ok, payload in replies if not ok]
+        if errors:
+            self.close()
+            return "\n".join(errors)
+        return None
+
+    def _collect(self, timeout):
+        deadline = time.monotonic() + timeout
+        got = {}
+        while len(got) < WORLD:
+            left = deadline - time.monotonic()
+            try:
+                rank, ok, payload = self.results.get(timeout=max(left, 0.01))
+            except queue.Empty:
+                raise TimeoutError(f"ranks {sorted(set(range(WORLD)) - set(got))} gave no answer in {timeout} s")
+            got[rank] = (ok, payload)
+        return [got[r] for r in range(WORLD)]
+
+    def run(self, fn, *args, timeout=TASK_TIMEOUT_S):
+        """Run fn(rank, world, *args) on every rank; the list of return values, or pytest.fail with tracebacks."""
+        for q in self.tasks:
+            q.put((fn, args))
+        try:
+            replies = self._collect(timeout)
+        except TimeoutError as e:
+            self.close()
+            self.__init__()  # a rank is stuck in a collective: replace both for the next tests
+            pytest.fail(f"{fn.__name__}: {e}")
+        errors = [payload for ok, payload in replies if not ok]
+        if errors:
+            pytest.fail("\n".join(errors), pytrace=False)
+        return [payload for _, payload in replies]
+
+    def close(self):
+        for q, p in zip(self.tasks, self.procs):
+            if p.is_alive():
+                q.put(None)
+        for p in self.procs:
+            p.join(timeout=10)
+        for p in self.procs:
+            if p.is_alive():  # stuck in a collective: only these two processes, which this module started
+                p.kill()
+                p.join(timeout=10)
+        self.procs = []
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    c = _Cluster()
+    yield c
+    c.close()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Helpers used inside the workers
+
+
+def _scaled_error(got, ref) -> float:
+    return ((got.double() - ref).abs().max() / ref.abs().max().clamp(min=1e-30)).item()
+
+
+def _check_grad(name, got, ref, tol=GRAD_TOL):
+    assert got is not None, f"{name}: no gradient"
+    assert got.shape == ref.shape, f"{name}: shape {tuple(got.shape)} != {tuple(ref.shape)}"
+    err = _scaled_error(got, ref)
+    assert err <= tol, f"{name}: scaled error {err:.2e} > {tol:.1e}"
+
+
+def _inputs(gen, lead, dim, vocab, *, bias=True, ignore_frac=0.3, logit_scale=3.0):
+    """hidden (*lead, D), weight (V, D) with logits of std ~logit_scale, labels with a fraction ignored, bias."""
+    hidden = torch.randn(*lead, dim, generator=gen)
+    weight = torch.randn(vocab, dim, generator=gen) * (logit_scale / dim**0.5)
+    labels = torch.randint(0, vocab, lead, generator=gen)
+    labels[torch.rand(lead, generator=gen) < ignore_frac] = -100
+    labels.view(-1)[0] = vocab - 1  # the last row of the last shard is scored at least once
+    b = torch.randn(vocab, generator=gen) * 0.5 if bias else None
+    return hidden, weight, labels, b
+
+
+def _batch(gen, lead, dim, vocab):
+    """One data-parallel rank's (hidden, labels) for a head of ``vocab`` rows."""
+    hidden, _, labels, _ = _inputs(gen, lead, dim, vocab, bias=False)
+    return hidden, labels
+
+
+def _offsets(sizes):
+    return [sum(sizes[:r]) for r in range(len(sizes))]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Vocab-parallel heads
+
+
+def _vocab_parallel(rank, world, seed, backend, sizes, use_bias, temperature, softcap):
+    gen = torch.Generator().manual_seed(seed)  # the same full tensors on every rank
+    vocab = sum(sizes)
+    hidden, weight, labels, bias = _inputs(gen, (3, 7), 24, vocab, bias=use_bias)
+    upstream = torch.randn(labels.shape, generator=gen)
+    lo, hi = _offsets(sizes)[rank], _offsets(sizes)[rank] + sizes[rank]
+    opts = dict(temperature=temperature, softcap=softcap)
+
+    ref_h, ref_w, ref_b = leaf64(hidden), leaf64(weight), leaf64(bias)
+    ref = reference_logprobs(ref_h, ref_w, labels, bias=ref_b, **opts)
+    (ref * upstream.double()).sum().backward()
+
+    h = hidden.clone().requires_grad_()
+    w = weight[lo:hi].clone().requires_grad_()
+    b = None if bias is None else bias[lo:hi].clone().requires_grad_()
+    # a small workspace: the PyTorch path walks several vocabulary chunks of the slice, offsets included
+    out = fastkto.fused_logprobs(h, w, labels, bias=b, backend=backend, process_group=_STATE["group"],
+                                 workspace_bytes=12 * 1024, **opts)
+    assert out.dtype == torch.float32 and out.shape == labels.shape
+    err = (out.double() - ref).abs().max().item()
+    assert err <= ATOL_VALUE, f"values: max error {err:.2e}"
+    ignored = labels == -100
+    assert torch.all(out[ignored] == 0)
+    (out * upstream).sum().backward()
+    _check_grad("hidden (summed over ranks)", h.grad, ref_h.grad)
+    assert torch.all(h.grad[ignored] == 0), "ignored positions must get exactly zero gradient"
+    if hi > lo:
+        _check_grad("weight slice", w.grad, ref_w.grad[lo:hi])
+        if b is not None:
+            _check_grad("bias slice", b.grad, ref_b.grad[lo:hi])
+
+    # sequence_logps over the same slices, sum and mean over the valid tokens
+    for average in (False, True):
+        ref_h.grad = None
+        ref_seq = reference_sequence_logps(ref_h, ref_w.detach(), labels, bias=None if ref_b is None else
+                                           ref_b.detach(), average=average, **opts)
+        seq_up = torch.randn(ref_seq.shape, generator=gen)
+        (ref_seq * seq_up.double()).sum().backward()
+        h2 = hidden.clone().requires_grad_()
+        seq = fastkto.sequence_logps(h2, w.detach(), labels, bias=None if b is None else b.detach(), average=average,
+                                     backend=backend, process_group=_STATE["group"], **opts)
+        assert seq.shape == (3,)
+        assert (seq.double() - ref_seq).abs().max().item() <= ATOL_VALUE * 7  # a sum of 7 token values
+        (seq * seq_up).sum().backward()
+        _check_grad(f"sequence_logps(average={average}) hidden", h2.grad, ref_h.grad)
+    return out.detach()
+
+
+VOCAB_CASES = [
+    # V = 103 does not divide by 2: slices differ by one, the larger first (torch.chunk's order) ...
+    pytest.param((52, 51), True, 0.7, None, id="52+51-bias-temperature"),
+    # ... or the smaller first, with the Gemma-2 style soft-cap and a temperature > 1
+    pytest.param((51, 52), False, 1.3, 4.0, id="51+52-softcap"),
+    # a rank without vocabulary rows contributes max -inf and sum 0 and must not turn the result into NaN
+    pytest.param((103, 0), True, 1.0, 4.0, id="103+0-empty-shard"),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("sizes,use_bias,temperature,softcap", VOCAB_CASES)
+def test_vocab_parallel_matches_unsharded(cluster, seed, backend, sizes, use_bias, temperature, softcap):
+    outs = cluster.run(_vocab_parallel, seed, backend, sizes, use_bias, temperature, softcap)
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)  # every rank returns the same log-probs
+
+
+def _vocab_parallel_bad_input(rank, world):
+    group = _STATE["group"]
+    # ranks disagree on the hidden size: each rank's own shapes are consistent, only the all-gather sees it
+    dim = 8 + 4 * rank
+    with pytest.raises(ValueError, match="disagree on the hidden size"):
+        fastkto.fused_logprobs(torch.randn(3, dim), torch.randn(5, dim), torch.zeros(3, dtype=torch.long),
+                               process_group=group, backend="torch")
+    # ranks disagree on the token count (hidden and labels must be replicated over the group)
+    n = 3 + rank
+    with pytest.raises(ValueError, match="disagree on the token count"):
+        fastkto.fused_logprobs(torch.randn(n, 8), torch.randn(5, 8), torch.zeros(n, dtype=torch.long),
+                               process_group=group, backend="torch")
+    # labels outside the GLOBAL vocabulary [0, 10): 10 and -3 are rejected on every rank ...
+    for bad in (10, -3):
+        labels = torch.tensor([1, bad, 2])
+        with pytest.raises(ValueError, match=r"labels must be in \[0, 10\)"):
+            fastkto.fused_logprobs(torch.randn(3, 8), torch.randn(5, 8), labels, process_group=group,
+                                   backend="torch")
+    # ... while a label in another rank's slice is fine (9 is rank 1's last row)
+    fastkto.fused_logprobs(torch.randn(3, 8), torch.randn(5, 8), torch.tensor([9, 0, 4]), process_group=group,
+                           backend="torch")
+    # a weight shard of the wrong hidden size fails on its own rank before any collective (the other rank does
+    # not call, as it would then wait in the all-gather until the launcher stops the job)
+    if rank == 1:
+        with pytest.raises(ValueError, match="hidden size mismatch"):
+            fastkto.fused_logprobs(torch.randn(3, 8), torch.randn(5, 9), torch.zeros(3, dtype=torch.long),
+                                   process_group=group, backend="torch")
+    # a DTensor weight with a process_group: ambiguous (gathering would make every rank's "slice" the whole
+    # vocabulary), so a TypeError on every rank before any collective
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    w = distribute_tensor(torch.randn(10, 8), _STATE["mesh"], [Shard(0)])
+    with pytest.raises(TypeError, match="DTensor and process_group"):
+        fastkto.fused_logprobs(torch.randn(3, 8), w, torch.zeros(3, dtype=torch.long), process_group=group,
+                               backend="torch")
+    # the workers are still in step: a collective after all the errors completes
+    t = torch.ones(1)
+    dist.all_reduce(t, group=group)
+    assert t.item() == world
+
+
+def test_vocab_parallel_bad_input(cluster):
+    cluster.run(_vocab_parallel_bad_input)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sharded (DTensor / FSDP2) weights
+
+
+def _dtensor_head(rank, world, seed, backend):
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    mesh = _STATE["mesh"]
+    gen = torch.Generator().manual_seed(seed)
+    vocab, dim = 103, 24  # Shard(0) splits 103 rows 52 + 51
+    _, weight, _, bias = _inputs(gen, (1,), dim, vocab)
+    # each rank its own data (data parallel); every rank builds both ranks' data for the reference
+    data = [_batch(torch.Generator().manual_seed(seed + 1 + r), (2, 9), dim, vocab) for r in range(world)]
+    ups = [torch.randn(2, 9, generator=torch.Generator().manual_seed(seed + 100 + r)) for r in range(world)]
+
+    # reference: what FSDP2 / DDP give a parameter: the mean over ranks of each rank's gradient
+    ref_w, ref_b = leaf64(weight), leaf64(bias)
+    for (hidden, labels), up in zip(data, ups):
+        (reference_logprobs(hidden.double(), ref_w, labels, bias=ref_b) * up.double()).sum().div(world).backward()
+
+    w = distribute_tensor(weight.clone(), mesh, [Shard(0)]).requires_grad_()
+    b = distribute_tensor(bias.clone(), mesh, [Shard(0)]).requires_grad_()
+    hidden, labels = data[rank]
+    h = hidden.clone().requires_grad_()
+    with CommDebugMode() as comm:
+        out = fastkto.fused_logprobs(h, w, labels, bias=b, backend=backend, workspace_bytes=12 * 1024)
+    # one all-gather for the weight and one for the bias per call, although the small workspace makes the
+    # PyTorch path walk several vocabulary chunks
+    assert comm.get_total_counts() == 2, comm.get_comm_counts()
+    ref = reference_logprobs(hidden.double(), weight.double(), labels, bias=bias.double())
+    assert (out.double() - ref).abs().max().item() <= ATOL_VALUE
+    with CommDebugMode() as comm:
+        (out * ups[rank]).sum().backward()
+    assert comm.get_total_counts() == 2, comm.get_comm_counts()  # one reduce-scatter each
+    for name, param, want in (("weight", w, ref_w.grad), ("bias", b, ref_b.grad)):
+        assert isinstance(param.grad, DTensor) and param.grad.placements == param.placements, name
+        _check_grad(f"{name} (DTensor, mean over ranks)", param.grad.full_tensor(), want)
+    # hidden's gradient is this rank's own (no communication on it)
+    ref_h = leaf64(hidden)
+    (reference_logprobs(ref_h, weight.double(), labels, bias=bias.double()) * ups[rank].double()).sum().backward()
+    _check_grad("hidden", h.grad, ref_h.grad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dtensor_weight_gathered_once_with_mean_gradient(cluster, seed, backend):
+    cluster.run(_dtensor_head, seed, backend)
+
+
+def _gathered_weight_lifetime(rank, world):
+    """The gathered full weight lives until backward has used it, and no longer; under no_grad not past the call."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = _STATE["mesh"]
+    w = distribute_tensor(torch.randn(31, 8), mesh, [Shard(0)]).requires_grad_()
+    hidden, labels = torch.randn(5, 8, requires_grad=True), torch.randint(0, 31, (5,))
+    gathered = []
+    real = fdist.gather_sharded
+
+    def spy(*args, **kwargs):
+        full_w, full_b = real(*args, **kwargs)
+        # the returned tensor and the storage it views (the Replicate DTensor's local tensor)
+        gathered.append([weakref.ref(full_w)] + ([weakref.ref(full_w._base)] if full_w._base is not None else []))
+        return full_w, full_b
+
+    def alive():
+        gc.collect()
+        return [r() is not None for r in gathered[-1]]
+
+    fdist.gather_sharded = spy  # fused_logprobs looks it up on the module at each call
+    try:
+        with torch.no_grad():
+            fastkto.fused_logprobs(hidden, w, labels, backend="torch")
+        assert not any(alive()), "under no_grad the gathered weight must be freed when the call returns"
+        out = fastkto.fused_logprobs(hidden, w, labels, backend="torch")
+        assert all(alive()), "backward needs the gathered weight: autograd must hold it until then"
+        out.sum().backward()
+        assert not any(alive()), "after backward nothing may keep the gathered weight"
+        assert w.grad is not None
+        del out
+    finally:
+        fdist.gather_sharded = real
+
+
+def test_gathered_weight_freed_after_use(cluster):
+    cluster.run(_gathered_weight_lifetime)
