@@ -398,3 +398,199 @@ def _gathered_weight_lifetime(rank, world):
 
 def test_gathered_weight_freed_after_use(cluster):
     cluster.run(_gathered_weight_lifetime)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The KTO reference point z0 across ranks
+
+
+def _kl_across_ranks(rank, world, seed):
+    from fastkto.loss import KTOLoss, kto_kl
+
+    group = _STATE["group"]
+    gen = torch.Generator().manual_seed(seed)
+
+    def pairs(counts, shift):
+        pol = [torch.randn(c, generator=gen, dtype=torch.float64) + s for c, s in zip(counts, shift)]
+        ref = [torch.randn(c, generator=gen, dtype=torch.float64) for c in counts]
+        return pol, ref
+
+    # unequal pair counts: the mean is over all 3 + 5 pairs (weighted by counts), not the mean of rank means
+    for counts in ((3, 5), (0, 4)):  # (0, 4): a rank without KL pairs still takes part
+        pol, ref = pairs(counts, (5.0, 3.0))  # shifts well above the noise: the global mean is > 0
+        p = pol[rank].clone().requires_grad_()
+        z0 = kto_kl(p, ref[rank], process_group=group)
+        want = (torch.cat(pol) - torch.cat(ref)).mean().clamp(min=0)
+        assert want > 0
+        if counts[0]:
+            mean_of_means = sum((a - b).mean() for a, b in zip(pol, ref)) / world
+            assert abs(mean_of_means - want) > 1e-9  # so the comparison below tells the two apart
+        torch.testing.assert_close(z0, want, rtol=1e-12, atol=0)  # float64 sums of a few terms: exact but ~1 ulp
+        assert not z0.requires_grad and z0.grad_fn is None, "z0 must be detached"
+    # the clamp applies to the global mean: rank 0's own mean is positive, the global one negative -> 0 everywhere
+    pol, ref = pairs((2, 6), (3.0, -4.0))
+    assert (pol[0] - ref[0]).mean() > 0 > (torch.cat(pol) - torch.cat(ref)).mean()
+    assert kto_kl(pol[rank], ref[rank], process_group=group).item() == 0.0
+
+    # KTOLoss(kl_process_group=...): KL pairs from hidden states, 2 pairs on rank 0 and 3 on rank 1
+    vocab, dim, t_kl = 23, 8, 5
+    heads = torch.randn(vocab, dim, generator=gen) * 0.5
+    ref_head = heads * 3.0  # a sharper reference: a mismatched completion is less likely under it, z0 > 0
+    kl = [_batch(gen, (2 + r, t_kl), dim, vocab) for r in range(world)]
+    kl_ref_hidden = [torch.randn(2 + r, t_kl, dim, generator=gen) for r in range(world)]
+    policy_hidden, labels = _batch(gen, (4, 6), dim, vocab)
+    desirable = torch.tensor([True, False, True, False])
+    diffs = torch.cat([reference_sequence_logps(h, heads, y) - reference_sequence_logps(hr, ref_head, y)
+                       for (h, y), hr in zip(kl, kl_ref_hidden)])
+    want = diffs.mean().clamp(min=0)
+    local = (reference_sequence_logps(kl[rank][0], heads, kl[rank][1])
+             - reference_sequence_logps(kl_ref_hidden[rank], ref_head, kl[rank][1])).mean().clamp(min=0)
+    assert want > 0 and abs(local - want) > 1e-3, "the cross-rank mean must make a difference in this test"
+    kl_hidden = kl[rank][0].clone().requires_grad_()
+    h = policy_hidden.clone().requires_grad_()
+    out = KTOLoss(beta=0.5, backend="torch")(
+        h, heads, labels, desirable, ref_logps=torch.zeros(4), kl_hidden=kl_hidden, kl_labels=kl[rank][1],
+        kl_ref_hidden=kl_ref_hidden[rank], ref_weight=ref_head, kl_process_group=group)
+    assert abs(out.kl.item() - want.item()) <= 1e-5 * max(1.0, want.item())  # float32 sums of ~5 token log-probs
+    assert not out.kl.requires_grad
+    out.loss.backward()
+    assert h.grad is not None and kl_hidden.grad is None, "no gradient may flow through the KL pairs"
+    return out.kl.item()
+
+
+def test_kto_kl_averages_over_ranks(cluster, seed):
+    z = cluster.run(_kl_across_ranks, seed)
+    assert z[0] == z[1]  # every rank uses the same reference point
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Whole KTO steps under DDP and FSDP2 against one process on the whole batch
+
+
+class _TinyLM(torch.nn.Module):
+    """Embedding, one tanh layer and an untied LM head: parameters before and in the head."""
+
+    def __init__(self, vocab, dim):
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, dim)
+        self.body = torch.nn.Linear(dim, dim)
+        self.lm_head = torch.nn.Linear(dim, vocab, bias=False)
+
+    def forward(self, ids):  # final hidden states; the head is applied by fastkto
+        return torch.tanh(self.body(self.embed(ids)))
+
+
+def _kto_setup(seed, world, vocab=37, dim=16, per_rank=4, t=7, t_kl=6):
+    """Policy (fresh init from seed), a sharper frozen reference, and each rank's batch: ids, labels with a masked
+    prompt, desirable mask, KL pairs (ids, labels)."""
+    torch.manual_seed(seed)
+    policy = _TinyLM(vocab, dim)
+    reference = _TinyLM(vocab, dim)
+    with torch.no_grad():
+        reference.load_state_dict(policy.state_dict())
+        reference.lm_head.weight.mul_(3.0)  # sharper: z0 > 0 (clamping would hide the cross-rank mean otherwise)
+        for p in reference.parameters():
+            p.requires_grad_(False)
+    gen = torch.Generator().manual_seed(seed + 7)
+    batches = []
+    for _ in range(world):
+        ids = torch.randint(0, vocab, (per_rank, t), generator=gen)
+        labels = torch.randint(0, vocab, (per_rank, t), generator=gen)
+        labels[:, : 1 + int(torch.randint(0, 3, (), generator=gen))] = -100  # the prompt
+        desirable = torch.rand(per_rank, generator=gen) < 0.5
+        desirable[0], desirable[1] = True, False
+        kl_ids = torch.randint(0, vocab, (per_rank, t_kl), generator=gen)
+        kl_labels = torch.randint(0, vocab, (per_rank, t_kl), generator=gen)
+        kl_labels[:, :2] = -100
+        batches.append((ids, labels, desirable, kl_ids, kl_labels))
+    return policy, reference, batches
+
+
+def _kto_step(policy, reference, batch, group, backend="torch"):
+    """One KTO forward + backward, as a training loop writes it; returns the KTOOutput."""
+    from fastkto.loss import KTOLoss
+
+    ids, labels, desirable, kl_ids, kl_labels = batch
+    hidden = policy(ids)
+    with torch.no_grad():
+        kl_hidden = policy(kl_ids)
+        ref_hidden, kl_ref_hidden = reference(ids), reference(kl_ids)
+    # the head weight is read after the forward: under FSDP2 it is then the unsharded parameter if the head is in
+    # the root's group, a DTensor shard if the head is its own (never called) unit
+    weight = policy.lm_head.weight
+    out = KTOLoss(beta=0.3, backend=backend)(
+        hidden, weight, labels, desirable, ref_hidden=ref_hidden,
+        ref_weight=reference.lm_head.weight, kl_hidden=kl_hidden, kl_labels=kl_labels, kl_ref_hidden=kl_ref_hidden,
+        kl_process_group=group)
+    out.loss.backward()
+    return out, fdist.is_sharded(weight)
+
+
+def _single_process_reference(policy, reference, batches):
+    """The whole global batch on one process (a copy of the policy): the loss, z0 and every gradient."""
+    import copy
+
+    model = copy.deepcopy(policy)
+    whole = tuple(torch.cat(parts) for parts in zip(*batches))
+    out, _ = _kto_step(model, reference, whole, None)
+    return out, {name: p.grad for name, p in model.named_parameters()}
+
+
+def _ddp_kto(rank, world, seed):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    policy, reference, batches = _kto_setup(seed, world)
+    ref_out, ref_grads = _single_process_reference(policy, reference, batches)
+    ddp = DDP(policy, process_group=_STATE["group"])
+    ids, labels, desirable, kl_ids, kl_labels = batches[rank]
+
+    from fastkto.loss import KTOLoss
+
+    hidden = ddp(ids)
+    with torch.no_grad():  # no-grad forwards through the wrapped module leave DDP's reducer alone
+        kl_hidden = policy(kl_ids)
+        ref_hidden, kl_ref_hidden = reference(ids), reference(kl_ids)
+    loss_fn = KTOLoss(beta=0.3, backend="torch")
+    args = (hidden, policy.lm_head.weight, labels, desirable)
+    kw = dict(ref_hidden=ref_hidden, ref_weight=reference.lm_head.weight, kl_hidden=kl_hidden, kl_labels=kl_labels,
+              kl_ref_hidden=kl_ref_hidden)
+    with torch.no_grad():
+        local_z0 = loss_fn(*args, **kw).kl
+    out = loss_fn(*args, **kw, kl_process_group=_STATE["group"])
+    out.loss.backward()  # DDP averages the gradients of the per-rank means
+
+    assert ref_out.kl > 0 and abs(local_z0 - out.kl) > 1e-4, "z0 must differ per rank for this test to bite"
+    torch.testing.assert_close(out.kl, ref_out.kl, rtol=1e-6, atol=0)  # the global KL mean (float32 sums)
+    for name, p in policy.named_parameters():
+        _check_grad(f"DDP {name}", p.grad, ref_grads[name].double())
+    return out.loss.item(), ref_out.loss.item()
+
+
+def test_ddp_kto_step_matches_single_process(cluster, seed):
+    (loss0, ref), (loss1, _) = cluster.run(_ddp_kto, seed)
+    # the loss is a mean over the batch: the mean of the equal-sized ranks' losses is the whole batch's loss
+    assert abs((loss0 + loss1) / 2 - ref) <= 1e-6 * max(1.0, abs(ref))
+
+
+def _fsdp2_kto(rank, world, seed, head_unit, backend):
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    mesh = _STATE["mesh"]
+    policy, reference, batches = _kto_setup(seed, world)
+    ref_out, ref_grads = _single_process_reference(policy, reference, batches)
+    if head_unit:  # the head is its own FSDP unit whose forward never runs: fastkto gathers the DTensor weight
+        fully_shard(policy.lm_head, mesh=mesh)
+    fully_shard(policy, mesh=mesh)
+    out, sharded = _kto_step(policy, reference, batches[rank], _STATE["group"], backend)
+    assert sharded == head_unit, "the variant must reach fastkto with the weight it is meant to test"
+    torch.testing.assert_close(out.kl, ref_out.kl, rtol=1e-6, atol=0)
+    for name, p in policy.named_parameters():
+        assert isinstance(p, DTensor) and isinstance(p.grad, DTensor), name
+        assert p.grad.placements == p.placements, name  # what the optimizer expects for a sharded parameter
+        _check_grad(f"FSDP2 {name}", p.grad.full_tensor(), ref_grads[name].double())
+
+
+@pytest.mark.parametrize("head_unit", [False, True], ids=["head-in-root-unit", "head-own-unit-dtensor"])
+def test_fsdp2_kto_step_matches_single_process(cluster, seed, head_unit):
+    cluster.run(_fsdp2_kto, seed, head_unit, "torch")
