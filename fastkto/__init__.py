@@ -1,6 +1,7 @@
 """fastkto: memory-efficient per-token log-probabilities and the KTO / DPO losses built on them."""
 
 from .logprob import fused_logprobs, sequence_logps
+from .loss import DPOLoss, KTOLoss, dpo_loss, kto_kl, kto_loss, suggest_kto_weights  # noqa: F401 (also fastkto.loss)
 
 __version__ = "0.1.0"
 __all__ = ["fused_logprobs", "sequence_logps", "__version__"]

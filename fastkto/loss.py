@@ -109,6 +109,7 @@ class KTOOutput:
             "logps/chosen": self.desirable_logps_mean, "logps/rejected": self.undesirable_logps_mean,
             "count/desirable": self.n_desirable, "count/undesirable": self.n_undesirable,
         })
+        out["count/desirable"], out["count/undesirable"] = int(out["count/desirable"]), int(out["count/undesirable"])
         if out["count/desirable"] == 0:
             del out["rewards/chosen"], out["logps/chosen"]
         if out["count/undesirable"] == 0:
@@ -292,6 +293,7 @@ def kto_loss(
         loss_type="apo_zero_unpaired":  desirable   1 - sigma(beta r)            undesirable  sigma(beta r)
         loss = (1/B) sum_i w_i * per-example loss_i,   w_i = desirable_weight or undesirable_weight.
 
+    The two types are one formula: apo_zero_unpaired is kto with z0 = 0 and no KL pairs (it rejects ``kl``).
     This is TRL 1.16's ``KTOTrainer`` loss (the mean runs over the whole batch, not per class).
 
     Args:
@@ -330,14 +332,13 @@ def kto_loss(
         z0 = kl.detach().reshape(()) if isinstance(kl, torch.Tensor) else torch.tensor(float(kl), dtype=ratio.dtype)
         z0 = z0.to(device=ratio.device, dtype=ratio.dtype)
 
-    # sigma(-x) instead of 1 - sigma(x): the same value without cancellation when sigma(x) is close to 1
-    if loss_type == "kto":
-        shifted = beta * (ratio - z0)
-        per_example = torch.where(desirable, torch.sigmoid(-shifted), torch.sigmoid(shifted))
-    else:  # apo_zero_unpaired
-        scaled = beta * ratio
-        per_example = torch.where(desirable, torch.sigmoid(-scaled), torch.sigmoid(scaled))
-    weights = torch.where(desirable, per_example.new_tensor(desirable_weight), per_example.new_tensor(undesirable_weight))
+    # apo_zero_unpaired is the kto formula with z0 = 0 (it takes no kl). sigma(-x) stands for 1 - sigma(x): the
+    # same value without cancellation when sigma(x) is close to 1.
+    shifted = beta * (ratio - z0)
+    per_example = torch.where(desirable, torch.sigmoid(-shifted), torch.sigmoid(shifted))
+    weights = torch.where(
+        desirable, per_example.new_tensor(desirable_weight), per_example.new_tensor(undesirable_weight)
+    )
     losses = weights * per_example
     loss = losses.mean()
 
@@ -483,7 +484,7 @@ def dpo_loss(
 def suggest_kto_weights(n_desirable: int, n_undesirable: int, *, ratio: float = 1.0) -> tuple[float, float]:
     """Class weights (desirable_weight, undesirable_weight) for imbalanced KTO data.
 
-    The KTO paper (Sec. 4, Eq. 8) recommends lambda_D n_D / (lambda_U n_U) in [1, 4/3]: the desirable side's
+    The KTO paper (Eq. 8, as TRL cites it) recommends lambda_D n_D / (lambda_U n_U) in [1, 4/3]: the desirable side's
     total weight should match, or slightly exceed, the undesirable side's. This returns weights meeting
     lambda_D n_D / (lambda_U n_U) = ``ratio`` exactly, keeping the larger class at weight 1 and up-weighting the
     smaller one (so a balanced dataset with ratio=1 gives (1.0, 1.0), TRL's defaults). E.g. 1,000 desirable and
