@@ -1,10 +1,10 @@
 """Per-token log-probabilities in chunked PyTorch: the implementation for every device without Triton.
 
-It computes exactly what the Triton kernels in ``fused_logprob.py`` compute, with the same arguments, the same
-per-tile math (``_tile_logits``, ``_tile_dlogits``) and the same outputs; only the loops differ. A GPU spreads
-(token tile, vocabulary tile) pairs over its programs; here a Python loop walks vocabulary chunks (outer) and
-token chunks (inner), and each tile is a few hundred by a few thousand so that matrix products stay efficient
-while every temporary fits a fixed workspace budget (``plan_chunks``).
+It computes what the Triton kernels in ``fused_logprob.py`` compute, with the same arguments and outputs. A GPU
+spreads (token tile, vocabulary tile) pairs over its programs; here a Python loop walks vocabulary chunks (outer:
+each weight chunk is read once) and token chunks (inner). Tiles are sized by ``plan_chunks``: within the workspace
+budget, and on the CPU small enough (about 1 MiB) that the element-wise passes after each matrix product run in
+cache, since on a CPU those passes cost as much as the product itself.
 
 The math, for a token with hidden state h, label y, and the logits transform of ``fastkto.fused_logprobs``:
 
@@ -14,12 +14,15 @@ The math, for a token with hidden state h, label y, and the logits transform of 
     lse = m + log sum_j exp(z_j - m)             online over vocabulary chunks, m the running max
     log p(y) = z_y - lse
 
-Backward, for an upstream gradient g of log p(y):
+Backward, for an upstream gradient g of log p(y), with p_j = exp(z_j - lse) and k_j = 1 - tanh^2(a_j / c)
+(k_j = 1 without soft-cap):
 
-    dz_j = g (1[j = y] - exp(z_j - lse))
-    da_j = dz_j / T * (1 - tanh^2(a_j / c))      (the last factor only with soft-cap)
-    dh   = sum_j da_j w_j      dw_j = sum_tokens da_j h      db_j = sum_tokens da_j
+    da_j = (g / T) k_j (1[j = y] - p_j)
+    dh   = (g / T) (k_y w_y - sum_j k_j p_j w_j)
+    dw_j = sum_tokens da_j h      db_j = sum_tokens da_j
 
+The kernels form da on the tile and multiply; here the per-token factor g / T and the one-hot term are moved onto
+the small (tokens, D) operands, which saves passes over the tile: only p (times k) is formed tile-wide.
 Nothing of size tokens x vocabulary is ever allocated: the workspace is bounded by ``workspace_bytes``.
 """
 
@@ -49,17 +52,29 @@ def default_workspace_bytes() -> int:
     return int(mib * (1 << 20))
 
 
-def plan_chunks(n_tokens: int, vocab: int, hidden_size: int, workspace_bytes: int) -> tuple[int, int]:
-    """Choose (token chunk, vocabulary chunk) so that one tile's temporaries fit ``workspace_bytes``.
+# On the CPU a tile of at most this many fp32 elements (1 MiB) keeps the element-wise passes in L2; the vocabulary
+# chunk is capped so that tiles keep at least 64 tokens (matrix products stay efficient).
+_CPU_TILE_ELEMENTS = 1 << 18
+_CPU_MAX_VOCAB_CHUNK = 4096
+
+
+def plan_chunks(
+    n_tokens: int, vocab: int, hidden_size: int, workspace_bytes: int, device: torch.device | str = "cpu"
+) -> tuple[int, int]:
+    """Choose (token chunk, vocabulary chunk) so that the temporaries fit ``workspace_bytes``.
 
     Per vocabulary chunk of v rows the backward holds an fp32 copy of the weight rows and an fp32 weight-gradient
-    accumulator (2 v D floats); per token chunk of n rows an fp32 copy of the hidden rows (n D floats); per tile
-    three n x v fp32 temporaries (logits, probabilities / logit gradient, tanh for the soft-cap). Half the budget
-    goes to the vocabulary side, half to the tiles. A budget too small for a 1 x 1 tile still gets one.
+    accumulator (2 v D floats); per token chunk of n rows up to five (n, D) fp32 operands; per tile up to three
+    (n, v) fp32 temporaries. Half the budget goes to the vocabulary side, the rest to the tiles. A budget too
+    small for a 1 x 1 tile still gets one. On the CPU tiles are further capped to stay cache-sized.
     """
     floats = max(workspace_bytes // 4, 1)
     v = max(1, min(vocab, floats // (4 * hidden_size)))
-    n = max(1, min(n_tokens, (floats - 2 * v * hidden_size) // (3 * v + hidden_size)))
+    if torch.device(device).type == "cpu":
+        v = min(v, _CPU_MAX_VOCAB_CHUNK)
+    n = max(1, min(n_tokens, (floats - 2 * v * hidden_size) // (3 * v + 5 * hidden_size)))
+    if torch.device(device).type == "cpu":
+        n = max(1, min(n, _CPU_TILE_ELEMENTS // v))
     return n, v
 
 
@@ -73,29 +88,30 @@ def _gather_rows(hidden: torch.Tensor, rows: torch.Tensor | None, start: int, st
     return _fp32(hidden.index_select(0, rows[start:stop]))
 
 
+def _add_rows(dst: torch.Tensor, index: torch.Tensor, src: torch.Tensor) -> None:
+    """dst[index[i]] += src[i], deterministically (labels repeat): CUDA's index_put_ with accumulate sorts the
+    indices; the CPU's index_add_ runs in index order."""
+    if dst.device.type == "cuda":
+        dst.index_put_((index,), src, accumulate=True)
+    else:
+        dst.index_add_(0, index, src)
+
+
 def _tile_logits(h, w, b, softcap, inv_temp):
-    """z = transform(h @ w.T + b) for one tile, in fp32; also tanh(a / c) for the backward (None without soft-cap)."""
-    a = h @ w.T
+    """z = transform(h @ w.T + b) for one (n, v) tile in fp32, and t = tanh(a / c) (None without soft-cap).
+
+    The scalar factors (1/T, or 1/c before the tanh) are applied to the (n, D) rows and the bias, not the tile.
+    """
+    if softcap is None:
+        z = (h * inv_temp if inv_temp != 1.0 else h) @ w.T
+        if b is not None:
+            z += b * inv_temp
+        return z, None
+    t = (h * (1.0 / softcap)) @ w.T
     if b is not None:
-        a += b
-    t = None
-    if softcap is not None:
-        t = torch.tanh(a / softcap)
-        a = torch.mul(t, softcap, out=a)
-    return a.mul_(inv_temp), t
-
-
-def _tile_dlogits(z, t, lse, grad, local_labels, inv_temp):
-    """d(g * log p(y)) / da for one tile, overwriting z (the kernel's ``_tile_dlogits``)."""
-    v = z.shape[1]
-    dz = z.sub_(lse[:, None]).exp_().mul_(-grad[:, None])
-    in_tile = (local_labels >= 0) & (local_labels < v)
-    # the one-hot term, without a host sync: rows whose label is elsewhere add 0 to column 0
-    dz.scatter_add_(1, local_labels.clamp(0, v - 1)[:, None], torch.where(in_tile, grad, 0.0)[:, None])
-    dz.mul_(inv_temp)
-    if t is not None:
-        dz.mul_(1 - t * t)
-    return dz
+        t += b * (1.0 / softcap)
+    t.tanh_()
+    return t * (softcap * inv_temp), t
 
 
 def logprob_fwd(
@@ -133,7 +149,7 @@ def logprob_fwd(
     if m_tokens == 0 or vocab == 0:
         return row_max, sum_exp, target
     budget = default_workspace_bytes() if workspace_bytes is None else workspace_bytes
-    n_chunk, v_chunk = plan_chunks(m_tokens, vocab, dim, budget)
+    n_chunk, v_chunk = plan_chunks(m_tokens, vocab, dim, budget, dev)
     inv_temp = 1.0 / temperature
     for v0 in range(0, vocab, v_chunk):
         v1 = min(v0 + v_chunk, vocab)
@@ -190,7 +206,7 @@ def logprob_bwd(
     if m_tokens == 0 or vocab == 0:
         return d_hidden, d_weight, d_bias
     budget = default_workspace_bytes() if workspace_bytes is None else workspace_bytes
-    n_chunk, v_chunk = plan_chunks(m_tokens, vocab, dim, budget)
+    n_chunk, v_chunk = plan_chunks(m_tokens, vocab, dim, budget, dev)
     inv_temp = 1.0 / temperature
     for v0 in range(0, vocab, v_chunk):
         v1 = min(v0 + v_chunk, vocab)
@@ -203,13 +219,25 @@ def logprob_bwd(
             n1 = min(n0 + n_chunk, m_tokens)
             h = _gather_rows(hidden, rows, n0, n1)
             z, t = _tile_logits(h, w, b, softcap, inv_temp)
-            dz = _tile_dlogits(z, t, lse[n0:n1], grad[n0:n1], labels[n0:n1] - v0, inv_temp)
+            local = labels[n0:n1] - v0
+            in_tile = (local >= 0) & (local < v1 - v0)
+            local = local.clamp(0, v1 - v0 - 1)
+            g = grad[n0:n1] * inv_temp
+            # one-hot coefficient g k_y / T, zero for rows whose label lies in another chunk
+            onehot = torch.where(in_tile, g, 0.0)
+            p = z.sub_(lse[n0:n1, None]).exp_()
+            if t is not None:
+                onehot = onehot * (1 - t.gather(1, local[:, None]).squeeze(1) ** 2)
+                p.addcmul_(p, t.square_(), value=-1.0)  # p_j k_j
             if need_hidden:
-                d_hidden[n0:n1].addmm_(dz, w)
+                d_hidden[n0:n1].addcmul_(p @ w, g[:, None], value=-1.0)
+                d_hidden[n0:n1].addcmul_(w.index_select(0, local), onehot[:, None])
             if need_weight:
-                dw_acc.addmm_(dz.T, h)
+                dw_acc.addmm_(p.T, h * g[:, None], alpha=-1.0)
+                _add_rows(dw_acc, local, h * onehot[:, None])
             if need_bias:
-                db_acc += dz.sum(dim=0)
+                db_acc.addmv_(p.T, g, alpha=-1.0)
+                _add_rows(db_acc, local, onehot)
         if need_weight:
             d_weight[v0:v1] = dw_acc
         if need_bias:
