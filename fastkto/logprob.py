@@ -204,12 +204,13 @@ def fused_logprobs(
 
     valid = flat != ignore_index
     bad = valid & ((flat < 0) | (flat >= vocab_total))
-    if bool(bad.any()):
+    any_bad, all_valid = torch.stack([bad.any(), valid.all()]).tolist()  # one host sync for both checks
+    if any_bad:
         first = flat[bad][0].item()
         raise ValueError(
             f"labels must be in [0, {vocab_total}) or equal ignore_index={ignore_index}; found {first}"
         )
-    if bool(valid.all()):
+    if all_valid:
         rows, kept = None, flat
     else:
         rows = valid.nonzero().squeeze(1)
