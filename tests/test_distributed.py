@@ -271,6 +271,27 @@ def test_vocab_parallel_matches_unsharded(cluster, seed, backend, sizes, use_bia
     torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)  # every rank returns the same log-probs
 
 
+def _tp_dtensor_local_slice(rank, world, seed):
+    """torch tensor parallelism (a ColwiseParallel head is a Shard(0) DTensor): its local slice with the mesh's
+    group is a vocab-parallel head; the DTensor gets the full gradient (the ranks share the data: no averaging)."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = _STATE["mesh"]
+    gen = torch.Generator().manual_seed(seed)
+    hidden, weight, labels, _ = _inputs(gen, (2, 6), 16, 45, bias=False)  # Shard(0): 23 + 22 rows
+    ref_h, ref_w = leaf64(hidden), leaf64(weight)
+    reference_sequence_logps(ref_h, ref_w, labels).sum().backward()
+    w = distribute_tensor(weight.clone(), mesh, [Shard(0)]).requires_grad_()
+    h = hidden.clone().requires_grad_()
+    fastkto.sequence_logps(h, w.to_local(), labels, process_group=mesh.get_group(), backend="torch").sum().backward()
+    _check_grad("DTensor weight", w.grad.full_tensor(), ref_w.grad)
+    _check_grad("hidden", h.grad, ref_h.grad)
+
+
+def test_tensor_parallel_dtensor_head_as_vocab_parallel(cluster, seed):
+    cluster.run(_tp_dtensor_local_slice, seed)
+
+
 def _vocab_parallel_bad_input(rank, world):
     group = _STATE["group"]
     # ranks disagree on the hidden size: each rank's own shapes are consistent, only the all-gather sees it
@@ -366,9 +387,11 @@ def test_dtensor_weight_gathered_once_with_mean_gradient(cluster, seed, backend)
 
 
 def _dtensor_head_bf16_cast(rank, world, seed):
-    """FSDP2 mixed precision by hand: an fp32 sharded master weight cast to bf16 before the call (each rank casts
-    its shard, the gather moves bf16); the fp32 shard gets the bf16 gradient's mean over ranks."""
+    """The 30B recipe's pattern: an fp32 sharded master weight cast to bf16 (each rank casts its shard, the gather
+    moves bf16), gathered once by the caller for a no-grad pass and a gradient pass; the fp32 shard gets the bf16
+    gradient's mean over ranks."""
     from torch.distributed.tensor import Shard, distribute_tensor
+    from torch.distributed.tensor.debug import CommDebugMode
 
     gen = torch.Generator().manual_seed(seed)
     vocab, dim = 61, 16
@@ -379,7 +402,13 @@ def _dtensor_head_bf16_cast(rank, world, seed):
         reference_logprobs(hidden.bfloat16().double(), ref_w, labels).sum().div(world).backward()
     w = distribute_tensor(weight.clone(), _STATE["mesh"], [Shard(0)]).requires_grad_()
     hidden, labels = data[rank]
-    out = fastkto.fused_logprobs(hidden.bfloat16(), w.to(torch.bfloat16), labels, backend="torch")
+    with CommDebugMode() as comm:
+        head = fdist.gather_sharded(w.to(torch.bfloat16))[0]
+        assert type(head) is torch.Tensor and head.dtype == torch.bfloat16 and head.shape == (vocab, dim)
+        with torch.no_grad():  # e.g. the KL pairs
+            fastkto.fused_logprobs(hidden.bfloat16(), head, labels, backend="torch")
+        out = fastkto.fused_logprobs(hidden.bfloat16(), head, labels, backend="torch")
+    assert comm.get_total_counts() == 1, comm.get_comm_counts()  # one all-gather for both passes
     out.sum().backward()
     assert w.grad.dtype == torch.float32
     # bf16 gradient rounding (2^-8 relative) in the head and once more in the pre-divided bf16 reduce-scatter
