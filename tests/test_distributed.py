@@ -87,33 +87,32 @@ def _serve(rank: int, world: int, port: int, tasks, results) -> None:
 
 
 class _Cluster:
+    """Two gloo worker processes on 127.0.0.1 that run one task at a time on both ranks."""
+
     def __init__(self):
         self._ctx = mp.get_context("spawn")
-        self.procs = []
-        for _ in range(3):  # a free port can be taken before rank 0 binds it: retry with another
-            error = self._start()
-            if error is None:
-                return
-        raise RuntimeError(f"could not start {WORLD} gloo workers:\n{error}")
+        self.procs, self.tasks = [], []
+        self._start()
 
     def _start(self):
-        port = _free_port()
-        self.results = self._ctx.Queue()
-        self.tasks = [self._ctx.Queue() for _ in range(WORLD)]
-        self.procs = [self._ctx.Process(target=_serve, args=(r, WORLD, port, self.tasks[r], self.results),
-                                        daemon=True) for r in range(WORLD)]
-        for p in self.procs:
-            p.start()
-        try:
-            replies = self._collect(START_TIMEOUT_S)
-        except TimeoutError as e:
-            self.close()
-            return str(e)
-        errors = [payload for ok, payload in replies if not ok]
-        if errors:
-            self.close()
-            return "\n".join(errors)
-        return None
+        error = None
+        for _ in range(3):  # a free port can be taken before rank 0 binds it: retry with another
+            port = _free_port()
+            self.results = self._ctx.Queue()
+            self.tasks = [self._ctx.Queue() for _ in range(WORLD)]
+            self.procs = [self._ctx.Process(target=_serve, args=(r, WORLD, port, self.tasks[r], self.results),
+                                            daemon=True) for r in range(WORLD)]
+            for p in self.procs:
+                p.start()
+            try:
+                errors = [payload for ok, payload in self._collect(START_TIMEOUT_S) if not ok]
+            except TimeoutError as e:
+                errors = [str(e)]
+            if not errors:
+                return
+            error = "\n".join(errors)
+            self.close(graceful=False)
+        raise RuntimeError(f"could not start {WORLD} gloo workers:\n{error}")
 
     def _collect(self, timeout):
         deadline = time.monotonic() + timeout
@@ -131,26 +130,32 @@ class _Cluster:
         return [got[r] for r in range(WORLD)]
 
     def run(self, fn, *args, timeout=TASK_TIMEOUT_S):
-        """Run fn(rank, world, *args) on every rank; the list of return values, or pytest.fail with tracebacks."""
+        """Run fn(rank, world, *args) on every rank; the list of return values, or pytest.fail with tracebacks.
+
+        After a failure the workers are replaced: a rank that raised may have skipped a collective that the other
+        one ran, and the next task must not pair with it."""
         for q in self.tasks:
             q.put((fn, args))
         try:
             replies = self._collect(timeout)
         except TimeoutError as e:
-            self.close()
-            self.__init__()  # a rank is stuck in a collective: replace both for the next tests
-            pytest.fail(f"{fn.__name__}: {e}")
+            self.close(graceful=False)
+            self._start()
+            pytest.fail(f"{fn.__name__}: {e}", pytrace=False)
         errors = [payload for ok, payload in replies if not ok]
         if errors:
+            self.close()
+            self._start()
             pytest.fail("\n".join(errors), pytrace=False)
         return [payload for _, payload in replies]
 
-    def close(self):
-        for q, p in zip(self.tasks, self.procs):
-            if p.is_alive():
-                q.put(None)
-        for p in self.procs:
-            p.join(timeout=10)
+    def close(self, graceful=True):
+        if graceful:
+            for q, p in zip(self.tasks, self.procs):
+                if p.is_alive():
+                    q.put(None)
+            for p in self.procs:
+                p.join(timeout=10)
         for p in self.procs:
             if p.is_alive():  # stuck in a collective: only these two processes, which this module started
                 p.kill()
