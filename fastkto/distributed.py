@@ -19,12 +19,16 @@ import torch.distributed as dist
 __all__ = ["vocab_shard_layout", "combine_vocab_parallel", "all_reduce_sum", "gather_sharded", "is_sharded"]
 
 
-def vocab_shard_layout(local_vocab: int, dim: int, n_tokens: int, group, device=None) -> tuple[int, int]:
+def vocab_shard_layout(
+    local_vocab: int, dim: int, n_tokens: int, group, device=None, ok: bool = True
+) -> tuple[int, int] | None:
     """(this rank's first vocabulary id, total vocabulary) of a vocab-parallel head.
 
-    One all-gather of three integers per call; it also checks, cheaply, that all ranks agree on the hidden size
+    One all-gather of four integers per call; it also checks, cheaply, that all ranks agree on the hidden size
     and the token count (hidden and labels must be replicated over the group). Every rank sees the same table,
     so on a mismatch every rank raises the same ValueError (none is left waiting in a later collective).
+    ``ok=False`` says this rank rejected its own input: the others then raise too, and this rank gets None back
+    (to raise its own, more precise error).
     """
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("process_group needs an initialized torch.distributed process group")
@@ -32,10 +36,15 @@ def vocab_shard_layout(local_vocab: int, dim: int, n_tokens: int, group, device=
     rank = dist.get_rank(group)
     if device is None:
         device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else "cpu"
-    mine = torch.tensor([local_vocab, dim, n_tokens], dtype=torch.int64, device=device)
+    mine = torch.tensor([local_vocab, dim, n_tokens, int(ok)], dtype=torch.int64, device=device)
     every = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(every, mine, group=group)
     table = torch.stack(every).cpu().tolist()
+    failed = [r for r, row in enumerate(table) if not row[3]]
+    if failed:
+        if not ok:
+            return None
+        raise ValueError(f"process_group rank(s) {failed} rejected their inputs to fused_logprobs (see their error)")
     dims = sorted({row[1] for row in table})
     if len(dims) > 1:
         raise ValueError(f"process_group ranks disagree on the hidden size D: {[row[1] for row in table]}")

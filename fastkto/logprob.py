@@ -187,20 +187,35 @@ def fused_logprobs(
         float32 tensor of labels' shape. Differentiable w.r.t. hidden, weight and bias for any upstream gradient;
         gradients come back in the inputs' dtypes, accumulated in float32.
     """
-    _check_inputs(hidden, weight, labels, bias, ignore_index, temperature, softcap)
-    if workspace_bytes is not None:
-        _check_number("workspace_bytes", workspace_bytes)
-        workspace_bytes = int(workspace_bytes)
-    weight, bias = _dist.gather_sharded(weight, bias, process_group=process_group)
-    impl_name = resolve_backend(backend, hidden.device, hidden.dtype)
-    impl = _triton_impl() if impl_name == "triton" else torch_chunked
+    def checked_locally():
+        _check_inputs(hidden, weight, labels, bias, ignore_index, temperature, softcap)
+        budget = None
+        if workspace_bytes is not None:
+            _check_number("workspace_bytes", workspace_bytes)
+            budget = int(workspace_bytes)
+        w, b = _dist.gather_sharded(weight, bias, process_group=process_group)
+        impl_name = resolve_backend(backend, hidden.device, hidden.dtype)
+        return w, b, (_triton_impl() if impl_name == "triton" else torch_chunked), budget
+
+    if process_group is None:
+        weight, bias, impl, workspace_bytes = checked_locally()
+        vocab_offset, vocab_total = 0, weight.shape[0]
+    else:
+        # a rank that rejects its own input still joins the layout all-gather, so that no rank is left waiting
+        try:
+            weight, bias, impl, workspace_bytes = checked_locally()
+            error = None
+        except (TypeError, ValueError, RuntimeError) as err:
+            error = err
+        sizes = (0, 0, 0) if error else (weight.shape[0], hidden.shape[-1], labels.numel())
+        layout = _dist.vocab_shard_layout(*sizes, process_group, ok=error is None)
+        if error is not None:
+            raise error
+        vocab_offset, vocab_total = layout
 
     dim = hidden.shape[-1]
     hidden2d = hidden.reshape(-1, dim)
     flat = labels.reshape(-1).long()
-    vocab_offset, vocab_total = 0, weight.shape[0]
-    if process_group is not None:
-        vocab_offset, vocab_total = _dist.vocab_shard_layout(weight.shape[0], dim, flat.numel(), process_group)
 
     valid = flat != ignore_index
     bad = valid & ((flat < 0) | (flat >= vocab_total))

@@ -318,12 +318,12 @@ def _vocab_parallel_bad_input(rank, world):
     # ... while a label in another rank's slice is fine (9 is rank 1's last row)
     fastkto.fused_logprobs(torch.randn(3, 8), torch.randn(5, 8), torch.tensor([9, 0, 4]), process_group=group,
                            backend="torch")
-    # a weight shard of the wrong hidden size fails on its own rank before any collective (the other rank does
-    # not call, as it would then wait in the all-gather until the launcher stops the job)
-    if rank == 1:
-        with pytest.raises(ValueError, match="hidden size mismatch"):
-            fastkto.fused_logprobs(torch.randn(3, 8), torch.randn(5, 9), torch.zeros(3, dtype=torch.long),
-                                   process_group=group, backend="torch")
+    # a weight shard of the wrong hidden size on one rank: that rank raises its own error, the other learns of it
+    # in the layout all-gather and raises too, instead of waiting in a collective until the launcher gives up
+    w_dim = 9 if rank == 1 else 8
+    with pytest.raises(ValueError, match="hidden size mismatch" if rank == 1 else r"rank\(s\) \[1\] rejected"):
+        fastkto.fused_logprobs(torch.randn(3, 8), torch.randn(5, w_dim), torch.zeros(3, dtype=torch.long),
+                               process_group=group, backend="torch")
     # a DTensor weight with a process_group: ambiguous (gathering would make every rank's "slice" the whole
     # vocabulary), so a TypeError on every rank before any collective
     from torch.distributed.tensor import Shard, distribute_tensor
