@@ -242,13 +242,18 @@ class KernelConfig:
 
 # 16-bit inputs: 128-wide tiles feed Hopper's wgmma (64-row warpgroup instructions) and Ampere's mma.sync; fp32:
 # smaller tiles, since each operand tile takes twice the shared memory and IEEE fp32 dots use no tensor cores.
+# fp32 uses 8 warps and 16-wide D chunks: IEEE fp32 dots are FMA loops that hold both operand chunks in registers,
+# and with 4 warps and 32-wide chunks ptxas spilled (stack frames of 8 B to 4 KiB on sm_80 and sm_90, found by
+# fastkto.kernels.compile_check); these shapes compile without spills for IEEE and tf32 (wgmma on sm_90).
 _GPU_CONFIGS = {
     ("fwd", "16"): KernelConfig(128, 128, 64, 8, 3),
-    ("fwd", "32"): KernelConfig(64, 64, 32, 4, 3),
+    ("fwd", "32"): KernelConfig(64, 64, 16, 8, 3),
     ("dh", "16"): KernelConfig(64, 128, 64, 8, 3),
-    ("dh", "32"): KernelConfig(64, 64, 32, 4, 2),
-    ("dw", "16"): KernelConfig(64, 128, 64, 8, 3),
-    ("dw", "32"): KernelConfig(64, 64, 32, 4, 2),
+    ("dh", "32"): KernelConfig(64, 64, 16, 8, 2),
+    # 32-wide D chunks: with 64, ptxas ran out of registers on sm_90 (255 used, 8-16 B spilled) for the
+    # dispatch's softcap-without-bias and bias-without-softcap variants (fastkto.kernels.compile_check)
+    ("dw", "16"): KernelConfig(64, 128, 32, 8, 3),
+    ("dw", "32"): KernelConfig(64, 64, 16, 8, 2),
 }
 # Small tiles under the interpreter: tests then cover many tiles and ragged edges on small shapes. 16 is the
 # smallest shape tl.dot accepts on a GPU; keep it so the interpreter runs what a GPU would compile.
