@@ -62,8 +62,9 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-__all__ = ["Case", "Result", "cases", "compile_case", "expected_mma", "problems", "run_checks", "format_table",
-           "SHARED_LIMIT", "TARGETS"]
+__all__ = ["Case", "Result", "cases", "compile_case", "run_checks", "problems", "expected_mma", "parse_res_usage",
+           "tensor_core_ops", "format_table", "summary", "main", "KERNELS", "DTYPES", "TARGETS", "SHARED_LIMIT",
+           "MAX_REGISTERS"]
 
 TARGETS = (80, 90)
 # the largest shared memory one block may opt in to (cudaFuncAttributeMaxDynamicSharedMemorySize), in bytes
@@ -431,8 +432,11 @@ def run_checks(todo: list[Case] | None = None, jobs: int | None = None) -> list[
         src, out = Path(tmp) / "cases.json", Path(tmp) / "results.json"
         src.write_text(json.dumps([asdict(c) for c in todo]))
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        cmd = [sys.executable, "-m", "fastkto.kernels.compile_check", "--cases", str(src), "--json", str(out), "--jobs", str(jobs),
-               "--quiet"]
+        # the child imports this very fastkto, installed or not
+        root = str(Path(__file__).resolve().parents[2])
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+        cmd = [sys.executable, "-m", "fastkto.kernels.compile_check", "--cases", str(src), "--json", str(out),
+               "--jobs", str(jobs), "--quiet"]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if not out.exists():
             raise RuntimeError(f"the compile-check child failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
