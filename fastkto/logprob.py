@@ -107,11 +107,30 @@ def _check_inputs(hidden, weight, labels, bias, ignore_index, temperature, softc
     _check_number("softcap", softcap, optional=True)
 
 
+def _autocast(hidden, weight, bias):
+    """Under ``torch.autocast`` the head runs in the autocast dtype, as an ``nn.Linear`` would there; the casts are
+    ordinary autograd ops, so fp32 master weights get fp32 gradients."""
+    if not isinstance(hidden, torch.Tensor) or not torch.is_autocast_enabled(hidden.device.type):
+        return hidden, weight, bias
+    dtype = torch.get_autocast_dtype(hidden.device.type)
+
+    def cast(t):
+        return t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype in _FLOAT_DTYPES and t.dtype != dtype else t
+
+    return cast(hidden), cast(weight), cast(bias)
+
+
 class _FusedLogprob(torch.autograd.Function):
     """(N, D) hidden, (V, D) weight -> (N,) float32 log-probabilities of the scored rows, 0 elsewhere."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, rows, labels, impl, opts, group, vocab_offset):
+        # the implementations choose their own precisions; autocast must not recast their products
+        with torch.autocast(hidden.device.type, enabled=False):
+            return _FusedLogprob._forward(ctx, hidden, weight, bias, rows, labels, impl, opts, group, vocab_offset)
+
+    @staticmethod
+    def _forward(ctx, hidden, weight, bias, rows, labels, impl, opts, group, vocab_offset):
         n_rows = hidden.shape[0]
         out = torch.zeros(n_rows, device=hidden.device, dtype=torch.float32)
         local = labels - vocab_offset if vocab_offset else labels
@@ -133,6 +152,11 @@ class _FusedLogprob(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        with torch.autocast(grad_out.device.type, enabled=False):
+            return _FusedLogprob._backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx, grad_out):
         hidden, weight, bias, rows, local, lse = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         grad = grad_out.float()
@@ -185,8 +209,11 @@ def fused_logprobs(
 
     Returns:
         float32 tensor of labels' shape. Differentiable w.r.t. hidden, weight and bias for any upstream gradient;
-        gradients come back in the inputs' dtypes, accumulated in float32.
+        gradients come back in the inputs' dtypes, accumulated in float32. Under ``torch.autocast`` hidden, weight
+        and bias are first cast to the autocast dtype (as ``nn.Linear`` does there).
     """
+    hidden, weight, bias = _autocast(hidden, weight, bias)
+
     def checked_locally():
         _check_inputs(hidden, weight, labels, bias, ignore_index, temperature, softcap)
         budget = None

@@ -293,3 +293,19 @@ def test_triton_on_cpu_without_interpreter_subprocess():
     if "No module named 'triton'" in res.stderr:
         pytest.skip("triton not installed")
     assert "RAISED" in res.stdout and "TRITON_INTERPRET" in res.stdout, res.stdout + res.stderr
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_autocast_runs_the_head_in_the_autocast_dtype(backend, seed):
+    # fp32 master weights under autocast: the head computes on bf16 casts (as nn.Linear would) and the gradients
+    # reach the fp32 tensors in fp32, equal to the gradients of an explicit cast
+    hidden, weight, labels, _ = make_inputs((2, 9), 24, 60, torch.float32)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        out = fastkto.fused_logprobs(h, w, labels, backend=backend)
+    out.sum().backward()
+    h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    want = fastkto.fused_logprobs(h2.bfloat16(), w2.bfloat16(), labels, backend=backend)
+    want.sum().backward()
+    assert out.dtype == torch.float32 and torch.equal(out, want)
+    assert h.grad.dtype == torch.float32 and torch.equal(h.grad, h2.grad) and torch.equal(w.grad, w2.grad)
