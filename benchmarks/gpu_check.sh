@@ -3,6 +3,8 @@
 #   1. record the machine (nvidia-smi, versions)                                  env.txt
 #   2. install the peers brought as wheels in .whl/ (benchmarks/fetch_wheels.sh)  wheels.log
 #   3. the suite's CUDA tests: python -m pytest tests -m cuda                     pytest_cuda.log / .xml
+#      and the files whose tests run on CUDA when there is one (DEVICE = cuda):
+#      tests/test_logprob.py tests/test_loss.py                                   pytest_device.log / .xml
 #   4. the compile checks: python -m pytest tests/test_compile.py                 pytest_compile.log / .xml
 #   5. the benchmark: python -m benchmarks.run (CUDA profile, bf16), with the     bench.log, bench/results.json,
 #      bf16 matmul rate and the primitive's TFLOP/s (2NDV fwd + 6NDV bwd)          bench/*.png, summary.txt
@@ -26,8 +28,9 @@ PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 # fastkto and benchmarks from this checkout, without installing it
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-# seconds per step: tests 150 + compile 60 + benchmark 240 + set-up ~20 stays under 8 minutes
-T_CUDA=${T_CUDA:-150} T_COMPILE=${T_COMPILE:-60} T_BENCH=${T_BENCH:-240}
+# seconds per step: 45 + 90 + 60 + 270 + set-up (wheels <= 30, the rest seconds) stays under 8 minutes
+T_CUDA=${T_CUDA:-45} T_DEVICE=${T_DEVICE:-90} T_COMPILE=${T_COMPILE:-60} T_BENCH=${T_BENCH:-270}
+DEVICE_TESTS=${DEVICE_TESTS:-"tests/test_logprob.py tests/test_loss.py"}
 STATUS=0
 START=$SECONDS
 
@@ -67,7 +70,7 @@ fi
 # 2. peers brought as wheels (pure Python); installed apart so the image's packages stay as they are
 if compgen -G ".whl/*.whl" > /dev/null; then
     SITE=${TMPDIR:-/tmp}/fastkto-gpu-check-site
-    step wheels 120 wheels.log "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+    step wheels 30 wheels.log "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
         --upgrade --target "$SITE" .whl/*.whl
     export PYTHONPATH="$PYTHONPATH:$SITE"  # after the checkout; the image's own packages still come first
 else
@@ -75,20 +78,18 @@ else
 fi
 
 # 3. and 4. the tests
-if [[ $DRY == 1 ]]; then
-    step cuda-tests "$T_CUDA" pytest_cuda.log "$PY" -m pytest tests -m cuda --collect-only -q -p no:cacheprovider
-    step compile-checks "$T_COMPILE" pytest_compile.log "$PY" -m pytest tests/test_compile.py --collect-only -q \
-        -p no:cacheprovider
-else
-    step cuda-tests "$T_CUDA" pytest_cuda.log "$PY" -m pytest tests -m cuda -q -p no:cacheprovider \
-        --junitxml="$OUT/pytest_cuda.xml"
-    step compile-checks "$T_COMPILE" pytest_compile.log "$PY" -m pytest tests/test_compile.py -q \
-        -p no:cacheprovider --junitxml="$OUT/pytest_compile.xml"
-fi
+MODE=(-q -p no:cacheprovider)
+[[ $DRY == 1 ]] && MODE+=(--collect-only)
+# shellcheck disable=SC2086  # DEVICE_TESTS is a list of paths
+step cuda-tests "$T_CUDA" pytest_cuda.log "$PY" -m pytest tests -m cuda "${MODE[@]}" --junitxml="$OUT/pytest_cuda.xml"
+step device-tests "$T_DEVICE" pytest_device.log "$PY" -m pytest $DEVICE_TESTS "${MODE[@]}" \
+    --junitxml="$OUT/pytest_device.xml"
+step compile-checks "$T_COMPILE" pytest_compile.log "$PY" -m pytest tests/test_compile.py "${MODE[@]}" \
+    --junitxml="$OUT/pytest_compile.xml"
 
 # 5. the benchmark (the CUDA profile of benchmarks/workloads.py; one worker process per workload group)
-BENCH_ARGS=(--out "$OUT/bench" --timeout 200)
-[[ $DRY == 1 ]] && BENCH_ARGS+=(--dry-run --device cpu)
+BENCH_ARGS=(--out "$OUT/bench" --timeout 150)
+[[ $DRY == 1 ]] && BENCH_ARGS+=(--dry-run --device cuda)
 step benchmark "$T_BENCH" bench.log "$PY" -m benchmarks.run "${BENCH_ARGS[@]}"
 if [[ -f "$OUT/bench/results.json" || -f "$OUT/bench/results.partial.json" ]]; then
     "$PY" -m benchmarks.run --summary "$OUT/bench" > "$OUT/summary.txt" 2>&1

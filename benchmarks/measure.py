@@ -250,6 +250,10 @@ def memory_pass(point, device: torch.device, allocator: bool = True) -> dict:
     if allocator:
         out["alloc_peak_bytes"], out["peak_extra_bytes"] = allocator_peaks(_allocation_events(profiler, device),
                                                                            grads)
+        out["extra_method"] = "allocator events"
+        if out["peak_extra_bytes"] is None:  # no allocation events for this device: a lower bound instead
+            out["peak_extra_bytes"] = peak - out["grad_bytes"]
+            out["extra_method"] = "peak minus the final gradients (a lower bound: no allocator events)"
     clear_grads(point.leaves)
     return out
 

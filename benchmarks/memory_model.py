@@ -79,8 +79,10 @@ def coefficients_from_results(path: Path | None) -> Coefficients:
     said so in ``source``, when there is none)."""
     if path is None or not Path(path).exists():
         return Coefficients(ANALYTIC_C_NAIVE, DEFAULT_WORKSPACE, "analytic (no results file found)")
+    from .run import summarize
+
     report = json.loads(Path(path).read_text())
-    rows = [r for r in report["rows"] if r["workload"] == "kto" and r.get("peak_extra_bytes") is not None]
+    rows = [r for r in summarize(report["raw"]) if r["workload"] == "kto" and r.get("peak_extra_bytes") is not None]
     naive = [r for r in rows if r["method"] == "naive"]
     fast_name = "fastkto-triton" if any(r["method"] == "fastkto-triton" for r in rows) else "fastkto-torch"
     fast = [r for r in rows if r["method"] == fast_name]
@@ -150,7 +152,9 @@ def main(argv=None) -> int:
     for r in rows:
         t.add_row(r["model"], f"{r['batch']} x {r['seq']}", f"{r['naive_gb']:.2f}", f"{r['fastkto_gb']:.3f}",
                   f"{r['freed_gb']:.2f}", f"{r['freed_pct_of_80gb']:.1f}%", f"{r['left_after_bf16_weights_gb']:.1f}")
-    console = Console()
+    import sys
+
+    console = Console(width=None if sys.stdout.isatty() else 120)
     console.print(t)
     console.print(f"naive: {coef.c_naive:.2f} bytes per logit; fastkto workspace {coef.workspace / 2**20:.1f} MiB "
                   f"+ the fp32 hidden-state gradient (scored fraction {args.scored_fraction}); from {coef.source}")

@@ -103,6 +103,7 @@ def plan_jobs(args, device: torch.device, profile: dict) -> tuple[list[dict], li
 
     def add(workload, group, methods, **spec):
         runnable = []
+        methods = [m for m in methods if m not in profile.get("skip", {}).get(workload, ())]
         for m in methods:
             if wanted is not None and m not in wanted and not (m.startswith("fastkto") and "fastkto" in wanted):
                 continue

@@ -52,6 +52,7 @@ METHODS = {
 
 # Token sweeps: each size doubles the tokens, so the naive logits (and its peak) grow 1x, 2x, 4x. CPU: 2 cores
 # at ~50-100 GFLOP/s fp32, each point a few seconds; the 30B-class heads get few tokens there. CUDA: a few GB.
+# "quick" only checks that everything runs (no warm-up: its first sizes include one-time costs).
 PROFILES = {
     "cpu": {
         "dtype": "float32", "warmup": 1, "repeats": 3,
@@ -69,10 +70,12 @@ PROFILES = {
         "e2e": {"batch": 2, "T": 32, "warmup": 0, "repeats": 1},
     },
     "cuda": {
-        "dtype": "bfloat16", "warmup": 2, "repeats": 10,
-        "primitive": {"smollm2-135m": [8192, 16384, 32768], "llama3-8b": [4096, 8192, 16384],
-                      "qwen2.5-32b": [4096, 8192, 16384], "gemma2-2b": [2048, 4096, 8192]},
-        "steps": {"shape": "llama3-8b", "batch": 8, "T": [512, 1024, 2048]},
+        # sizes so that the naive peak (~12 bytes per logit) is ~1.5, 3 and 6 GB
+        "dtype": "bfloat16", "warmup": 2, "repeats": 5,
+        "skip": {"kto": ["fastkto-torch"], "dpo": ["fastkto-torch"]},  # the Triton path is the GPU's; saves time
+        "primitive": {"smollm2-135m": [2048, 4096, 8192], "llama3-8b": [1024, 2048, 4096],
+                      "qwen2.5-32b": [1024, 2048, 4096], "gemma2-2b": [512, 1024, 2048]},
+        "steps": {"shape": "llama3-8b", "batch": 8, "T": [128, 256, 512]},
         "check": {"primitive_tokens": 256, "batch": 4, "T": 64},
         "e2e": {"batch": 8, "T": 512, "warmup": 2, "repeats": 5},
     },

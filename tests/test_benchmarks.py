@@ -232,11 +232,12 @@ def test_memory_model_arithmetic_and_coefficients(tmp_path):
     naive_b, fast_b = memory_model.head_bytes(qwen, 1, 4096, 1.0, coef)
     assert naive_b == 12.0 * 4096 * 152064
     assert fast_b == 64 * 2**20 + 4096 * 5120 * 6  # fp32 hidden gradient + its bf16 cast
-    report = {"machine": {"name": "m", "device": "cpu"}, "profile": {"dtype": "float32"}, "rows": [
-        {"workload": "kto", "method": "naive", "tokens": n, "scored": n, "V": 100, "D": 10,
-         "peak_extra_bytes": 5 + 12 * n * 100} for n in (8, 16)] + [
-        {"workload": "kto", "method": "fastkto-torch", "tokens": n, "scored": n, "V": 100, "D": 10,
-         "peak_extra_bytes": 1000 + 4 * n * 10} for n in (8, 16)]}
+    def raw(method, extra):
+        return {"spec": {"workload": "kto", "method": method}, "group": "g", "points": [
+            {"size": n, "tokens": n, "scored": n, "V": 100, "D": 10, "peak_extra_bytes": extra(n)} for n in (8, 16)]}
+
+    report = {"machine": {"name": "m", "device": "cpu"}, "profile": {"dtype": "float32"},
+              "raw": [raw("naive", lambda n: 5 + 12 * n * 100), raw("fastkto-torch", lambda n: 1000 + 4 * n * 10)]}
     path = tmp_path / "results.json"
     path.write_text(json.dumps(report))
     got = memory_model.coefficients_from_results(path)
