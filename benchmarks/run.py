@@ -94,10 +94,15 @@ def machine_info(device: torch.device) -> dict:
 
 def plan_jobs(args, device: torch.device, profile: dict) -> tuple[list[dict], list[dict]]:
     """(jobs to run, skipped methods with their reasons). A job is a worker spec."""
-    base = {"dtype": args.dtype or profile["dtype"], "device": str(device), "seed": args.seed,
-            "warmup": profile["warmup"] if args.warmup is None else args.warmup,
-            "repeats": profile["repeats"] if args.repeats is None else args.repeats,
-            "allocator": True}
+    base = {"dtype": args.dtype or profile["dtype"], "device": str(device), "seed": args.seed, "allocator": True}
+
+    def timing(workload):
+        t = dict(profile["timing"]["steps" if workload in ("kto", "dpo") else workload])
+        if args.warmup is not None:
+            t["warmup"] = args.warmup
+        if args.repeats is not None:
+            t["repeats"] = args.repeats
+        return t
     wanted = set(args.methods.split(",")) if args.methods else None
     jobs, skipped = [], []
 
@@ -116,7 +121,7 @@ def plan_jobs(args, device: torch.device, profile: dict) -> tuple[list[dict], li
             return
         per_process = runnable if (device.type == "cpu" or args.isolate) else [runnable]
         for m in per_process:
-            jobs.append({**base, "workload": workload, "group": group,
+            jobs.append({**base, **timing(workload), "workload": workload, "group": group,
                          "methods": m if isinstance(m, list) else [m], **spec})
 
     check = None if args.no_check else profile["check"]
@@ -135,9 +140,7 @@ def plan_jobs(args, device: torch.device, profile: dict) -> tuple[list[dict], li
         elif workload == "e2e":
             e2e = profile["e2e"]
             add(workload, "SmolLM2-135M-Instruct, KTO, hh-rlhf", METHODS[workload], shape="smollm2-135m",
-                sizes=[e2e["T"]], batch=e2e["batch"], masking="real", check=None,
-                warmup=e2e["warmup"] if args.warmup is None else args.warmup,
-                repeats=e2e["repeats"] if args.repeats is None else args.repeats)
+                sizes=[e2e["T"]], batch=e2e["batch"], masking="real", check=None)
     return jobs, skipped
 
 

@@ -10,8 +10,8 @@ for why in that order), then the accuracy check on the small check size. It writ
 so a crash or a timeout still leaves what was measured, and records the error instead of raising.
 
 SPEC keys: workload (primitive, kto, dpo, e2e), methods (list), shape, sizes (tokens for primitive, T for the steps and
-e2e), batch, masking (none / real), dtype, device, seed, warmup, repeats, allocator (bool: profile the memory pass),
-check (dict or null).
+e2e), batch, masking (none / real), dtype, device, seed, warmup, repeats, warmup_each_size (bool or methods),
+allocator (bool: profile the memory pass), check (dict or null).
 """
 
 from __future__ import annotations
@@ -49,9 +49,11 @@ def run_spec(spec: dict, write) -> dict:
     state: dict = {}
     t_start = time.perf_counter()
     try:
-        for size in spec["sizes"]:
+        each = spec.get("warmup_each_size", True)
+        for i, size in enumerate(spec["sizes"]):
             point = _point(spec, size, state)
-            timing = time_passes(point, device, spec["warmup"], spec["repeats"])
+            warm = i == 0 or each is True or (isinstance(each, list) and spec["method"] in each)
+            timing = time_passes(point, device, spec["warmup"] if warm else 0, spec["repeats"])
             result["points"].append({"size": size, "tokens": point.tokens, "scored": point.scored, **point.info,
                                      **timing})
             del point

@@ -51,33 +51,43 @@ METHODS = {
 }
 
 # Token sweeps: each size doubles the tokens, so the naive logits (and its peak) grow 1x, 2x, 4x. CPU: 2 cores
-# at ~50-100 GFLOP/s fp32, each point a few seconds; the 30B-class heads get few tokens there. CUDA: a few GB.
-# "quick" only checks that everything runs (no warm-up: its first sizes include one-time costs).
+# at ~50-100 GFLOP/s fp32, each point a few seconds; the large heads get few tokens there (at 8-32 tokens their
+# passes are bound by reading the weight and writing its gradient). CUDA: naive peaks of a few GB.
+# timing: per workload, untimed warm-up passes and timed repeats (the median is reported) per size;
+# warmup_each_size: warm up before every size (True), only before the first (False), or only for these methods
+# (Liger recompiles for a new shape). "quick" only checks that everything runs: no warm-up, one pass.
 PROFILES = {
     "cpu": {
-        "dtype": "float32", "warmup": 1, "repeats": 3,
-        "primitive": {"smollm2-135m": [256, 512, 1024], "llama3-8b": [16, 32, 64], "qwen2.5-32b": [16, 32, 64],
-                      "gemma2-2b": [16, 32, 64]},
+        "dtype": "float32",
+        "timing": {"primitive": {"warmup": 1, "repeats": 2, "warmup_each_size": False},
+                   "steps": {"warmup": 1, "repeats": 3, "warmup_each_size": ["liger"]},
+                   "e2e": {"warmup": 1, "repeats": 2, "warmup_each_size": True}},
+        "primitive": {"smollm2-135m": [256, 512, 1024], "llama3-8b": [8, 16, 32], "qwen2.5-32b": [8, 16, 32],
+                      "gemma2-2b": [8, 16, 32]},
         "steps": {"shape": "smollm2-135m", "batch": 4, "T": [64, 128, 256]},
-        "check": {"primitive_tokens": 16, "batch": 4, "T": 16},
-        "e2e": {"batch": 4, "T": 128, "warmup": 1, "repeats": 2},
+        "check": {"primitive_tokens": 4, "batch": 4, "T": 16},
+        "e2e": {"batch": 4, "T": 128},
     },
     "quick": {
-        "dtype": "float32", "warmup": 0, "repeats": 1,
+        "dtype": "float32",
+        "timing": {w: {"warmup": 0, "repeats": 1, "warmup_each_size": False} for w in ("primitive", "steps", "e2e")},
         "primitive": {"smollm2-135m": [32, 64, 128], "gemma2-2b": [2, 4]},
         "steps": {"shape": "smollm2-135m", "batch": 4, "T": [16, 32, 64]},
-        "check": {"primitive_tokens": 8, "batch": 4, "T": 8},
-        "e2e": {"batch": 2, "T": 32, "warmup": 0, "repeats": 1},
+        "check": {"primitive_tokens": 4, "batch": 4, "T": 8},
+        "e2e": {"batch": 2, "T": 32},
     },
     "cuda": {
         # sizes so that the naive peak (~12 bytes per logit) is ~1.5, 3 and 6 GB
-        "dtype": "bfloat16", "warmup": 2, "repeats": 5,
+        "dtype": "bfloat16",
+        "timing": {"primitive": {"warmup": 2, "repeats": 5, "warmup_each_size": True},
+                   "steps": {"warmup": 2, "repeats": 5, "warmup_each_size": True},
+                   "e2e": {"warmup": 2, "repeats": 5, "warmup_each_size": True}},
         "skip": {"kto": ["fastkto-torch"], "dpo": ["fastkto-torch"]},  # the Triton path is the GPU's; saves time
         "primitive": {"smollm2-135m": [2048, 4096, 8192], "llama3-8b": [1024, 2048, 4096],
                       "qwen2.5-32b": [1024, 2048, 4096], "gemma2-2b": [512, 1024, 2048]},
         "steps": {"shape": "llama3-8b", "batch": 8, "T": [128, 256, 512]},
         "check": {"primitive_tokens": 256, "batch": 4, "T": 64},
-        "e2e": {"batch": 8, "T": 512, "warmup": 2, "repeats": 5},
+        "e2e": {"batch": 8, "T": 512},
     },
 }
 
@@ -116,9 +126,19 @@ def _normal(shape, std, gen, dtype, device, requires_grad=False):
     return t.requires_grad_(requires_grad)
 
 
+_WEIGHT_BLOCK = 8192
+
+
 def make_weight(shape: HeadShape, dtype, device, seed: int) -> torch.Tensor:
-    """(V, D) LM-head weight, std 1 / sqrt(D) (logits of std ~2 with ``hidden`` below), requires grad."""
-    return _normal((shape.vocab, shape.hidden), shape.hidden ** -0.5, _gen(seed), dtype, device, True)
+    """(V, D) LM-head weight, std 1 / sqrt(D) (logits of std ~2 with ``hidden`` below), requires grad.
+
+    Rows repeat every 8192: drawing a billion normal numbers takes longer than a measurement, and repeated rows
+    change neither the work nor the memory of any method (the softmax still runs over all V columns)."""
+    block = _normal((min(shape.vocab, _WEIGHT_BLOCK), shape.hidden), shape.hidden ** -0.5, _gen(seed), torch.float32,
+                    "cpu")
+    reps = -(-shape.vocab // block.shape[0])
+    weight = block.repeat(reps, 1)[:shape.vocab] if reps > 1 else block
+    return weight.to(device=device, dtype=dtype).requires_grad_(True)
 
 
 # ------------------------------------------------------------------------------------------------ primitive
