@@ -458,6 +458,9 @@ def main(argv=None) -> int:
     rows = summarize(results)
     target_rows = targets(rows, device)
     print_report(console, rows, skipped, target_rows, machine)
+    if args.quick:
+        console.print("[yellow]--quick: no warm-up and one pass per size; these numbers check the harness, they do "
+                      "not measure speed (first sizes include one-time costs)[/yellow]")
     plots = write_plots(rows, out)
     report = {"command": command.strip(), "machine": machine, "profile": profile, "wall_s": time.perf_counter() - t0,
               "hh_rlhf_split": split, "skipped": skipped, "targets": target_rows, "rows": rows, "raw": results,
