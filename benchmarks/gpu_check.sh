@@ -72,7 +72,8 @@ if compgen -G ".whl/*.whl" > /dev/null; then
     SITE=${TMPDIR:-/tmp}/fastkto-gpu-check-site
     step wheels 30 wheels.log "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
         --upgrade --target "$SITE" .whl/*.whl
-    export PYTHONPATH="$PYTHONPATH:$SITE"  # after the checkout; the image's own packages still come first
+    # PYTHONPATH precedes site-packages: only packages the image lacks are brought, so nothing of it is shadowed
+    export PYTHONPATH="$PYTHONPATH:$SITE"
 else
     log "wheels: no .whl/ folder (benchmarks/fetch_wheels.sh makes it); peers not on the image will be skipped"
 fi

@@ -93,6 +93,10 @@ def coefficients_from_results(path: Path | None) -> Coefficients:
     dtype = report["profile"]["dtype"]
     per_token = 4 if dtype == "float32" else 6
     workspace = max(r["peak_extra_bytes"] - per_token * r["scored"] * r["D"] for r in fast)
+    try:
+        path = Path(path).resolve().relative_to(RESULTS.parent.parent)
+    except ValueError:
+        pass
     return Coefficients(c_naive, max(workspace, 0.0),
                         f"{path} ({report['machine']['name']}, {dtype}, {fast_name}: {len(naive)} naive and "
                         f"{len(fast)} fastkto KTO-step points)")

@@ -328,19 +328,29 @@ def write_plots(rows: list[dict], out: Path) -> list[str]:
         if not sel:
             continue
         fig, (ax_m, ax_t) = plt.subplots(1, 2, figsize=(11, 4))
-        for method in sorted({r["method"] for r in sel}, key=lambda m: (m != "naive", m)):
-            pts = sorted((r for r in sel if r["method"] == method), key=lambda r: r["tokens"])
-            x = [r["tokens"] for r in pts]
-            style = dict(marker="o", label=method, linestyle="--" if method == "naive" else "-")
-            ax_m.plot(x, [(r["peak_extra_bytes"] or 0) / MIB for r in pts], **style)
-            ax_t.plot(x, [r["time_s"] for r in pts], **style)
+        methods = sorted({r["method"] for r in sel}, key=lambda m: (m != "naive", m))
+        if len({r["tokens"] for r in sel}) == 1:  # one size (e2e): bars
+            pts = [next(r for r in sel if r["method"] == m) for m in methods]
+            colors = [f"C{i}" for i in range(len(pts))]
+            ax_m.bar(methods, [(r["peak_extra_bytes"] or 0) / MIB for r in pts], color=colors)
+            ax_t.bar(methods, [r["time_s"] for r in pts], color=colors)
+            xlabel = f"{pts[0]['tokens']} tokens ({pts[0]['scored']} scored)"
+        else:
+            for method in methods:
+                pts = sorted((r for r in sel if r["method"] == method), key=lambda r: r["tokens"])
+                x = [r["tokens"] for r in pts]
+                style = dict(marker="o", label=method, linestyle="--" if method == "naive" else "-")
+                ax_m.plot(x, [(r["peak_extra_bytes"] or 0) / MIB for r in pts], **style)
+                ax_t.plot(x, [r["time_s"] for r in pts], **style)
+            for ax in (ax_m, ax_t):
+                ax.set_xscale("log", base=2)
+            ax_m.legend()
+            xlabel = "tokens in the batch"
         for ax, ylabel in ((ax_m, "peak memory beyond the gradients (MiB)"), (ax_t, "forward + backward time (s)")):
-            ax.set_xlabel("tokens in the batch")
+            ax.set_xlabel(xlabel)
             ax.set_ylabel(ylabel)
-            ax.set_xscale("log", base=2)
+            ax.set_ylim(bottom=0)
             ax.grid(True, alpha=0.3)
-        ax_t.set_yscale("log")
-        ax_m.legend()
         fig.suptitle(f"{workload}: {group}")
         fig.tight_layout()
         name = re.sub(r"[^a-z0-9.]+", "_", f"{workload}_{group}".lower()).strip("_") + ".png"
@@ -350,7 +360,31 @@ def write_plots(rows: list[dict], out: Path) -> list[str]:
     return files
 
 
-def print_summary(console, folder: Path) -> int:
+def markdown_tables(rows: list[dict]) -> str:
+    """One markdown table per (workload, group): a row per size, a column per method, "time s, extra MiB"."""
+    out = []
+    groups = list(dict.fromkeys((r["workload"], r["group"]) for r in rows))
+    for workload, group in groups:
+        sel = [r for r in rows if (r["workload"], r["group"]) == (workload, group) and r["time_s"]]
+        methods = sorted({r["method"] for r in sel}, key=lambda m: (m != "naive", m))
+        out += [f"**{workload}: {group}** (time per forward + backward; peak memory beyond the gradients)", "",
+                "| tokens (scored) | " + " | ".join(methods) + " |", "| --- |" + " --- |" * len(methods)]
+        for tokens in sorted({r["tokens"] for r in sel}):
+            cells, scored = [], None
+            for m in methods:
+                hit = [r for r in sel if r["method"] == m and r["tokens"] == tokens]
+                if hit:
+                    scored = hit[0]["scored"]
+                    x = f" ({hit[0]['time_vs_naive']:.2f}x)" if m != "naive" and hit[0].get("time_vs_naive") else ""
+                    cells.append(f"{hit[0]['time_s']:.3g} s{x}, {_fmt_bytes(hit[0]['peak_extra_bytes'])} MiB")
+                else:
+                    cells.append("-")
+            out.append(f"| {tokens} ({scored}) | " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def print_summary(console, folder: Path, markdown: bool = False) -> int:
     """The report of a saved run (complete, or partial when it was cut short)."""
     for name in ("results.json", "results.partial.json"):
         if (folder / name).exists():
@@ -359,8 +393,11 @@ def print_summary(console, folder: Path) -> int:
     else:
         console.print(f"no results.json in {folder}")
         return 1
-    console.print(f"{report['command']}  ({name}, {report.get('wall_s', 0):.0f} s)")
     rows = report.get("rows") or summarize(report["raw"])
+    if markdown:
+        print(markdown_tables(rows))
+        return 0
+    console.print(f"{report['command']}  ({name}, {report.get('wall_s', 0):.0f} s)")
     device = torch.device("cuda" if report["machine"]["device"].startswith("cuda") else "cpu")
     print_report(console, rows, report["skipped"], report.get("targets") or targets(rows, device), report["machine"])
     return 0
@@ -389,6 +426,7 @@ def parse_args(argv=None):
     p.add_argument("--dry-run", action="store_true", help="print the plan (jobs, skips) and exit")
     p.add_argument("--summary", default=None, metavar="DIR",
                    help="print the tables and targets of DIR/results.json (or results.partial.json) and exit")
+    p.add_argument("--markdown", action="store_true", help="with --summary: markdown tables (for README.md)")
     args = p.parse_args(argv)
     args.workloads = [w for w in args.workloads.split(",") if w]
     bad = [w for w in args.workloads if w not in WORKLOADS]
@@ -407,7 +445,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     console = Console(width=None if sys.stdout.isatty() else 200)
     if args.summary:
-        return print_summary(console, Path(args.summary))
+        return print_summary(console, Path(args.summary), args.markdown)
     if args.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:

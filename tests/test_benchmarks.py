@@ -196,6 +196,8 @@ def test_worker_end_to_end_and_report(tmp_path):
     assert all(abs(r["time_vs_naive"] - 1) < 1e-12 for r in rows if r["method"] == "naive")
     files = run.write_plots(rows, tmp_path)
     assert files and all((tmp_path / f).stat().st_size > 1000 for f in files)
+    table = run.markdown_tables(rows).splitlines()
+    assert table[2] == "| tokens (scored) | naive | fastkto-torch |" and table[4].startswith("| 64 (64) | ")
 
 
 def test_targets_are_computed_from_the_rows():
@@ -249,3 +251,23 @@ def test_memory_model_arithmetic_and_coefficients(tmp_path):
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 def test_gpu_check_script_parses():
     subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "gpu_check.sh")], check=True)
+
+
+def test_e2e_step_without_the_gguf_runs_both_heads(monkeypatch):
+    # the GPU image's path: SmolLM2-135M's architecture with random weights, random ids of real lengths
+    from benchmarks import e2e
+
+    monkeypatch.setattr(e2e, "find_smollm2_gguf", lambda: None)
+    state: dict = {}
+    for method in ("naive", "fastkto"):
+        point = e2e.e2e_point(method, 2, 24, torch.float32, torch.device("cpu"), state)
+        assert "random weights" in point.info["model"] and 0 < point.scored < point.tokens
+        point.run()
+        grads = [p.grad for p in point.leaves]
+        assert all(g is not None for g in grads)
+        if method == "naive":
+            first = [g.clone() for g in grads]
+        measure.clear_grads(point.leaves)
+    # both heads give the model the same gradients (float32: the backbone's rounding dominates)
+    for a, b in zip(first, grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-3)
