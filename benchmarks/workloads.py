@@ -246,7 +246,7 @@ def step_inputs(kind: str, shape: HeadShape, batch: int, T: int, masking: str, w
 def _head_seq_logps(method: str, softcap):
     """(B, T, D), (V, D), (B, T) -> (B,) summed log-probs of the scored positions, for the per-token methods."""
     if method == "naive":
-        return lambda h, w, y, upcast=torch.float32: naive_sequence_logps(h, w, y, softcap=softcap, upcast=upcast)
+        return lambda h, w, y: naive_sequence_logps(h, w, y, softcap=softcap)
     if method == "trl":
         return lambda h, w, y: peers.masked_sequence_logps(peers.trl_logprobs, h, w, y, softcap=softcap)
     if method == "cce":  # CCE skips ignore_index positions itself
