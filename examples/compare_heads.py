@@ -3,8 +3,9 @@
 
     python examples/compare_heads.py RUN_NAIVE RUN_FASTKTO [--out compare.md]
 
-Prints (and with --out writes) a markdown table: each step's loss under both heads, their difference, and each
-step's peak memory with the ratio.
+Prints (and with --out writes) a markdown table: each step's loss and mean chosen (desirable) policy log-prob under
+both heads with their differences (at step 1 the policy equals the reference, so the loss is a constant and the
+log-probs are the real check), and each step's peak memory with the ratio.
 """
 
 from __future__ import annotations
@@ -25,17 +26,19 @@ def table(a: Path, b: Path) -> str:
     ca = json.loads((a / "config.json").read_text())
     cb = json.loads((b / "config.json").read_text())
     lines = [
-        f"| step | loss ({ca['head']}) | loss ({cb['head']}) | abs diff | peak MiB ({ca['head']}) "
-        f"| peak MiB ({cb['head']}) | ratio |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
+        f"| step | loss ({ca['head']}) | loss ({cb['head']}) | abs diff | chosen logps ({ca['head']}) "
+        f"| abs diff | peak MiB ({ca['head']}) | peak MiB ({cb['head']}) | ratio |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for s in sorted(set(ra) & set(rb)):
         x, y = ra[s], rb[s]
         ma, mb = x.get("peak_mem_mib"), y.get("peak_mem_mib")
         ratio = f"{mb / ma:.2f}" if ma and mb else "-"
+        lp_a, lp_b = x.get("train/logps/chosen"), y.get("train/logps/chosen")
+        lp = f"{lp_a:.4f} | {abs(lp_a - lp_b):.1e}" if lp_a is not None and lp_b is not None else "- | -"
         lines.append(
             f"| {s} | {x['train/loss']:.7f} | {y['train/loss']:.7f} | {abs(x['train/loss'] - y['train/loss']):.1e} "
-            f"| {ma if ma is not None else '-'} | {mb if mb is not None else '-'} | {ratio} |"
+            f"| {lp} | {ma if ma is not None else '-'} | {mb if mb is not None else '-'} | {ratio} |"
         )
     return "\n".join(lines) + "\n"
 

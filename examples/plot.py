@@ -43,7 +43,9 @@ def plot(run: Path, out: Path) -> Path:
     ax[1, 0].axhline(0, color="gray", lw=0.5)
     ax[1, 0].set(title="held-out implicit rewards", xlabel="step")
     ax[1, 0].legend()
-    ax[1, 1].plot(*series(rows, "eval/rewards/accuracies"), marker="o", color="tab:green", label="pair accuracy")
+    # at step 0 the policy is the reference: every reward is 0 and no pair counts as won (strict >, as TRL)
+    acc = [r for r in rows if r["step"] > 0]
+    ax[1, 1].plot(*series(acc, "eval/rewards/accuracies"), marker="o", color="tab:green", label="pair accuracy")
     ax[1, 1].set(title="held-out accuracy and peak memory", xlabel="step", ylabel="accuracy")
     mem = ax[1, 1].twinx()
     mem.plot(*series(rows, "peak_mem_mib"), ".", color="tab:gray", label="peak MiB (step)")
