@@ -21,7 +21,7 @@ transformers = pytest.importorskip("transformers", reason="the transformers inte
 
 from fastkto import data as D  # noqa: E402
 from fastkto.integrations import transformers as T  # noqa: E402
-from test_data import make_char_tokenizer, smollm2_gguf  # noqa: E402
+from test_data import CHAT_TEMPLATE, make_char_tokenizer, smollm2_gguf  # noqa: E402
 
 LOGP_ATOL = 2e-5
 GRAD_RTOL = 2e-5
@@ -401,3 +401,37 @@ def test_fast_trainer_refuses_to_run_without_its_head(monkeypatch, tmp_path):
     monkeypatch.setattr(fast_trl, "_fastkto_head_for", lambda module: contextlib.nullcontext())
     with pytest.raises(RuntimeError, match="fastkto's head is not in use"):
         _trainers("kto", tmp_path, bf16=False)
+
+
+# ---------------------------------------------------------------------------------------------------- the example
+@pytest.mark.parametrize("loss, head, dtype", [("kto", "fastkto", "float32"), ("dpo", "naive", "float32"),
+                                              ("kto", "fastkto", "bfloat16")])
+def test_example_script_runs_end_to_end(loss, head, dtype, tmp_path):
+    """examples/train.py on a tiny saved Llama and a small hh-style file: logs, evaluations and the checkpoint."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    tok = make_char_tokenizer(CHAT_TEMPLATE)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**COMMON, "vocab_size": len(tok)}))
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    rows = [{"chosen": f"\n\nHuman: what is {i}+{i}?\n\nAssistant: {2 * i}",
+             "rejected": f"\n\nHuman: what is {i}+{i}?\n\nAssistant: no idea, sorry"} for i in range(12)]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spec = importlib.util.spec_from_file_location("train_example", Path(__file__).parents[1] / "examples" / "train.py")
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)
+    out = tmp_path / "run"
+    summary = train.main([
+        "--loss", loss, "--head", head, "--model", str(tmp_path / "model"), "--data", str(tmp_path / "pairs.jsonl"),
+        "--steps", "2", "--batch", "2", "--eval-pairs", "4", "--eval-every", "1", "--max-length", "96",
+        "--device", "cpu", "--dtype", dtype, "--out", str(out), "--lr", "1e-3",
+    ])
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [0, 1, 2]
+    assert all("eval/rewards/margins" in r for r in log)
+    assert all(r["train/loss"] > 0 and r["peak_mem_mib"] > 0 for r in log[1:])
+    assert summary["eval_margin_start"] == 0.0 and summary["eval_margin_end"] != 0.0  # the policy moved
+    saved = torch.load(out / "checkpoint.pt")
+    assert set(saved) == {n for n, _ in model.named_parameters()}
