@@ -385,7 +385,9 @@ class KTOCollator(_Truncation):
         max_length: total tokens per sequence (prompt + completion), or None. The completion's end is cut.
         max_prompt_length: the prompt keeps its last this many tokens, or None.
         pad_to_multiple_of: pad the time dimension to a multiple of this.
-        kl: also build the KL batch: prompt i with completion (i + 1) mod B (needs B >= 2).
+        kl: also build the KL batch: prompt i with completion (i + 1) mod B (needs B >= 2). A cyclic shift like
+            TRL's (which pairs prompt i with completion i - 1): the KL batch holds the batch's own completions,
+            each under another example's prompt.
 
     Returns a dict of tensors: ``input_ids``, ``attention_mask``, ``labels`` (B, T) int64 (labels shifted, -100 on
     prompt, padding and the last position; see the module docstring), ``desirable`` (B,) bool, and with ``kl``:

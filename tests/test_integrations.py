@@ -384,9 +384,21 @@ def _compare_logs(theirs, ours, rtol, atol):
 def test_trl_trainer_parity(kind, config, rtol, atol, param_atol, tmp_path):
     """One training step and one evaluation pass: same loss, same logged metrics, same updated weights."""
     theirs, ours = _trainers(kind, tmp_path, **config)
-    for trainer in (theirs, ours):
-        trainer.train()
-        trainer.evaluate()
+    calls = []
+    original = T.fused_logprobs
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(T, "fused_logprobs", counting)
+        for trainer in (theirs, ours):
+            trainer.train()
+            trainer.evaluate()
+            if trainer is theirs:
+                assert not calls  # TRL's own head never calls fastkto
+        assert calls  # fastkto computed the Fast trainer's log-probs
     logged = [m for m in ours.state.log_history if "loss" in m or "eval_loss" in m]
     assert logged and all(m.get("eval_loss", m.get("loss")) > 0 for m in logged)
     _compare_logs(theirs.state.log_history, ours.state.log_history, rtol, atol)
