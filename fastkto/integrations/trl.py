@@ -17,8 +17,8 @@ The adapter is therefore one function and two thin subclasses:
   and logged metrics are TRL's, unchanged.
 
 Precision: the head's matmul inputs are the head's dtype, or the autocast dtype inside autocast (TRL's default
-``bf16=True`` mixed precision), or float32 with ``cast_lm_head_to_fp32``, as they would be for the model's own
-``lm_head``; fastkto then accumulates in float32 (TRL's own head multiplies in bf16 in its backward under
+``bf16=True`` mixed precision; the cast ``nn.Linear`` and ``fastkto.fused_logprobs`` make there), or float32
+with ``cast_lm_head_to_fp32``; fastkto then accumulates in float32 (TRL's own head multiplies in bf16 in its backward under
 autocast, so bf16 runs agree with TRL's to bf16 precision, float32 runs to float32 rounding).
 
 The metric-only fields TRL asks for on the policy (``entropy``, ``mean_logits``, ``is_top1``, ``log_sum_sq_probs``)
@@ -134,9 +134,9 @@ def add_fastkto_lm_head(
             labels = shift_labels
         head = get_lm_head(self, temperature=temperature)
         device = head.weight.device.type
-        # the head's matmul inputs: float32 when asked; under autocast its dtype, as autocast would cast them for
-        # the model's own lm_head; else the head's dtype. fastkto accumulates in float32 in every case, so autocast
-        # is switched off around it (it would downcast fastkto's own float32 tiles).
+        # the head's matmul inputs: float32 when asked; under autocast its dtype (what fastkto.fused_logprobs and
+        # nn.Linear would use there); else the head's dtype. Decided once here so that the log-probs and the metric
+        # pass see the same inputs; autocast is then switched off (fastkto accumulates in float32 itself).
         dtype = head.weight.dtype
         if cast_lm_head_to_fp32:
             dtype = torch.float32
