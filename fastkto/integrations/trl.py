@@ -18,8 +18,8 @@ The adapter is therefore one function and two thin subclasses:
 
 Precision: the head's matmul inputs are the head's dtype, or the autocast dtype inside autocast (TRL's default
 ``bf16=True`` mixed precision; the cast ``nn.Linear`` and ``fastkto.fused_logprobs`` make there), or float32
-with ``cast_lm_head_to_fp32``; fastkto then accumulates in float32 (TRL's own head multiplies in bf16 in its backward under
-autocast, so bf16 runs agree with TRL's to bf16 precision, float32 runs to float32 rounding).
+with ``cast_lm_head_to_fp32``; fastkto then accumulates in float32 (TRL's own head multiplies in bf16 in its
+backward under autocast, so bf16 runs agree with TRL's to bf16 precision, float32 runs to float32 rounding).
 
 The metric-only fields TRL asks for on the policy (``entropy``, ``mean_logits``, ``is_top1``, ``log_sum_sq_probs``)
 need the whole distribution of each scored token: they are computed without gradient in row chunks whose logits fit
