@@ -281,8 +281,8 @@ def main(argv=None) -> dict:
         lr = optimizer.param_groups[0]["lr"]
         optimizer.step()
         schedule.step()
-        entry = {"step": step, **{f"train/{k}": v for k, v in result.metrics().items()}, "grad_norm": grad_norm, "lr": lr,
-                 "peak_mem_mib": round(mem.peak_mib, 1) if measure else None,
+        entry = {"step": step, **{f"train/{k}": v for k, v in result.metrics().items()}, "grad_norm": grad_norm,
+                 "lr": lr, "peak_mem_mib": round(mem.peak_mib, 1) if measure else None,
                  "step_seconds": round(time.time() - start, 2),
                  "tokens": int(batch["attention_mask"].sum())}
         if step % args.eval_every == 0 or step == args.steps:
