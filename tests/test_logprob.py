@@ -218,12 +218,17 @@ def test_torch_chunking_does_not_change_results(seed):
 
 
 def test_plan_chunks_respects_budget():
-    for tokens, vocab, dim, budget in [(8192, 128256, 4096, 64 << 20), (100, 49152, 576, 64 << 20),
-                                       (4096, 256000, 2304, 1 << 20), (5, 7, 3, 1 << 20)]:
-        n, v = torch_chunked.plan_chunks(tokens, vocab, dim, budget)
-        assert 1 <= n <= tokens and 1 <= v <= vocab
-        floats = 2 * v * dim + n * dim + 3 * n * v
-        assert floats * 4 <= budget or (n == 1 or v == 1)
+    # the workspace the plan sizes (see torch_chunked._Workspace): two (n, v) tiles, four (n, D) row buffers, and
+    # for a 16-bit weight its fp32 chunk and gradient accumulator (2 v D); all fp32
+    cases = [(8192, 128256, 4096, 64 << 20), (100, 49152, 576, 64 << 20), (4096, 256000, 2304, 1 << 20),
+             (5, 7, 3, 1 << 20)]
+    for tokens, vocab, dim, budget in cases:
+        for device in ("cpu", "cuda"):
+            for dtype in (torch.float32, torch.bfloat16):
+                n, v = torch_chunked.plan_chunks(tokens, vocab, dim, budget, device, dtype)
+                assert 1 <= n <= tokens and 1 <= v <= vocab
+                floats = n * (2 * v + 4 * dim) + (0 if dtype == torch.float32 else 2 * v * dim)
+                assert floats * 4 <= budget or n == 1, (tokens, vocab, dim, budget, device, dtype, n, v)
 
 
 def test_workspace_env_setting(monkeypatch):
