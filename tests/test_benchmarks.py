@@ -119,7 +119,7 @@ def test_batch_layout_keeps_the_real_proportions():
     assert (labels != -100).tolist() == [[False] * 2 + [True] * 3 + [False] * 3, [True] * 5 + [False] * 3]
 
 
-@pytest.mark.skipif(not realdata.DATA_FILE.exists(), reason="hh-rlhf data not found (../shared/data)")
+@pytest.mark.skipif(not realdata.DATA_FILE.exists(), reason="hh-rlhf data file not found (data/)")
 def test_split_cache_matches_the_data_file():
     split = realdata.token_split()
     assert split["sha256"] == realdata._sha256(realdata.DATA_FILE)
