@@ -16,19 +16,34 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-__all__ = ["vocab_shard_layout", "combine_vocab_parallel", "all_reduce_sum", "gather_sharded", "is_sharded"]
+__all__ = [
+    "labels_fingerprint", "vocab_shard_layout", "combine_vocab_parallel", "all_reduce_sum", "gather_sharded", "gather_for_call", "is_sharded",
+]
+
+
+def labels_fingerprint(labels: torch.Tensor) -> torch.Tensor:
+    """A 0-d int64 tensor on labels' device that tells, with high probability, two different label tensors of the
+    same size apart (a sum of labels times position-dependent coefficients; no host sync).
+
+    Integer sums are exact and independent of the reduction order, so equal labels give equal fingerprints on any
+    device. Coefficients stay under 2^20, so for |labels| < 2^20 no partial sum overflows below 2^23 tokens.
+    """
+    flat = labels.reshape(-1).long()
+    coef = torch.arange(flat.numel(), device=flat.device, dtype=torch.int64) * 2654435761 % 1048573 + 1
+    return (flat * coef).sum()
 
 
 def vocab_shard_layout(
-    local_vocab: int, dim: int, n_tokens: int, group, device=None, ok: bool = True
+    local_vocab: int, dim: int, n_tokens: int, group, device=None, ok: bool = True, labels_hash=None
 ) -> tuple[int, int] | None:
     """(this rank's first vocabulary id, total vocabulary) of a vocab-parallel head.
 
-    One all-gather of four integers per call; it also checks, cheaply, that all ranks agree on the hidden size
-    and the token count (hidden and labels must be replicated over the group). Every rank sees the same table,
-    so on a mismatch every rank raises the same ValueError (none is left waiting in a later collective).
-    ``ok=False`` says this rank rejected its own input: the others then raise too, and this rank gets None back
-    (to raise its own, more precise error).
+    One all-gather of five integers per call; it also checks, cheaply, that all ranks agree on the hidden size,
+    the token count and (``labels_hash``: ``labels_fingerprint(labels)``) the labels: hidden and labels must be
+    replicated over the group, or every rank would combine other tokens' partial sums into a silently wrong
+    result. Every rank sees the same table, so on a mismatch every rank raises the same ValueError (none is left
+    waiting in a later collective). ``ok=False`` says this rank rejected its own input: the others then raise too,
+    and this rank gets None back (to raise its own, more precise error).
     """
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("process_group needs an initialized torch.distributed process group")
@@ -36,7 +51,9 @@ def vocab_shard_layout(
     rank = dist.get_rank(group)
     if device is None:
         device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else "cpu"
-    mine = torch.tensor([local_vocab, dim, n_tokens, int(ok)], dtype=torch.int64, device=device)
+    mine = torch.tensor([local_vocab, dim, n_tokens, int(ok), 0], dtype=torch.int64, device=device)
+    if labels_hash is not None:
+        mine[4] = labels_hash.to(device)  # stays on the device: the all-gather below is the only sync
     every = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(every, mine, group=group)
     table = torch.stack(every).cpu().tolist()
@@ -53,6 +70,11 @@ def vocab_shard_layout(
         raise ValueError(
             f"process_group ranks disagree on the token count: {[row[2] for row in table]}; a vocab-parallel head "
             "needs the same hidden states and labels on every rank"
+        )
+    if len({row[4] for row in table}) > 1:
+        raise ValueError(
+            "process_group ranks pass different labels (same count, different values or order); a vocab-parallel "
+            "head needs the same hidden states and labels on every rank"
         )
     offset = sum(row[0] for row in table[:rank])
     return offset, sum(row[0] for row in table)
@@ -142,12 +164,12 @@ def gather_sharded(weight: torch.Tensor, bias: torch.Tensor | None = None, *, pr
     the mean is right there too; a sum would multiply the step by the mesh size. (If you changed FSDP2's divide
     factor, e.g. ``set_gradient_divide_factor(1.0)``, scale the loss to match.)
 
-    Memory: the gathered full tensor is new memory (V x D in the weight's dtype). Under ``torch.no_grad`` (the
-    reference model, the KTO KL pairs) nothing keeps it: it is freed when ``fused_logprobs`` returns. With
-    gradients, autograd holds it exactly as long as backward needs it (the log-prob function saves it for the
-    dH = dz @ W and dW recomputation; DTensor's redistribute / to_local nodes save no tensors) and frees it when
-    that backward has run. A caller making several passes in one step (policy, reference, KL pairs) may call
-    ``gather_sharded`` once and pass the result to each: one gather instead of several, same gradients.
+    Memory: the gathered full tensor is new memory (V x D in the weight's dtype) that lives as long as something
+    references it. Passed a DTensor, ``fused_logprobs`` frees it when it returns, with or without gradients, and
+    gathers it again in backward (``gather_for_call``), as FSDP2 does for a unit resharded after forward. Calling
+    ``gather_sharded`` yourself and passing the plain result to several calls (policy and KL passes) gathers once
+    for all of them, same gradients, but autograd then keeps the full tensor from the first gradient pass until
+    its backward has run (DTensor's redistribute / to_local nodes save no tensors; the log-prob function does).
 
     Args:
         weight: (V, D) tensor or DTensor (any mesh, any placements, e.g. FSDP2's Shard(0)).
@@ -168,3 +190,34 @@ def gather_sharded(weight: torch.Tensor, bias: torch.Tensor | None = None, *, pr
             "gather the sharded weight"
         )
     return (_replicate(weight) if is_sharded(weight) else weight), (_replicate(bias) if is_sharded(bias) else bias)
+
+
+def gather_for_call(weight: torch.Tensor, bias: torch.Tensor | None = None, *, process_group=None):
+    """``gather_sharded`` for one ``fused_logprobs`` call, plus a way to gather the same tensors again in backward.
+
+    Returns ``(weight, bias, regather)``. ``regather`` is None when neither tensor is a DTensor. Otherwise it is a
+    callable, run inside backward, that all-gathers the sharded ones again without autograd and returns
+    ``(weight or None, bias or None)`` (None for a tensor that was not sharded): the log-prob function saves
+    neither gathered tensor, so the full V x D weight exists only while the forward and the backward of the call
+    run, never in between (the policy pass's backbone backward, other passes). It costs one more all-gather per
+    sharded tensor in backward; the gradient still reaches the shards through ``gather_sharded``'s autograd path.
+    The callable keeps only detached views of this rank's shards (their storage is the parameter's, or the cast
+    copy's when the caller passed ``weight.to(torch.bfloat16)``: 1 / world of the full tensor).
+    """
+    full_w, full_b = gather_sharded(weight, bias, process_group=process_group)
+    if not (is_sharded(weight) or is_sharded(bias)):
+        return full_w, full_b, None
+    return full_w, full_b, _Regather(weight, bias)
+
+
+class _Regather:
+    """Gathers a call's sharded weight and / or bias again, without autograd (see ``gather_for_call``)."""
+
+    def __init__(self, weight, bias):
+        self.shards = [t.detach() if is_sharded(t) else None for t in (weight, bias)]
+        self.sharded = tuple(t is not None for t in self.shards)
+
+    def __call__(self):
+        # every rank runs this backward, in the same order, so the all-gathers pair up like the forward's
+        with torch.no_grad():
+            return tuple(None if t is None else t.full_tensor() for t in self.shards)

@@ -124,13 +124,15 @@ class _FusedLogprob(torch.autograd.Function):
     """(N, D) hidden, (V, D) weight -> (N,) float32 log-probabilities of the scored rows, 0 elsewhere."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, rows, labels, impl, opts, group, vocab_offset):
+    def forward(ctx, hidden, weight, bias, rows, labels, impl, opts, group, vocab_offset, regather):
         # the implementations choose their own precisions; autocast must not recast their products
         with torch.autocast(hidden.device.type, enabled=False):
-            return _FusedLogprob._forward(ctx, hidden, weight, bias, rows, labels, impl, opts, group, vocab_offset)
+            return _FusedLogprob._forward(
+                ctx, hidden, weight, bias, rows, labels, impl, opts, group, vocab_offset, regather
+            )
 
     @staticmethod
-    def _forward(ctx, hidden, weight, bias, rows, labels, impl, opts, group, vocab_offset):
+    def _forward(ctx, hidden, weight, bias, rows, labels, impl, opts, group, vocab_offset, regather):
         n_rows = hidden.shape[0]
         out = torch.zeros(n_rows, device=hidden.device, dtype=torch.float32)
         local = labels - vocab_offset if vocab_offset else labels
@@ -146,8 +148,11 @@ class _FusedLogprob(torch.autograd.Function):
                 out.index_copy_(0, rows, logp)
         else:
             lse = out[:0]
+        if regather is not None:  # a gathered DTensor weight / bias is not kept: backward gathers it again
+            weight = None if regather.sharded[0] else weight
+            bias = None if regather.sharded[1] else bias
         ctx.save_for_backward(hidden, weight, bias, rows, local, lse)
-        ctx.impl, ctx.opts, ctx.group = impl, opts, group
+        ctx.impl, ctx.opts, ctx.group, ctx.regather = impl, opts, group, regather
         return out
 
     @staticmethod
@@ -158,6 +163,10 @@ class _FusedLogprob(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, grad_out):
         hidden, weight, bias, rows, local, lse = ctx.saved_tensors
+        if ctx.regather is not None:
+            full_w, full_b = ctx.regather()
+            weight = weight if full_w is None else full_w
+            bias = bias if full_b is None else full_b
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         grad = grad_out.float()
         grad = grad if rows is None else grad.index_select(0, rows)
@@ -172,7 +181,7 @@ class _FusedLogprob(torch.autograd.Function):
                 d_hidden = d_hidden.to(hidden.dtype)
             else:
                 d_hidden = torch.zeros_like(hidden).index_copy_(0, rows, d_hidden.to(hidden.dtype))
-        return d_hidden, d_weight, d_bias, None, None, None, None, None, None
+        return d_hidden, d_weight, d_bias, None, None, None, None, None, None, None
 
 
 def fused_logprobs(
@@ -194,7 +203,7 @@ def fused_logprobs(
         hidden: (..., D) float32, bfloat16 or float16: final hidden states.
         weight: (V, D), hidden's dtype: the LM-head weight. With ``process_group``: this rank's contiguous slice
             of the vocabulary rows (slices in rank order; sizes may differ). A DTensor (FSDP2) weight is gathered
-            once for the call.
+            once for the forward, freed when the call returns, and gathered again in backward.
         labels: hidden's leading shape (...), integer: ``labels[..., t]`` is the token scored from
             ``hidden[..., t]`` (no shift inside). Values in [0, V_total) or ``ignore_index``.
         bias: (V,) in weight's dtype, or None (this rank's slice with ``process_group``).
@@ -220,22 +229,23 @@ def fused_logprobs(
         if workspace_bytes is not None:
             _check_number("workspace_bytes", workspace_bytes)
             budget = int(workspace_bytes)
-        w, b = _dist.gather_sharded(weight, bias, process_group=process_group)
+        w, b, regather = _dist.gather_for_call(weight, bias, process_group=process_group)
         impl_name = resolve_backend(backend, hidden.device, hidden.dtype)
-        return w, b, (_triton_impl() if impl_name == "triton" else torch_chunked), budget
+        return w, b, regather, (_triton_impl() if impl_name == "triton" else torch_chunked), budget
 
     if process_group is None:
-        weight, bias, impl, workspace_bytes = checked_locally()
+        weight, bias, regather, impl, workspace_bytes = checked_locally()
         vocab_offset, vocab_total = 0, weight.shape[0]
     else:
         # a rank that rejects its own input still joins the layout all-gather, so that no rank is left waiting
         try:
-            weight, bias, impl, workspace_bytes = checked_locally()
+            weight, bias, regather, impl, workspace_bytes = checked_locally()
             error = None
         except (TypeError, ValueError, RuntimeError) as err:
             error = err
         sizes = (0, 0, 0) if error else (weight.shape[0], hidden.shape[-1], labels.numel())
-        layout = _dist.vocab_shard_layout(*sizes, process_group, ok=error is None)
+        labels_hash = None if error else _dist.labels_fingerprint(labels)
+        layout = _dist.vocab_shard_layout(*sizes, process_group, ok=error is None, labels_hash=labels_hash)
         if error is not None:
             raise error
         vocab_offset, vocab_total = layout
@@ -258,7 +268,7 @@ def fused_logprobs(
         rows = valid.nonzero().squeeze(1)
         kept = flat.index_select(0, rows)
     opts = {"softcap": softcap, "temperature": float(temperature), "workspace_bytes": workspace_bytes}
-    out = _FusedLogprob.apply(hidden2d, weight, bias, rows, kept, impl, opts, process_group, vocab_offset)
+    out = _FusedLogprob.apply(hidden2d, weight, bias, rows, kept, impl, opts, process_group, vocab_offset, regather)
     return out.reshape(labels.shape)
 
 

@@ -309,6 +309,15 @@ def _vocab_parallel_bad_input(rank, world):
     with pytest.raises(ValueError, match="disagree on the token count"):
         fastkto.fused_logprobs(torch.randn(n, 8), torch.randn(5, 8), torch.zeros(n, dtype=torch.long),
                                process_group=group, backend="torch")
+    # same count, different labels: each rank would add other tokens' partial sums (a silently wrong result)
+    base = torch.tensor([[1, 7, 2, -100], [4, 4, 0, 9]])
+    variants = (base.flip(-1), base.roll(1, -1), base.clone().index_put_((torch.tensor(1), torch.tensor(3)),
+                                                                          torch.tensor(-100)))
+    for other in variants:
+        labels = base if rank == 0 else other
+        with pytest.raises(ValueError, match="ranks pass different labels"):
+            fastkto.fused_logprobs(torch.randn(2, 4, 8), torch.randn(5, 8), labels, process_group=group,
+                                   backend="torch")
     # labels outside the GLOBAL vocabulary [0, 10): 10 and -3 are rejected on every rank ...
     for bad in (10, -3):
         labels = torch.tensor([1, bad, 2])
@@ -376,7 +385,10 @@ def _dtensor_head(rank, world, seed, backend):
     assert (out.double() - ref).abs().max().item() <= ATOL_VALUE
     with CommDebugMode() as comm:
         (out * ups[rank]).sum().backward()
-    assert comm.get_total_counts() == 2, comm.get_comm_counts()  # one reduce-scatter each
+    # backward gathers the weight and the bias again (the forward's copies were freed), then one reduce-scatter
+    # of each gradient
+    counts = {str(k).rsplit(".", 1)[-1]: v for k, v in comm.get_comm_counts().items()}
+    assert comm.get_total_counts() == 4 and counts.get("reduce_scatter_tensor") == 2, counts
     for name, param, want in (("weight", w, ref_w.grad), ("bias", b, ref_b.grad)):
         assert isinstance(param.grad, DTensor) and param.grad.placements == param.placements, name
         _check_grad(f"{name} (DTensor, mean over ranks)", param.grad.full_tensor(), want)
@@ -425,7 +437,8 @@ def test_dtensor_weight_cast_to_bf16_before_the_call(cluster, seed):
 
 
 def _gathered_weight_lifetime(rank, world):
-    """The gathered full weight lives until backward has used it, and no longer; under no_grad not past the call."""
+    """Passed a DTensor, fused_logprobs keeps no gathered full weight past the call, with or without gradients
+    (backward gathers it again); a weight the caller gathered lives until the backward that needs it."""
     from torch.distributed.tensor import Shard, distribute_tensor
 
     mesh = _STATE["mesh"]
@@ -450,10 +463,19 @@ def _gathered_weight_lifetime(rank, world):
             fastkto.fused_logprobs(hidden, w, labels, backend="torch")
         assert not any(alive()), "under no_grad the gathered weight must be freed when the call returns"
         out = fastkto.fused_logprobs(hidden, w, labels, backend="torch")
-        assert all(alive()), "backward needs the gathered weight: autograd must hold it until then"
+        assert not any(alive()), "with gradients the forward's gathered weight must be freed too (not saved)"
         out.sum().backward()
-        assert not any(alive()), "after backward nothing may keep the gathered weight"
-        assert w.grad is not None
+        assert len(gathered) == 2, "one gather per forward (backward's regather is not a gather_sharded call)"
+        assert w.grad is not None and hidden.grad is not None
+
+        # the caller gathers once for several passes: autograd keeps that tensor for the backward that needs it
+        full = fdist.gather_sharded(w)[0]
+        refs = gathered[-1]
+        out = fastkto.fused_logprobs(hidden, full, labels, backend="torch")
+        del full
+        assert all(alive()), "backward needs the caller's gathered weight: autograd must hold it until then"
+        out.sum().backward()
+        assert not any(r() is not None for r in refs), "after backward nothing may keep the gathered weight"
         del out
     finally:
         fdist.gather_sharded = real
@@ -679,3 +701,21 @@ def _fsdp2_kto(rank, world, seed, head_unit, backend):
 @pytest.mark.parametrize("head_unit", [False, True], ids=["head-in-root-unit", "head-own-unit-dtensor"])
 def test_fsdp2_kto_step_matches_single_process(cluster, seed, head_unit):
     cluster.run(_fsdp2_kto, seed, head_unit, "torch")
+
+
+def test_labels_fingerprint_tells_label_tensors_apart():
+    """The cheap check of the vocab-parallel layout: equal labels hash equal, likely mistakes hash apart."""
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 50_000, (4, 300), generator=gen)
+    labels[:, :100] = -100  # prompts
+    fp = fdist.labels_fingerprint
+    assert fp(labels).item() == fp(labels.clone().view(-1).view(4, 300)).item() == fp(labels.int()).item()
+    swapped = labels.clone()
+    swapped[0, 200], swapped[0, 201] = labels[0, 201], labels[0, 200]
+    assert (labels[0, 200] != labels[0, 201]).item()
+    one_off = labels.clone()
+    one_off[3, 299] += 1
+    masked = labels.clone()
+    masked[2, 150] = -100
+    others = (labels.roll(1, -1), labels.flip(0), swapped, one_off, masked)
+    assert len({fp(t).item() for t in (labels,) + others}) == 1 + len(others)
