@@ -85,9 +85,9 @@ def plan_chunks(
 class _Workspace:
     """The fixed scratch memory of one forward or backward call, reused by every tile.
 
-    It is sized by the plan for the full budget, not by the batch: a call's temporaries are the same whether it
-    scores 10 tokens or 10 million (untouched pages of the tail cost no resident memory). Buffers are flat, and
-    each use takes a contiguous (rows, cols) view of the front.
+    It is sized by the plan: never more than the budget, the same for 10 thousand tokens as for 10 million, and
+    smaller for a call that scores fewer tokens than one token chunk (then the row buffers hold just those).
+    Buffers are flat, and each use takes a contiguous (rows, cols) view of the front.
     """
 
     def __init__(self, n, v, hidden, weight, rows, softcap, inv_temp, backward):
@@ -200,9 +200,8 @@ def logprob_fwd(
         return row_max, sum_exp, target
     budget = default_workspace_bytes() if workspace_bytes is None else workspace_bytes
     inv_temp = 1.0 / temperature
-    n_plan, v_chunk = plan_chunks(2**62, vocab, dim, budget, dev, weight.dtype)
-    ws = _Workspace(n_plan, v_chunk, hidden, weight, rows, softcap, inv_temp, backward=False)
-    n_chunk = min(n_plan, m_tokens)
+    n_chunk, v_chunk = plan_chunks(m_tokens, vocab, dim, budget, dev, weight.dtype)
+    ws = _Workspace(n_chunk, v_chunk, hidden, weight, rows, softcap, inv_temp, backward=False)
     for v0 in range(0, vocab, v_chunk):
         v1 = min(v0 + v_chunk, vocab)
         w = _weight_chunk(weight, v0, v1, ws)
@@ -256,14 +255,13 @@ def logprob_bwd(
     if m_tokens == 0 or vocab == 0:
         return (d_hidden, torch.zeros_like(weight) if need_weight else None,
                 torch.zeros_like(bias) if need_bias else None)
-    # every vocabulary chunk of the gradients is written exactly once below
+    # every vocabulary chunk of the gradients is written by its first token chunk below
     d_weight = torch.empty_like(weight) if need_weight else None
     d_bias = torch.empty_like(bias) if need_bias else None
     budget = default_workspace_bytes() if workspace_bytes is None else workspace_bytes
     inv_temp = 1.0 / temperature
-    n_plan, v_chunk = plan_chunks(2**62, vocab, dim, budget, dev, weight.dtype)
-    ws = _Workspace(n_plan, v_chunk, hidden, weight, rows, softcap, inv_temp, backward=True)
-    n_chunk = min(n_plan, m_tokens)
+    n_chunk, v_chunk = plan_chunks(m_tokens, vocab, dim, budget, dev, weight.dtype)
+    ws = _Workspace(n_chunk, v_chunk, hidden, weight, rows, softcap, inv_temp, backward=True)
     # fp32 accumulators of one vocabulary chunk's gradients: the gradient's own rows when it is fp32
     dw_buf = torch.empty(v_chunk * dim, device=dev) if need_weight and weight.dtype != torch.float32 else None
     db_buf = torch.empty(v_chunk, device=dev) if need_bias and bias.dtype != torch.float32 else None
@@ -273,9 +271,9 @@ def logprob_bwd(
         b = None if bias is None else bias[v0:v1].float()
         dw_acc = db_acc = None
         if need_weight:
-            dw_acc = (d_weight[v0:v1] if dw_buf is None else ws.view(dw_buf, v1 - v0, dim)).zero_()
+            dw_acc = d_weight[v0:v1] if dw_buf is None else ws.view(dw_buf, v1 - v0, dim)
         if need_bias:
-            db_acc = (d_bias[v0:v1] if db_buf is None else db_buf[: v1 - v0]).zero_()
+            db_acc = d_bias[v0:v1] if db_buf is None else db_buf[: v1 - v0]
         for n0 in range(0, m_tokens, n_chunk):
             n1 = min(n0 + n_chunk, m_tokens)
             h = _hidden_chunk(hidden, rows, n0, n1, ws)
@@ -294,11 +292,19 @@ def logprob_bwd(
             if need_hidden:
                 d_hidden[n0:n1].addcmul_(torch.mm(p, w, out=rowwise), g[:, None], value=-1.0)
                 d_hidden[n0:n1].addcmul_(torch.index_select(w, 0, local, out=rowwise), onehot[:, None])
+            # the first token chunk writes the chunk's gradient, the others add to it: no zero-fill pass over the
+            # (v, D) gradient, which at a few tokens costs as much memory traffic as the products themselves
             if need_weight:
-                dw_acc.addmm_(p.T, torch.mul(h, g[:, None], out=rowwise), alpha=-1.0)
+                if n0 == 0:
+                    torch.mm(p.T, torch.mul(h, g.neg()[:, None], out=rowwise), out=dw_acc)
+                else:
+                    dw_acc.addmm_(p.T, torch.mul(h, g[:, None], out=rowwise), alpha=-1.0)
                 _add_rows(dw_acc, local, torch.mul(h, onehot[:, None], out=rowwise))
             if need_bias:
-                db_acc.addmv_(p.T, g, alpha=-1.0)
+                if n0 == 0:
+                    torch.mv(p.T, g.neg(), out=db_acc)
+                else:
+                    db_acc.addmv_(p.T, g, alpha=-1.0)
                 _add_rows(db_acc, local, onehot)
         if dw_buf is not None:
             d_weight[v0:v1] = dw_acc
