@@ -197,12 +197,13 @@ def gather_for_call(weight: torch.Tensor, bias: torch.Tensor | None = None, *, p
 
     Returns ``(weight, bias, regather)``. ``regather`` is None when neither tensor is a DTensor. Otherwise it is a
     callable, run inside backward, that all-gathers the sharded ones again without autograd and returns
-    ``(weight or None, bias or None)`` (None for a tensor that was not sharded): the log-prob function saves
-    neither gathered tensor, so the full V x D weight exists only while the forward and the backward of the call
-    run, never in between (the policy pass's backbone backward, other passes). It costs one more all-gather per
-    sharded tensor in backward; the gradient still reaches the shards through ``gather_sharded``'s autograd path.
-    The callable keeps only detached views of this rank's shards (their storage is the parameter's, or the cast
-    copy's when the caller passed ``weight.to(torch.bfloat16)``: 1 / world of the full tensor).
+    ``(weight or None, bias or None)`` (None for a tensor that was not sharded; ``regather.sharded`` says which
+    were). The log-prob function does not save a gathered tensor, so the full V x D weight exists only while the
+    call's forward runs and while its backward runs, not in between (while other passes or the rest of the model
+    run). That costs one more all-gather per sharded tensor in backward; the gradient still reaches the shards
+    through ``gather_sharded``'s autograd path. The callable keeps only detached views of this rank's shards
+    (the parameter's storage, or the cast copy's when the caller passed ``weight.to(torch.bfloat16)``: 1 / world
+    of the full tensor).
     """
     full_w, full_b = gather_sharded(weight, bias, process_group=process_group)
     if not (is_sharded(weight) or is_sharded(bias)):
