@@ -40,6 +40,9 @@ def test_workspace_is_bounded_and_flat(ignore_every):
     assert more_vocab <= base + 64 * 1024, "doubling the vocabulary must not raise the workspace"
     assert more_tokens <= base + PER_TOKEN_BYTES * 1024, "doubling tokens may add only per-token statistics"
     assert both <= more_tokens + 64 * 1024
+    # flat down to a few scored tokens too: the workspace does not move with how much of a batch is masked
+    few = workspace(16, 4096, ignore_every=ignore_every)
+    assert abs(few - base) <= PER_TOKEN_BYTES * 1024 + 64 * 1024, (few, base)
 
 
 def test_naive_logits_dwarf_the_workspace():

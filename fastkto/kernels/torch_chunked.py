@@ -85,9 +85,10 @@ def plan_chunks(
 class _Workspace:
     """The fixed scratch memory of one forward or backward call, reused by every tile.
 
-    It is sized by the plan: never more than the budget, the same for 10 thousand tokens as for 10 million, and
-    smaller for a call that scores fewer tokens than one token chunk (then the row buffers hold just those).
-    Buffers are flat, and each use takes a contiguous (rows, cols) view of the front.
+    It is sized by the plan for the full budget, not by the batch: a call's temporaries are the same whether it
+    scores 10 tokens or 10 million, so the memory a trainer sees does not move with the batch's masking (untouched
+    pages of the tail cost no resident memory). Buffers are flat, and each use takes a contiguous (rows, cols)
+    view of the front.
     """
 
     def __init__(self, n, v, hidden, weight, rows, softcap, inv_temp, backward):
@@ -200,8 +201,9 @@ def logprob_fwd(
         return row_max, sum_exp, target
     budget = default_workspace_bytes() if workspace_bytes is None else workspace_bytes
     inv_temp = 1.0 / temperature
-    n_chunk, v_chunk = plan_chunks(m_tokens, vocab, dim, budget, dev, weight.dtype)
-    ws = _Workspace(n_chunk, v_chunk, hidden, weight, rows, softcap, inv_temp, backward=False)
+    n_plan, v_chunk = plan_chunks(2**62, vocab, dim, budget, dev, weight.dtype)
+    ws = _Workspace(n_plan, v_chunk, hidden, weight, rows, softcap, inv_temp, backward=False)
+    n_chunk = min(n_plan, m_tokens)
     for v0 in range(0, vocab, v_chunk):
         v1 = min(v0 + v_chunk, vocab)
         w = _weight_chunk(weight, v0, v1, ws)
@@ -260,8 +262,9 @@ def logprob_bwd(
     d_bias = torch.empty_like(bias) if need_bias else None
     budget = default_workspace_bytes() if workspace_bytes is None else workspace_bytes
     inv_temp = 1.0 / temperature
-    n_chunk, v_chunk = plan_chunks(m_tokens, vocab, dim, budget, dev, weight.dtype)
-    ws = _Workspace(n_chunk, v_chunk, hidden, weight, rows, softcap, inv_temp, backward=True)
+    n_plan, v_chunk = plan_chunks(2**62, vocab, dim, budget, dev, weight.dtype)
+    ws = _Workspace(n_plan, v_chunk, hidden, weight, rows, softcap, inv_temp, backward=True)
+    n_chunk = min(n_plan, m_tokens)
     # fp32 accumulators of one vocabulary chunk's gradients: the gradient's own rows when it is fp32
     dw_buf = torch.empty(v_chunk * dim, device=dev) if need_weight and weight.dtype != torch.float32 else None
     db_buf = torch.empty(v_chunk, device=dev) if need_bias and bias.dtype != torch.float32 else None
