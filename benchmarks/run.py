@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from .peers import skip_reason
-from .workloads import METHODS, PROFILES, SHAPES, profile_for
+from .workloads import METHODS, SHAPES, profile_for
 
 RESULTS = Path(__file__).resolve().parent / "results"
 WORKLOADS = ("primitive", "kto", "dpo", "e2e")

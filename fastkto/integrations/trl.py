@@ -25,8 +25,8 @@ The metric-only fields TRL asks for on the policy (``entropy``, ``mean_logits``,
 need the whole distribution of each scored token: they are computed without gradient in row chunks whose logits fit
 ``metrics_workspace_bytes`` (default 64 MiB), which costs one extra no-grad pass through the head. ``entropy`` carries
 no gradient here (KTO and DPO log it detached). Not supported: MoE router auxiliary losses (set
-``router_aux_loss_coef=0``), an adapter on the LM head, and a trainable ZeRO-3 partitioned head (see
-``fastkto.integrations.transformers``).
+``router_aux_loss_coef=0``), an adapter on the LM head, and casting a ZeRO-3 partitioned head to another dtype
+(``cast_lm_head_to_fp32``; see ``fastkto.integrations.transformers``).
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ try:
 except ImportError as err:  # pragma: no cover - exercised only without trl
     raise ImportError("fastkto.integrations.trl needs TRL >= 1.16: pip install 'trl>=1.16'") from err
 
-from .transformers import get_backbone, get_lm_head, unwrap_model
+from .transformers import _is_partitioned, get_backbone, get_lm_head, unwrap_model
 
 __all__ = ["add_fastkto_lm_head", "FastKTOTrainer", "FastDPOTrainer", "METRIC_FIELDS"]
 
@@ -143,6 +143,12 @@ def add_fastkto_lm_head(
         elif torch.is_autocast_enabled(device):
             dtype = torch.get_autocast_dtype(device)
         if dtype != head.weight.dtype:
+            if _is_partitioned(head.weight):
+                raise NotImplementedError(
+                    f"the LM head is DeepSpeed ZeRO-3 partitioned in {head.weight.dtype} and the head was asked to "
+                    f"run in {dtype} (cast_lm_head_to_fp32 or autocast): let DeepSpeed hold the model in the dtype "
+                    "to score in (its bf16 / fp16 settings), or turn cast_lm_head_to_fp32 off"
+                )
             bias = None if head.bias is None else head.bias.to(dtype)
             head = dataclasses.replace(head, weight=head.weight.to(dtype), bias=bias)
         # the backbone may end on another device than the head (device_map)
