@@ -17,7 +17,13 @@ import torch
 import torch.distributed as dist
 
 __all__ = [
-    "labels_fingerprint", "vocab_shard_layout", "combine_vocab_parallel", "all_reduce_sum", "gather_sharded", "gather_for_call", "is_sharded",
+    "labels_fingerprint",
+    "vocab_shard_layout",
+    "combine_vocab_parallel",
+    "all_reduce_sum",
+    "gather_sharded",
+    "gather_for_call",
+    "is_sharded",
 ]
 
 
