@@ -192,6 +192,14 @@ def _check_logps(name: str, t, size: int | None = None) -> torch.Tensor:
     return t
 
 
+def _batch_size(name: str, t, unit: str) -> int:
+    """The length of the first per-sequence input ``t`` (checked as ``_check_logps``), which may not be empty."""
+    n = _check_logps(name, t).shape[0]
+    if n == 0:
+        raise ValueError(f"{name} is empty: the batch must hold at least one {unit}")
+    return n
+
+
 def _check_desirable(desirable, n: int) -> None:
     if not isinstance(desirable, torch.Tensor):
         raise TypeError(f"desirable must be a bool torch.Tensor of shape ({n},), got {type(desirable).__name__}")
@@ -311,10 +319,7 @@ def kto_loss(
         KTOOutput; ``loss`` is 0-d in the inputs' promoted dtype.
     """
     _check_kto_hyper(beta, desirable_weight, undesirable_weight, loss_type)
-    _check_logps("policy_logps", policy_logps)
-    n = policy_logps.shape[0]
-    if n == 0:
-        raise ValueError("policy_logps is empty: the batch must hold at least one sequence")
+    n = _batch_size("policy_logps", policy_logps, "sequence")
     _check_logps("ref_logps", ref_logps, n)
     _check_desirable(desirable, n)
 
@@ -446,10 +451,7 @@ def dpo_loss(
         DPOOutput; ``loss`` is 0-d in the inputs' promoted dtype.
     """
     _check_dpo_hyper(beta, loss_type, label_smoothing, discopop_tau)
-    _check_logps("policy_chosen_logps", policy_chosen_logps)
-    pairs = policy_chosen_logps.shape[0]
-    if pairs == 0:
-        raise ValueError("policy_chosen_logps is empty: the batch must hold at least one pair")
+    pairs = _batch_size("policy_chosen_logps", policy_chosen_logps, "pair")
     _check_logps("policy_rejected_logps", policy_rejected_logps, pairs)
     _check_logps("ref_chosen_logps", ref_chosen_logps, pairs)
     _check_logps("ref_rejected_logps", ref_rejected_logps, pairs)
