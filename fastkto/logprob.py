@@ -180,8 +180,20 @@ class _FusedLogprob(torch.autograd.Function):
             if rows is None:
                 d_hidden = d_hidden.to(hidden.dtype)
             else:
-                d_hidden = torch.zeros_like(hidden).index_copy_(0, rows, d_hidden.to(hidden.dtype))
+                d_hidden = _scatter_rows(torch.zeros_like(hidden), rows, d_hidden, ctx.opts["workspace_bytes"])
         return d_hidden, d_weight, d_bias, None, None, None, None, None, None, None
+
+
+def _scatter_rows(out: torch.Tensor, rows: torch.Tensor, src: torch.Tensor, workspace_bytes: int | None):
+    """out[rows] = src (fp32, compact) in out's dtype; a 16-bit cast goes through the workspace a chunk at a
+    time, so that no (M, D) temporary sits beside the fp32 gradient."""
+    if src.dtype == out.dtype:
+        return out.index_copy_(0, rows, src)
+    budget = torch_chunked.default_workspace_bytes(out.device) if workspace_bytes is None else workspace_bytes
+    step = max(1, budget // (src.shape[1] * out.element_size()))
+    for r0 in range(0, rows.numel(), step):
+        out.index_copy_(0, rows[r0:r0 + step], src[r0:r0 + step].to(out.dtype))
+    return out
 
 
 def fused_logprobs(

@@ -11,13 +11,14 @@ the second product, which the same bound covers.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
 import torch
 
 import fastkto
-from fastkto.kernels import torch_chunked
+from fastkto.kernels import tiled, torch_chunked
 from tests.conftest import HAS_CUDA, INTERPRET
 from tests.reference import leaf64, reference_logprobs, reference_sequence_logps
 
@@ -196,60 +197,124 @@ def test_deterministic(backend, seed):
     results = []
     for _ in range(2):
         h, w, b = (t.clone().requires_grad_() for t in (hidden, weight, bias))
-        out = fastkto.fused_logprobs(h, w, labels, bias=b, softcap=10.0, backend=backend)
+        # a small budget: several token x vocabulary tiles, so the fixed tile order is what is tested
+        out = fastkto.fused_logprobs(h, w, labels, bias=b, softcap=10.0, backend=backend, workspace_bytes=1 << 14)
         (out * torch.linspace(-1, 1, out.numel(), device=DEVICE).view_as(out)).sum().backward()
         results.append((out, h.grad, w.grad, b.grad))
     for first, second in zip(*results):
         assert torch.equal(first, second), "two identical runs must agree bitwise"
 
 
-def test_torch_chunking_does_not_change_results(seed):
-    # a budget so small that every tile is a handful of tokens x vocabulary rows, against one big tile
-    hidden, weight, labels, bias = make_inputs((4, 25), 32, 300, torch.float32, bias=True)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tiling_does_not_change_results(backend, dtype, seed):
+    # a budget so small that every tile is a handful of tokens x vocabulary rows, against one big tile: the same
+    # values, and gradients within the dtype's rounding (the sums run in another order)
+    hidden, weight, labels, bias = make_inputs((4, 25), 32, 300, dtype, bias=True)
     outs = []
-    for budget in (1 << 12, 1 << 30):
+    for budget in (1 << 14, 1 << 30):
         h, w, b = (t.clone().requires_grad_() for t in (hidden, weight, bias))
-        out = fastkto.fused_logprobs(h, w, labels, bias=b, backend="torch", workspace_bytes=budget)
+        out = fastkto.fused_logprobs(h, w, labels, bias=b, backend=backend, workspace_bytes=budget, softcap=9.0)
         out.sum().backward()
         outs.append((out, h.grad, w.grad, b.grad))
-    assert torch_chunked.plan_chunks(100, 300, 32, 1 << 12)[1] < 300  # the small budget really splits the vocabulary
-    for small, big in zip(*outs):
-        torch.testing.assert_close(small, big, rtol=1e-5, atol=1e-5)
+    impl = torch_chunked if backend == "torch" else _triton()
+    rows = (labels.view(-1) != -100).nonzero().squeeze(1)
+    call = tiled.call_shape(hidden.view(-1, 32), weight, bias, rows, labels.view(-1)[rows], 9.0)
+    n, v = tiled.plan_tiles(call, impl.TILES, 1 << 14, False)
+    assert n < rows.numel() and v < 300, (n, v)  # the small budget really splits both sides
+    torch.testing.assert_close(outs[0][0], outs[1][0], rtol=0, atol=1e-5)
+    for small, big in zip(outs[0][1:], outs[1][1:]):
+        assert scaled_error(small, big.double()) <= GRAD_TOL[dtype]
 
 
-def test_plan_chunks_respects_budget():
-    # the workspace the plan sizes (see torch_chunked._Workspace): two (n, v) tiles, four (n, D) row buffers, and
-    # for a 16-bit weight its fp32 chunk and gradient accumulator (2 v D); all fp32
+def _triton():
+    from fastkto.kernels import fused_logprob
+
+    return fused_logprob
+
+
+def _call(tokens, vocab, dim, dtype, device, *, gathered=False, softcap=False, need_weight=True, need_bias=False,
+          fused_accumulate=True):
+    # a CallShape as tiled.call_shape would make it on ``device`` (written out: no CUDA here to probe)
+    gemm = dtype if device == "cuda" or dtype == torch.float32 else torch.float32
+    return tiled.CallShape(tokens, vocab, dim, dtype, gemm, device, gathered, False, False, softcap, need_weight,
+                           need_bias, fused_accumulate and device == "cuda")
+
+
+@pytest.mark.parametrize("maker", ["torch", "triton"])
+def test_plan_fits_the_budget(maker):
+    tiles = torch_chunked.TILES if maker == "torch" else _triton().TILES
     cases = [(8192, 128256, 4096, 64 << 20), (100, 49152, 576, 64 << 20), (4096, 256000, 2304, 1 << 20),
-             (5, 7, 3, 1 << 20)]
+             (5, 7, 3, 1 << 20), (16384, 248320, 2048, 128 << 20), (300, 1000, 8192, 1 << 16)]
     for tokens, vocab, dim, budget in cases:
         for device in ("cpu", "cuda"):
             for dtype in (torch.float32, torch.bfloat16):
-                n, v = torch_chunked.plan_chunks(tokens, vocab, dim, budget, device, dtype)
-                assert 1 <= n <= tokens and 1 <= v <= vocab
-                floats = n * (2 * v + 4 * dim) + (0 if dtype == torch.float32 else 2 * v * dim)
-                assert floats * 4 <= budget or n == 1, (tokens, vocab, dim, budget, device, dtype, n, v)
+                for flags in (dict(), dict(gathered=True, softcap=True, need_bias=True),
+                              dict(need_weight=False), dict(fused_accumulate=False, gathered=True)):
+                    call = _call(tokens, vocab, dim, dtype, device, **flags)
+                    for by_budget in (False, True):
+                        n, v = tiled.plan_tiles(call, tiles, budget, by_budget)
+                        assert n >= 1 and 1 <= v <= vocab and (by_budget or n <= tokens)
+                        used = tiled.buffers_nbytes(tiled.workspace_buffers(n, v, call, tiles))
+                        assert used + tiled.PER_TOKEN_BYTES * tokens <= budget or (n, v) == (1, 1), (
+                            tokens, vocab, dim, budget, device, dtype, flags, n, v, used)
+
+
+def test_plan_gives_gpu_tiles_of_thousands_of_rows():
+    # the default CUDA budget at the three shapes the roofline is about: GEMMs of thousands of rows on each side,
+    # multiples of the dz kernel's 128-row blocks
+    budget = tiled.DEFAULT_WORKSPACE_MIB["cuda"] << 20
+    gpu_tiles = dataclasses.replace(_triton().TILES, align=_triton().GPU_ALIGN)  # as compiled, not interpreted
+    for tokens, vocab, dim in ((16384, 248320, 2048), (8192, 256000, 2304), (8192, 128256, 4096)):
+        for gathered in (False, True):
+            call = _call(tokens, vocab, dim, torch.bfloat16, "cuda", gathered=gathered)
+            n, v = tiled.plan_tiles(call, gpu_tiles, budget, False)
+            assert n >= 2048 and v >= 2048 and n % 128 == 0 and v % 128 == 0, (tokens, vocab, dim, n, v)
+
+
+@pytest.mark.parametrize("accumulate_support", [(True, True), (True, False)])
+def test_gemm_forms_for_16_bit_operands(monkeypatch, accumulate_support):
+    # the CUDA forms of the fp32-accumulating GEMM (mm / addmm with out_dtype), run on meta tensors: this CPU
+    # torch has no 16-bit GEMM with an fp32 output, and meta checks the calls' arguments and shapes
+    monkeypatch.setattr(tiled, "fp32_gemm_support", lambda device_type: accumulate_support)
+    a = torch.empty(8, 32, dtype=torch.bfloat16, device="meta")
+    b = torch.empty(32, 16, dtype=torch.bfloat16, device="meta")
+    out = torch.empty(8, 16, device="meta")
+    prod = None if accumulate_support[1] else torch.empty(8, 16, device="meta")
+    for accumulate in (False, True):
+        tiled.matmul_fp32(out, a, b, accumulate, prod=prod)
+    assert out.dtype == torch.float32 and out.shape == (8, 16)
+
+
+def test_fp32_gemm_support_on_this_cpu():
+    # the CPU build has no fp32-output 16-bit GEMM: 16-bit inputs multiply as fp32 copies here
+    assert tiled.fp32_gemm_support("cpu") == (False, False)
+    assert tiled.gemm_dtype(torch.bfloat16, torch.device("cpu")) == torch.float32
+    assert tiled.gemm_dtype(torch.float32, torch.device("cpu")) == torch.float32
 
 
 def test_workspace_env_setting(monkeypatch):
     monkeypatch.setenv("FASTKTO_WORKSPACE_MIB", "8")
     assert torch_chunked.default_workspace_bytes() == 8 << 20
+    assert torch_chunked.default_workspace_bytes("cuda") == 8 << 20
     monkeypatch.setenv("FASTKTO_WORKSPACE_MIB", "zero")
     with pytest.raises(ValueError, match="FASTKTO_WORKSPACE_MIB"):
         torch_chunked.default_workspace_bytes()
     monkeypatch.delenv("FASTKTO_WORKSPACE_MIB")
     assert torch_chunked.default_workspace_bytes() == 64 << 20
+    assert torch_chunked.default_workspace_bytes("cuda") == 128 << 20
 
 
 @pytest.mark.skipif(not (HAS_CUDA or INTERPRET), reason="Triton needs CUDA or TRITON_INTERPRET=1")
 @pytest.mark.interpret
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_triton_splits_and_persistent_programs_match_torch(dtype, seed):
-    """The kernels' split merge (forward, dH) and persistent dW loop (several tiles per program, fp32 scratch for
-    16-bit weights) against the PyTorch implementation, through the shared implementation contract."""
-    from fastkto.kernels import fused_logprob
-
+def test_triton_tiles_match_torch(dtype, seed):
+    """The two tile makers in the shared loop, through the implementation contract: the forward's split merge and
+    a backward of several token x vocabulary tiles (ragged edges, rows, bias, soft-cap, temperature, and a
+    vocabulary shard's labels outside it)."""
+    fused_logprob = _triton()
     hidden, weight, labels, bias = make_inputs((45,), 20, 230, dtype, bias=True)
+    labels[::7] = 231  # rows of another shard: no one-hot term here
     rows = (labels != -100).nonzero().squeeze(1)
     kept = labels[rows]
     opts = dict(softcap=8.0, temperature=1.3)
@@ -261,9 +326,8 @@ def test_triton_splits_and_persistent_programs_match_torch(dtype, seed):
     torch.testing.assert_close(got[2], want[2], rtol=0, atol=1e-5)
 
     grad = torch.randn(rows.numel(), device=DEVICE)
-    want_g = torch_chunked.logprob_bwd(hidden, weight, bias, rows, kept, lse_want, grad, **opts)
-    got_g = fused_logprob.logprob_bwd(hidden, weight, bias, rows, kept, lse_want, grad, splits=3, dw_programs=2,
-                                      **opts)
+    want_g = torch_chunked.logprob_bwd(hidden, weight, bias, rows, kept, lse_want, grad, tile=(64, 256), **opts)
+    got_g = fused_logprob.logprob_bwd(hidden, weight, bias, rows, kept, lse_want, grad, tile=(16, 64), **opts)
     for name, g, w in zip(("hidden", "weight", "bias"), got_g, want_g):
         assert g.dtype == w.dtype, name
         assert scaled_error(g, w.double()) <= GRAD_TOL[dtype], name

@@ -4,6 +4,9 @@ Workspace = peak bytes allocated during forward + backward, minus what any metho
 hidden and weight gradients. Measured with fastkto.memory.track_peak_memory (allocator events on the CPU).
 """
 
+import gc
+import os
+
 import pytest
 import torch
 
@@ -55,3 +58,40 @@ def test_naive_logits_dwarf_the_workspace():
         torch.log_softmax(hidden @ weight.T, -1).gather(-1, labels[:, None]).sum().backward()
     assert mem.peak >= 2 * tokens * vocab * 4
     assert workspace(tokens, vocab, dim) * 10 < mem.peak
+
+
+def _bound_case(backend, dtype, gathered, softcap_bias, frozen, budget):
+    tokens, vocab, dim = 96, 1024, 32
+    hidden = torch.randn(tokens, dim).to(dtype).requires_grad_()
+    weight = (torch.randn(vocab, dim) * 0.3).to(dtype).requires_grad_(not frozen)
+    bias = (torch.randn(vocab) * 0.3).to(dtype).requires_grad_() if softcap_bias else None
+    labels = torch.randint(0, vocab, (tokens,))
+    if gathered:
+        labels[::3] = -100
+    gc.collect()  # garbage freed inside the region would hide allocations
+    with track_peak_memory("cpu") as mem:
+        out = fastkto.fused_logprobs(hidden, weight, labels, bias=bias, softcap=20.0 if softcap_bias else None,
+                                     backend=backend, workspace_bytes=budget)
+        (out * torch.linspace(-1, 1, tokens)).sum().backward()
+    scored = int((labels != -100).sum())
+    size = hidden.element_size()
+    # what a call must hold: its output, the gradients it returns, and the fp32 hidden gradient it accumulates
+    # (which is the returned gradient itself for fp32 inputs with every token scored)
+    must_hold = out.numel() * 4 + hidden.numel() * size + (0 if frozen else weight.numel() * size)
+    must_hold += 0 if bias is None else bias.numel() * size
+    if gathered or dtype != torch.float32:
+        must_hold += scored * dim * 4
+    return mem.peak - must_hold
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=[pytest.mark.interpret, pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1", reason="the CPU runs the Triton path only under its interpreter")])])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("variant", ["plain", "gathered+softcap+bias", "gathered+frozen"])
+def test_every_temporary_fits_the_budget(backend, dtype, variant):
+    """Peak allocation during forward and backward, beyond what the call must hold, within ``workspace_bytes``:
+    the tile buffers, operand copies, accumulators and per-token vectors, on both paths (Triton under the
+    interpreter: its kernels' memory is the interpreter's, the loop's buffers are real tensors)."""
+    budget = 96 * 1024  # small enough that both the tokens and the vocabulary split into several chunks
+    extra = _bound_case(backend, dtype, "gathered" in variant, "softcap" in variant, "frozen" in variant, budget)
+    assert 0 < extra <= budget, f"{extra / 1024:.1f} KiB of temporaries over the {budget // 1024} KiB budget"

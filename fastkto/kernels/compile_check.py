@@ -18,27 +18,27 @@ checks what a kernel engineer checks by hand:
   ``torch.get_float32_matmul_precision() == "highest"`` asks for IEEE fp32 products, which no tensor core
   computes; there the check asserts that no tensor-core instruction appears (Triton emits FMA loops).
 
-The variant matrix. Each kernel has constexpr switches (HAS_BIAS, HAS_ROWS, HAS_SOFTCAP; the dW kernel also
-NEED_WEIGHT and NEED_BIAS, and ACC_IN_DW, which follows the dtype as in the dispatch). They add loads and
-element-wise work around the same tile loops, but register allocation is not monotone in them: with the first
-dW configuration, "none" and "all on" compiled cleanly on sm_90 while "softcap" alone and "bias" alone spilled. So
-bf16 and fp32 (with IEEE and with tf32 products) are compiled for every combination the dispatch can launch (8
-per kernel, 16 for the dW kernel with its gradient switches), for every kernel, configuration and target. fp16
-differs from bf16 only in the operand type of the same instructions (the full matrix gave identical registers,
-shared memory and stack for all 64 pairs), so by default it is compiled only for the ends of the range (no logits
-switch, every logits switch): 208 compilations, about 100-200 CPU seconds with an empty Triton cache, a few
-seconds with a warm one. ``--exhaustive`` adds the remaining fp16 combinations (256).
+The variant matrix. Each kernel has constexpr switches (HAS_BIAS, HAS_SOFTCAP; the forward also HAS_ROWS: the
+backward's tile loop hands the dz kernel contiguous rows). They add loads and element-wise work around the same
+tile loop, but register allocation is not monotone in them: with an earlier backward kernel, "none" and "all on"
+compiled cleanly on sm_90 while "softcap" alone and "bias" alone spilled. So bf16 and fp32 (with IEEE and with
+tf32 products) are compiled for every combination the dispatch can launch (8 for the forward, 4 for the dz
+kernel), for every kernel, configuration and target. fp16 differs from bf16 only in the operand type of the same
+instructions (the full matrix gave identical registers, shared memory and stack for every pair), so by default it
+is compiled only for the ends of the range (no switch, every switch): 80 compilations, about a minute of CPU
+with an empty Triton cache, seconds with a warm one. ``--exhaustive`` adds the remaining fp16 combinations (96).
 
 Constexprs come from the dispatch itself (``fused_logprob.select_config`` and ``_common`` on meta tensors), so the
 check follows the launch code rather than a copy of it. Integer arguments that are multiples of 16 in every real
-model (the hidden size D, the row strides, the columns per split, the dW scratch stride) are compiled with
-Triton's divisibility-by-16 specialization, as a launch with such a model gets; the token count M and the
-vocabulary size V are left unspecialized, as for any M and V that are not multiples of 16.
+model (the hidden size D, the row strides, the columns per split, the dz tile's row stride, which the loop pads to
+16, and the chunk's first vocabulary row) are compiled with Triton's divisibility-by-16 specialization, as a
+launch with such a model gets; the token count M and the vocabulary size V (of a call, or of a tile) are left
+unspecialized, as for any M and V that are not multiples of 16.
 
 Commands::
 
     python -m fastkto.kernels.compile_check --out benchmarks/results/compile/compile_report.md   # the kept table
-    python -m fastkto.kernels.compile_check --only dw-bf16-sm90 --config dw/16=64,128,64,8,3   # try a tile shape
+    python -m fastkto.kernels.compile_check --only dz-bf16-sm90 --config dz/16=128,128,64,8,3  # try a tile shape
 
 Kernels are interpreter objects when TRITON_INTERPRET=1 was set before Triton was imported (the CPU test suite),
 so ``run_checks`` then compiles in a child Python with the interpreter switched off.
@@ -74,17 +74,17 @@ MAX_REGISTERS = 255
 DTYPES = {"bf16": ("bf16", "16", "bfloat16"), "fp16": ("fp16", "16", "float16"), "fp32": ("fp32", "32", "float32")}
 # torch.get_float32_matmul_precision() values that make the dispatch pick each fp32 product precision
 _MATMUL_PRECISION = {"ieee": "highest", "tf32": "high"}
-KERNELS = {"fwd": "_logprob_fwd_kernel", "dh": "_logprob_bwd_dh_kernel", "dw": "_logprob_bwd_dw_kernel"}
+KERNELS = {"fwd": "_logprob_fwd_kernel", "dz": "_logprob_dz_kernel"}
 # Runtime (non-constexpr) arguments by name; the pointers are typed in _arg_types
-_INT_ARGS = {"M", "V", "D", "stride_h", "stride_w", "cols_per_split", "acc_stride_prog"}
-_ALIGNED_INTS = {"D", "stride_h", "stride_w", "cols_per_split", "acc_stride_prog"}
+_INT_ARGS = {"M", "V", "D", "stride_h", "stride_w", "cols_per_split", "stride_dz", "v_offset"}
+_ALIGNED_INTS = {"D", "stride_h", "stride_w", "cols_per_split", "stride_dz", "v_offset"}
 _FLOAT_ARGS = {"softcap", "inv_temp"}
-_FP32_PTRS = {"MAX_OUT", "SUM_OUT", "TGT_OUT", "LSE", "GRAD", "DH", "ACC"}
+_FP32_PTRS = {"MAX_OUT", "SUM_OUT", "TGT_OUT", "LSE", "GRAD"}
 
 
 @dataclass(frozen=True)
 class Case:
-    """One compilation: a kernel ("fwd", "dh", "dw") as the dispatch launches it for a dtype and switches.
+    """One compilation: a kernel ("fwd", "dz") as the dispatch launches it for a dtype and switches.
 
     ``config`` (BLOCK_N, BLOCK_V, BLOCK_D, num_warps, num_stages) replaces the dispatch's tile shape and
     ``maxnreg`` caps the registers per thread; both are for trying shapes and for testing the checks.
@@ -94,7 +94,7 @@ class Case:
     dtype: str  # "bf16", "fp16" or "fp32"
     precision: str  # "ieee" or "tf32"; only fp32 products depend on it
     target: int  # compute capability: 80 or 90
-    variant: str  # the switches that are on: "none", "bias+rows+softcap+dW+db", ...
+    variant: str  # the switches that are on: "none", "bias+rows+softcap", ...
     switches: tuple[tuple[str, bool], ...]  # sorted (name, on) pairs of _switch_sets
     config: tuple[int, int, int, int, int] | None = None
     maxnreg: int | None = None
@@ -122,27 +122,25 @@ class Result:
 
 
 def _switch_sets(kernel: str) -> list[dict[str, bool]]:
-    """Every combination of constexpr switches the dispatch can launch this kernel with."""
+    """Every combination of constexpr switches the dispatch can launch this kernel with (the dz kernel reads the
+    rows the tile loop gathered, so it has no HAS_ROWS)."""
     out = []
     for bias, rows, softcap in itertools.product((False, True), repeat=3):
-        # (need_weight, need_bias) pairs logprob_bwd launches the dW kernel with; the other kernels ignore them
-        grads = [(True, False)] + ([(True, True), (False, True)] if kernel == "dw" and bias else [])
-        for need_w, need_b in grads:
-            out.append(dict(has_bias=bias, has_rows=rows, has_softcap=softcap, need_weight=need_w, need_bias=need_b))
+        if kernel == "dz" and rows:
+            continue
+        out.append(dict(has_bias=bias, has_rows=rows, has_softcap=softcap))
     return out
 
 
 def _variant_name(kernel: str, sw: dict[str, bool]) -> str:
-    """E.g. "bias+softcap", "none"; the dW kernel adds the gradients it writes: "rows+dW", "bias+dW+db"."""
+    """E.g. "bias+softcap", "none"."""
     parts = [k.removeprefix("has_") for k in ("has_bias", "has_rows", "has_softcap") if sw[k]]
-    if kernel == "dw":
-        parts += [g for g, on in (("dW", sw["need_weight"]), ("db", sw["need_bias"])) if on]
     return "+".join(parts) or "none"
 
 
-def _is_extreme(sw: dict[str, bool]) -> bool:
-    """No logits switch on, or all of them (with each gradient combination for the dW kernel): fp16's share."""
-    feats = (sw["has_bias"], sw["has_rows"], sw["has_softcap"])
+def _is_extreme(kernel: str, sw: dict[str, bool]) -> bool:
+    """No switch on, or every switch the kernel has: fp16's share."""
+    feats = [sw["has_bias"], sw["has_softcap"]] + ([sw["has_rows"]] if kernel == "fwd" else [])
     return not any(feats) or all(feats)
 
 
@@ -158,7 +156,7 @@ def cases(exhaustive: bool = False) -> list[Case]:
             for precision in (("ieee", "tf32") if dtype == "fp32" else ("ieee",)):
                 for target in TARGETS:
                     for sw in _switch_sets(kernel):
-                        if dtype == "fp16" and not exhaustive and not _is_extreme(sw):
+                        if dtype == "fp16" and not exhaustive and not _is_extreme(kernel, sw):
                             continue
                         out.append(Case(kernel, dtype, precision, target, _variant_name(kernel, sw),
                                         tuple(sorted(sw.items()))))
@@ -197,13 +195,10 @@ def _launch_meta(case: Case):
     previous = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision(_MATMUL_PRECISION[case.precision])
     try:
-        meta, _, _ = fl._common(x, x, x if sw["has_bias"] else None, x if sw["has_rows"] else None,
+        meta, _, _ = fl._common(case.kernel, dtype, x if sw["has_bias"] else None, x if sw["has_rows"] else None,
                                 30.0 if sw["has_softcap"] else None, 1.0, cfg)
     finally:
         torch.set_float32_matmul_precision(previous)
-    if case.kernel == "dw":  # as in fused_logprob.logprob_bwd
-        meta.update(NEED_WEIGHT=sw["need_weight"], NEED_BIAS=sw["need_bias"] and sw["has_bias"],
-                    ACC_IN_DW=dtype == torch.float32)
     options = {"num_warps": meta.pop("num_warps"), "num_stages": meta.pop("num_stages")}
     if case.maxnreg:
         options["maxnreg"] = case.maxnreg
@@ -213,12 +208,8 @@ def _launch_meta(case: Case):
 def _arg_types(case: Case, meta: dict) -> dict[str, str]:
     """Triton types of the runtime arguments, as the dispatch passes them."""
     dt = DTYPES[case.dtype][0]
-    types = {name: "*" + dt for name in ("H", "W", "B", "DW", "DB")}  # B stands in as hidden when there is no bias
-    # dW and dB stand in as lse (fp32) when the dW kernel does not write them
-    if not meta.get("NEED_WEIGHT", True):
-        types["DW"] = "*fp32"
-    if not meta.get("NEED_BIAS", True):
-        types["DB"] = "*fp32"
+    # B stands in as hidden when there is no bias; dz is written in the input dtype
+    types = {name: "*" + dt for name in ("H", "W", "B", "DZ")}
     types.update(ROWS="*i64", LABELS="*i64")  # labels stand in for the rows when every token is scored
     types.update({name: "*fp32" for name in _FP32_PTRS})
     types.update({name: "i32" for name in _INT_ARGS})
@@ -458,7 +449,7 @@ def _load(path: Path) -> list[Result]:
 
 
 def _parse_config(text: str) -> tuple[str, tuple[int, ...]]:
-    """"dw/16=64,128,32,8,3" -> ("dw/16", (64, 128, 32, 8, 3))."""
+    """"dz/16=128,128,64,8,3" -> ("dz/16", (128, 128, 64, 8, 3))."""
     try:
         key, shape = text.split("=")
         kernel, width = key.split("/")
@@ -479,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=None, help="compile in this many processes (default: CPUs, <= 8)")
     parser.add_argument("--exhaustive", action="store_true", help="every switch combination for fp16 too")
     parser.add_argument("--only", action="append", default=[], metavar="TEXT",
-                        help="keep the cases whose label (e.g. dw-bf16-sm90-bias+dW) contains TEXT; repeatable")
+                        help="keep the cases whose label (e.g. dz-bf16-sm90-bias+softcap) contains TEXT; repeatable")
     parser.add_argument("--config", action="append", default=[], type=_parse_config, metavar="K/W=N,V,D,WARPS,STAGES",
                         help="compile kernel K for width W (16 or 32 bits) with this tile shape instead; repeatable")
     parser.add_argument("--maxnreg", type=int, default=None, help="cap the registers per thread")

@@ -2,20 +2,24 @@
 
 Same contract, names and per-tile math as ``torch_chunked.py`` (read its docstring for the formulas):
 
-    forward   _logprob_fwd_kernel     grid (token tiles, vocabulary splits). Each program walks its vocabulary
-                                      columns tile by tile: logits tile = tl.dot over D, folded into a running
-                                      max m, a sum of exp(z - m) and the target logit; the tile stays on chip.
-                                      Splits (for occupancy when tokens are few) are merged in PyTorch.
-    backward  _logprob_bwd_dh_kernel  grid (token tiles, vocabulary splits): recompute each logits tile, form
-                                      dz = g (onehot - softmax) with the temperature / soft-cap chain rule, and
-                                      add dz @ W_tile into this program's own rows of an fp32 dH buffer.
-              _logprob_bwd_dw_kernel  persistent grid over vocabulary tiles: recompute each tile for every token
-                                      tile, add dz.T @ H_tile into this program's own rows of an fp32 buffer,
-                                      write dW (and db) in the weight's dtype after the last token tile.
+    forward   _logprob_fwd_kernel   grid (token tiles, vocabulary splits). Each program walks its vocabulary
+                                    columns tile by tile: logits tile = tl.dot over D, folded into a running max m,
+                                    a sum of exp(z - m) and the target logit; the tile stays on chip. Splits (for
+                                    occupancy when tokens are few) are merged in PyTorch.
+    backward  _logprob_dz_kernel    the tile maker of the shared backward loop (``tiled.py``): for one
+                                    (token chunk x vocabulary chunk) tile of the loop, recompute the logits on
+                                    chip in fp32 (bias, soft-cap, temperature) and write dz = g (onehot - softmax)
+                                    with the chain rule, rounded to the input dtype, into the loop's workspace.
+                                    The loop then accumulates dH += dz @ W and dW += dz.T @ H as cuBLAS GEMMs on
+                                    tensor cores with fp32 accumulation.
 
-Determinism: every gradient element is accumulated by exactly one program in a fixed order (no atomics, no
-locks, no autotuning that could pick another tile shape), so results are bitwise reproducible on a device.
-The price is that the backward recomputes the logits twice (once per kernel): 8 N D V flops instead of 6.
+    backward, one tile:  H_n, W_v --[_logprob_dz_kernel: logits on chip, exp, chain rule]--> dz (n x v, bf16)
+                         dz @ W_v  --cuBLAS, fp32 accumulate--> dH[n]      dz.T @ H_n --cuBLAS--> dW_v
+
+Determinism: the forward's every statistic has one owner program and the splits merge in a fixed order; the
+backward's tiles run in a fixed order and every accumulation is a plain GEMM (no atomics, no locks, no autotuning
+that could pick another tile shape), so results are bitwise reproducible on a device. The logits are recomputed
+once: 8 N D V flops for forward and backward.
 
 Interpreter (TRITON_INTERPRET=1): it treats bf16 / fp16 as raw integers, so loaded tiles are upcast to fp32
 (constexpr UPCAST) and the kernels run in fp32 there; on a GPU the dots run on tensor cores in the input dtype
@@ -31,7 +35,11 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["logprob_fwd", "logprob_bwd", "INTERPRET", "KernelConfig", "gpu_configs", "select_config"]
+from . import tiled
+from .tiled import TileMaker, default_workspace_bytes
+
+__all__ = ["logprob_fwd", "logprob_bwd", "make_dz", "TILES", "INTERPRET", "KernelConfig", "gpu_configs",
+           "select_config"]
 
 
 def _interpreting() -> bool:
@@ -133,97 +141,33 @@ def _logprob_fwd_kernel(
 
 
 @triton.jit
-def _logprob_bwd_dh_kernel(
-    H, W, B, ROWS, LABELS, LSE, GRAD, DH,
-    M, V, D, stride_h, stride_w, cols_per_split, softcap, inv_temp,
-    HAS_BIAS: tl.constexpr, HAS_ROWS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+def _logprob_dz_kernel(
+    H, W, B, LABELS, LSE, GRAD, DZ,
+    M, V, D, stride_h, stride_w, stride_dz, v_offset, softcap, inv_temp,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_N: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    offs_n, n_mask, rows, labels = _token_tile(ROWS, LABELS, pid_n * BLOCK_N, M, HAS_ROWS, BLOCK_N)
+    # One (BLOCK_N, BLOCK_V) piece of a backward tile: recompute the logits on chip, write dz in DZ's dtype.
+    # Programs run in groups of GROUP_N token tiles that sweep the vocabulary tiles together, so the programs on
+    # the GPU at one time share their W (and H) tiles in L2.
+    pid = tl.program_id(0)
+    tiles_n = tl.cdiv(M, BLOCK_N)
+    per_group = GROUP_N * tl.cdiv(V, BLOCK_V)
+    first_n = (pid // per_group) * GROUP_N
+    group_n = tl.minimum(tiles_n - first_n, GROUP_N)
+    pid_n = first_n + (pid % per_group) % group_n
+    pid_v = (pid % per_group) // group_n
+    offs_n, n_mask, rows, labels = _token_tile(LABELS, LABELS, pid_n * BLOCK_N, M, False, BLOCK_N)
     lse = tl.load(LSE + offs_n, mask=n_mask, other=0.0)
     g = tl.load(GRAD + offs_n, mask=n_mask, other=0.0)
-    # this program owns rows offs_n of split pid_s of the fp32 buffer: no other program touches them
-    dh_ptrs = DH + (pid_s.to(tl.int64) * M + offs_n)[:, None] * D
-    v_begin = pid_s * cols_per_split
-    v_end = tl.minimum(v_begin + cols_per_split, V)
-    for v0 in range(v_begin, v_end, BLOCK_V):
-        offs_v = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
-        v_mask = offs_v < v_end
-        z, t = _tile_logits(H, W, B, rows, n_mask, offs_v, v_mask, D, stride_h, stride_w, softcap, inv_temp,
-                            HAS_BIAS, HAS_SOFTCAP, UPCAST, PRECISION, BLOCK_N, BLOCK_V, BLOCK_D)
-        dz = _tile_dlogits(z, t, lse, g, labels, offs_v, n_mask, v_mask, inv_temp, HAS_SOFTCAP)
-        if not UPCAST:
-            dz = dz.to(W.dtype.element_ty)
-        for d0 in range(0, D, BLOCK_D):
-            offs_d = d0 + tl.arange(0, BLOCK_D)
-            d_mask = offs_d < D
-            w = tl.load(W + offs_v[:, None] * stride_w + offs_d[None, :],
-                        mask=v_mask[:, None] & d_mask[None, :], other=0.0)
-            if UPCAST:
-                w = w.to(tl.float32)
-            mask = n_mask[:, None] & d_mask[None, :]
-            # the first tile of the split starts the sum, so the buffer needs no zero fill (a scalar in the mask
-            # would be simpler, but the interpreter rejects a mask combined with a scalar condition)
-            acc = tl.where(v0 > v_begin, tl.load(dh_ptrs + offs_d[None, :], mask=mask, other=0.0), 0.0)
-            acc = tl.dot(dz, w, acc, input_precision=PRECISION)
-            tl.store(dh_ptrs + offs_d[None, :], acc, mask=mask)
-        # the next tile re-reads these sums; the compiler may store and load them from different threads
-        tl.debug_barrier()
-
-
-@triton.jit
-def _logprob_bwd_dw_kernel(
-    H, W, B, ROWS, LABELS, LSE, GRAD, DW, DB, ACC,
-    M, V, D, stride_h, stride_w, acc_stride_prog, softcap, inv_temp,
-    HAS_BIAS: tl.constexpr, NEED_WEIGHT: tl.constexpr, NEED_BIAS: tl.constexpr, HAS_ROWS: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, ACC_IN_DW: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    n_vtiles = tl.cdiv(V, BLOCK_V)
-    for vt in range(pid, n_vtiles, tl.num_programs(0)):
-        offs_v = (vt * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
-        v_mask = offs_v < V
-        dw_ptrs = DW + offs_v[:, None] * D
-        if ACC_IN_DW:  # fp32 weight: the gradient itself is the accumulator
-            acc_ptrs = dw_ptrs
-        else:  # this program's own (BLOCK_V, D) fp32 scratch, reused for each of its vocabulary tiles
-            acc_ptrs = ACC + pid.to(tl.int64) * acc_stride_prog + tl.arange(0, BLOCK_V).to(tl.int64)[:, None] * D
-        db = tl.zeros((BLOCK_V,), tl.float32)
-        for n0 in range(0, M, BLOCK_N):
-            offs_n, n_mask, rows, labels = _token_tile(ROWS, LABELS, n0, M, HAS_ROWS, BLOCK_N)
-            lse = tl.load(LSE + offs_n, mask=n_mask, other=0.0)
-            g = tl.load(GRAD + offs_n, mask=n_mask, other=0.0)
-            z, t = _tile_logits(H, W, B, rows, n_mask, offs_v, v_mask, D, stride_h, stride_w, softcap, inv_temp,
-                                HAS_BIAS, HAS_SOFTCAP, UPCAST, PRECISION, BLOCK_N, BLOCK_V, BLOCK_D)
-            dz = _tile_dlogits(z, t, lse, g, labels, offs_v, n_mask, v_mask, inv_temp, HAS_SOFTCAP)
-            if NEED_BIAS:
-                db += tl.sum(dz, axis=0)
-            if NEED_WEIGHT:
-                if UPCAST:
-                    dzt = tl.trans(dz)
-                else:
-                    dzt = tl.trans(dz.to(W.dtype.element_ty))
-                last = n0 + BLOCK_N >= M
-                for d0 in range(0, D, BLOCK_D):
-                    offs_d = d0 + tl.arange(0, BLOCK_D)
-                    d_mask = offs_d < D
-                    h = tl.load(H + rows[:, None] * stride_h + offs_d[None, :],
-                                mask=n_mask[:, None] & d_mask[None, :], other=0.0)
-                    if UPCAST:
-                        h = h.to(tl.float32)
-                    mask = v_mask[:, None] & d_mask[None, :]
-                    acc = tl.where(n0 > 0, tl.load(acc_ptrs + offs_d[None, :], mask=mask, other=0.0), 0.0)
-                    acc = tl.dot(dzt, h, acc, input_precision=PRECISION)
-                    if last:  # the finished sums go straight to dW in its dtype, from the threads that hold them
-                        tl.store(dw_ptrs + offs_d[None, :], acc.to(DW.dtype.element_ty), mask=mask)
-                    else:
-                        tl.store(acc_ptrs + offs_d[None, :], acc, mask=mask)
-                tl.debug_barrier()
-        if NEED_BIAS:
-            tl.store(DB + offs_v, db.to(DB.dtype.element_ty), mask=v_mask)
+    offs_v = (pid_v * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
+    v_mask = offs_v < V
+    z, t = _tile_logits(H, W, B, rows, n_mask, offs_v, v_mask, D, stride_h, stride_w, softcap, inv_temp,
+                        HAS_BIAS, HAS_SOFTCAP, UPCAST, PRECISION, BLOCK_N, BLOCK_V, BLOCK_D)
+    # labels are rows of the whole weight (shard); this chunk starts at row v_offset
+    dz = _tile_dlogits(z, t, lse, g, labels - v_offset, offs_v, n_mask, v_mask, inv_temp, HAS_SOFTCAP)
+    tl.store(DZ + rows[:, None] * stride_dz + offs_v[None, :], dz.to(DZ.dtype.element_ty),
+             mask=n_mask[:, None] & v_mask[None, :])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -245,19 +189,18 @@ class KernelConfig:
 # fp32 uses 8 warps and 16-wide D chunks: IEEE fp32 dots are FMA loops that hold both operand chunks in registers,
 # and with 4 warps and 32-wide chunks ptxas spilled (stack frames of 8 B to 4 KiB on sm_80 and sm_90, found by
 # fastkto.kernels.compile_check); these shapes compile without spills for IEEE and tf32 (wgmma on sm_90).
+# The dz kernel runs the forward's main loop with a store for an epilogue, so it takes the forward's shapes.
 _GPU_CONFIGS = {
     ("fwd", "16"): KernelConfig(128, 128, 64, 8, 3),
     ("fwd", "32"): KernelConfig(64, 64, 16, 8, 3),
-    ("dh", "16"): KernelConfig(64, 128, 64, 8, 3),
-    ("dh", "32"): KernelConfig(64, 64, 16, 8, 2),
-    # 32-wide D chunks: with 64, ptxas ran out of registers on sm_90 (255 used, 8-16 B spilled) for the
-    # dispatch's softcap-without-bias and bias-without-softcap variants (fastkto.kernels.compile_check)
-    ("dw", "16"): KernelConfig(64, 128, 32, 8, 3),
-    ("dw", "32"): KernelConfig(64, 64, 16, 8, 2),
+    ("dz", "16"): KernelConfig(128, 128, 64, 8, 3),
+    ("dz", "32"): KernelConfig(64, 64, 16, 8, 3),
 }
 # Small tiles under the interpreter: tests then cover many tiles and ragged edges on small shapes. 16 is the
 # smallest shape tl.dot accepts on a GPU; keep it so the interpreter runs what a GPU would compile.
 _INTERPRET_CONFIG = KernelConfig(16, 32, 16, 4, 1)
+# token tiles per program group of the dz kernel (L2 reuse, as in Triton's matmul tutorial)
+_DZ_GROUP = 8
 
 
 def gpu_configs() -> dict[tuple[str, str], KernelConfig]:
@@ -293,30 +236,26 @@ def _auto_splits(n_tiles: int, vocab: int, block_v: int, device: torch.device, m
     return max(1, min(triton.cdiv(2 * _num_sms(device), n_tiles), triton.cdiv(vocab, 4 * block_v), max_splits))
 
 
-def _common(hidden, weight, bias, rows, softcap, temperature, cfg):
-    return dict(
+def _common(kernel, dtype, bias, rows, softcap, temperature, cfg=None):
+    """(constexprs and launch options, softcap argument, 1 / temperature) of a launch, as the dispatch makes it
+    (the compile checks call this too, so that they compile what is launched)."""
+    cfg = cfg or select_config(kernel, dtype)
+    meta = dict(
         HAS_BIAS=bias is not None,
-        HAS_ROWS=rows is not None,
         HAS_SOFTCAP=softcap is not None,
         UPCAST=INTERPRET,
-        PRECISION=_precision(hidden.dtype),
+        PRECISION=_precision(dtype),
         BLOCK_N=cfg.BLOCK_N,
         BLOCK_V=cfg.BLOCK_V,
         BLOCK_D=cfg.BLOCK_D,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
-    ), (float(softcap) if softcap is not None else 1.0), 1.0 / float(temperature)
-
-
-def _prepare(hidden, weight, bias, rows, labels):
-    # the kernels read rows with unit stride along D, with 64-bit offsets for the rest
-    hidden = hidden if hidden.stride(1) == 1 else hidden.contiguous()
-    weight = weight if weight.stride(1) == 1 else weight.contiguous()
-    bias = None if bias is None else bias.contiguous()
-    # any valid pointer stands in for a tensor that a constexpr switch leaves unread
-    rows_arg = labels if rows is None else rows.contiguous()
-    bias_arg = hidden if bias is None else bias
-    return hidden, weight, bias, bias_arg, rows_arg, labels.contiguous()
+    )
+    if kernel == "fwd":
+        meta["HAS_ROWS"] = rows is not None
+    else:
+        meta["GROUP_N"] = _DZ_GROUP
+    return meta, (float(softcap) if softcap is not None else 1.0), 1.0 / float(temperature)
 
 
 def logprob_fwd(
@@ -333,8 +272,9 @@ def logprob_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton version of ``torch_chunked.logprob_fwd``: same arguments and (row_max, sum_exp, target_logit).
 
-    ``splits`` forces the number of vocabulary splits (tests); by default it follows the SM count.
-    ``workspace_bytes`` is accepted for the shared contract; the forward's only buffers are (splits, M) floats.
+    The logits tiles never leave the chip; the only buffers are the vocabulary splits' statistics, 3 x splits x M
+    floats, within ``workspace_bytes``. ``splits`` forces the number of splits (tests); by default it follows the
+    SM count (about two programs per SM). Hidden or weight rows that are not unit-stride along D are copied once.
     """
     m_tokens = labels.shape[0]
     vocab, dim = weight.shape
@@ -342,17 +282,26 @@ def logprob_fwd(
     if m_tokens == 0 or vocab == 0:
         return (torch.full((m_tokens,), float("-inf"), device=dev), torch.zeros(m_tokens, device=dev),
                 torch.zeros(m_tokens, device=dev))
-    hidden, weight, bias, bias_arg, rows_arg, labels = _prepare(hidden, weight, bias, rows, labels)
+    # the kernel reads rows with unit stride along D (64-bit offsets for the rest) and vectors with unit stride
+    hidden = hidden if hidden.stride(1) == 1 else hidden.contiguous()
+    weight = weight if weight.stride(1) == 1 else weight.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    rows = None if rows is None else rows.contiguous()
+    labels = labels.contiguous()
+    budget = default_workspace_bytes(dev) if workspace_bytes is None else workspace_bytes
     cfg = select_config("fwd", hidden.dtype)
     n_tiles = triton.cdiv(m_tokens, cfg.BLOCK_N)
     if splits is None:
-        splits = _auto_splits(n_tiles, vocab, cfg.BLOCK_V, dev, max_splits=64)
+        # each split adds 3 floats per token (more than one split also needs the merge's 2 temporaries of M)
+        splits = _auto_splits(n_tiles, vocab, cfg.BLOCK_V, dev, max_splits=max(1, budget // (20 * m_tokens)))
     cols = _split_columns(vocab, splits, cfg.BLOCK_V)
     n_splits = triton.cdiv(vocab, cols)
     part = torch.empty(3, n_splits, m_tokens, device=dev, dtype=torch.float32)
-    meta, softcap_arg, inv_temp = _common(hidden, weight, bias, rows, softcap, temperature, cfg)
+    meta, softcap_arg, inv_temp = _common("fwd", hidden.dtype, bias, rows, softcap, temperature)
+    # any valid pointer stands in for a tensor that a constexpr switch leaves unread
     _logprob_fwd_kernel[(n_tiles, n_splits)](
-        hidden, weight, bias_arg, rows_arg, labels, part[0], part[1], part[2],
+        hidden, weight, hidden if bias is None else bias, labels if rows is None else rows, labels,
+        part[0], part[1], part[2],
         m_tokens, vocab, dim, hidden.stride(0), weight.stride(0), cols, softcap_arg, inv_temp, **meta,
     )
     if n_splits == 1:
@@ -361,6 +310,30 @@ def logprob_fwd(
     row_max = part[0].amax(dim=0)
     sum_exp = (part[1] * torch.exp(part[0] - row_max)).sum(dim=0)
     return row_max, sum_exp, part[2].sum(dim=0)
+
+
+def make_dz(h, w, b, labels, v0, lse, g, softcap, inv_temp, out, ws) -> None:
+    """The Triton tile maker: dz of tokens h (n, D) against vocabulary rows w (v, D) into ``out`` (n, v), rounded to
+    out's dtype; one launch over (BLOCK_N, BLOCK_V) pieces (see ``tiled.TileMaker`` for the arguments)."""
+    n, v = out.shape
+    meta, softcap_arg, _ = _common("dz", h.dtype, b, None, softcap, 1.0)
+    grid = (triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(v, meta["BLOCK_V"]),)
+    _logprob_dz_kernel[grid](
+        h, w, h if b is None else b, labels, lse, g, out,
+        n, v, h.shape[1], h.stride(0), w.stride(0), out.stride(0), v0, softcap_arg, inv_temp, **meta,
+    )
+
+
+def _scratch(n, v, gemm_dtype, softcap, backward):
+    return {}  # the logits stay on chip
+
+
+# dz is rounded to the input dtype, as the GPU's tensor-core GEMMs take it (also when the interpreter multiplies
+# fp32 copies: the rounding is the GPU's, only the products' order differs)
+# GPU tile sides are multiples of the 16-bit dz kernel's blocks (the fp32 blocks divide them)
+GPU_ALIGN = (_GPU_CONFIGS[("dz", "16")].BLOCK_N, _GPU_CONFIGS[("dz", "16")].BLOCK_V)
+TILES = TileMaker(make_dz=make_dz, dz_dtype=lambda input_dtype, gemm_dtype: input_dtype, scratch=_scratch,
+                  align=(_INTERPRET_CONFIG.BLOCK_N, _INTERPRET_CONFIG.BLOCK_V) if INTERPRET else GPU_ALIGN)
 
 
 def logprob_bwd(
@@ -378,66 +351,15 @@ def logprob_bwd(
     need_weight: bool = True,
     need_bias: bool = True,
     workspace_bytes: int | None = None,
-    splits: int | None = None,
-    dw_programs: int | None = None,
+    tile: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """Triton version of ``torch_chunked.logprob_bwd``: same arguments and (grad_hidden fp32 compact, grad_weight,
-    grad_bias).
-
-    ``workspace_bytes`` caps the split buffers of dH (at least one (M, D) fp32 buffer is always needed).
-    ``splits`` / ``dw_programs`` force the dH vocabulary splits and the dW kernel's program count (tests).
-    """
-    from .torch_chunked import default_workspace_bytes
-
-    m_tokens = labels.shape[0]
-    vocab, dim = weight.shape
-    dev = hidden.device
-    need_bias = need_bias and bias is not None
-    if m_tokens == 0 or vocab == 0:
-        return (torch.zeros(m_tokens, dim, device=dev) if need_hidden else None,
-                torch.zeros_like(weight) if need_weight else None,
-                torch.zeros_like(bias) if need_bias else None)
-    hidden, weight, bias, bias_arg, rows_arg, labels = _prepare(hidden, weight, bias, rows, labels)
-    lse = lse.float().contiguous()
-    grad = grad.float().contiguous()
-    budget = default_workspace_bytes() if workspace_bytes is None else workspace_bytes
-
-    d_hidden = None
-    if need_hidden:
-        cfg = select_config("dh", hidden.dtype)
-        n_tiles = triton.cdiv(m_tokens, cfg.BLOCK_N)
-        if splits is None:
-            # each split adds an (M, D) fp32 partial sum: as many as the workspace budget allows
-            splits = _auto_splits(n_tiles, vocab, cfg.BLOCK_V, dev, max_splits=budget // (m_tokens * dim * 4))
-        cols = _split_columns(vocab, splits, cfg.BLOCK_V)
-        n_splits = triton.cdiv(vocab, cols)
-        buf = torch.empty(n_splits, m_tokens, dim, device=dev, dtype=torch.float32)
-        meta, softcap_arg, inv_temp = _common(hidden, weight, bias, rows, softcap, temperature, cfg)
-        _logprob_bwd_dh_kernel[(n_tiles, n_splits)](
-            hidden, weight, bias_arg, rows_arg, labels, lse, grad, buf,
-            m_tokens, vocab, dim, hidden.stride(0), weight.stride(0), cols, softcap_arg, inv_temp, **meta,
-        )
-        d_hidden = buf[0] if n_splits == 1 else buf.sum(dim=0)
-
-    d_weight = d_bias = None
-    if need_weight or need_bias:
-        cfg = select_config("dw", hidden.dtype)
-        n_vtiles = triton.cdiv(vocab, cfg.BLOCK_V)
-        programs = dw_programs if dw_programs is not None else min(n_vtiles, 2 * _num_sms(dev))
-        programs = max(1, min(programs, n_vtiles))
-        acc_in_dw = weight.dtype == torch.float32
-        unused = lse  # a valid pointer for arguments a constexpr switch leaves unread
-        d_weight = torch.empty(vocab, dim, device=dev, dtype=weight.dtype) if need_weight else None
-        if need_weight and not acc_in_dw:
-            scratch = torch.empty(programs, cfg.BLOCK_V, dim, device=dev, dtype=torch.float32)
-        else:
-            scratch = unused
-        d_bias = torch.empty(vocab, device=dev, dtype=bias.dtype) if need_bias else None
-        meta, softcap_arg, inv_temp = _common(hidden, weight, bias, rows, softcap, temperature, cfg)
-        _logprob_bwd_dw_kernel[(programs,)](
-            hidden, weight, bias_arg, rows_arg, labels, lse, grad,
-            unused if d_weight is None else d_weight, unused if d_bias is None else d_bias, scratch,
-            m_tokens, vocab, dim, hidden.stride(0), weight.stride(0), cfg.BLOCK_V * dim, softcap_arg, inv_temp,
-            NEED_WEIGHT=need_weight, NEED_BIAS=need_bias, ACC_IN_DW=acc_in_dw, **meta,
-        )
-    return d_hidden, d_weight, d_bias
+    """Triton version of ``torch_chunked.logprob_bwd``: the shared tile loop (``tiled.logprob_bwd``) with the fused
+    dz kernel; same arguments and (grad_hidden fp32 compact, grad_weight, grad_bias). ``tile`` forces the tile
+    shape (tests)."""
+    # unit-stride vectors for the kernel; the loop gives it unit-stride rows
+    bias = None if bias is None else bias.contiguous()
+    return tiled.logprob_bwd(
+        TILES, hidden, weight, bias, rows, labels.contiguous(), lse.float().contiguous(), grad.float().contiguous(),
+        softcap=softcap, temperature=temperature, need_hidden=need_hidden, need_weight=need_weight,
+        need_bias=need_bias, workspace_bytes=workspace_bytes, tile=tile,
+    )

@@ -1,10 +1,12 @@
 """Per-token log-probabilities in chunked PyTorch: the implementation for every device without Triton.
 
-It computes what the Triton kernels in ``fused_logprob.py`` compute, with the same arguments and outputs. A GPU
-spreads (token tile, vocabulary tile) pairs over its programs; here a Python loop walks vocabulary chunks (outer:
-each weight chunk is read once) and token chunks (inner). Tiles are sized by ``plan_chunks``: within the workspace
-budget, and on the CPU of a measured size (4 MiB) at which the element-wise passes after each matrix product stay
-cheap, since on a CPU those passes can cost as much as the product itself.
+It computes what the Triton kernels in ``fused_logprob.py`` compute, with the same arguments and outputs. The
+forward walks (vocabulary chunk, token chunk) tiles, folding each logits tile into online log-sum-exp statistics;
+the backward is the shared tile loop of ``tiled.py`` with ``make_dz`` below as its tile maker. Tiles are sized by
+``tiled.plan_tiles`` within the workspace budget, and on the CPU capped at a measured size (``_CPU_TILE``) at
+which the element-wise passes after each matrix product stay cheap. On CUDA the products take the 16-bit inputs
+as they are (tensor cores, fp32 accumulation into an fp32 logits tile: no fp32 copy of the weight); on the CPU,
+which has no such product, 16-bit chunks are converted to fp32 in the workspace.
 
 The math, for a token with hidden state h, label y, and the logits transform of ``fastkto.fused_logprobs``:
 
@@ -17,152 +19,103 @@ The math, for a token with hidden state h, label y, and the logits transform of 
 Backward, for an upstream gradient g of log p(y), with p_j = exp(z_j - lse) and k_j = 1 - tanh^2(a_j / c)
 (k_j = 1 without soft-cap):
 
-    da_j = (g / T) k_j (1[j = y] - p_j)
-    dh   = (g / T) (k_y w_y - sum_j k_j p_j w_j)
-    dw_j = sum_tokens da_j h      db_j = sum_tokens da_j
+    dz_j = da_j = (g / T) k_j (1[j = y] - p_j)   the tile maker's output
+    dh   = sum_j dz_j w_j                         dH += dz @ W     (the shared loop's GEMMs)
+    dw_j = sum_tokens dz_j h                      dW += dz.T @ H   db_j = sum_tokens dz_j
 
-The kernels form da on the tile and multiply; here the per-token factor g / T and the one-hot term are moved onto
-the small (tokens, D) operands, which saves passes over the tile: only p (times k) is formed tile-wide.
+Scalar factors are folded into the products where a BLAS call takes them (1/T, 1/c and the bias as addmm's alpha,
+beta and input; lse as a broadcast input in the backward), so that a tile costs few passes over memory.
 Nothing of size tokens x vocabulary is ever allocated: the workspace is bounded by ``workspace_bytes``.
 """
 
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
-__all__ = ["logprob_fwd", "logprob_bwd", "plan_chunks", "default_workspace_bytes"]
+from . import tiled
+from .tiled import TileMaker, default_workspace_bytes
 
-_DEFAULT_WORKSPACE_MIB = 64
-
-
-def default_workspace_bytes() -> int:
-    """The PyTorch path's workspace budget in bytes: ``$FASTKTO_WORKSPACE_MIB`` MiB, 64 MiB when unset."""
-    raw = os.environ.get("FASTKTO_WORKSPACE_MIB")
-    if raw is None or raw == "":
-        return _DEFAULT_WORKSPACE_MIB << 20
-    try:
-        mib = float(raw)
-    except ValueError:
-        raise ValueError(f"FASTKTO_WORKSPACE_MIB must be a positive number of MiB, got {raw!r}") from None
-    if not mib > 0:
-        raise ValueError(f"FASTKTO_WORKSPACE_MIB must be a positive number of MiB, got {raw!r}")
-    return int(mib * (1 << 20))
-
+__all__ = ["logprob_fwd", "logprob_bwd", "make_dz", "TILES", "default_workspace_bytes"]
 
 # CPU tile shape, measured (2-core AMD EPYC, torch 2.13, 2 threads; SmolLM2's head at 256 to 4096 tokens): up to
 # 1024 tokens x 1024 vocabulary rows (4 MiB of fp32) was fastest among 1024-4096 rows x 1-16 MiB tiles. Smaller
 # tiles pay per-operation threading overhead on every element-wise pass; larger ones leave the caches.
-_CPU_TILE_ELEMENTS = 1 << 20
-_CPU_MAX_VOCAB_CHUNK = 1024
+_CPU_TILE = (1 << 20, 1024)  # (tile elements, vocabulary rows)
 
 
-def plan_chunks(
-    n_tokens: int, vocab: int, hidden_size: int, workspace_bytes: int, device: torch.device | str = "cpu",
-    weight_dtype: torch.dtype = torch.float32,
-) -> tuple[int, int]:
-    """Choose (token chunk, vocabulary chunk) so that the workspace (see ``_Workspace``) fits ``workspace_bytes``.
-
-    The workspace holds, in fp32: two (n, v) tiles (logits; tanh with a soft-cap), three (n, D) row buffers and,
-    for a 16-bit weight, its chunk and the chunk's gradient accumulator (2 v D). The vocabulary chunk takes at most
-    a quarter of the budget, the tiles the rest. ``n_tokens`` only caps the plan for calls with fewer tokens. A
-    budget too small for a 1 x 1 tile still gets one. On the CPU the tile shape is further capped (measured best).
-    """
-    floats = max(workspace_bytes // 4, 1)
-    cpu = torch.device(device).type == "cpu"
-    v = max(1, min(vocab, floats // (4 * hidden_size)))
-    if cpu:
-        v = min(v, _CPU_MAX_VOCAB_CHUNK)
-    vocab_side = 0 if weight_dtype == torch.float32 else 2 * v * hidden_size
-    n = max(1, min(n_tokens, (floats - vocab_side) // (2 * v + 4 * hidden_size)))
-    if cpu:
-        n = max(1, min(n, _CPU_TILE_ELEMENTS // v))
-    return n, v
-
-
-class _Workspace:
-    """The fixed scratch memory of one forward or backward call, reused by every tile.
-
-    It is sized by the plan for the full budget, not by the batch: a call's temporaries are the same whether it
-    scores 10 tokens or 10 million, so the memory a trainer sees does not move with the batch's masking (untouched
-    pages of the tail cost no resident memory). Buffers are flat, and each use takes a contiguous (rows, cols)
-    view of the front.
-    """
-
-    def __init__(self, n, v, hidden, weight, rows, softcap, inv_temp, backward):
-        dim = weight.shape[1]
-        dev = weight.device
-
-        def buf(numel, dtype=torch.float32):
-            return torch.empty(numel, device=dev, dtype=dtype)
-
-        self.z = buf(n * v)
-        self.t = buf(n * v) if softcap is not None else None
-        # hidden rows as fp32: a gather (rows), a conversion (16-bit) or, for contiguous fp32 slices, a view
-        copy_rows = rows is not None or hidden.dtype != torch.float32
-        self.h = buf(n * dim) if copy_rows else None
-        self.h16 = buf(n * dim, hidden.dtype) if rows is not None and hidden.dtype != torch.float32 else None
-        self.scaled = buf(n * dim) if softcap is not None or inv_temp != 1.0 else None
-        self.rowwise = buf(n * dim) if backward else None
-        self.w = buf(v * dim) if weight.dtype != torch.float32 else None
-
-    @staticmethod
-    def view(flat, *shape):
-        numel = 1
-        for size in shape:
-            numel *= size
-        return flat[:numel].view(*shape)
-
-
-def _weight_chunk(weight, v0, v1, ws):
-    """Weight rows v0:v1 as fp32: a view of an fp32 weight, or a conversion into the workspace."""
-    if ws.w is None:
-        return weight[v0:v1]
-    return ws.view(ws.w, v1 - v0, weight.shape[1]).copy_(weight[v0:v1])
-
-
-def _hidden_chunk(hidden, rows, n0, n1, ws):
-    """Hidden rows n0:n1 of the scored tokens (through ``rows`` when given) as fp32, without allocating."""
-    if ws.h is None:
-        return hidden[n0:n1]
-    out = ws.view(ws.h, n1 - n0, hidden.shape[1])
-    if rows is None:
-        return out.copy_(hidden[n0:n1])
-    if ws.h16 is None:
-        return torch.index_select(hidden, 0, rows[n0:n1], out=out)
-    return out.copy_(torch.index_select(hidden, 0, rows[n0:n1], out=ws.view(ws.h16, n1 - n0, hidden.shape[1])))
-
-
-def _add_rows(dst: torch.Tensor, index: torch.Tensor, src: torch.Tensor) -> None:
-    """dst[index[i]] += src[i], deterministically (labels repeat): CUDA's index_put_ with accumulate sorts the
-    indices; the CPU's index_add_ runs in index order."""
-    if dst.device.type == "cuda":
-        dst.index_put_((index,), src, accumulate=True)
-    else:
-        dst.index_add_(0, index, src)
-
-
-def _tile_logits(h, w, b, softcap, inv_temp, ws):
-    """z = transform(h @ w.T + b) for one (n, v) tile in fp32, and t = tanh(a / c) (None without soft-cap).
-
-    The scalar factors (1/T, or 1/c before the tanh) are applied to the (n, D) rows and the bias, not the tile.
-    """
-    n, v = h.shape[0], w.shape[0]
-    z = ws.view(ws.z, n, v)
-    if softcap is None:
-        hs = h if inv_temp == 1.0 else torch.mul(h, inv_temp, out=ws.view(ws.scaled, *h.shape))
-        torch.mm(hs, w.T, out=z)
+def _tile_logits(h, w, b, softcap, inv_temp, z, t, shift=None):
+    """z = transform(h @ w.T + b) - shift[:, None] for one (n, v) tile, in fp32 (``shift``: the log-sum-exp, in
+    the backward, or None); returns (z, t) with t = tanh(a / c), or None without a soft-cap."""
+    scale = inv_temp if softcap is None else 1.0 / softcap
+    a = z if softcap is None else t
+    shifted = False
+    if h.dtype == torch.float32:
         if b is not None:
-            z.add_(b, alpha=inv_temp)
-        return z, None
-    t = ws.view(ws.t, n, v)
-    torch.mm(torch.mul(h, 1.0 / softcap, out=ws.view(ws.scaled, *h.shape)), w.T, out=t)
-    if b is not None:
-        t.add_(b, alpha=1.0 / softcap)
-    t.tanh_()
-    return torch.mul(t, softcap * inv_temp, out=z), t
+            torch.addmm(b.float(), h, w.T, beta=scale, alpha=scale, out=a)
+        elif shift is not None and softcap is None:
+            torch.addmm(shift[:, None], h, w.T, beta=-1.0, alpha=scale, out=a)
+            shifted = True
+        elif scale == 1.0:
+            torch.mm(h, w.T, out=a)
+        else:
+            torch.addmm(a, h, w.T, beta=0.0, alpha=scale, out=a)  # beta = 0: a's contents are not read
+    else:  # 16-bit operands (CUDA): tensor-core product, fp32 output
+        tiled.matmul_fp32(a, h, w.T, accumulate=False)
+        if scale != 1.0:
+            a.mul_(scale)
+        if b is not None:
+            a.add_(b, alpha=scale)
+    if softcap is not None:
+        t.tanh_()
+        if shift is None:
+            torch.mul(t, softcap * inv_temp, out=z)
+        else:
+            torch.add(shift.neg()[:, None], t, alpha=softcap * inv_temp, out=z)
+            shifted = True
+    if shift is not None and not shifted:
+        z.sub_(shift[:, None])
+    return z, t
+
+
+def _tile_views(ws, n, v, softcap, z=None):
+    z = ws.view("z", n, v) if z is None else z
+    return z, (ws.view("t", n, v) if softcap is not None else None)
+
+
+def make_dz(h, w, b, labels, v0, lse, g, softcap, inv_temp, out, ws) -> None:
+    """The PyTorch tile maker: dz of tokens h (n, D) against vocabulary rows w (v, D) into ``out`` (n, v) (see
+    ``tiled.TileMaker``). The tile is formed in fp32; ``out`` is the fp32 tile itself, or (16-bit operands) the
+    tile rounded once, after the one-hot term is added."""
+    n, v = out.shape
+    z, t = _tile_views(ws, n, v, softcap, out if out.dtype == torch.float32 else None)
+    _tile_logits(h, w, b, softcap, inv_temp, z, t, shift=lse)
+    local = labels - v0
+    in_tile = (local >= 0) & (local < v)
+    local = local.clamp(0, v - 1)[:, None]
+    gt = g * inv_temp
+    onehot = torch.where(in_tile, gt, 0.0)  # g k_y / T at the label's column, zero where the label is elsewhere
+    p = z.exp_()
+    if t is not None:
+        onehot = onehot * (1 - t.gather(1, local).squeeze(1) ** 2)
+        p.addcmul_(p, t.square_(), value=-1.0)  # p_j k_j
+    p.mul_(gt.neg()[:, None]).scatter_add_(1, local, onehot[:, None])
+    if out is not p:
+        out.copy_(p)
+
+
+def _scratch(n, v, gemm_dtype, softcap, backward):
+    bufs = {}
+    if not backward or gemm_dtype != torch.float32:  # with fp32 operands the backward forms dz in place
+        bufs["z"] = (n * v, torch.float32)
+    if softcap:
+        bufs["t"] = (n * v, torch.float32)
+    return bufs
+
+
+TILES = TileMaker(make_dz=make_dz, dz_dtype=lambda input_dtype, gemm_dtype: gemm_dtype, scratch=_scratch,
+                  align=(16, 16), cpu_tile=_CPU_TILE)
 
 
 def logprob_fwd(
@@ -185,7 +138,7 @@ def logprob_fwd(
         labels: (M,) int64 label of each scored row, as an index into ``weight``'s rows; a label outside [0, V)
             adds no target logit (its vocabulary entry lives on another shard).
         softcap, temperature: the logits transform (see module docstring).
-        workspace_bytes: the temporaries' budget; ``default_workspace_bytes()`` when None.
+        workspace_bytes: the temporaries' budget; ``default_workspace_bytes(device)`` when None.
 
     Returns:
         (row_max, sum_exp, target_logit), each (M,) float32: lse = row_max + log(sum_exp) over these V rows,
@@ -199,18 +152,22 @@ def logprob_fwd(
     target = torch.zeros(m_tokens, device=dev, dtype=torch.float32)
     if m_tokens == 0 or vocab == 0:
         return row_max, sum_exp, target
-    budget = default_workspace_bytes() if workspace_bytes is None else workspace_bytes
-    inv_temp = 1.0 / temperature
-    n_plan, v_chunk = plan_chunks(2**62, vocab, dim, budget, dev, weight.dtype)
-    ws = _Workspace(n_plan, v_chunk, hidden, weight, rows, softcap, inv_temp, backward=False)
+    call = tiled.call_shape(hidden, weight, bias, rows, labels, softcap)
+    budget = default_workspace_bytes(dev) if workspace_bytes is None else workspace_bytes
+    n_plan, v_chunk = tiled.plan_tiles(call, TILES, budget, size_by_budget=dev.type == "cpu")
+    ws = tiled.Workspace(tiled.workspace_buffers(n_plan, v_chunk, call, TILES, backward=False), dev)
     n_chunk = min(n_plan, m_tokens)
+    inv_temp = 1.0 / temperature
+    single = n_chunk >= m_tokens  # one token chunk: its rows are gathered / converted once
+    h_once = tiled.operand_rows(hidden, rows, 0, m_tokens, ws, "h", "h_src") if single else None
     for v0 in range(0, vocab, v_chunk):
         v1 = min(v0 + v_chunk, vocab)
-        w = _weight_chunk(weight, v0, v1, ws)
-        b = None if bias is None else bias[v0:v1].float()
+        w = tiled.operand_rows(weight, None, v0, v1, ws, "w")
+        b = None if bias is None else bias[v0:v1]
         for n0 in range(0, m_tokens, n_chunk):
             n1 = min(n0 + n_chunk, m_tokens)
-            z, _ = _tile_logits(_hidden_chunk(hidden, rows, n0, n1, ws), w, b, softcap, inv_temp, ws)
+            h = h_once if single else tiled.operand_rows(hidden, rows, n0, n1, ws, "h", "h_src")
+            z, _ = _tile_logits(h, w, b, softcap, inv_temp, *_tile_views(ws, n1 - n0, v1 - v0, softcap))
             local = labels[n0:n1] - v0
             in_tile = (local >= 0) & (local < v1 - v0)
             picked = z.gather(1, local.clamp(0, v1 - v0 - 1)[:, None]).squeeze(1)
@@ -237,80 +194,18 @@ def logprob_bwd(
     need_weight: bool = True,
     need_bias: bool = True,
     workspace_bytes: int | None = None,
+    tile: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """Gradients of sum_i grad_i * log p_i, recomputing each logits tile.
-
-    Args: as ``logprob_fwd``, plus
-        lse: (M,) float32 global log-sum-exp of each scored row (over all shards).
-        grad: (M,) float32 upstream gradient of each scored row's log-probability.
-        need_hidden, need_weight, need_bias: which gradients to compute.
+    """Gradients of sum_i grad_i * log p_i: the shared tile loop (``tiled.logprob_bwd``, which documents the
+    arguments) with this module's tile maker.
 
     Returns:
         grad_hidden: (M, D) float32, compact (row i belongs to hidden row ``rows[i]``), or None.
         grad_weight: (V, D) in weight's dtype, or None.  grad_bias: (V,) in bias's dtype, or None.
     """
-    m_tokens = labels.shape[0]
-    vocab, dim = weight.shape
-    dev = hidden.device
-    need_bias = need_bias and bias is not None
-    d_hidden = torch.zeros(m_tokens, dim, device=dev, dtype=torch.float32) if need_hidden else None
-    if m_tokens == 0 or vocab == 0:
-        return (d_hidden, torch.zeros_like(weight) if need_weight else None,
-                torch.zeros_like(bias) if need_bias else None)
-    # every vocabulary chunk of the gradients is written by its first token chunk below
-    d_weight = torch.empty_like(weight) if need_weight else None
-    d_bias = torch.empty_like(bias) if need_bias else None
-    budget = default_workspace_bytes() if workspace_bytes is None else workspace_bytes
-    inv_temp = 1.0 / temperature
-    n_plan, v_chunk = plan_chunks(2**62, vocab, dim, budget, dev, weight.dtype)
-    ws = _Workspace(n_plan, v_chunk, hidden, weight, rows, softcap, inv_temp, backward=True)
-    n_chunk = min(n_plan, m_tokens)
-    # fp32 accumulators of one vocabulary chunk's gradients: the gradient's own rows when it is fp32
-    dw_buf = torch.empty(v_chunk * dim, device=dev) if need_weight and weight.dtype != torch.float32 else None
-    db_buf = torch.empty(v_chunk, device=dev) if need_bias and bias.dtype != torch.float32 else None
-    for v0 in range(0, vocab, v_chunk):
-        v1 = min(v0 + v_chunk, vocab)
-        w = _weight_chunk(weight, v0, v1, ws)
-        b = None if bias is None else bias[v0:v1].float()
-        dw_acc = db_acc = None
-        if need_weight:
-            dw_acc = d_weight[v0:v1] if dw_buf is None else ws.view(dw_buf, v1 - v0, dim)
-        if need_bias:
-            db_acc = d_bias[v0:v1] if db_buf is None else db_buf[: v1 - v0]
-        for n0 in range(0, m_tokens, n_chunk):
-            n1 = min(n0 + n_chunk, m_tokens)
-            h = _hidden_chunk(hidden, rows, n0, n1, ws)
-            rowwise = ws.view(ws.rowwise, n1 - n0, dim)
-            z, t = _tile_logits(h, w, b, softcap, inv_temp, ws)
-            local = labels[n0:n1] - v0
-            in_tile = (local >= 0) & (local < v1 - v0)
-            local = local.clamp(0, v1 - v0 - 1)
-            g = grad[n0:n1] * inv_temp
-            # one-hot coefficient g k_y / T, zero for rows whose label lies in another chunk
-            onehot = torch.where(in_tile, g, 0.0)
-            p = z.sub_(lse[n0:n1, None]).exp_()
-            if t is not None:
-                onehot = onehot * (1 - t.gather(1, local[:, None]).squeeze(1) ** 2)
-                p.addcmul_(p, t.square_(), value=-1.0)  # p_j k_j
-            if need_hidden:
-                d_hidden[n0:n1].addcmul_(torch.mm(p, w, out=rowwise), g[:, None], value=-1.0)
-                d_hidden[n0:n1].addcmul_(torch.index_select(w, 0, local, out=rowwise), onehot[:, None])
-            # the first token chunk writes the chunk's gradient, the others add to it: no zero-fill pass over the
-            # (v, D) gradient, which at a few tokens costs as much memory traffic as the products themselves
-            if need_weight:
-                if n0 == 0:
-                    torch.mm(p.T, torch.mul(h, g.neg()[:, None], out=rowwise), out=dw_acc)
-                else:
-                    dw_acc.addmm_(p.T, torch.mul(h, g[:, None], out=rowwise), alpha=-1.0)
-                _add_rows(dw_acc, local, torch.mul(h, onehot[:, None], out=rowwise))
-            if need_bias:
-                if n0 == 0:
-                    torch.mv(p.T, g.neg(), out=db_acc)
-                else:
-                    db_acc.addmv_(p.T, g, alpha=-1.0)
-                _add_rows(db_acc, local, onehot)
-        if dw_buf is not None:
-            d_weight[v0:v1] = dw_acc
-        if db_buf is not None:
-            d_bias[v0:v1] = db_acc
-    return d_hidden, d_weight, d_bias
+    # on the CPU the buffers are sized by the budget, not the call: memory stays flat as batches change
+    return tiled.logprob_bwd(
+        TILES, hidden, weight, bias, rows, labels, lse, grad, softcap=softcap, temperature=temperature,
+        need_hidden=need_hidden, need_weight=need_weight, need_bias=need_bias, workspace_bytes=workspace_bytes,
+        size_by_budget=hidden.device.type == "cpu", tile=tile,
+    )
