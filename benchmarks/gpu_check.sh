@@ -2,13 +2,16 @@
 # The whole check on a CUDA machine, in under 8 minutes on an H200 (torch 2.11, triton 3.6, no internet):
 #   1. record the machine (nvidia-smi, versions)                                  env.txt
 #   2. install the peers brought as wheels in .whl/ (benchmarks/fetch_wheels.sh)  wheels.log
-#   3. the suite's CUDA tests: python -m pytest tests -m cuda                     pytest_cuda.log / .xml
+#   3. the cost model against the GPU: python -m benchmarks.roofline --measure   roofline.log, roofline/measured.json
+#      (the three reference shapes: every step of the plan timed next to its prediction, the cuBLAS bf16 matmul
+#      floor, fastkto-triton / -torch, naive, TRL, Liger, CCE with peak memory, bitwise repeat, registers/spills)
+#   4. the suite's CUDA tests: python -m pytest tests -m cuda                     pytest_cuda.log / .xml
 #      and the files whose tests run on CUDA when there is one (DEVICE = cuda):
 #      tests/test_logprob.py tests/test_loss.py                                   pytest_device.log / .xml
-#   4. the compile checks: python -m pytest tests/test_compile.py                 pytest_compile.log / .xml
-#   5. the benchmark: python -m benchmarks.run (CUDA profile, bf16), with the     bench.log, bench/results.json,
-#      bf16 matmul rate and the primitive's TFLOP/s (2NDV fwd + 6NDV bwd)          bench/*.png, summary.txt
-#   6. everything packed into OUTDIR/gpu_check_all.tar.gz
+#   5. the compile checks: python -m pytest tests/test_compile.py                 pytest_compile.log / .xml
+#   6. the benchmark: python -m benchmarks.run (CUDA profile, bf16), with the     bench.log, bench/results.json,
+#      bf16 matmul rate and the primitive's TFLOP/s (8NDV: forward 2, backward 6)  bench/*.png, summary.txt
+#   7. everything packed into OUTDIR/gpu_check_all.tar.gz
 #
 # usage: bash benchmarks/gpu_check.sh OUTDIR [--dry-run]
 #   --dry-run  on any machine (no GPU needed): collects the tests instead of running them and plans the
@@ -28,8 +31,9 @@ PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 # fastkto and benchmarks from this checkout, without installing it
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-# seconds per step: 45 + 90 + 60 + 270 + set-up (wheels <= 30, the rest seconds) stays under 8 minutes
-T_CUDA=${T_CUDA:-45} T_DEVICE=${T_DEVICE:-90} T_COMPILE=${T_COMPILE:-60} T_BENCH=${T_BENCH:-270}
+# seconds per step: 120 + 45 + 75 + 45 + 165 + set-up (wheels <= 30, the rest seconds) stays under 8 minutes;
+# the cost model's measurement runs first, since it is what the first GPU run is for
+T_ROOF=${T_ROOF:-120} T_CUDA=${T_CUDA:-45} T_DEVICE=${T_DEVICE:-75} T_COMPILE=${T_COMPILE:-45} T_BENCH=${T_BENCH:-165}
 DEVICE_TESTS=${DEVICE_TESTS:-"tests/test_logprob.py tests/test_loss.py"}
 STATUS=0
 START=$SECONDS
@@ -78,7 +82,14 @@ else
     log "wheels: no .whl/ folder (benchmarks/fetch_wheels.sh makes it); peers not on the image will be skipped"
 fi
 
-# 3. and 4. the tests
+# 3. the cost model, measured (on --dry-run: the model alone)
+if [[ $DRY == 1 ]]; then
+    step roofline "$T_ROOF" roofline.log "$PY" -m benchmarks.roofline
+else
+    step roofline "$T_ROOF" roofline.log "$PY" -m benchmarks.roofline --measure --out "$OUT/roofline"
+fi
+
+# 4. and 5. the tests
 MODE=(-q -p no:cacheprovider)
 [[ $DRY == 1 ]] && MODE+=(--collect-only)
 # shellcheck disable=SC2086  # DEVICE_TESTS is a list of paths
@@ -88,7 +99,7 @@ step device-tests "$T_DEVICE" pytest_device.log "$PY" -m pytest $DEVICE_TESTS "$
 step compile-checks "$T_COMPILE" pytest_compile.log "$PY" -m pytest tests/test_compile.py "${MODE[@]}" \
     --junitxml="$OUT/pytest_compile.xml"
 
-# 5. the benchmark (the CUDA profile of benchmarks/workloads.py; one worker process per workload group)
+# 6. the benchmark (the CUDA profile of benchmarks/workloads.py; one worker process per workload group)
 BENCH_ARGS=(--out "$OUT/bench" --timeout 150)
 [[ $DRY == 1 ]] && BENCH_ARGS+=(--dry-run --device cuda)
 step benchmark "$T_BENCH" bench.log "$PY" -m benchmarks.run "${BENCH_ARGS[@]}"
@@ -97,7 +108,7 @@ if [[ -f "$OUT/bench/results.json" || -f "$OUT/bench/results.partial.json" ]]; t
     log "summary: $OUT/summary.txt"
 fi
 
-# 6. one archive of everything, for tools that return few files
+# 7. one archive of everything, for tools that return few files
 tar -czf "$OUT/gpu_check_all.tar.gz" -C "$OUT" --exclude gpu_check_all.tar.gz . 2>/dev/null
 log "done in $((SECONDS - START)) s, status $STATUS; archive $OUT/gpu_check_all.tar.gz"
 exit $STATUS

@@ -13,10 +13,14 @@ naive     c_naive * N * V bytes. The head keeps a float32 log_softmax (4 bytes p
           per logit at the peak, in float32 and in bf16 alike (bf16 logits are cast before the softmax and
           not kept). c_naive is measured: the slope of the naive KTO step's peak memory beyond the gradients
           against N * V in a ``python -m benchmarks.run`` results file.
-fastkto   W + M * D * b. W: the workspace, a constant (the tiles of the PyTorch path, the split buffers of the
-          Triton kernels; 64 MiB by default): measured, the largest fastkto peak of the KTO step sweep minus its
-          per-token part. M * D * b: the float32 hidden-state gradient the backward accumulates (b = 4), plus its
-          cast to bf16 (b = 6 in bf16); it grows with the scored tokens, not with the vocabulary.
+fastkto   W + M * D * b. W: the workspace, a constant (the tiles of the PyTorch path; 64 MiB by default):
+          measured, the largest fastkto peak of the KTO step sweep minus its per-token part. M * D * b: the float32
+          hidden-state gradient the backward accumulates (b = 4), plus its cast to bf16 (b = 6 in bf16); it grows
+          with the scored tokens, not with the vocabulary.
+GPU       the Triton path's real buffers, from its own plan (``fastkto.kernels.tiled.plan_tiles`` for the call's
+          shape, CUDA's 128 MiB default budget): the workspace of that plan (dz tile, the dW chunk's fp32
+          accumulator) + the float32 hidden gradient + its bf16 cast + the forward's split statistics. Computed,
+          not fitted: a GPU run checks it (``benchmarks/roofline.py --measure``).
 
 The 80 GB column puts this next to a LoRA / frozen-base run on one card: bf16 weights take 2 bytes per
 parameter, and what is left must hold the activations and the loss head.
@@ -35,6 +39,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 GB = 1e9
 CARD_BYTES = 80 * GB
 DEFAULT_WORKSPACE = 64 * 2**20
+DEFAULT_GPU_WORKSPACE_MIB = 128  # fastkto.kernels.tiled.DEFAULT_WORKSPACE_MIB["cuda"]
 ANALYTIC_C_NAIVE = 12.0  # bytes per (token x vocabulary) logit, derivation in the module docstring
 
 
@@ -111,6 +116,16 @@ def head_bytes(model: ModelShape, batch: int, seq: int, scored_fraction: float, 
     return naive, fast
 
 
+def gpu_path_bytes(model: ModelShape, batch: int, seq: int, scored_fraction: float) -> float:
+    """The Triton path's loss-head bytes for one policy pass (bf16): its plan's workspace, the fp32 hidden
+    gradient and its bf16 cast, and the forward's per-token statistics; see the module docstring."""
+    from .roofline import Shape, plan
+
+    scored = max(1, int(batch * seq * scored_fraction))
+    _, _, workspace = plan(Shape(scored, model.hidden, model.vocab), DEFAULT_GPU_WORKSPACE_MIB)
+    return workspace + scored * model.hidden * (4 + 2) + 64 * scored
+
+
 def table(models, batches, seqs, scored_fraction, coef) -> list[dict]:
     rows = []
     for key in models:
@@ -119,7 +134,9 @@ def table(models, batches, seqs, scored_fraction, coef) -> list[dict]:
         for b in batches:
             for t in seqs:
                 naive, fast = head_bytes(m, b, t, scored_fraction, coef)
+                gpu = gpu_path_bytes(m, b, t, scored_fraction)
                 rows.append({"model": m.name, "batch": b, "seq": t, "naive_gb": naive / GB, "fastkto_gb": fast / GB,
+                             "fastkto_gpu_gb": gpu / GB,
                              "freed_gb": (naive - fast) / GB, "freed_pct_of_80gb": 100 * (naive - fast) / CARD_BYTES,
                              "left_after_bf16_weights_gb": (CARD_BYTES - weights) / GB})
     return rows
@@ -150,11 +167,12 @@ def main(argv=None) -> int:
     from rich.table import Table
 
     t = Table(title="KTO step loss-head memory, bf16 (GB = 1e9 bytes)")
-    for col in ("model", "batch x seq", "naive GB", "fastkto GB", "freed GB", "freed / 80 GB",
-                "80 GB - bf16 weights"):
+    for col in ("model", "batch x seq", "naive GB", "fastkto GB", "fastkto GPU path GB", "freed GB",
+                "freed / 80 GB", "80 GB - bf16 weights"):
         t.add_column(col, justify="left" if col == "model" else "right")
     for r in rows:
         t.add_row(r["model"], f"{r['batch']} x {r['seq']}", f"{r['naive_gb']:.2f}", f"{r['fastkto_gb']:.3f}",
+                  f"{r['fastkto_gpu_gb']:.3f}",
                   f"{r['freed_gb']:.2f}", f"{r['freed_pct_of_80gb']:.1f}%", f"{r['left_after_bf16_weights_gb']:.1f}")
     import sys
 

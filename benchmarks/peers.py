@@ -21,8 +21,8 @@ import importlib.util
 
 import torch
 
-__all__ = ["skip_reason", "trl_logprobs", "cce_logprobs", "masked_sequence_logps", "liger_kto_loss",
-           "liger_dpo_loss", "TRL_VOCAB_CHUNK"]
+__all__ = ["skip_reason", "trl_logprobs", "cce_logprobs", "liger_logprobs", "masked_sequence_logps",
+           "liger_kto_loss", "liger_dpo_loss", "TRL_VOCAB_CHUNK"]
 
 TRL_VOCAB_CHUNK = 32768  # trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE in TRL 1.16
 LIGER_COMPILED = True  # Liger's default; the harness tests switch it off (compiling takes ~20 s on 2 cores)
@@ -74,6 +74,15 @@ def cce_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tenso
 
     loss = linear_cross_entropy(hidden, weight, labels, softcap=softcap, ignore_index=ignore_index,
                                 reduction="none")
+    return -loss.float()
+
+
+def liger_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, softcap=None) -> torch.Tensor:
+    """Liger-Kernel's fused linear cross-entropy per token (``reduction="none"``, which takes a per-token upstream
+    gradient): (N, D), (V, D), (N,) -> (N,) float32 log-probs = -cross-entropy, differentiable. CUDA only."""
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+    loss = LigerFusedLinearCrossEntropyLoss(reduction="none", softcap=softcap)(weight, hidden, labels)
     return -loss.float()
 
 

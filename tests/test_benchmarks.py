@@ -5,6 +5,7 @@ the report, the plots and the memory model. Tiny heads only: the whole file take
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import measure, memory_model, naive, peers, realdata, run, workloads
+from benchmarks import measure, memory_model, naive, peers, realdata, roofline, run, workloads
 from fastkto.memory import track_peak_memory
 from tests.reference import leaf64, reference_logprobs
 
@@ -246,6 +247,77 @@ def test_memory_model_arithmetic_and_coefficients(tmp_path):
     assert abs(got.c_naive - 12.0) < 1e-9 and got.workspace == 1000
     assert memory_model.coefficients_from_results(None).source.startswith("analytic")
     assert memory_model.main(["--results", str(path), "--batch", "1", "--seq", "1024", "--json"]) == 0
+
+
+def test_memory_model_gpu_column_is_the_plans_buffers():
+    from fastkto.kernels import tiled
+
+    qwen = memory_model.MODELS["qwen2.5-32b"]
+    got = memory_model.gpu_path_bytes(qwen, 2, 4096, 1.0)
+    n, v, ws = roofline.plan(roofline.Shape(8192, 5120, 152064), tiled.DEFAULT_WORKSPACE_MIB["cuda"])
+    assert memory_model.DEFAULT_GPU_WORKSPACE_MIB == tiled.DEFAULT_WORKSPACE_MIB["cuda"]
+    assert 0 < ws <= 128 * 2**20 and n >= 2048 and v >= 2048
+    assert got == ws + 8192 * 5120 * 6 + 64 * 8192
+
+
+# ------------------------------------------------------------------------------------------------ roofline
+
+def test_roofline_rows_follow_the_plan_and_meet_the_targets():
+    out = roofline.rows(roofline.SHAPES, 128)
+    assert all(set(r) == {"shape", "step", "flops", "hbm_bytes", "predicted_ms"} for r in out)
+    targets = {"16384,2048,248320": 141, "8192,2304,256000": 82, "8192,4096,128256": 73}  # 60 % of 790 on 8NDV
+    assert {r["shape"] for r in out} == set(targets)
+    for key, limit in targets.items():
+        mine = [r for r in out if r["shape"] == key]
+        total = [r for r in mine if r["step"] == "total"]
+        assert len(total) == 1 and mine[-1] is total[0]
+        n, d, v = (int(x) for x in key.split(","))
+        assert total[0]["flops"] == 8 * n * d * v  # one recompute: forward 2 + recompute 2 + two GEMMs 2 + 2
+        parts = [r for r in mine if r["step"] != "total"]
+        assert abs(sum(r["predicted_ms"] for r in parts) - total[0]["predicted_ms"]) < 1e-9
+        assert sum(r["hbm_bytes"] for r in parts) == total[0]["hbm_bytes"]
+        assert total[0]["predicted_ms"] <= limit, (key, total[0]["predicted_ms"])
+        # each step at least its roofline at the peak rates
+        for r in parts:
+            assert r["predicted_ms"] >= 1e3 * max(r["flops"] / roofline.TFLOPS, r["hbm_bytes"] / roofline.HBM)
+
+
+def test_roofline_accumulator_traffic_falls_with_the_tile():
+    # the model reads the plan: a budget that shrinks the tiles raises the accumulators' bytes
+    shape = roofline.SHAPES[2]
+    big = {s["step"]: s["hbm_bytes"] for s in roofline.steps(shape, 128)}
+    small = {s["step"]: s["hbm_bytes"] for s in roofline.steps(shape, 8)}
+    assert small["dH += dz @ W (cuBLAS)"] > 2 * big["dH += dz @ W (cuBLAS)"]
+    assert small["dW += dz.T @ H (cuBLAS)"] > big["dW += dz.T @ H (cuBLAS)"]
+
+
+def test_roofline_cli(capsys):
+    assert roofline.main(["--json", "--shape", "1000,512,32000", "--softcap", "30"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert [r["step"] for r in got][-1] == "total" and {r["shape"] for r in got} == {"1000,512,32000"}
+    assert roofline.main([]) == 0
+    text = capsys.readouterr().out
+    assert "Llama-3-8B" in text and "target <= 73 ms" in text
+    with pytest.raises(SystemExit):
+        roofline.main(["--shape", "1,2"])
+
+
+@pytest.mark.interpret
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="runs the Triton path under the interpreter")
+def test_roofline_measurement_runs_end_to_end_on_the_cpu(capsys):
+    # the GPU run's code path on a tiny shape: every step marked and timed, the methods, the bitwise repeat and the
+    # report (on the CPU: wall time, the Triton kernels interpreted, the CUDA-only peers skipped with a reason)
+    shape = roofline.Shape(40, 32, 300, 20.0, "tiny")
+    got = roofline.measure(shape, 0.05, ["fastkto-triton", "fastkto-torch", "naive", "trl", "cce"],
+                           device="cpu", dtype=torch.float32, repeats=1)
+    assert set(got["steps"]) == {s["step"] for s in roofline.steps(shape, 0.05)} - {"total"}
+    assert all(got["steps"][k] > 0 for k in ("forward (Triton)", "recompute dz (Triton)", "dH += dz @ W (cuBLAS)",
+                                             "dW += dz.T @ H (cuBLAS)"))
+    assert set(got["methods"]) == {"fastkto-triton", "fastkto-torch", "naive", "trl"}
+    assert all(m["ms"] > 0 and m["peak_mib"] > 0 for m in got["methods"].values())
+    assert got["errors"]["cce"].startswith("skipped") and got["bitwise_repeat"] is True
+    roofline._print_measured([shape], [got], 0.05)
+    assert "recompute dz (Triton)" in capsys.readouterr().out
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")

@@ -378,3 +378,37 @@ def test_autocast_runs_the_head_in_the_autocast_dtype(backend, seed):
     want.sum().backward()
     assert out.dtype == torch.float32 and torch.equal(out, want)
     assert h.grad.dtype == torch.float32 and torch.equal(h.grad, h2.grad) and torch.equal(w.grad, w2.grad)
+
+
+@pytest.mark.parametrize("accumulate_support", [(True, True), (True, False)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_torch_path_in_its_cuda_form(monkeypatch, accumulate_support, dtype, seed):
+    """The PyTorch path as it runs on CUDA: 16-bit GEMM operands (no fp32 copy of the weight), an fp32 logits
+    tile, dz rounded once to the input dtype, fp32 accumulation (fused into addmm, or through the product buffer).
+    This CPU torch has no fp32-output 16-bit GEMM, so mm / addmm with ``out_dtype`` are emulated exactly as a
+    tensor core computes them: exact products of the 16-bit operands, summed in fp32."""
+    mm, addmm = torch.mm, torch.addmm
+
+    def mm_fp32(a, b, *, out_dtype=None, out=None):
+        if out_dtype is None:
+            return mm(a, b, out=out) if out is not None else mm(a, b)
+        assert out_dtype == torch.float32 and a.dtype == b.dtype == dtype
+        return mm(a.float(), b.float(), out=out)
+
+    def addmm_fp32(c, a, b, *args, out_dtype=None, **kw):
+        if out_dtype is None:
+            return addmm(c, a, b, *args, **kw)
+        assert accumulate_support[1], "addmm with an fp32 input used where the device has none"
+        return addmm(c, a.float(), b.float(), *args, **kw)
+
+    monkeypatch.setattr(torch, "mm", mm_fp32)
+    monkeypatch.setattr(torch, "addmm", addmm_fp32)
+    monkeypatch.setattr(tiled, "fp32_gemm_support", lambda device_type: accumulate_support)
+    hidden, weight, labels, bias = make_inputs((3, 21), 24, 333, dtype, bias=True, device="cpu", logit_scale=10.0)
+    call = tiled.call_shape(hidden.view(-1, 24), weight, bias, None, labels.view(-1), 12.0)
+    assert call.gemm_dtype == dtype  # 16-bit operands, as on a GPU
+    bufs = tiled.workspace_buffers(64, 64, call, torch_chunked.TILES)
+    assert "w" not in bufs and bufs["dz"][1] == dtype and bufs["z"][1] == torch.float32
+    assert ("prod" in bufs) == (not accumulate_support[1])
+    monkeypatch.setenv("FASTKTO_WORKSPACE_MIB", "0.03125")  # 32 KiB: several tiles each way
+    check_against_reference(hidden, weight, labels, bias, backend="torch", softcap=12.0, temperature=0.8)

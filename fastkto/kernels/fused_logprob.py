@@ -2,10 +2,11 @@
 
 Same contract, names and per-tile math as ``torch_chunked.py`` (read its docstring for the formulas):
 
-    forward   _logprob_fwd_kernel   grid (token tiles, vocabulary splits). Each program walks its vocabulary
+    forward   _logprob_fwd_kernel   grid (token tiles x vocabulary splits). Each program walks its vocabulary
                                     columns tile by tile: logits tile = tl.dot over D, folded into a running max m,
                                     a sum of exp(z - m) and the target logit; the tile stays on chip. Splits (for
-                                    occupancy when tokens are few) are merged in PyTorch.
+                                    occupancy when tokens are few, and so that the resident programs' H tiles stay
+                                    in L2 when they are many) are merged in PyTorch in a fixed order.
     backward  _logprob_dz_kernel    the tile maker of the shared backward loop (``tiled.py``): for one
                                     (token chunk x vocabulary chunk) tile of the loop, recompute the logits on
                                     chip in fp32 (bias, soft-cap, temperature) and write dz = g (onehot - softmax)
@@ -115,8 +116,11 @@ def _logprob_fwd_kernel(
     HAS_BIAS: tl.constexpr, HAS_ROWS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_s = tl.program_id(1)
+    # splits vary fastest: the programs on the GPU at one time cover few token tiles, whose H tiles (re-read for
+    # every vocabulary tile) then stay in L2, and each W tile is read by all of them at about the same time
+    n_splits = tl.cdiv(V, cols_per_split)
+    pid_n = tl.program_id(0) // n_splits
+    pid_s = tl.program_id(0) % n_splits
     offs_n, n_mask, rows, labels = _token_tile(ROWS, LABELS, pid_n * BLOCK_N, M, HAS_ROWS, BLOCK_N)
     m_i = tl.full((BLOCK_N,), float("-inf"), tl.float32)
     s_i = tl.zeros((BLOCK_N,), tl.float32)
@@ -231,9 +235,19 @@ def _split_columns(vocab: int, splits: int, block_v: int) -> int:
     return triton.cdiv(triton.cdiv(vocab, max(splits, 1)), block_v) * block_v
 
 
-def _auto_splits(n_tiles: int, vocab: int, block_v: int, device: torch.device, max_splits: int) -> int:
-    """Enough vocabulary splits to give every SM about two programs, keeping at least 4 tiles per split."""
-    return max(1, min(triton.cdiv(2 * _num_sms(device), n_tiles), triton.cdiv(vocab, 4 * block_v), max_splits))
+# L2 bytes the resident programs' H tiles may take (an H200 has 50 MB; the W tiles and dz / outputs share it)
+_L2_H_BYTES = 16 << 20
+
+
+def _auto_splits(n_tiles: int, vocab: int, block_v: int, device: torch.device, max_splits: int,
+                 h_tile_bytes: int) -> int:
+    """Vocabulary splits: enough to give every SM about two programs (few tokens), and enough that the token tiles
+    resident at one time (SMs / splits of them, one program per SM) keep their H tiles within ``_L2_H_BYTES``
+    (many tokens); at least 4 vocabulary tiles per split."""
+    sms = _num_sms(device)
+    occupancy = triton.cdiv(2 * sms, n_tiles)
+    l2 = triton.cdiv(sms * h_tile_bytes, _L2_H_BYTES)
+    return max(1, min(max(occupancy, l2), triton.cdiv(vocab, 4 * block_v), max_splits))
 
 
 def _common(kernel, dtype, bias, rows, softcap, temperature, cfg=None):
@@ -274,7 +288,7 @@ def logprob_fwd(
 
     The logits tiles never leave the chip; the only buffers are the vocabulary splits' statistics, 3 x splits x M
     floats, within ``workspace_bytes``. ``splits`` forces the number of splits (tests); by default it follows the
-    SM count (about two programs per SM). Hidden or weight rows that are not unit-stride along D are copied once.
+    SM count and the L2 (``_auto_splits``). Hidden or weight rows that are not unit-stride along D are copied once.
     """
     m_tokens = labels.shape[0]
     vocab, dim = weight.shape
@@ -293,13 +307,14 @@ def logprob_fwd(
     n_tiles = triton.cdiv(m_tokens, cfg.BLOCK_N)
     if splits is None:
         # each split adds 3 floats per token (more than one split also needs the merge's 2 temporaries of M)
-        splits = _auto_splits(n_tiles, vocab, cfg.BLOCK_V, dev, max_splits=max(1, budget // (20 * m_tokens)))
+        splits = _auto_splits(n_tiles, vocab, cfg.BLOCK_V, dev, max_splits=max(1, budget // (20 * m_tokens)),
+                              h_tile_bytes=cfg.BLOCK_N * dim * hidden.element_size())
     cols = _split_columns(vocab, splits, cfg.BLOCK_V)
     n_splits = triton.cdiv(vocab, cols)
     part = torch.empty(3, n_splits, m_tokens, device=dev, dtype=torch.float32)
     meta, softcap_arg, inv_temp = _common("fwd", hidden.dtype, bias, rows, softcap, temperature)
     # any valid pointer stands in for a tensor that a constexpr switch leaves unread
-    _logprob_fwd_kernel[(n_tiles, n_splits)](
+    _logprob_fwd_kernel[(n_tiles * n_splits,)](
         hidden, weight, hidden if bias is None else bias, labels if rows is None else rows, labels,
         part[0], part[1], part[2],
         m_tokens, vocab, dim, hidden.stride(0), weight.stride(0), cols, softcap_arg, inv_temp, **meta,
@@ -352,14 +367,15 @@ def logprob_bwd(
     need_bias: bool = True,
     workspace_bytes: int | None = None,
     tile: tuple[int, int] | None = None,
+    on_step=None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Triton version of ``torch_chunked.logprob_bwd``: the shared tile loop (``tiled.logprob_bwd``) with the fused
     dz kernel; same arguments and (grad_hidden fp32 compact, grad_weight, grad_bias). ``tile`` forces the tile
-    shape (tests)."""
+    shape (tests); ``on_step`` marks the steps (``benchmarks.roofline``)."""
     # unit-stride vectors for the kernel; the loop gives it unit-stride rows
     bias = None if bias is None else bias.contiguous()
     return tiled.logprob_bwd(
         TILES, hidden, weight, bias, rows, labels.contiguous(), lse.float().contiguous(), grad.float().contiguous(),
         softcap=softcap, temperature=temperature, need_hidden=need_hidden, need_weight=need_weight,
-        need_bias=need_bias, workspace_bytes=workspace_bytes, tile=tile,
+        need_bias=need_bias, workspace_bytes=workspace_bytes, tile=tile, on_step=on_step,
     )

@@ -336,6 +336,7 @@ def logprob_bwd(
     workspace_bytes: int | None = None,
     size_by_budget: bool = False,
     tile: tuple[int, int] | None = None,
+    on_step: Callable[[str], None] | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Gradients of sum_i grad_i * log p_i, recomputing each logits tile once (see the module docstring).
 
@@ -351,6 +352,8 @@ def logprob_bwd(
         workspace_bytes: the temporaries' budget (``default_workspace_bytes(device)`` when None).
         size_by_budget: buffers sized for the budget, not the call (see ``plan_tiles``).
         tile: force the (token rows, vocabulary rows) of a tile (tests).
+        on_step: called with "dz", "dH", "dW" or "other" before each step's work is issued, and "end" after the
+            last (``benchmarks.roofline`` records CUDA events there to time the steps).
 
     Returns:
         grad_hidden: (M, D) float32, compact (row i belongs to hidden row ``rows[i]``), or None.
@@ -373,6 +376,7 @@ def logprob_bwd(
     ws = Workspace(workspace_buffers(n_plan, v_plan, call, maker), dev)
     n_chunk, v_chunk = min(n_plan, m_tokens), v_plan
     inv_temp = 1.0 / temperature
+    mark = on_step or (lambda step: None)
 
     # every gradient element is written by its first tile and added to by the later ones: no zero fill
     d_hidden = torch.empty(m_tokens, dim, device=dev, dtype=torch.float32) if need_hidden else None
@@ -393,15 +397,19 @@ def logprob_bwd(
             n1 = min(n0 + n_chunk, m_tokens)
             h = h_once if single else operand_rows(hidden, rows, n0, n1, ws, "h", "h_src")
             dz = ws.view("dz", n1 - n0, dz_row_stride(v1 - v0, dev.type))[:, : v1 - v0]
+            mark("dz")
             maker.make_dz(h, w, b, labels[n0:n1], v0, lse[n0:n1], grad[n0:n1], softcap, inv_temp, dz, ws)
             if ws.has("dz_gemm"):
                 dz = ws.view("dz_gemm", n1 - n0, v1 - v0).copy_(dz)
             if need_hidden:
+                mark("dH")
                 prod = ws.view("prod", n1 - n0, dim) if ws.has("prod") else None
                 matmul_fp32(d_hidden[n0:n1], dz, w, accumulate=v0 > 0, prod=prod)
             if need_weight:
+                mark("dW")
                 prod = ws.view("prod", v1 - v0, dim) if ws.has("prod") else None
                 matmul_fp32(dw_acc, dz.T, h, accumulate=n0 > 0, prod=prod)
+            mark("other")
             if need_bias:  # db_acc is fp32: the bias's own gradient, or the "db" chunk accumulator
                 if n0 == 0:
                     torch.sum(dz, 0, dtype=torch.float32, out=db_acc)
@@ -411,4 +419,5 @@ def logprob_bwd(
             d_weight[v0:v1] = dw_acc
         if ws.has("db") and need_bias:
             d_bias[v0:v1] = db_acc
+    mark("end")
     return d_hidden, d_weight, d_bias
