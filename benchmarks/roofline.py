@@ -287,6 +287,12 @@ def measure(shape: Shape, budget_mib: float, methods: list[str], device=None, dt
         result["steps"][label] = spent.get(key, 0.0)
     result["backward_ms"] = clock.time_ms(lambda: fl.logprob_bwd(
         a, b, None, None, labels, lse, grad, softcap=sc, need_bias=False, workspace_bytes=budget), repeats)
+    # the default budget's trade: smaller tiles save workspace; the model predicts no loss down to 32 MiB
+    result["backward_ms_by_budget_mib"] = {
+        mib: clock.time_ms(lambda mib=mib: fl.logprob_bwd(
+            a, b, None, None, labels, lse, grad, softcap=sc, need_bias=False,
+            workspace_bytes=int(mib * 2**20)), repeats)
+        for mib in (budget_mib / 4, budget_mib / 2, budget_mib * 2)}
 
     # whole methods, forward + backward with a random upstream gradient: time and peak memory
     fns = {
@@ -359,6 +365,8 @@ def _print_measured(shapes: list[Shape], results: list[dict], budget_mib: float)
             print(f"  {step:<26} {model.get(step, float('nan')):>12.2f} {ms:>12.2f}")
         total = sum(r["steps"].values())
         print(f"  {'total':<26} {model['total']:>12.2f} {total:>12.2f}")
+        print(f"  backward, whole: {r['backward_ms']:.2f} ms at {budget_mib:g} MiB; by budget: "
+              + ", ".join(f"{mib:g} MiB {ms:.2f} ms" for mib, ms in r["backward_ms_by_budget_mib"].items()))
         floor = 4 * r["matmul_floor_ms"]
         for m, v in r["methods"].items():
             print(f"  {m:<16} {v['ms']:8.2f} ms  {v['tflops_8ndv']:6.0f} TFLOP/s on 8NDV  "
