@@ -77,14 +77,21 @@ def _peft_model(model):
 
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The ``transformers`` model inside DDP / FSDP-style ``.module`` wrappers, ``torch.compile`` and PEFT."""
+    """The ``transformers`` model inside DDP / FSDP-style ``.module`` wrappers, ``torch.compile`` and PEFT.
+
+    Raises ValueError for a prompt-learning PEFT model: running its backbone directly would skip the virtual tokens.
+    """
+    return _unwrap(model, allow_prompt_learning=False)
+
+
+def _unwrap(model: torch.nn.Module, *, allow_prompt_learning: bool) -> torch.nn.Module:
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     for _ in range(8):  # wrappers nest a few levels at most
         peft = _peft_model(model)
         if peft is not None:
             config = peft.peft_config.get(peft.active_adapter)
-            if config is not None and getattr(config, "is_prompt_learning", False):
+            if not allow_prompt_learning and config is not None and getattr(config, "is_prompt_learning", False):
                 raise ValueError(
                     "prompt-learning PEFT methods (prefix / prompt tuning) inject virtual tokens in PeftModel.forward, "
                     "which running the backbone directly would skip; use an adapter method such as LoRA"
