@@ -633,3 +633,45 @@ def test_fast_head_returns_every_field_trl_returns_with_its_gradients(seed):
     (g64,) = torch.autograd.grad((ent * upstream).sum(), w64)
     gw = gb[[n for n, _ in ours.named_parameters()].index("lm_head.weight")]
     assert (gw.double() - g64).abs().max() <= GRAD_RTOL * g64.abs().max()
+
+
+# ------------------------------------------------------------------------------ issue 13: the GGUF through TRL
+def test_gguf_model_becomes_plain_and_trainable(smollm2):
+    """transformers marks a GGUF-loaded model quantized (its weights are float32), and Trainer refuses it; the plain
+    copy has the same weights and outputs and passes Trainer's check."""
+    from transformers.trainer_utils import validate_quantization_for_training
+
+    assert smollm2.is_quantized
+    with pytest.raises(ValueError, match="purely quantized"):
+        validate_quantization_for_training(smollm2)
+    plain = T._plain_model(smollm2)
+    validate_quantization_for_training(plain)
+    assert not getattr(plain, "is_quantized", False) and getattr(plain, "hf_quantizer", None) is None
+    assert getattr(plain.config, "quantization_config", None) is None
+    assert plain.get_output_embeddings().weight is plain.get_input_embeddings().weight  # still tied
+    ids = torch.tensor([[1, 9690, 198, 2683, 359, 253, 5356]])
+    with torch.no_grad():
+        torch.testing.assert_close(plain(input_ids=ids).logits, smollm2(input_ids=ids).logits, rtol=0, atol=0)
+    with pytest.raises(FileNotFoundError, match="local files only"):
+        T.load_gguf_model("/nonexistent", "model.gguf")
+
+
+@pytest.mark.slow
+def test_trl_example_on_the_shipped_gguf(tmp_path):
+    """examples/trl_kto_smollm2.py: FastKTOTrainer on the real SmolLM2 GGUF and hh-rlhf rows, two steps."""
+    import importlib.util
+    from pathlib import Path
+
+    smollm2_gguf()
+    _trl()
+    spec = importlib.util.spec_from_file_location("trl_example",
+                                                  Path(__file__).parents[1] / "examples" / "trl_kto_smollm2.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    result = example.main(["--steps", "2", "--batch", "2", "--examples", "8", "--threads", "1",
+                           "--out", str(tmp_path)])
+    steps = [m for m in result["log_history"] if "loss" in m]
+    assert len(steps) == 2 and all(0 < m["loss"] < 1 and m["grad_norm"] > 0 for m in steps)
+    # the second step sees the first one's update: the policy has moved away from the reference
+    assert steps[1]["rewards/chosen"] != 0 or steps[1]["rewards/rejected"] != 0
+    assert not list(tmp_path.glob("checkpoint-*"))  # save_strategy="no": nothing written
