@@ -514,7 +514,8 @@ def test_example_script_runs_end_to_end(loss, head, dtype, tmp_path):
     summary = train.main([
         "--loss", loss, "--head", head, "--model", str(tmp_path / "model"), "--data", str(tmp_path / "pairs.jsonl"),
         "--steps", "2", "--batch", "2", "--eval-pairs", "4", "--eval-every", "1", "--max-length", "96",
-        "--device", "cpu", "--dtype", dtype, "--out", str(out), "--lr", "1e-3",
+        "--device", "cpu", "--dtype", dtype, "--out", str(out), "--lr", "1e-3", "--memory-every", "1",
+        "--checkpoint", str(out / "checkpoint.pt"),
     ])
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [0, 1, 2]
@@ -675,3 +676,50 @@ def test_trl_example_on_the_shipped_gguf(tmp_path):
     # the second step sees the first one's update: the policy has moved away from the reference
     assert steps[1]["rewards/chosen"] != 0 or steps[1]["rewards/rejected"] != 0
     assert not list(tmp_path.glob("checkpoint-*"))  # save_strategy="no": nothing written
+
+
+# --------------------------------------------------------------------- issue 13: examples/train.py's first run
+def test_example_script_defaults_suit_a_first_run(tmp_path):
+    """Run as a user would (a subprocess, no --out, no --checkpoint): nothing is written into the source tree, no
+    538 MB checkpoint unless asked, no profiler lines on the console, every --help entry shows its default, and the
+    progress bar says its margin is the held-out one."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    script = root / "examples" / "train.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path), "PYTHONPATH": str(root)}
+    help_text = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, env=env,
+                               check=True).stdout
+    options = [line.split()[0] for line in help_text.splitlines() if line.strip().startswith("--")]
+    assert len(options) > 20
+    entries = help_text.split("options:", 1)[1]
+    for block in entries.split("\n  -")[1:]:
+        name = block.split()[0].lstrip("-")
+        if name.startswith("h,"):
+            continue
+        assert "(default:" in " ".join(block.split()), f"--{name} shows no default"
+
+    tok = make_char_tokenizer(CHAT_TEMPLATE)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**COMMON, "vocab_size": len(tok)}))
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    rows = [{"chosen": f"\n\nHuman: what is {i}+{i}?\n\nAssistant: {2 * i}",
+             "rejected": f"\n\nHuman: what is {i}+{i}?\n\nAssistant: no idea, sorry"} for i in range(12)]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    before = {p for p in (root / "examples").rglob("*")}
+    run = subprocess.run([sys.executable, str(script), "--model", str(tmp_path / "model"), "--data",
+                          str(tmp_path / "pairs.jsonl"), "--steps", "4", "--batch", "2", "--eval-pairs", "4",
+                          "--eval-every", "2", "--max-length", "96"], capture_output=True, text=True, env=env,
+                         cwd=root)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert {p for p in (root / "examples").rglob("*")} == before, "the run wrote into the source tree"
+    out = Path(json.loads(run.stdout[run.stdout.index("{"):])["out"])
+    assert tmp_path in out.parents and (out / "log.jsonl").is_file() and (out / "config.json").is_file()
+    assert not list(out.glob("*.pt")), "a checkpoint was saved without --checkpoint"
+    console = run.stdout + run.stderr
+    assert "profiler_start" not in console and "CPUAllocator" not in console, console[-2000:]
+    assert "eval_margin=" in console and " margin=" not in console
