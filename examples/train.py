@@ -189,18 +189,22 @@ class Runner:
     def loss(self, batch):
         """KTOOutput / DPOOutput of one training batch (policy pass differentiable)."""
         a = self.args
+        from fastkto.data import shift_labels
+
         h = self.hidden(self.policy, batch, grad=True)
         rh = self.hidden(self.reference, batch)
-        labels = batch["labels"]
+        # hidden[t] predicts token t + 1: the labels are the completion tokens shifted one place left (the
+        # collator's "labels" are exactly this; a loop that builds its own batches needs this one line)
+        labels = shift_labels(batch["input_ids"], batch["completion_mask"])
         kl = {}
         if a.loss == "kto":
             kl = {"kl_hidden": self.hidden(self.policy, batch, "kl_"),
-                  "kl_ref_hidden": self.hidden(self.reference, batch, "kl_")}
+                  "kl_ref_hidden": self.hidden(self.reference, batch, "kl_"),
+                  "kl_labels": shift_labels(batch["kl_input_ids"], batch["kl_completion_mask"])}
         if a.head == "fastkto":
             heads = {"bias": self.head.bias, "ref_weight": self.ref_head.weight, "ref_bias": self.ref_head.bias}
             if a.loss == "kto":
-                return self.loss_fn(h, self.head.weight, labels, batch["desirable"], ref_hidden=rh,
-                                    kl_labels=batch["kl_labels"], **kl, **heads)
+                return self.loss_fn(h, self.head.weight, labels, batch["desirable"], ref_hidden=rh, **kl, **heads)
             return self.loss_fn(h, self.head.weight, labels, ref_hidden=rh, **heads)
         from fastkto.loss import dpo_loss, kto_kl, kto_loss
 
@@ -209,8 +213,8 @@ class Runner:
             ref = naive_sequence_logps(self.ref_head, rh, labels)
         if a.loss == "kto":
             with torch.no_grad():
-                z0 = kto_kl(naive_sequence_logps(self.head, kl["kl_hidden"], batch["kl_labels"]),
-                            naive_sequence_logps(self.ref_head, kl["kl_ref_hidden"], batch["kl_labels"]))
+                z0 = kto_kl(naive_sequence_logps(self.head, kl["kl_hidden"], kl["kl_labels"]),
+                            naive_sequence_logps(self.ref_head, kl["kl_ref_hidden"], kl["kl_labels"]))
             return kto_loss(policy, ref, batch["desirable"], kl=z0, beta=a.beta, desirable_weight=a.desirable_weight,
                             undesirable_weight=a.undesirable_weight)
         n = policy.shape[0] // 2
