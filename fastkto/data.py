@@ -501,8 +501,8 @@ class PairedCollator(_Truncation):
     """Batches tokenized pairs (``prompt_ids``, ``chosen_ids``, ``rejected_ids``) for DPO.
 
     Same arguments and truncation as ``KTOCollator`` (without ``kl``). Returns ``input_ids``, ``attention_mask``,
-    ``completion_mask``, ``labels`` of shape (2B, T): rows [0, B) the chosen sequences, rows [B, 2B) the rejected ones, in example
-    order (the layout ``fastkto.loss.DPOLoss`` expects).
+    ``completion_mask``, ``labels`` of shape (2B, T): rows [0, B) the chosen sequences, rows [B, 2B) the rejected
+    ones, in example order (the layout ``fastkto.loss.DPOLoss`` expects).
     """
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
