@@ -527,6 +527,15 @@ def test_example_script_runs_end_to_end(loss, head, dtype, tmp_path):
 
 
 # --------------------------------------------------------------------------- issue 13: what TRL's head computes too
+@pytest.fixture
+def one_thread():
+    """TRL trainer runs on tiny models are fastest single-threaded on a shared 2-core machine; restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _train_both(theirs, ours):
     for trainer in (theirs, ours):
         trainer.train()
@@ -536,10 +545,9 @@ def _train_both(theirs, ours):
 
 @pytest.mark.parametrize("kind, arch", [("kto", "qwen3_moe"), ("kto", "gpt_oss"), ("dpo", "qwen3_moe"),
                                         ("dpo", "gpt_oss")])
-def test_moe_router_aux_loss_matches_trl(kind, arch, tmp_path):
+def test_moe_router_aux_loss_matches_trl(kind, arch, tmp_path, one_thread):
     """TRL enables the MoE load-balancing loss by default (router_aux_loss_coef=None: the model's own coefficient);
     the Fast trainers compute it as TRL's head does, so MoE models train with the same logged metrics."""
-    torch.set_num_threads(1)
     theirs, ours = _trainers(kind, tmp_path, model=arch, bf16=False)
     assert ours.aux_loss_enabled and theirs.aux_loss_enabled
     a, b = _train_both(theirs, ours)
@@ -552,10 +560,9 @@ def test_moe_router_aux_loss_matches_trl(kind, arch, tmp_path):
 
 
 @pytest.mark.parametrize("method", ["prompt_tuning", "p_tuning"])
-def test_peft_prompt_learning_trains_like_trl(method, tmp_path):
+def test_peft_prompt_learning_trains_like_trl(method, tmp_path, one_thread):
     """PEFT prompt learning prepends virtual tokens in PeftModel.forward and then calls the base model, where the
     head sits: the Fast trainers accept it and log what TRL logs."""
-    torch.set_num_threads(1)
     peft = pytest.importorskip("peft", reason="prompt-learning tests need peft")
     if method == "prompt_tuning":
         config = peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)
