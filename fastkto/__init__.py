@@ -1,7 +1,19 @@
 """fastkto: memory-efficient per-token log-probabilities and the KTO / DPO losses built on them."""
 
+from .data import shift_labels
 from .logprob import fused_logprobs, sequence_logps
-from .loss import DPOLoss, KTOLoss, dpo_loss, kto_kl, kto_loss, suggest_kto_weights  # noqa: F401 (also fastkto.loss)
+from .loss import DPOLoss, KTOLoss, dpo_loss, kto_kl, kto_loss, suggest_kto_weights
 
 __version__ = "0.1.0"
-__all__ = ["fused_logprobs", "sequence_logps", "__version__"]
+__all__ = [
+    "fused_logprobs",
+    "sequence_logps",
+    "shift_labels",
+    "kto_loss",
+    "kto_kl",
+    "dpo_loss",
+    "suggest_kto_weights",
+    "KTOLoss",
+    "DPOLoss",
+    "__version__",
+]

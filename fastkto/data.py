@@ -14,7 +14,8 @@ The shift. fastkto scores ``labels[t]`` from ``hidden[t]`` and shifts nothing. A
 position t predicts token t + 1, so the collators shift once, here: ``labels[b, t] = input_ids[b, t + 1]`` when
 token t + 1 belongs to the completion, and ``-100`` otherwise (prompt, padding, and the last position, which
 predicts nothing). ``hidden = backbone(input_ids)`` of shape (B, T, D) and ``labels`` of shape (B, T) then line up
-with no slicing.
+with no slicing. ``shift_labels(input_ids, completion_mask)`` is that shift on its own, for batches built elsewhere
+(TRL's collators return ``input_ids`` and ``completion_mask``).
 
 ``datasets`` is needed only by the loading and tokenizing functions; the collators need only torch.
 """
@@ -43,6 +44,7 @@ __all__ = [
     "tokenize_prompt_completion",
     "tokenize_kto",
     "tokenize_paired",
+    "shift_labels",
     "KTOCollator",
     "PairedCollator",
 ]
@@ -99,13 +101,28 @@ def transcript_to_messages(prompt: str | list) -> list[dict[str, str]]:
 
 
 # --------------------------------------------------------------------------------------------------------- loading
+def _datasets():
+    """The ``datasets`` package, or an ImportError that says how to install it (it is an optional dependency)."""
+    try:
+        import datasets
+    except ImportError as err:
+        raise ImportError(
+            'fastkto.data\'s loaders need the datasets package: pip install "fastkto[hf]" (or pip install datasets); '
+            "the collators and shift_labels need only torch"
+        ) from err
+    return datasets
+
+
 def load_local_dataset(path: str | os.PathLike):
     """A ``datasets.Dataset`` from one local file: .jsonl, .jsonl.gz, .json, .json.gz or .parquet."""
-    import datasets
-
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"data file not found: {path}")
+        raise FileNotFoundError(
+            f"data file not found: {path!r}. fastkto.data reads local files only (nothing is downloaded); for a "
+            "dataset on a hub, load it with datasets.load_dataset(name, split=...) and pass that Dataset to "
+            "tokenize_kto / tokenize_paired (or paired_to_kto)"
+        )
+    datasets = _datasets()
     stem = path[:-3] if path.endswith(".gz") else path
     fmt = _FORMATS.get(os.path.splitext(stem)[1])
     if fmt is None or (fmt == "parquet" and path.endswith(".gz")):
@@ -129,15 +146,28 @@ def _check_texts(dataset, column: str, *, allow_messages: bool = False) -> None:
             raise ValueError(f"column {column!r} has an empty completion at row {i}")
 
 
+def _as_label(value) -> bool | None:
+    """A KTO label as a bool: True / False, 0 / 1 (Python, NumPy or a one-element torch tensor); None if it is
+    anything else. Never ``bool(x)``: that makes the string "False" desirable."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.dtype.is_floating_point or value.dtype.is_complex:
+            return None
+        value = value.item()
+    elif type(value).__module__ == "numpy" and hasattr(value, "item"):  # NumPy scalars (np.bool_, np.int64)
+        value = value.item()
+    if isinstance(value, (bool, int)) and value in (0, 1):
+        return bool(value)
+    return None
+
+
 def _check_kto(dataset):
     _require_columns(dataset, KTO_COLUMNS, "KTO data")
     _check_texts(dataset, "prompt", allow_messages=True)
     _check_texts(dataset, "completion")
     labels = dataset["label"]
     for i, label in enumerate(labels):
-        if isinstance(label, bool) or (isinstance(label, int) and label in (0, 1)):
-            continue
-        raise ValueError(f"column 'label' must be bool (True = desirable) or 0/1; row {i} is {label!r}")
+        if _as_label(label) is None:
+            raise ValueError(f"column 'label' must be bool (True = desirable) or 0/1; row {i} is {label!r}")
     if not all(isinstance(label, bool) for label in labels):
         dataset = dataset.map(lambda row: {"label": bool(row["label"])})
     return dataset
@@ -211,8 +241,7 @@ def paired_to_kto(dataset):
     same prompt appears twice. Shuffle before batching: the KTO KL pairs (prompt i with completion i + 1) are only
     mismatched when neighbours come from different prompts.
     """
-    import datasets
-
+    datasets = _datasets()
     _require_columns(dataset, PAIRED_COLUMNS, "paired data")
     n = len(dataset)
     return datasets.Dataset.from_dict(
@@ -305,6 +334,44 @@ def tokenize_paired(dataset, tokenizer, *, chat_template: bool | None = None, nu
     return dataset.map(fn, remove_columns=dataset.column_names, num_proc=num_proc)
 
 
+# ------------------------------------------------------------------------------------------------------- the shift
+def shift_labels(input_ids: torch.Tensor, completion_mask: torch.Tensor, *, ignore_index: int = IGNORE_INDEX
+                 ) -> torch.Tensor:
+    """Labels aligned with a causal LM's hidden states: ``labels[b, t]`` is the token ``hidden[b, t]`` predicts.
+
+    fastkto's core (``fused_logprobs``, ``sequence_logps``) and the losses (``KTOLoss``, ``DPOLoss``) score
+    ``labels[t]`` from ``hidden[t]`` and shift nothing, while a causal LM's hidden state at position t predicts
+    token t + 1. So ``labels[b, t] = input_ids[b, t + 1]`` where token t + 1 is a completion token, and
+    ``ignore_index`` elsewhere (prompt, padding, and the last position, which predicts nothing). Passing
+    ``input_ids`` (or HF-style labels) as labels instead would score every token from its own hidden state.
+
+    Args:
+        input_ids: (B, T) integer token ids, as fed to the model.
+        completion_mask: (B, T) bool or 0/1 integer: 1 on the completion tokens (the ones to score), 0 on prompt
+            and padding (TRL's ``completion_mask``; the collators here return it too).
+        ignore_index: the label of unscored positions (-100, as everywhere in fastkto and transformers).
+
+    Returns:
+        (B, T) int64 labels on input_ids' device, to pair with ``hidden_states(model, input_ids)`` of shape
+        (B, T, D) without any slicing.
+    """
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dtype.is_floating_point or input_ids.dtype.is_complex \
+            or input_ids.dtype == torch.bool:
+        got = input_ids.dtype if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+        raise TypeError(f"input_ids must be an integer tensor of token ids, got {got}")
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must have shape (B, T), got {tuple(input_ids.shape)}")
+    if not isinstance(completion_mask, torch.Tensor) or tuple(completion_mask.shape) != tuple(input_ids.shape):
+        got = tuple(completion_mask.shape) if isinstance(completion_mask, torch.Tensor) else type(completion_mask)
+        raise ValueError(f"completion_mask must have input_ids' shape {tuple(input_ids.shape)}, got {got}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    labels = torch.full(input_ids.shape, ignore_index, dtype=torch.long, device=input_ids.device)
+    scored = completion_mask[:, 1:].to(device=input_ids.device) != 0
+    labels[:, :-1] = torch.where(scored, input_ids[:, 1:].long(), ignore_index)
+    return labels
+
+
 # ------------------------------------------------------------------------------------------------------- collation
 def _check_length(name: str, value) -> None:
     if value is None:
@@ -324,7 +391,9 @@ class _Truncation:
 
     def __post_init__(self):
         if isinstance(self.pad_token_id, bool) or not isinstance(self.pad_token_id, int):
-            raise TypeError(f"pad_token_id must be an int, got {self.pad_token_id!r}")
+            hint = (" (the tokenizer has no pad token: pass pad_token_id=tokenizer.eos_token_id; padded positions "
+                    "are masked out of attention and labels, so EOS is safe)") if self.pad_token_id is None else ""
+            raise TypeError(f"pad_token_id must be an int, got {self.pad_token_id!r}{hint}")
         _check_length("max_length", self.max_length)
         _check_length("max_prompt_length", self.max_prompt_length)
         _check_length("pad_to_multiple_of", self.pad_to_multiple_of)
@@ -353,20 +422,19 @@ class _Truncation:
         return ids, len(prompt)
 
     def batch(self, rows: list[tuple[list, int]]) -> dict[str, torch.Tensor]:
-        """Right-padded input_ids, attention_mask and shifted labels (B, T), int64."""
+        """Right-padded input_ids, attention_mask, completion_mask and shifted labels (B, T), int64."""
         width = max(len(ids) for ids, _ in rows)
         if self.pad_to_multiple_of:
             width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
         input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+        completion_mask = torch.zeros((len(rows), width), dtype=torch.long)
         for b, (ids, n_prompt) in enumerate(rows):
-            seq = torch.tensor(ids, dtype=torch.long)
-            input_ids[b, : len(ids)] = seq
+            input_ids[b, : len(ids)] = torch.tensor(ids, dtype=torch.long)
             attention_mask[b, : len(ids)] = 1
-            # hidden[t] predicts token t + 1: completion tokens n_prompt .. len - 1 sit at positions n_prompt - 1 ..
-            labels[b, n_prompt - 1 : len(ids) - 1] = seq[n_prompt:]
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+            completion_mask[b, n_prompt : len(ids)] = 1
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask,
+                "labels": shift_labels(input_ids, completion_mask)}
 
 
 def _field(example: dict[str, Any], key: str, i: int):
@@ -389,12 +457,13 @@ class KTOCollator(_Truncation):
             TRL's (which pairs prompt i with completion i - 1): the KL batch holds the batch's own completions,
             each under another example's prompt.
 
-    Returns a dict of tensors: ``input_ids``, ``attention_mask``, ``labels`` (B, T) int64 (labels shifted, -100 on
-    prompt, padding and the last position; see the module docstring), ``desirable`` (B,) bool, and with ``kl``:
-    ``kl_input_ids``, ``kl_attention_mask``, ``kl_labels`` (B, T') int64.
+    Returns a dict of tensors: ``input_ids``, ``attention_mask``, ``completion_mask`` (1 on completion tokens),
+    ``labels`` (B, T) int64 (``shift_labels(input_ids, completion_mask)``: -100 on prompt, padding and the last
+    position), ``desirable`` (B,) bool, and with ``kl``: ``kl_input_ids``, ``kl_attention_mask``,
+    ``kl_completion_mask``, ``kl_labels`` (B, T') int64.
 
-    Raises ValueError for a missing key, an empty completion, a batch of one with ``kl``, or truncation that leaves
-    a sequence no completion token.
+    Raises ValueError for a missing key, a label that is not bool or 0/1, an empty completion, a batch of one with
+    ``kl``, or truncation that leaves a sequence no completion token.
     """
 
     kl: bool = True
@@ -410,9 +479,14 @@ class KTOCollator(_Truncation):
             )
         prompts = [_field(e, "prompt_ids", i) for i, e in enumerate(examples)]
         completions = [_field(e, "completion_ids", i) for i, e in enumerate(examples)]
-        labels = [_field(e, "label", i) for i, e in enumerate(examples)]
+        labels = [_as_label(_field(e, "label", i)) for i, e in enumerate(examples)]
+        for i, label in enumerate(labels):
+            if label is None:
+                raise ValueError(
+                    f"example {i}: label must be bool (True = desirable) or 0/1, got {examples[i]['label']!r}"
+                )
         out = self.batch([self.sequence(p, c, f"example {i}") for i, (p, c) in enumerate(zip(prompts, completions))])
-        out["desirable"] = torch.tensor([bool(x) for x in labels], dtype=torch.bool)
+        out["desirable"] = torch.tensor(labels, dtype=torch.bool)
         if self.kl:
             kl_rows = [
                 self.sequence(prompts[i], completions[(i + 1) % n], f"KL pair (prompt {i}, completion {(i + 1) % n})")
@@ -427,8 +501,8 @@ class PairedCollator(_Truncation):
     """Batches tokenized pairs (``prompt_ids``, ``chosen_ids``, ``rejected_ids``) for DPO.
 
     Same arguments and truncation as ``KTOCollator`` (without ``kl``). Returns ``input_ids``, ``attention_mask``,
-    ``labels`` of shape (2B, T): rows [0, B) the chosen sequences, rows [B, 2B) the rejected ones, in example
-    order (the layout ``fastkto.loss.DPOLoss`` expects).
+    ``completion_mask``, ``labels`` of shape (2B, T): rows [0, B) the chosen sequences, rows [B, 2B) the rejected
+    ones, in example order (the layout ``fastkto.loss.DPOLoss`` expects).
     """
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:

@@ -76,7 +76,11 @@ def _check_inputs(hidden, weight, labels, bias, ignore_index, temperature, softc
     if weight.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"weight must be float32, bfloat16 or float16, got {weight.dtype}")
     if hidden.dtype != weight.dtype:
-        raise TypeError(f"hidden and weight must share a dtype, got hidden {hidden.dtype} and weight {weight.dtype}")
+        raise TypeError(
+            f"hidden and weight must share a dtype, got hidden {hidden.dtype} and weight {weight.dtype}: run the call "
+            f"under torch.autocast (as the model's own head runs in mixed precision), or cast one of them, e.g. "
+            f"hidden.to({weight.dtype})"
+        )
     if hidden.dim() < 1:
         raise ValueError("hidden must have shape (..., D), got a 0-d tensor")
     if weight.dim() != 2:
@@ -101,6 +105,11 @@ def _check_inputs(hidden, weight, labels, bias, ignore_index, temperature, softc
     devices = {t.device for t in (hidden, weight, labels) + (() if bias is None else (bias,))}
     if len(devices) > 1:
         raise ValueError(f"hidden, weight, labels and bias must be on one device, got {sorted(map(str, devices))}")
+    if any(d.type == "meta" for d in devices):
+        raise ValueError(
+            "hidden, weight, labels and bias must hold data, but some are on the meta device (a model built under "
+            "init_empty_weights / device_map='meta' and never materialized): load or move them to cpu / cuda first"
+        )
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     _check_number("temperature", temperature)
@@ -110,7 +119,9 @@ def _check_inputs(hidden, weight, labels, bias, ignore_index, temperature, softc
 def _autocast(hidden, weight, bias):
     """Under ``torch.autocast`` the head runs in the autocast dtype, as an ``nn.Linear`` would there; the casts are
     ordinary autograd ops, so fp32 master weights get fp32 gradients."""
-    if not isinstance(hidden, torch.Tensor) or not torch.is_autocast_enabled(hidden.device.type):
+    # meta tensors have no autocast state to ask about; _check_inputs names them
+    if (not isinstance(hidden, torch.Tensor) or hidden.device.type == "meta"
+            or not torch.is_autocast_enabled(hidden.device.type)):
         return hidden, weight, bias
     dtype = torch.get_autocast_dtype(hidden.device.type)
 

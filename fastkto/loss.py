@@ -78,7 +78,7 @@ class KTOOutput:
         loss: 0-d, differentiable: the mean over the batch of the weighted per-example losses.
         losses: (B,) weighted per-example losses.
         rewards: (B,) implicit rewards beta * (policy_logps - ref_logps) (without z0, as TRL logs them).
-        kl: 0-d, the z0 the loss used (0 when none was given).
+        kl: 0-d, the z0 the loss used (0 for "apo_zero_unpaired", or when ``kl=0.0`` was passed).
         policy_logps, ref_logps: (B,) the per-sequence log-probabilities the loss saw.
         desirable: (B,) bool labels.
         n_desirable, n_undesirable: 0-d int64 counts.
@@ -200,13 +200,19 @@ def _batch_size(name: str, t, unit: str) -> int:
     return n
 
 
-def _check_desirable(desirable, n: int) -> None:
+def _check_desirable(desirable, n: int, device: torch.device, other: str) -> None:
+    """``desirable``: a (n,) bool tensor on ``device``, the device of the input named ``other``."""
     if not isinstance(desirable, torch.Tensor):
         raise TypeError(f"desirable must be a bool torch.Tensor of shape ({n},), got {type(desirable).__name__}")
     if desirable.dtype != torch.bool:
         raise TypeError(f"desirable must be a bool tensor (True = desirable), got {desirable.dtype}")
     if tuple(desirable.shape) != (n,):
         raise ValueError(f"desirable must have shape ({n},), one label per sequence, got {tuple(desirable.shape)}")
+    if desirable.device != device:
+        raise ValueError(
+            f"desirable is on {desirable.device} but {other} is on {device}: move it there "
+            f"(desirable.to({str(device)!r}))"
+        )
 
 
 def _same_tensor(a, b) -> bool:
@@ -309,7 +315,8 @@ def kto_loss(
         ref_logps: (B,) floating: the same for the reference model (gradient, if any, is not blocked here).
         desirable: (B,) bool: True where the completion is labelled desirable.
         kl: z0 as a float or a 0-d / one-element tensor (e.g. from ``kto_kl``), used as given and detached.
-            None: z0 = 0 (TRL's ``calculate_kl=False``). Not accepted with "apo_zero_unpaired", which has no z0.
+            Required with loss_type="kto": ``kl=0.0`` is z0 = 0 (TRL's ``calculate_kl=False``), chosen
+            explicitly; None raises ValueError. Not accepted with "apo_zero_unpaired", which has no z0.
         beta: > 0, the reward scale (TRL default 0.1).
         desirable_weight, undesirable_weight: >= 0, the class weights lambda_D and lambda_U (see
             ``suggest_kto_weights`` for imbalanced data).
@@ -321,9 +328,16 @@ def kto_loss(
     _check_kto_hyper(beta, desirable_weight, undesirable_weight, loss_type)
     n = _batch_size("policy_logps", policy_logps, "sequence")
     _check_logps("ref_logps", ref_logps, n)
-    _check_desirable(desirable, n)
+    _check_desirable(desirable, n, policy_logps.device, "policy_logps")
 
     ratio = policy_logps - ref_logps
+    if kl is None and loss_type == "kto":
+        # z0 = 0 is a legitimate choice (the reference point at the reference model), but a silent default made a
+        # forgotten KL estimate look like a real one clamped at 0 in the logs
+        raise ValueError(
+            "loss_type='kto' needs its reference point z0: pass kl=kto_kl(policy_kl_logps, ref_kl_logps) (the KL "
+            "estimate from mismatched pairs, as TRL computes by default), or kl=0.0 to use z0 = 0 explicitly"
+        )
     if kl is None:
         z0 = torch.zeros((), dtype=ratio.dtype, device=ratio.device)
     elif loss_type == "apo_zero_unpaired":
@@ -537,6 +551,18 @@ class _SequenceLogps(torch.nn.Module):
     def _average(self) -> bool:
         return bool(self.average_log_prob)
 
+    def _check_scored_rows(self, labels, label_name):
+        """Every row must score at least one token: an all-ignored row (or T = 0) has log-prob 0, which would add a
+        constant with zero gradient to the loss and count in its means as if it were a real sequence."""
+        empty = (labels == self.ignore_index).all(dim=-1)
+        if bool(empty.any()):  # one host sync; sequence_logps syncs for its label check anyway
+            rows = empty.nonzero().flatten().tolist()
+            shown = f"{rows[:10]}{' ...' if len(rows) > 10 else ''}"
+            raise ValueError(
+                f"{label_name} rows {shown} have no scored token (every label is ignore_index={self.ignore_index}, "
+                f"or T = 0); drop those sequences from the batch (a truncated completion, an empty answer)"
+            )
+
     def _logps(self, hidden, weight, labels, bias, label_name="labels"):
         if not isinstance(labels, torch.Tensor) or labels.dim() != 2:
             shape = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
@@ -554,6 +580,7 @@ class _SequenceLogps(torch.nn.Module):
         ``prefix`` names the arguments in errors ("ref" or "kl_ref"). ``policy_logps`` is the policy's result for
         the same labels (None if it was not computed), reused when the reference is the same computation.
         """
+        hidden_name = "policy_hidden" if prefix == "ref" else "kl_hidden"
         n = labels.shape[0]
         if ref_logps is not None:
             if ref_hidden is not None:
@@ -563,6 +590,12 @@ class _SequenceLogps(torch.nn.Module):
             raise ValueError(
                 f"the reference is missing: pass {prefix}_logps ({n},) (precomputed) or {prefix}_hidden "
                 "(B, T, D) (the reference model's final hidden states)"
+            )
+        if not isinstance(ref_hidden, torch.Tensor) or tuple(ref_hidden.shape) != tuple(hidden.shape):
+            shape = tuple(ref_hidden.shape) if isinstance(ref_hidden, torch.Tensor) else type(ref_hidden).__name__
+            raise ValueError(
+                f"{prefix}_hidden must have {hidden_name}'s shape {tuple(hidden.shape)} (the same sequences under the "
+                f"reference model), got {shape}"
             )
         ref_weight = weight.detach() if ref_weight is None else ref_weight
         ref_bias = (None if bias is None else bias.detach()) if ref_bias is None else ref_bias
@@ -609,7 +642,8 @@ class KTOLoss(_SequenceLogps):
                        ref_hidden is policy_hidden and the head is the same, the policy's log-probs are reused.
         z0             kl (precomputed), or KL pairs: kl_hidden (B_kl, T_kl, D) and kl_labels under the policy, and
                        kl_ref_logps (B_kl,) or kl_ref_hidden under the reference; averaged over
-                       kl_process_group's ranks when given (see ``kto_kl``). Neither: z0 = 0.
+                       kl_process_group's ranks when given (see ``kto_kl``). loss_type="kto" needs one of
+                       them (``kl=0.0`` for z0 = 0, chosen explicitly); without either it raises ValueError.
 
     The reference and KL passes run under torch.no_grad() and save nothing for backward; only the policy pass is
     differentiable (gradients reach policy_hidden, weight and bias through ordinary autograd).
@@ -627,7 +661,13 @@ class KTOLoss(_SequenceLogps):
     def forward(self, policy_hidden, weight, labels, desirable, *, ref_hidden=None, ref_weight=None, ref_logps=None,
                 kl_hidden=None, kl_labels=None, kl_ref_hidden=None, kl_ref_logps=None, kl=None, bias=None,
                 ref_bias=None, kl_process_group=None) -> KTOOutput:
-        _check_desirable(desirable, _check_hidden_batch(policy_hidden, labels))
+        _check_desirable(desirable, _check_hidden_batch(policy_hidden, labels), policy_hidden.device, "policy_hidden")
+        if kl is None and kl_hidden is None and self.loss_type == "kto":
+            raise ValueError(
+                "loss_type='kto' needs its reference point z0: pass the KL pairs (kl_hidden, kl_labels and "
+                "kl_ref_hidden or kl_ref_logps; KTOCollator builds kl_input_ids / kl_labels), a precomputed kl, or "
+                "kl=0.0 to use z0 = 0 explicitly"
+            )
         kl_inputs = {"kl_labels": kl_labels, "kl_ref_hidden": kl_ref_hidden, "kl_ref_logps": kl_ref_logps,
                      "kl_process_group": kl_process_group}
         if kl_hidden is None:
@@ -648,6 +688,9 @@ class KTOLoss(_SequenceLogps):
                 raise ValueError(f"kl_labels must have kl_hidden's (B_kl, T_kl) = {tuple(kl_hidden.shape[:2])}, "
                                  f"got {shape}")
 
+        self._check_scored_rows(labels, "labels")
+        if kl_hidden is not None:
+            self._check_scored_rows(kl_labels, "kl_labels")
         policy_logps = self._logps(policy_hidden, weight, labels, bias)
         ref = self._reference("ref", policy_hidden, weight, bias, labels, policy_logps, ref_hidden, ref_weight,
                               ref_bias, ref_logps)
@@ -706,6 +749,7 @@ class DPOLoss(_SequenceLogps):
                                            ("ref_weight", ref_weight), ("ref_bias", ref_bias)) if v is not None]
             if given:
                 raise ValueError(f"reference_free=True takes no reference, got {', '.join(given)}")
+        self._check_scored_rows(labels, "labels")
 
         logps = self._logps(policy_hidden, weight, labels, bias)
         if self.reference_free:

@@ -323,3 +323,68 @@ def test_hh_with_a_real_chat_template_tokenizer():
         [{"prompt_ids": r["prompt_ids"], "completion_ids": r["chosen_ids"], "label": True} for r in tokenized]
     )
     assert int((batch["labels"] != -100).sum()) == sum(len(r["chosen_ids"]) for r in tokenized)
+
+
+# ------------------------------------------------------------------------------------ issue 13: labels and errors
+@pytest.mark.parametrize("bad", ["False", "True", 2, -1, 0.0, None, [True]])
+def test_kto_collator_checks_labels_like_the_loaders(bad):
+    """bool("False") is True: the collator used to turn the string "False" into a desirable example."""
+    ex = [{"prompt_ids": [1], "completion_ids": [2], "label": True},
+          {"prompt_ids": [3], "completion_ids": [4], "label": bad}]
+    with pytest.raises(ValueError, match=r"example 1: label must be bool \(True = desirable\) or 0/1"):
+        D.KTOCollator(pad_token_id=0, kl=False)(ex)
+
+
+def test_kto_collator_accepts_bool_and_0_1_labels():
+    import numpy as np
+
+    ex = [{"prompt_ids": [1], "completion_ids": [2], "label": label}
+          for label in (True, False, 1, 0, np.bool_(True), np.int64(0), torch.tensor(True))]
+    assert D.KTOCollator(pad_token_id=0, kl=False)(ex)["desirable"].tolist() == [True, False, True, False, True,
+                                                                                 False, True]
+
+
+def test_shift_labels_is_the_collators_shift(seed):
+    """shift_labels(input_ids, completion_mask): labels[t] = input_ids[t + 1] where token t + 1 is a completion
+    token, ignore_index elsewhere (the last position predicts nothing): exactly the collators' labels."""
+    import fastkto
+
+    rng = random.Random(seed)
+    examples = _random_examples(4, rng)
+    batch = D.KTOCollator(pad_token_id=0, kl=False)(examples)
+    completion_mask = torch.zeros_like(batch["input_ids"], dtype=torch.bool)
+    for b, e in enumerate(examples):
+        n = len(e["prompt_ids"])
+        completion_mask[b, n : n + len(e["completion_ids"])] = True
+    assert torch.equal(batch["completion_mask"].bool(), completion_mask)
+    labels = D.shift_labels(batch["input_ids"], completion_mask)
+    assert labels.dtype == torch.long and torch.equal(labels, batch["labels"])
+    assert fastkto.shift_labels is D.shift_labels and "shift_labels" in D.__all__ and "shift_labels" in fastkto.__all__
+    # an int 0/1 mask (TRL's completion_mask) and another ignore_index
+    other = D.shift_labels(batch["input_ids"], completion_mask.long(), ignore_index=-1)
+    assert torch.equal(other, batch["labels"].masked_fill(batch["labels"] == -100, -1))
+    with pytest.raises(ValueError, match=r"completion_mask must have input_ids' shape"):
+        D.shift_labels(batch["input_ids"], completion_mask[:, 1:])
+    with pytest.raises(TypeError, match="input_ids must be an integer tensor"):
+        D.shift_labels(batch["input_ids"].float(), completion_mask)
+    with pytest.raises(ValueError, match=r"input_ids must have shape \(B, T\)"):
+        D.shift_labels(batch["input_ids"][0], completion_mask[0])
+
+
+def test_data_errors_say_what_to_do(tmp_path, monkeypatch):
+    with pytest.raises(TypeError, match="pad_token_id must be an int.*tokenizer.eos_token_id"):
+        D.KTOCollator(pad_token_id=None)
+    # a hub name is not a file: say that only local files are read
+    with pytest.raises(FileNotFoundError, match="local files only.*datasets.load_dataset"):
+        D.load_kto_dataset("trl-lib/kto-mix-14k")
+    with pytest.raises(FileNotFoundError, match="local files only"):
+        D.load_paired_dataset("Anthropic/hh-rlhf")
+    # without the datasets package: name the extra that installs it
+    import sys
+
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    path = _write(tmp_path / "d.jsonl", KTO_ROWS)
+    with pytest.raises(ImportError, match=r'pip install "fastkto\[hf\]"'):
+        D.load_kto_dataset(path)
+    with pytest.raises(ImportError, match=r'pip install "fastkto\[hf\]"'):
+        D.paired_to_kto(None)

@@ -157,7 +157,7 @@ def test_kto_loss_matches_formula(kind, seed):
 
 def test_kto_metrics_with_one_class_only(seed):
     policy, ref = random_logps(4)
-    out = L.kto_loss(policy, ref, torch.ones(4, dtype=torch.bool))
+    out = L.kto_loss(policy, ref, torch.ones(4, dtype=torch.bool), kl=0.0)
     metrics = out.metrics()
     assert "rewards/rejected" not in metrics and "rewards/margins" not in metrics
     assert metrics["count/undesirable"] == 0 and metrics["count/desirable"] == 4
@@ -579,7 +579,7 @@ def test_reference_and_kl_passes_save_nothing_and_reuse(seed, monkeypatch):
             loss_fn(h, w, labels, desirable, **kwargs).loss.backward()
         return count[0]
 
-    baseline = saved_count(ref_logps=torch.zeros(rows))
+    baseline = saved_count(ref_logps=torch.zeros(rows), kl=0.0)
     kl_hidden, kl_labels = make_batch(rows, steps, dim, vocab)
     # inputs that require grad (an unfrozen reference model, say): still nothing saved and no gradient for them
     others = [t.clone().requires_grad_() for t in (hidden + 1, kl_hidden, kl_hidden - 1, weight)]
@@ -597,10 +597,10 @@ def test_reference_and_kl_passes_save_nothing_and_reuse(seed, monkeypatch):
     assert len(calls) == 2  # the policy pass and the KL pairs' policy pass; both references reused
     assert torch.all(out.rewards == 0) and float(out.kl) == 0.0
     calls.clear()
-    loss_fn(h, weight, labels, desirable, ref_hidden=h.detach(), ref_weight=weight.detach())
+    loss_fn(h, weight, labels, desirable, ref_hidden=h.detach(), ref_weight=weight.detach(), kl=0.0)
     assert len(calls) == 1  # detached views of the same tensors are the same computation too
     calls.clear()
-    loss_fn(h, weight, labels, desirable, ref_hidden=h, ref_weight=weight + 0)
+    loss_fn(h, weight, labels, desirable, ref_hidden=h, ref_weight=weight + 0, kl=0.0)
     assert len(calls) == 2  # a different head: a second pass
 
 
@@ -612,7 +612,8 @@ def test_gradients_arrive_through_ordinary_autograd(seed):
     fired = []
     head.weight.register_post_accumulate_grad_hook(lambda p: fired.append(p.grad.clone()))
     out = L.KTOLoss(backend="torch")(hidden.requires_grad_(), head.weight, labels,
-                                     torch.tensor([True, False, True, False]), ref_logps=torch.full((4,), -12.0))
+                                     torch.tensor([True, False, True, False]), ref_logps=torch.full((4,), -12.0),
+                                     kl=0.0)
     assert head.weight.grad is None and not fired
     out.loss.backward()
     assert len(fired) == 1 and torch.equal(fired[0], head.weight.grad) and hidden.grad is not None
@@ -694,25 +695,28 @@ def test_modules_reject_bad_input():
     weight, _ = make_head(16, 8)
     des = torch.tensor([True, False, True, False])
     kto = L.KTOLoss(backend="torch")
-    ref = dict(ref_logps=torch.zeros(4))
+    ref = dict(ref_logps=torch.zeros(4), kl=0.0)
+    no_kl = dict(ref_logps=torch.zeros(4))
     cases = [
-        (lambda: kto(hidden, weight, labels, des), ValueError, "reference is missing"),
-        (lambda: kto(hidden, weight, labels, des, ref_logps=torch.zeros(3)), ValueError, "ref_logps"),
-        (lambda: kto(hidden, weight, labels, des, ref_logps=torch.zeros(4), ref_hidden=hidden), ValueError, "not both"),
+        (lambda: kto(hidden, weight, labels, des, kl=0.0), ValueError, "reference is missing"),
+        (lambda: kto(hidden, weight, labels, des, ref_logps=torch.zeros(3), kl=0.0), ValueError, "ref_logps"),
+        (lambda: kto(hidden, weight, labels, des, ref_logps=torch.zeros(4), ref_hidden=hidden, kl=0.0), ValueError,
+         "not both"),
         (lambda: kto(hidden, weight, labels, des.float(), **ref), TypeError, "desirable"),
         (lambda: kto(hidden, weight, labels, des[:3], **ref), ValueError, "desirable"),
         (lambda: kto(hidden, weight, labels[:3], des, **ref), ValueError, "labels"),
         (lambda: kto(hidden[0], weight, labels[0], des, **ref), ValueError, "policy_hidden"),
-        (lambda: kto(hidden, weight, labels, des, kl_hidden=hidden, **ref), ValueError, "kl_labels"),
+        (lambda: kto(hidden, weight, labels, des, kl_hidden=hidden, **no_kl), ValueError, "kl_labels"),
         (lambda: kto(hidden, weight, labels, des, kl_labels=labels, **ref), ValueError, "without kl_hidden"),
         (lambda: kto(hidden, weight, labels, des, kl_hidden=hidden, kl_labels=labels[:, :3],
-                     kl_ref_logps=ref["ref_logps"], **ref), ValueError, "kl_labels"),
-        (lambda: kto(hidden, weight, labels, des, kl_hidden=hidden, kl_labels=labels, **ref), ValueError,
+                     kl_ref_logps=ref["ref_logps"], **no_kl), ValueError, "kl_labels"),
+        (lambda: kto(hidden, weight, labels, des, kl_hidden=hidden, kl_labels=labels, **no_kl), ValueError,
          "kl_ref_logps"),
-        (lambda: kto(hidden, weight, labels, des, kl_hidden=hidden, kl_labels=labels, kl=0.1, **ref), ValueError,
+        (lambda: kto(hidden, weight, labels, des, kl_hidden=hidden, kl_labels=labels, kl=0.1, **no_kl), ValueError,
          "not both"),
         (lambda: L.KTOLoss(backend="torch", loss_type="apo_zero_unpaired")(
-            hidden, weight, labels, des, kl_hidden=hidden, kl_labels=labels, **ref), ValueError, "apo_zero_unpaired"),
+            hidden, weight, labels, des, kl_hidden=hidden, kl_labels=labels, **no_kl), ValueError,
+         "apo_zero_unpaired"),
         (lambda: L.DPOLoss(backend="torch")(hidden[:3], weight, labels[:3], ref_logps=torch.zeros(3)), ValueError,
          "even batch"),
         (lambda: L.DPOLoss(backend="torch")(hidden, weight, labels), ValueError, "reference is missing"),
@@ -727,3 +731,79 @@ def test_modules_reject_bad_input():
     for call, error, match in cases:
         with pytest.raises(error, match=match):
             call()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# issue 13: silent traps (z0 must be chosen, fully masked rows, errors that name the argument)
+
+
+def test_kto_without_kl_needs_an_explicit_z0(seed):
+    """loss_type='kto' with no KL input used to take z0 = 0 silently (and log kl: 0.0); now z0 is a choice."""
+    policy, ref = random_logps(4)
+    desirable = torch.tensor([True, False, True, False])
+    with pytest.raises(ValueError, match=r"kl=0\.0"):
+        L.kto_loss(policy, ref, desirable)
+    explicit = L.kto_loss(policy, ref, desirable, kl=0.0)
+    assert float(explicit.kl) == 0.0
+    torch.testing.assert_close(explicit.loss, kto_formula("kto", policy, ref, desirable, 0.1, 0.0, 1.0, 1.0),
+                               rtol=TOL64, atol=TOL64)
+    # apo_zero_unpaired has no z0 at all: nothing to choose
+    L.kto_loss(policy, ref, desirable, loss_type="apo_zero_unpaired")
+
+    hidden, labels = make_batch(4, 5, 8, 16)
+    weight, _ = make_head(16, 8)
+    with pytest.raises(ValueError, match="kl_hidden"):
+        L.KTOLoss(backend="torch")(hidden, weight, labels, desirable, ref_logps=torch.zeros(4))
+    out = L.KTOLoss(backend="torch")(hidden, weight, labels, desirable, ref_logps=torch.zeros(4), kl=0.0)
+    assert float(out.kl) == 0.0
+
+
+@pytest.mark.parametrize("module", ["kto", "dpo"])
+def test_fully_masked_rows_are_refused_by_name(module, seed):
+    """A row with no scored token has log-prob 0: it would add a constant (0.5 for KTO) with zero gradient and count
+    in the class means. The modules refuse it and name the rows."""
+    hidden, labels = make_batch(4, 5, 8, 16)
+    weight, _ = make_head(16, 8)
+    labels[1] = -100
+    labels[3] = -100
+    if module == "kto":
+        call = lambda h, y: L.KTOLoss(backend="torch")(  # noqa: E731
+            h, weight, y, torch.tensor([True, False, True, False]), ref_logps=torch.zeros(h.shape[0]), kl=0.0)
+    else:
+        call = lambda h, y: L.DPOLoss(backend="torch")(h, weight, y, ref_logps=torch.zeros(h.shape[0]))  # noqa: E731
+    with pytest.raises(ValueError, match=r"labels rows \[1, 3\] have no scored token"):
+        call(hidden, labels)
+    with pytest.raises(ValueError, match="labels rows .* no scored token"):  # T = 0
+        call(hidden[:, :0], labels[:, :0])
+
+
+def test_fully_masked_kl_rows_are_refused(seed):
+    hidden, labels = make_batch(4, 5, 8, 16)
+    kl_hidden, kl_labels = make_batch(4, 6, 8, 16)
+    weight, _ = make_head(16, 8)
+    kl_labels[2] = -100
+    with pytest.raises(ValueError, match=r"kl_labels rows \[2\] have no scored token"):
+        L.KTOLoss(backend="torch")(hidden, weight, labels, torch.tensor([True, False, True, False]),
+                                   ref_logps=torch.zeros(4), kl_hidden=kl_hidden, kl_labels=kl_labels,
+                                   kl_ref_logps=torch.zeros(4))
+
+
+def test_errors_name_the_argument(seed):
+    hidden, labels = make_batch(4, 5, 8, 16)
+    weight, _ = make_head(16, 8)
+    des = torch.tensor([True, False, True, False])
+    kto = L.KTOLoss(backend="torch")
+    # a desirable mask on another device than the log-probs
+    with pytest.raises(ValueError, match="desirable is on meta.*policy_logps is on cpu"):
+        L.kto_loss(_logps(), _logps(), des.to("meta"), kl=0.0)
+    with pytest.raises(ValueError, match="desirable is on meta.*policy_hidden is on cpu"):
+        kto(hidden, weight, labels, des.to("meta"), ref_logps=torch.zeros(4), kl=0.0)
+    # reference hidden states of another batch or length than the policy's
+    with pytest.raises(ValueError, match=r"ref_hidden must have policy_hidden's shape \(4, 5, 8\)"):
+        kto(hidden, weight, labels, des, ref_hidden=hidden[:3], kl=0.0)
+    with pytest.raises(ValueError, match=r"ref_hidden must have policy_hidden's shape"):
+        kto(hidden, weight, labels, des, ref_hidden=hidden[:, :4], kl=0.0)
+    kl_hidden, kl_labels = make_batch(4, 6, 8, 16)
+    with pytest.raises(ValueError, match=r"kl_ref_hidden must have kl_hidden's shape \(4, 6, 8\)"):
+        kto(hidden, weight, labels, des, ref_logps=torch.zeros(4), kl_hidden=kl_hidden, kl_labels=kl_labels,
+            kl_ref_hidden=kl_hidden[:, :5])

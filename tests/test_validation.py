@@ -66,3 +66,14 @@ def test_ignored_positions_may_hold_any_label_value():
     labels[0, 0] = -100
     out = fastkto.fused_logprobs(H, W, labels, backend="torch")
     assert out[0, 0] == 0 and torch.isfinite(out).all()
+
+
+def test_meta_tensors_are_named():
+    """Inputs that all live on the meta device used to fail inside autocast ("unknown device type")."""
+    with pytest.raises(ValueError, match="meta device"):
+        fastkto.fused_logprobs(H.to("meta"), W.to("meta"), Y.to("meta"))
+
+
+def test_mixed_precision_error_suggests_autocast_or_a_cast():
+    with pytest.raises(TypeError, match=r"torch\.autocast.*or cast"):
+        fastkto.fused_logprobs(H.bfloat16(), W, Y, backend="torch")

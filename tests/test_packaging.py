@@ -1,0 +1,86 @@
+"""pyproject.toml's declared ranges against what CI installs and tests (requirements-ci.txt), and the public names.
+
+CI installs exactly requirements-ci.txt, so those versions are the only ones the suite has run on: every lower bound
+the package declares must be one of them (a lower bound below it was never tested), and TRL, whose internals
+fastkto.integrations.trl patches, must be capped below its next minor release.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _pins() -> dict[str, str]:
+    pins = {}
+    for line in (ROOT / "requirements-ci.txt").read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            name, version = line.split("==")
+            pins[name.lower()] = version
+    return pins
+
+
+def _requirements():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    yield "dependencies", project["dependencies"]
+    for extra, reqs in project.get("optional-dependencies", {}).items():
+        yield f"extra {extra!r}", reqs
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", text)[:3])
+
+
+@pytest.mark.parametrize("where, req", [(w, r) for w, reqs in _requirements() for r in reqs])
+def test_lower_bounds_are_what_ci_tests(where, req):
+    name = re.match(r"[A-Za-z0-9_.-]+", req).group(0).lower()
+    lower = re.search(r">=\s*([\d.]+)", req)
+    assert lower, f"{where}: {req!r} declares no lower bound"
+    pins = _pins()
+    assert name in pins, f"{where}: {name} is declared but CI (requirements-ci.txt) does not install it"
+    # the floor may leave out the patch number (torch>=2.13 for 2.13.0) but not name an older release
+    floor = _version(lower.group(1))
+    assert floor == _version(pins[name])[: len(floor)], (
+        f"{where}: {req!r} allows versions CI never tests; CI installs {name}=={pins[name]}"
+    )
+
+
+def test_trl_is_capped_below_its_next_minor_release():
+    """fastkto.integrations.trl replaces TRL's add_fused_lm_head inside the trainers' __init__ (a TRL internal)."""
+    reqs = [r for _, reqs in _requirements() for r in reqs if re.match(r"trl\b", r)]
+    assert reqs
+    major, minor = _version(_pins()["trl"])[:2]
+    for req in reqs:
+        upper = re.search(r"<\s*([\d.]+)", req)
+        assert upper and _version(upper.group(1)) == (major, minor + 1), req
+
+
+def test_no_extra_for_code_the_wheel_does_not_ship():
+    """The benchmarks live in the repository, not in the wheel (packages: fastkto*): a 'bench' extra would install
+    matplotlib and rich for code a wheel user does not have."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert project["tool"]["setuptools"]["packages"]["find"]["include"] == ["fastkto*"]
+    assert "bench" not in project["project"].get("optional-dependencies", {})
+
+
+def test_public_names():
+    import fastkto
+    import fastkto.loss
+
+    for name in ("kto_loss", "kto_kl", "dpo_loss", "KTOLoss", "DPOLoss", "suggest_kto_weights", "shift_labels",
+                 "fused_logprobs", "sequence_logps"):
+        assert name in fastkto.__all__, name
+    assert all(hasattr(fastkto, name) for name in fastkto.__all__)
+    assert fastkto.KTOLoss is fastkto.loss.KTOLoss
+
+
+def test_python_floor_is_the_tested_one():
+    """CI runs Python 3.11 (the README's set-up); 3.10 was declared but never run."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert _version(project["requires-python"])[:2] == (3, 11)
