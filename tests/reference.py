@@ -32,3 +32,27 @@ def reference_sequence_logps(hidden, weight, labels, *, average=False, ignore_in
 def leaf64(t):
     """A float64 leaf copy of t that requires grad (None stays None)."""
     return None if t is None else t.detach().double().requires_grad_(True)
+
+
+def dz_rounding_amplification(hidden, weight, labels, upstream, *, bias=None, ignore_index=-100, temperature=1.0,
+                              softcap=None):
+    """How much rounding the logits' gradient dz (elementwise, relative u) can move each gradient, relative to
+    that gradient's largest element: {"hidden": max|dz| @ |W| / max|dH|, "weight": ..., "bias": ...} in float64.
+
+    A path that rounds dz to a 16-bit dtype before the GEMMs (as tensor-core kernels do) has a scaled gradient
+    error up to u times this, beyond the output's own rounding; it is large where the gradient cancels (two
+    likely tokens with close weight rows), which random inputs produce now and then.
+    """
+    h, w = hidden.detach().double(), weight.detach().double()
+    a = (h @ w.T + (0 if bias is None else bias.detach().double())).requires_grad_()
+    z = a if softcap is None else softcap * torch.tanh(a / softcap)
+    valid = labels != ignore_index
+    logp = torch.log_softmax(z / temperature, -1).gather(-1, torch.where(valid, labels, 0).long().unsqueeze(-1))
+    (logp.squeeze(-1) * valid * upstream.double()).sum().backward()
+    dz = a.grad.abs().reshape(-1, a.shape[-1])
+    hh = h.abs().reshape(-1, h.shape[-1])
+    dh, dw, db = a.grad.reshape(-1, a.shape[-1]) @ w, a.grad.reshape(-1, a.shape[-1]).T @ h.reshape(-1, h.shape[-1]), \
+        a.grad.reshape(-1, a.shape[-1]).sum(0)
+    return {"hidden": ((dz @ w.abs()).max() / dh.abs().max()).item(),
+            "weight": ((dz.T @ hh).max() / dw.abs().max()).item(),
+            "bias": (dz.sum(0).max() / db.abs().max()).item()}

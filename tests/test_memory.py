@@ -95,3 +95,27 @@ def test_every_temporary_fits_the_budget(backend, dtype, variant):
     budget = 96 * 1024  # small enough that both the tokens and the vocabulary split into several chunks
     extra = _bound_case(backend, dtype, "gathered" in variant, "softcap" in variant, "frozen" in variant, budget)
     assert 0 < extra <= budget, f"{extra / 1024:.1f} KiB of temporaries over the {budget // 1024} KiB budget"
+
+
+def test_worker_threads_stay_within_the_budget():
+    # the CPU's worker threads: a workspace each and an (M, D) hidden-gradient partial each beyond the first, all
+    # inside the budget
+    from fastkto.kernels import tiled, torch_chunked
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        tokens, vocab, dim, budget = 512, 4096, 64, 40 << 20
+        hidden = torch.randn(tokens, dim, requires_grad=True)
+        weight = torch.randn(vocab, dim, requires_grad=True)
+        labels = torch.randint(0, vocab, (tokens,))
+        call = tiled.call_shape(hidden, weight, None, None, labels, None)
+        assert torch_chunked._cpu_workers(call, budget) == 2
+        gc.collect()
+        with track_peak_memory("cpu") as mem:
+            out = fastkto.fused_logprobs(hidden, weight, labels, backend="torch", workspace_bytes=budget)
+            out.sum().backward()
+        extra = mem.peak - (out.numel() * 4 + hidden.numel() * 4 + weight.numel() * 4)
+        assert tokens * dim * 4 < extra <= budget, extra  # the partial is there, and inside the budget
+    finally:
+        torch.set_num_threads(threads)

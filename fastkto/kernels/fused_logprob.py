@@ -170,6 +170,13 @@ def _logprob_dz_kernel(
                         HAS_BIAS, HAS_SOFTCAP, UPCAST, PRECISION, BLOCK_N, BLOCK_V, BLOCK_D)
     # labels are rows of the whole weight (shard); this chunk starts at row v_offset
     dz = _tile_dlogits(z, t, lse, g, labels - v_offset, offs_v, n_mask, v_mask, inv_temp, HAS_SOFTCAP)
+    if UPCAST:
+        if DZ.dtype.element_ty == tl.bfloat16:
+            # the interpreter truncates fp32 -> bf16 (a GPU rounds to nearest even): round here as the GPU does,
+            # so that interpreted results carry the GPU's rounding error, not twice it
+            bits = dz.to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            dz = bits.to(tl.float32, bitcast=True)
     tl.store(DZ + rows[:, None] * stride_dz + offs_v[None, :], dz.to(DZ.dtype.element_ty),
              mask=n_mask[:, None] & v_mask[None, :])
 

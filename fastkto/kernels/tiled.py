@@ -337,6 +337,7 @@ def logprob_bwd(
     size_by_budget: bool = False,
     tile: tuple[int, int] | None = None,
     on_step: Callable[[str], None] | None = None,
+    out: tuple | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Gradients of sum_i grad_i * log p_i, recomputing each logits tile once (see the module docstring).
 
@@ -354,6 +355,8 @@ def logprob_bwd(
         tile: force the (token rows, vocabulary rows) of a tile (tests).
         on_step: called with "dz", "dH", "dW" or "other" before each step's work is issued, and "end" after the
             last (``benchmarks.roofline`` records CUDA events there to time the steps).
+        out: (grad_hidden, grad_weight, grad_bias) to write into instead of new tensors (None where not needed):
+            a vocabulary shard's rows of the whole gradients (``torch_chunked``'s CPU threads).
 
     Returns:
         grad_hidden: (M, D) float32, compact (row i belongs to hidden row ``rows[i]``), or None.
@@ -379,9 +382,12 @@ def logprob_bwd(
     mark = on_step or (lambda step: None)
 
     # every gradient element is written by its first tile and added to by the later ones: no zero fill
-    d_hidden = torch.empty(m_tokens, dim, device=dev, dtype=torch.float32) if need_hidden else None
-    d_weight = torch.empty_like(weight) if need_weight else None
-    d_bias = torch.empty_like(bias) if need_bias else None
+    if out is not None:
+        d_hidden, d_weight, d_bias = out
+    else:
+        d_hidden = torch.empty(m_tokens, dim, device=dev, dtype=torch.float32) if need_hidden else None
+        d_weight = torch.empty_like(weight) if need_weight else None
+        d_bias = torch.empty_like(bias) if need_bias else None
     single = n_chunk >= m_tokens  # one token chunk: its operand rows are made once, not once per vocabulary chunk
     h_once = operand_rows(hidden, rows, 0, m_tokens, ws, "h", "h_src") if single else None
     for v0 in range(0, vocab, v_chunk):
