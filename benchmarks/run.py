@@ -19,6 +19,7 @@ plots (memory and time against tokens, one line per method) in ``--out`` (defaul
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -144,21 +145,46 @@ def plan_jobs(args, device: torch.device, profile: dict) -> tuple[list[dict], li
     return jobs, skipped
 
 
-def run_job(job: dict, tmp: Path, index: int, timeout: float, threads: int | None = None) -> list[dict]:
+def job_progress(out_path: Path, job: dict) -> str:
+    """What a running worker has written so far: "method 2/3 sizes timed" (its OUT.json after each stage)."""
+    try:
+        results = json.loads(out_path.read_text())
+    except (OSError, ValueError):  # not written yet, or being written
+        return ""
+    if not results:
+        return ""
+    last = results[-1]
+    done = sum(1 for p in last.get("points", []) if "time_s" in p)
+    mem = sum(1 for p in last.get("points", []) if "peak_extra_bytes" in p)
+    stage = "memory" if mem else "timed"
+    return (f"{last['spec']['method']} ({len(results)}/{len(job['methods'])}): "
+            f"{mem if mem else done}/{len(job['sizes'])} sizes {stage}")
+
+
+def run_job(job: dict, tmp: Path, index: int, timeout: float, threads: int | None = None,
+            on_progress=None) -> list[dict]:
     spec_path, out_path = tmp / f"spec{index}.json", tmp / f"out{index}.json"
     spec_path.write_text(json.dumps(job))
     log_path = tmp / f"log{index}.txt"
     with open(log_path, "w") as log:
-        try:
-            env = dict(os.environ)
-            if threads:
-                env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
-            proc = subprocess.run([sys.executable, "-m", "benchmarks.worker", str(spec_path), str(out_path)],
-                                  cwd=Path(__file__).resolve().parent.parent, stdout=log, stderr=subprocess.STDOUT,
-                                  timeout=timeout, env=env)
-            rc = proc.returncode
-        except subprocess.TimeoutExpired:
-            rc = "timeout"
+        env = dict(os.environ)
+        if threads:
+            env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
+        proc = subprocess.Popen([sys.executable, "-m", "benchmarks.worker", str(spec_path), str(out_path)],
+                                cwd=Path(__file__).resolve().parent.parent, stdout=log, stderr=subprocess.STDOUT,
+                                env=env)
+        start = time.perf_counter()
+        rc = None
+        while rc is None:
+            try:
+                rc = proc.wait(timeout=1.0)
+            except subprocess.TimeoutExpired:
+                if time.perf_counter() - start > timeout:
+                    proc.kill()
+                    proc.wait()
+                    rc = "timeout"
+                elif on_progress is not None:
+                    on_progress(job_progress(out_path, job))
     results = json.loads(out_path.read_text()) if out_path.exists() else []
     done = {r["spec"]["method"] for r in results}
     for m in job["methods"]:
@@ -221,8 +247,9 @@ def summarize(results: list[dict]) -> list[dict]:
     return rows
 
 
-def targets(rows: list[dict], device: torch.device) -> list[dict]:
-    """The issue's targets, measured against this run (never assumed)."""
+def targets(rows: list[dict], device: torch.device, busy: int = 0) -> list[dict]:
+    """The targets, measured against this run (never assumed). With ``busy`` competing processes: the
+    shared-core targets (KTO step <= 1.2x naive, <= 0.5x with masking; the SmolLM2 primitive <= 1.2x naive)."""
     out = []
 
     def pick(workload, masking, method):
@@ -241,10 +268,14 @@ def targets(rows: list[dict], device: torch.device) -> list[dict]:
                                   f"{mine[-1]['tokens'] // mine[0]['tokens']}x and <= 64 MiB",
                         "measured": f"{', '.join(_fmt_bytes(p) for p in peaks)} MiB (max/min {flat:.2f})",
                         "met": max(peaks) <= 64 * MIB and flat <= FLAT})
-        limit = 1.25 if masking == "none" else 0.8
+        if busy:
+            limit = 1.2 if masking == "none" else 0.5
+        else:
+            limit = 1.25 if masking == "none" else 0.8
         ratios = [r.get("time_vs_naive") for r in mine if r.get("time_vs_naive")]
         if ratios:
-            out.append({"target": f"KTO step ({MASKING[masking]}): time <= {limit}x naive",
+            shared = f", {busy} busy process{'es' if busy > 1 else ''}" if busy else ""
+            out.append({"target": f"KTO step ({MASKING[masking]}{shared}): time <= {limit}x naive",
                         "measured": ", ".join(f"{x:.2f}x" for x in ratios), "met": max(ratios) <= limit})
         for peer in ("trl", "liger"):
             theirs = {r["size"]: r["time_s"] for r in pick("kto", masking, peer)}
@@ -253,6 +284,12 @@ def targets(rows: list[dict], device: torch.device) -> list[dict]:
                 out.append({"target": f"KTO step ({MASKING[masking]}): {fast} faster than {peer}",
                             "measured": ", ".join(f"{a:.3f}s vs {b:.3f}s" for a, b in pairs),
                             "met": all(a < b for a, b in pairs)})
+    prim = [r for r in pick("primitive", "none", fast) if r["group"] == "smollm2-135m" and r.get("time_vs_naive")]
+    if busy and prim:
+        out.append({"target": f"primitive (SmolLM2 head, {busy} busy process{'es' if busy > 1 else ''}): time <= "
+                              f"1.2x naive",
+                    "measured": ", ".join(f"{r['tokens']}: {r['time_vs_naive']:.2f}x" for r in prim),
+                    "met": max(r["time_vs_naive"] for r in prim) <= 1.2})
     return out
 
 
@@ -303,16 +340,35 @@ def print_report(console, rows, skipped, target_rows, machine):
             console.print(f"  {key[0]:<14} {key[1]:<15} {best:7.1f} TFLOP/s "
                           f"({100 * best / machine['bf16_matmul_tflops']:.0f}% of matmul)")
     if target_rows:
-        console.print("[bold]Targets[/bold]")
+        quick = machine.get("quick")
+        console.print("[bold]Targets[/bold]" + (" [yellow](not evaluated: a --quick run has no warm-up and tiny "
+                                                 "sizes, so it says nothing about speed)[/yellow]" if quick else ""))
         for t in target_rows:
-            mark = "[green]met[/green]" if t["met"] else "[red]missed[/red]"
+            if quick:
+                mark = "[yellow]not evaluated[/yellow]"
+            else:
+                mark = "[green]met[/green]" if t["met"] else "[red]missed[/red]"
             console.print(f"  {mark}  {t['target']}: {t['measured']}")
 
 
 # ------------------------------------------------------------------------------------------------ plots
 
-def write_plots(rows: list[dict], out: Path) -> list[str]:
-    """memory and time against tokens, one line per method, one PNG per (workload, group)."""
+def plot_caption(machine: dict) -> str:
+    """The line under every plot: where and how it was measured."""
+    parts = [f"{machine.get('name', '?')} ({machine.get('device', '?')})", f"dtype {machine.get('dtype', '?')}",
+             f"{machine.get('worker_threads', '?')} torch threads"]
+    busy = machine.get("busy_processes") or 0
+    parts.append(f"{busy} busy process{'es' if busy != 1 else ''} beside the run" if busy else "quiet machine")
+    parts.append(f"torch {machine.get('torch', '?')}")
+    caption = ", ".join(parts)
+    if machine.get("quick"):
+        caption += "; --quick: no warm-up, one pass, tiny sizes: checks the harness, does not measure speed"
+    return caption
+
+
+def write_plots(rows: list[dict], out: Path, machine: dict | None = None) -> list[str]:
+    """Memory, time and time relative to naive against tokens (scored tokens in parentheses), one line per
+    method, one PNG per (workload, group), captioned with the machine and conditions."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -327,32 +383,47 @@ def write_plots(rows: list[dict], out: Path) -> list[str]:
         sel = [r for r in rows if (r["workload"], r["group"]) == (workload, group) and r["time_s"]]
         if not sel:
             continue
-        fig, (ax_m, ax_t) = plt.subplots(1, 2, figsize=(11, 4))
+        fig, (ax_m, ax_t, ax_r) = plt.subplots(1, 3, figsize=(15, 4.4))
         methods = sorted({r["method"] for r in sel}, key=lambda m: (m != "naive", m))
         if len({r["tokens"] for r in sel}) == 1:  # one size (e2e): bars
             pts = [next(r for r in sel if r["method"] == m) for m in methods]
             colors = [f"C{i}" for i in range(len(pts))]
             ax_m.bar(methods, [(r["peak_extra_bytes"] or 0) / MIB for r in pts], color=colors)
             ax_t.bar(methods, [r["time_s"] for r in pts], color=colors)
+            ax_r.bar(methods, [r.get("time_vs_naive") or (1.0 if r["method"] == "naive" else 0) for r in pts],
+                     color=colors)
             xlabel = f"{pts[0]['tokens']} tokens ({pts[0]['scored']} scored)"
         else:
+            scored = {}
             for method in methods:
                 pts = sorted((r for r in sel if r["method"] == method), key=lambda r: r["tokens"])
                 x = [r["tokens"] for r in pts]
+                scored.update({r["tokens"]: r["scored"] for r in pts})
                 style = dict(marker="o", label=method, linestyle="--" if method == "naive" else "-")
                 ax_m.plot(x, [(r["peak_extra_bytes"] or 0) / MIB for r in pts], **style)
                 ax_t.plot(x, [r["time_s"] for r in pts], **style)
-            for ax in (ax_m, ax_t):
+                ratio = [(r["tokens"], 1.0 if method == "naive" else r.get("time_vs_naive")) for r in pts]
+                ratio = [(t, v) for t, v in ratio if v is not None]
+                if ratio:
+                    ax_r.plot([t for t, _ in ratio], [v for _, v in ratio], **style)
+            ticks = sorted(scored)
+            for ax in (ax_m, ax_t, ax_r):
                 ax.set_xscale("log", base=2)
+                ax.set_xticks(ticks, [f"{t}\n({scored[t]})" for t in ticks])
+                ax.minorticks_off()
             ax_m.legend()
-            xlabel = "tokens in the batch"
-        for ax, ylabel in ((ax_m, "peak memory beyond the gradients (MiB)"), (ax_t, "forward + backward time (s)")):
+            xlabel = "tokens in the batch (scored)"
+        for ax, ylabel in ((ax_m, "peak memory beyond the gradients (MiB)"), (ax_t, "forward + backward time (s)"),
+                           (ax_r, "time / naive's time")):
             ax.set_xlabel(xlabel)
             ax.set_ylabel(ylabel)
             ax.set_ylim(bottom=0)
             ax.grid(True, alpha=0.3)
+        ax_r.axhline(1.0, color="gray", linewidth=0.8)
         fig.suptitle(f"{workload}: {group}")
-        fig.tight_layout()
+        if machine:
+            fig.text(0.5, 0.01, plot_caption(machine), ha="center", fontsize=8, color="dimgray")
+        fig.tight_layout(rect=(0, 0.04, 1, 1))
         name = re.sub(r"[^a-z0-9.]+", "_", f"{workload}_{group}".lower()).strip("_") + ".png"
         fig.savefig(out / name, dpi=110)
         plt.close(fig)
@@ -399,11 +470,28 @@ def print_summary(console, folder: Path, markdown: bool = False) -> int:
         return 0
     console.print(f"{report['command']}  ({name}, {report.get('wall_s', 0):.0f} s)")
     device = torch.device("cuda" if report["machine"]["device"].startswith("cuda") else "cpu")
-    print_report(console, rows, report["skipped"], report.get("targets") or targets(rows, device), report["machine"])
+    busy = report["machine"].get("busy_processes", 0)
+    print_report(console, rows, report["skipped"], report.get("targets") or targets(rows, device, busy),
+                 report["machine"])
     return 0
 
 
 # ------------------------------------------------------------------------------------------------ main
+
+@contextlib.contextmanager
+def busy_processes(n: int):
+    """``n`` processes that spin on a core each for as long as the block runs (then are killed): the competing
+    load of a shared machine, bounded by the run."""
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"], stdin=subprocess.DEVNULL,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _ in range(n)]
+    try:
+        yield procs
+    finally:
+        for proc in procs:
+            proc.kill()
+        for proc in procs:
+            proc.wait()
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
@@ -423,11 +511,16 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads per worker (OMP_NUM_THREADS); default: PyTorch's (all cores)")
     p.add_argument("--timeout", type=float, default=1200, help="seconds per worker process")
+    p.add_argument("--busy", type=int, default=0, metavar="N",
+                   help="run N busy-looping processes beside the whole run (a core taken by another program, as on "
+                        "a shared laptop or CI runner); they stop with the run. Results go to <machine>-busyN")
     p.add_argument("--dry-run", action="store_true", help="print the plan (jobs, skips) and exit")
     p.add_argument("--summary", default=None, metavar="DIR",
                    help="print the tables and targets of DIR/results.json (or results.partial.json) and exit")
     p.add_argument("--markdown", action="store_true", help="with --summary: markdown tables (for README.md)")
     args = p.parse_args(argv)
+    if args.busy < 0:
+        p.error(f"--busy must be >= 0, got {args.busy}")
     args.workloads = [w for w in args.workloads.split(",") if w]
     bad = [w for w in args.workloads if w not in WORKLOADS]
     if bad:
@@ -454,7 +547,8 @@ def main(argv=None) -> int:
     jobs, skipped = plan_jobs(args, device, profile)
     command = "python -m benchmarks.run " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None
                                                                                  else argv))
-    name = args.machine or machine_name(device) + ("-quick" if args.quick else "")
+    name = args.machine or machine_name(device) + ("-quick" if args.quick else "") + (
+        f"-busy{args.busy}" if args.busy else "")
     out = Path(args.out) if args.out else RESULTS / name
     console.print(f"[bold]{command.strip()}[/bold]: {len(jobs)} worker processes on {device}, results in {out}")
     for method, reason in dict.fromkeys((s["method"], s["reason"]) for s in skipped):
@@ -468,12 +562,13 @@ def main(argv=None) -> int:
     machine = machine_info(device)
     machine["name"] = name
     machine["worker_threads"] = args.threads or torch.get_num_threads()
+    machine.update(quick=args.quick, busy_processes=args.busy, dtype=jobs[0]["dtype"] if jobs else None)
     from .realdata import split_summary, token_split
 
     split = split_summary(token_split())
     results = []
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp, Progress(
+    with busy_processes(args.busy), tempfile.TemporaryDirectory() as tmp, Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
         TimeElapsedColumn(), console=console,
     ) as progress:
@@ -481,7 +576,8 @@ def main(argv=None) -> int:
         for i, job in enumerate(jobs):
             label = f"{job['workload']} {job['group']} {','.join(job['methods'])}"
             progress.update(task, description=label)
-            got = run_job(job, Path(tmp), i, args.timeout, args.threads)
+            got = run_job(job, Path(tmp), i, args.timeout, args.threads, on_progress=lambda text, label=label:
+                          progress.update(task, description=f"{label}  {text}"))
             results.extend(got)
             partial = {"command": command.strip(), "machine": machine, "profile": profile, "skipped": skipped,
                        "wall_s": time.perf_counter() - t0, "raw": results}
@@ -494,12 +590,12 @@ def main(argv=None) -> int:
                                        f"{pts}  {status}")
             progress.advance(task)
     rows = summarize(results)
-    target_rows = targets(rows, device)
+    target_rows = targets(rows, device, args.busy)
     print_report(console, rows, skipped, target_rows, machine)
     if args.quick:
         console.print("[yellow]--quick: no warm-up and one pass per size; these numbers check the harness, they do "
                       "not measure speed (first sizes include one-time costs)[/yellow]")
-    plots = write_plots(rows, out)
+    plots = write_plots(rows, out, machine)
     report = {"command": command.strip(), "machine": machine, "profile": profile, "wall_s": time.perf_counter() - t0,
               "hh_rlhf_split": split, "skipped": skipped, "targets": target_rows, "rows": rows, "raw": results,
               "plots": plots}

@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -176,7 +177,10 @@ def test_worker_end_to_end_and_report(tmp_path):
             "shape": {"name": "tiny", "hidden": 32, "vocab": 4096}, "sizes": [32, 64], "batch": 2,
             "masking": "none", "dtype": "float32", "device": "cpu", "seed": 1, "warmup": 1, "repeats": 2,
             "allocator": True, "check": {"primitive_tokens": 4, "batch": 2, "T": 4}}
-    results = run.run_job(spec, tmp_path, 0, timeout=120)
+    progress = []
+    results = run.run_job(spec, tmp_path, 0, timeout=120, on_progress=progress.append)
+    assert any(text.startswith("naive (1/3)") or text.startswith("fastkto-torch (2/3)") for text in progress), \
+        progress  # the job reports what it has measured while it runs
     by_method = {r["spec"]["method"]: r for r in results}
     assert by_method["cce"]["skipped"] and not by_method["cce"]["points"]
     for method in ("naive", "fastkto-torch"):
@@ -195,7 +199,11 @@ def test_worker_end_to_end_and_report(tmp_path):
     rows = run.summarize(results)
     assert {r["method"] for r in rows} == {"naive", "fastkto-torch"}
     assert all(abs(r["time_vs_naive"] - 1) < 1e-12 for r in rows if r["method"] == "naive")
-    files = run.write_plots(rows, tmp_path)
+    machine = {"name": "cpu-2core", "device": "cpu", "dtype": "float32", "worker_threads": 2, "busy_processes": 1,
+               "torch": torch.__version__, "quick": True}
+    caption = run.plot_caption(machine)
+    assert "1 busy process beside the run" in caption and "--quick" in caption and "float32" in caption
+    files = run.write_plots(rows, tmp_path, machine)
     assert files and all((tmp_path / f).stat().st_size > 1000 for f in files)
     table = run.markdown_tables(rows).splitlines()
     assert table[2] == "| tokens (scored) | naive | fastkto-torch |" and table[4].startswith("| 64 (64) | ")
@@ -215,6 +223,39 @@ def test_targets_are_computed_from_the_rows():
     assert got["KTO step (no masking): fastkto-torch peak extra memory flat as tokens grow 4x and <= 64 MiB"]
     assert not got["KTO step (no masking): time <= 1.25x naive"]  # 5.2 / 4.0 = 1.3
     assert not got["KTO step (no masking): fastkto-torch faster than trl"]  # 5.2 > 5.0 at 256
+    # with a busy process beside the run: the shared-core targets
+    prim = [{"workload": "primitive", "group": "smollm2-135m", "masking": "none", "method": m, "size": n,
+             "tokens": n, "time_s": t, "peak_extra_bytes": 1, "time_vs_naive": t / 2.0}
+            for m, n, t in (("naive", 1024, 2.0), ("fastkto-torch", 1024, 2.3))]
+    got = {t["target"]: t["met"] for t in run.targets(rows + prim, torch.device("cpu"), busy=1)}
+    assert not got["KTO step (no masking, 1 busy process): time <= 1.2x naive"]
+    assert got["primitive (SmolLM2 head, 1 busy process): time <= 1.2x naive"]  # 1.15x
+
+
+def test_quick_runs_do_not_grade_targets(capsys):
+    from rich.console import Console
+
+    target_rows = [{"target": "KTO step (no masking): time <= 1.25x naive", "measured": "2.00x", "met": False}]
+    machine = {"name": "m", "device": "cpu"}
+    run.print_report(Console(width=200), [], [], target_rows, {**machine, "quick": True})
+    text = capsys.readouterr().out
+    assert "not evaluated" in text and "missed" not in text
+    run.print_report(Console(width=200), [], [], target_rows, machine)
+    assert "missed" in capsys.readouterr().out
+
+
+def test_busy_processes_run_for_the_block_and_stop():
+    import psutil
+
+    with run.busy_processes(2) as procs:
+        time.sleep(0.5)
+        assert all(proc.poll() is None for proc in procs)
+        assert all(psutil.Process(proc.pid).cpu_percent(interval=0.3) > 20 for proc in procs)  # really spinning
+    assert all(proc.poll() is not None for proc in procs)
+    args = run.parse_args(["--busy", "1"])
+    assert args.busy == 1
+    with pytest.raises(SystemExit):
+        run.parse_args(["--busy", "-1"])
 
 
 def test_dry_run_plans_one_process_per_method_on_the_cpu(capsys):
