@@ -275,9 +275,10 @@ def plan_tiles(call: CallShape, maker: TileMaker, budget: int, size_by_budget: b
 
 class Workspace:
     """The named buffers of one call, allocated once and reused by every tile; ``view(name, rows, cols)`` is a
-    contiguous view of a buffer's front."""
+    contiguous view of a buffer's front. ``tile``: the (token rows, vocabulary rows) plan they were sized for."""
 
-    def __init__(self, bufs: dict, device: torch.device):
+    def __init__(self, bufs: dict, device: torch.device, tile: tuple[int, int] | None = None):
+        self.tile = tile
         self.bufs = {name: torch.empty(numel, dtype=dtype, device=device) for name, (numel, dtype) in bufs.items()
                      if name != VECTORS}
 
@@ -314,6 +315,18 @@ def operand_rows(src: torch.Tensor, rows: torch.Tensor | None, r0: int, r1: int,
     return out.copy_(torch.index_select(src, 0, rows[r0:r1], out=ws.view(src_name, r1 - r0, src.shape[1])))
 
 
+def backward_workspace(maker, hidden, weight, bias, rows, labels, softcap, need_weight, need_bias,
+                       workspace_bytes=None, size_by_budget=False, tile=None) -> Workspace:
+    """The planned, allocated workspace of one backward call (``logprob_bwd`` documents the arguments)."""
+    call = call_shape(hidden, weight, bias, rows, labels, softcap, need_weight, need_bias)
+    budget = default_workspace_bytes(hidden.device) if workspace_bytes is None else workspace_bytes
+    if tile is None:
+        plan = plan_tiles(call, maker, budget, size_by_budget)
+    else:
+        plan = (min(tile[0], labels.shape[0]), min(tile[1], weight.shape[0]))
+    return Workspace(workspace_buffers(*plan, call, maker), hidden.device, tile=plan)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The loop
 
@@ -338,6 +351,7 @@ def logprob_bwd(
     tile: tuple[int, int] | None = None,
     on_step: Callable[[str], None] | None = None,
     out: tuple | None = None,
+    workspace: Workspace | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Gradients of sum_i grad_i * log p_i, recomputing each logits tile once (see the module docstring).
 
@@ -357,6 +371,8 @@ def logprob_bwd(
             last (``benchmarks.roofline`` records CUDA events there to time the steps).
         out: (grad_hidden, grad_weight, grad_bias) to write into instead of new tensors (None where not needed):
             a vocabulary shard's rows of the whole gradients (``torch_chunked``'s CPU threads).
+        workspace: a ``Workspace`` made for this call by ``backward_workspace`` (the CPU threads get theirs from the
+            calling thread); by default the loop makes its own.
 
     Returns:
         grad_hidden: (M, D) float32, compact (row i belongs to hidden row ``rows[i]``), or None.
@@ -370,13 +386,9 @@ def logprob_bwd(
         return (torch.zeros(m_tokens, dim, device=dev) if need_hidden else None,
                 torch.zeros_like(weight) if need_weight else None,
                 torch.zeros_like(bias) if need_bias else None)
-    call = call_shape(hidden, weight, bias, rows, labels, softcap, need_weight, need_bias)
-    budget = default_workspace_bytes(dev) if workspace_bytes is None else workspace_bytes
-    if tile is None:
-        n_plan, v_plan = plan_tiles(call, maker, budget, size_by_budget)
-    else:
-        n_plan, v_plan = min(tile[0], m_tokens), min(tile[1], vocab)
-    ws = Workspace(workspace_buffers(n_plan, v_plan, call, maker), dev)
+    ws = workspace or backward_workspace(maker, hidden, weight, bias, rows, labels, softcap, need_weight, need_bias,
+                                         workspace_bytes, size_by_budget, tile)
+    n_plan, v_plan = ws.tile
     n_chunk, v_chunk = min(n_plan, m_tokens), v_plan
     inv_temp = 1.0 / temperature
     mark = on_step or (lambda step: None)

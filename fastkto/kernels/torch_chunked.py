@@ -153,16 +153,25 @@ def logprob_fwd(
     if workers == 1:
         return _forward(hidden, weight, bias, rows, labels, softcap, temperature, budget)
     per_worker = _per_worker_budget(call, budget, workers)
+    shards = _shards(call.vocab, workers)
+    # what a shard needs is allocated here, on the calling thread, where allocation tracking sees it
+    args = [(weight[v0:v1], None if bias is None else bias[v0:v1], labels - v0) for v0, v1 in shards]
+    spaces = [_forward_workspace(hidden, w, b, rows, y, softcap, per_worker) for w, b, y in args]
     parts = _on_threads(workers, lambda i, v0, v1: _forward(
-        hidden, weight[v0:v1], None if bias is None else bias[v0:v1], rows, labels - v0, softcap, temperature,
-        per_worker), _shards(call.vocab, workers))
+        hidden, *args[i][:2], rows, args[i][2], softcap, temperature, per_worker, spaces[i]), shards)
     # merge the shards' statistics in shard order: deterministic
     row_max = torch.stack([p[0] for p in parts]).amax(dim=0)
     sum_exp = sum(p[1] * torch.exp(p[0] - row_max) for p in parts)
     return row_max, sum_exp, sum(p[2] for p in parts)
 
 
-def _forward(hidden, weight, bias, rows, labels, softcap, temperature, budget):
+def _forward_workspace(hidden, weight, bias, rows, labels, softcap, budget) -> tiled.Workspace:
+    call = tiled.call_shape(hidden, weight, bias, rows, labels, softcap)
+    plan = tiled.plan_tiles(call, TILES, budget, size_by_budget=hidden.device.type == "cpu")
+    return tiled.Workspace(tiled.workspace_buffers(*plan, call, TILES, backward=False), hidden.device, tile=plan)
+
+
+def _forward(hidden, weight, bias, rows, labels, softcap, temperature, budget, ws=None):
     """The forward's tile loop over these vocabulary rows, on the calling thread."""
     m_tokens = labels.shape[0]
     vocab, dim = weight.shape
@@ -172,9 +181,8 @@ def _forward(hidden, weight, bias, rows, labels, softcap, temperature, budget):
     target = torch.zeros(m_tokens, device=dev, dtype=torch.float32)
     if m_tokens == 0 or vocab == 0:
         return row_max, sum_exp, target
-    call = tiled.call_shape(hidden, weight, bias, rows, labels, softcap)
-    n_plan, v_chunk = tiled.plan_tiles(call, TILES, budget, size_by_budget=dev.type == "cpu")
-    ws = tiled.Workspace(tiled.workspace_buffers(n_plan, v_chunk, call, TILES, backward=False), dev)
+    ws = ws or _forward_workspace(hidden, weight, bias, rows, labels, softcap, budget)
+    n_plan, v_chunk = ws.tile
     n_chunk = min(n_plan, m_tokens)
     inv_temp = 1.0 / temperature
     single = n_chunk >= m_tokens  # one token chunk: its rows are gathered / converted once
@@ -240,12 +248,16 @@ def logprob_bwd(
     d_bias = torch.empty_like(bias) if need_bias else None
     per_worker = _per_worker_budget(call, budget, workers)
     shards = _shards(call.vocab, workers)
+    # every buffer a shard uses is allocated here, on the calling thread, where allocation tracking sees it
+    args = [(weight[v0:v1], None if bias is None else bias[v0:v1], labels - v0) for v0, v1 in shards]
+    spaces = [tiled.backward_workspace(TILES, hidden, w, b, rows, y, softcap, need_weight, need_bias, per_worker,
+                                       size_by_budget=True) for w, b, y in args]
 
     def shard(i, v0, v1):
         out = (None if d_hidden is None else (d_hidden if i == 0 else partial[i - 1]),
                None if d_weight is None else d_weight[v0:v1], None if d_bias is None else d_bias[v0:v1])
-        tiled.logprob_bwd(TILES, hidden, weight[v0:v1], None if bias is None else bias[v0:v1], rows, labels - v0,
-                          lse, grad, workspace_bytes=per_worker, out=out, **opts)
+        tiled.logprob_bwd(TILES, hidden, *args[i][:2], rows, args[i][2], lse, grad, workspace_bytes=per_worker,
+                          out=out, workspace=spaces[i], **opts)
 
     _on_threads(workers, shard, shards)
     for part in partial:
@@ -265,6 +277,10 @@ def logprob_bwd(
 # thread, each thread's operations single-threaded (or, with many cores, a few threads each), one join per call.
 # Each shard is the whole tile loop on a slice of the weight, as a vocab-parallel rank would run it: its own
 # workspace, its own (M, D) hidden-gradient partial (shard 0 writes the gradient itself), merged in shard order.
+# The calling thread allocates every buffer (workspaces, partials, outputs, the shards' labels): the profiler's
+# allocation tracking, which fastkto.memory and the benchmarks use on the CPU, follows only the thread it runs on;
+# inside the workers only the tiles' small vectors are allocated (a few words per token row and per vocabulary
+# row of a tile, counted in the plan as ``tiled.VECTORS``).
 
 _MIN_WORKER_BYTES = 16 << 20  # a worker's workspace: the measured-best tile (4 MiB) and its operand buffers
 _POOL: list = [None]
