@@ -16,9 +16,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _pins() -> dict[str, str]:
+def _pins(path: str = "requirements-ci.txt") -> dict[str, str]:
     pins = {}
-    for line in (ROOT / "requirements-ci.txt").read_text().splitlines():
+    for line in (ROOT / path).read_text().splitlines():
         line = line.split("#", 1)[0].strip()
         if line:
             name, version = line.split("==")
@@ -44,11 +44,23 @@ def test_lower_bounds_are_what_ci_tests(where, req):
     assert lower, f"{where}: {req!r} declares no lower bound"
     pins = _pins()
     assert name in pins, f"{where}: {name} is declared but CI (requirements-ci.txt) does not install it"
-    # the floor may leave out the patch number (torch>=2.13 for 2.13.0) but not name an older release
+    # the floor may leave out the patch number (torch>=2.13 for 2.13.0) but not name an older release than a
+    # tested one: CI's, or for torch and triton the GPU image's, which scripts/test_floor.sh installs and tests
     floor = _version(lower.group(1))
-    assert floor == _version(pins[name])[: len(floor)], (
-        f"{where}: {req!r} allows versions CI never tests; CI installs {name}=={pins[name]}"
+    tested = [pins[name]] + [v for n, v in _pins("scripts/floor-requirements.txt").items() if n == name]
+    assert any(floor == _version(v)[: len(floor)] for v in tested), (
+        f"{where}: {req!r} allows versions that are never tested; tested: {name} {tested}"
     )
+
+
+def test_torch_and_triton_accept_the_gpu_image():
+    """A GPU user keeps the torch / triton they have: the floors are the GPU image's (torch 2.11, triton 3.6), the
+    oldest versions scripts/test_floor.sh tests, not CI's newer pins."""
+    floors = _pins("scripts/floor-requirements.txt")
+    assert (floors["torch"], floors["triton"]) == ("2.11.0", "3.6.0")
+    reqs = {re.match(r"[a-z]+", r).group(0): r for _, rs in _requirements() for r in rs}
+    assert _version(re.search(r">=\s*([\d.]+)", reqs["torch"]).group(1)) == (2, 11)
+    assert _version(re.search(r">=\s*([\d.]+)", reqs["triton"]).group(1)) == (3, 6)
 
 
 def test_trl_is_capped_below_its_next_minor_release():
