@@ -174,7 +174,7 @@ def test_skip_reasons():
 
 def test_worker_end_to_end_and_report(tmp_path):
     spec = {"workload": "kto", "methods": ["naive", "fastkto-torch", "cce"], "group": "tiny",
-            "shape": {"name": "tiny", "hidden": 32, "vocab": 4096}, "sizes": [32, 64], "batch": 2,
+            "shape": {"name": "tiny", "hidden": 32, "vocab": 16384}, "sizes": [32, 64], "batch": 2,
             "masking": "none", "dtype": "float32", "device": "cpu", "seed": 1, "warmup": 1, "repeats": 2,
             "allocator": True, "check": {"primitive_tokens": 4, "batch": 2, "T": 4}}
     progress = []
@@ -191,9 +191,11 @@ def test_worker_end_to_end_and_report(tmp_path):
             assert p["time_s"] > 0 and len(p["times_s"]) == 2 and p["grad_bytes"] > 0
             assert p["peak_bytes"] > 0 and p["alloc_peak_bytes"] >= p["peak_extra_bytes"] > 0
         assert r["check"]["value"] < 1e-5
-    # the naive head holds 12 bytes per logit at its peak (log_softmax output + two float32 gradients)
+    # the naive head holds 12 bytes per logit at its peak (log_softmax output + two float32 gradients); fastkto's
+    # workspace is a fixed few MiB (a tile per CPU worker thread), so the vocabulary is large enough for the logits
+    # to outweigh it
     naive_big = by_method["naive"]["points"][-1]
-    assert naive_big["peak_extra_bytes"] >= 12 * 2 * 64 * 4096
+    assert naive_big["peak_extra_bytes"] >= 12 * 2 * 64 * 16384
     assert by_method["fastkto-torch"]["points"][-1]["peak_extra_bytes"] < naive_big["peak_extra_bytes"]
 
     rows = run.summarize(results)
