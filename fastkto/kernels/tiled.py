@@ -34,6 +34,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable
 
@@ -222,8 +223,16 @@ def _candidates(limit: int, align: int) -> list[int]:
     return sorted(out)
 
 
-@functools.lru_cache(maxsize=256)
 def plan_tiles(call: CallShape, maker: TileMaker, budget: int, size_by_budget: bool) -> tuple[int, int]:
+    """See ``_plan_tiles``. Sized by the budget, the plan depends on the token count only through the per-token
+    reserve, which is taken for the next power of two: batches of varying length then share a few cached plans."""
+    if size_by_budget:
+        call = dataclasses.replace(call, tokens=1 << max(call.tokens - 1, 0).bit_length())
+    return _plan_tiles(call, maker, budget, size_by_budget)
+
+
+@functools.lru_cache(maxsize=256)
+def _plan_tiles(call: CallShape, maker: TileMaker, budget: int, size_by_budget: bool) -> tuple[int, int]:
     """(token rows, vocabulary rows) per tile: the shape whose buffers fit ``budget`` and which minimizes the
     accumulators' memory traffic, proportional to the chunk counts ceil(M / n) / M + ceil(V / v) / V (dH[n]
     crosses memory once per vocabulary chunk, dW_v once per token chunk); then evened out so that no chunk is short.
