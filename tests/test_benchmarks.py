@@ -386,3 +386,15 @@ def test_e2e_step_without_the_gguf_runs_both_heads(monkeypatch):
     # both heads give the model the same gradients (float32: the backbone's rounding dominates)
     for a, b in zip(first, grads):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-3)
+
+
+def test_contention_profile_runs(tmp_path):
+    from benchmarks import contention
+
+    out = tmp_path / "c.json"
+    assert contention.main(["--tokens", "32", "--vocab", "2048", "--dim", "16", "--repeats", "1", "--out",
+                            str(out)]) == 0
+    report = json.loads(out.read_text())
+    quiet, busy = report["conditions"]
+    assert (quiet["busy_processes"], busy["busy_processes"]) == (0, 1)
+    assert all(c["fastkto_s"] > 0 and c["naive_s"] > 0 and c["profile"] for c in report["conditions"])
