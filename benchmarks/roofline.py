@@ -412,17 +412,20 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("--measure needs a CUDA device", file=sys.stderr)
         return 2
-    results = [measure(s, budget, args.methods.split(",")) for s in shapes]
+    results = []
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "triton": __import__("triton").__version__, "budget_mib": budget, "model": rows(shapes, budget),
-              "measured": results, "kernels": _kernel_registers()}
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "measured.json").write_text(json.dumps(report, indent=1))
+              "measured": results, "kernels": []}
+    for shape in shapes:  # written after each shape: a time limit still leaves what was measured
+        results.append(measure(shape, budget, args.methods.split(",")))
+        report["kernels"] = _kernel_registers()
+        if args.out:
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / "measured.json").write_text(json.dumps(report, indent=1))
     if args.json:
         print(json.dumps(report, indent=1))
     else:
-        _print_measured(shapes, results, budget)
+        _print_measured(shapes[:len(results)], results, budget)
         for k in report["kernels"]:
             print(f"  {k['kernel']}: {k['n_regs']} registers, {k['n_spills']} spills, {k['shared']} B shared")
     return 0 if all(r["bitwise_repeat"] for r in results) else 1
