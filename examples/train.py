@@ -24,9 +24,10 @@ What it does:
   from materialized logits (``--head naive``), so the two heads differ only in how log-probs are computed.
 * ``--packed``: every batch (training, KL pairs, evaluation) is packed, its rows concatenated into one sequence
   with ``position_ids`` restarting per row and no padding (``KTOCollator(packed=True)`` / ``PairedCollator``),
-  so the backbone computes no padded position; ``hidden_states`` keeps the rows from attending to each other and
-  the losses sum each row's log-probs through ``cu_seqlens``. ``--max-tokens N`` fills each batch up to N tokens
-  (``fastkto.data.TokenBudgetSampler``) instead of ``--batch`` rows.
+  so the backbone computes no padded position; ``hidden_states`` keeps the rows from attending to each other (with
+  ``use_varlen_sdpa``: causal SDPA on each row) and the losses sum each row's log-probs through ``cu_seqlens``.
+  ``--max-tokens N`` fills each batch up to N tokens (``fastkto.data.TokenBudgetSampler``) instead of ``--batch``
+  rows.
 * Held-out evaluation (at the start, every ``--eval-every`` steps, at the end): the implicit rewards
   beta * (log pi - log pi_ref) of the chosen and rejected completions, their margin and the pair accuracy.
 * Logs one JSON object per step and per evaluation to ``OUT/log.jsonl`` (loss, rewards, margin, KL, peak memory
@@ -325,6 +326,11 @@ def main(argv=None) -> dict:
     t0 = time.time()
     policy, tok = load_model(args)
     reference = copy.deepcopy(policy).eval().requires_grad_(False)
+    if args.packed and policy.config._attn_implementation == "sdpa":
+        from fastkto.integrations.transformers import use_varlen_sdpa
+
+        for model in (policy, reference):  # per-sequence attention instead of a dense packed mask
+            use_varlen_sdpa(model)
     policy.train()  # SmolLM2 has no dropout, so train mode changes nothing but is what a trainer would use
     train, held_out, counts = build_data(args, tok)
     load_s = time.time() - t0

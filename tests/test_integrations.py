@@ -883,15 +883,18 @@ def _kto_step_float64(model, ref_model, batch):
     return kto_loss(policy, ref, batch["desirable"], kl=z0, beta=0.5)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gemma2_sliding", "gpt2"])
-def test_packed_kto_step_equals_padded_float64(arch, seed, one_thread):
+@pytest.mark.parametrize("arch, attention", [("llama", "eager"), ("llama", "varlen"), ("gemma2_sliding", "eager"),
+                                             ("gpt2", "sdpa")])
+def test_packed_kto_step_equals_padded_float64(arch, attention, seed, one_thread):
     """A whole KTO step through a tiny model, packed by the collator, against the same step of a float64 copy (and
     the padded float32 step): loss, metrics and every parameter's gradient, to float32 rounding. A row of one
     prompt and one completion token included."""
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     model = PACKED_ARCHS[arch][0]().eval()
-    model.set_attn_implementation("eager")
+    model.set_attn_implementation("sdpa" if attention == "varlen" else attention)
+    if attention == "varlen":
+        T.use_varlen_sdpa(model)
     ref_model = copy.deepcopy(model)
     with torch.no_grad():
         for p in ref_model.parameters():
@@ -921,6 +924,56 @@ def test_packed_kto_step_equals_padded_float64(arch, seed, one_thread):
         assert ((got.double() - ref).abs().max() / scale) < 1e-4, name
         assert ((got - padded_grad).abs().max() / scale) < 1e-4, name
     torch.testing.assert_close(out.loss, padded_out.loss, rtol=0, atol=5e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral_sliding", "gpt2", "phi_bias"])
+def test_varlen_sdpa_runs_each_packed_row_on_its_own(arch, seed, one_thread, monkeypatch):
+    """use_varlen_sdpa: one causal SDPA per packed row and layer, the rows equal to the padded run; padded calls
+    unchanged (the same SDPA with the same mask); a sliding window shorter than a row falls back to the dense mask."""
+    torch.manual_seed(seed)
+    model = PACKED_ARCHS[arch][0]().eval()
+    model.set_attn_implementation("sdpa")
+    ids, mask, flat, cu = _rows_padded_packed(PACKED_LENGTHS)
+    with torch.no_grad():
+        before = T.hidden_states(model, ids, mask)
+    assert T.use_varlen_sdpa(model) is model and model.config._attn_implementation == T.VARLEN_SDPA
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda q, *a, **k: calls.append(q.shape[2]) or sdpa(q, *a, **k))
+    with torch.no_grad():
+        padded_rows = T.hidden_states(model, ids, mask)
+        n_padded = len(calls)
+        got = T.hidden_states(model, flat, cu_seqlens=cu)[0]
+    layers = model.config.num_hidden_layers if hasattr(model.config, "num_hidden_layers") else model.config.n_layer
+    assert torch.equal(padded_rows, before) and n_padded == layers
+    packed_calls = calls[n_padded:]
+    if arch == "mistral_sliding":  # window 4 < rows of 6 and 9: the dense mask keeps the window
+        assert packed_calls == [flat.shape[1]] * layers
+    else:
+        assert packed_calls == PACKED_LENGTHS * layers
+    torch.testing.assert_close(got, before[mask.bool()], rtol=0, atol=2e-5)
+
+
+def test_varlen_sdpa_under_gradient_checkpointing_and_its_limits(seed, one_thread):
+    """Gradient checkpointing recomputes the layers with the same (persistent) attention: the same gradients. An
+    eager model is refused by name."""
+    model = tiny("llama")
+    T.use_varlen_sdpa(model)
+    _, _, flat, cu = _rows_padded_packed(PACKED_LENGTHS)
+    grads = []
+    for checkpointing in (False, True):
+        m = copy.deepcopy(model).train()
+        if checkpointing:
+            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        T.hidden_states(m, flat, cu_seqlens=cu).pow(2).sum().backward()
+        grads.append([p.grad for p in m.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    eager = tiny("llama")
+    eager.set_attn_implementation("eager")
+    with pytest.raises(ValueError, match="use_varlen_sdpa needs a model running SDPA attention.*'eager'"):
+        T.use_varlen_sdpa(eager)
 
 
 def test_packed_hidden_states_bf16_within_its_rounding(seed, one_thread):
@@ -964,6 +1017,8 @@ def test_trl_padding_free_matches_trl(kind, tmp_path, one_thread):
         theirs, ours = _trainers(kind, tmp_path, bf16=False, padding_free=True)
         assert not theirs.padding_free and ours.args.padding_free
     assert ours.padding_free
+    # SDPA models switch to the per-sequence attention (the reference too: TRL patches it with the same head)
+    assert ours.model.config._attn_implementation == ours.ref_model.config._attn_implementation == T.VARLEN_SDPA
     shapes = []
     hook = T.get_backbone(ours.model).register_forward_pre_hook(
         lambda module, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True)

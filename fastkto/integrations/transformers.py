@@ -61,6 +61,8 @@ __all__ = [
     "logit_transform",
     "hidden_states",
     "backbone_outputs",
+    "use_varlen_sdpa",
+    "VARLEN_SDPA",
     "verify_lm_head",
     "gathered_parameters",
     "load_gguf_model",
@@ -344,9 +346,9 @@ def backbone_outputs(backbone: torch.nn.Module, input_ids: torch.Tensor | None,
     else:
         position_ids, cu_seqlens, n_seqs = packed
         impl = str(getattr(backbone.config, "_attn_implementation", None))
-        if impl.startswith("flash_attention") or impl.startswith("paged|flash"):
-            # the kwargs transformers' DataCollatorWithFlattening returns: flash-attention's varlen kernel reads
-            # them instead of deriving them from position_ids again in every layer
+        if impl.startswith("flash_attention") or impl.startswith("paged|flash") or impl == VARLEN_SDPA:
+            # the kwargs transformers' DataCollatorWithFlattening returns: flash-attention's varlen kernel (and
+            # fastkto's varlen SDPA, which uses them only when given) read them instead of the position ids
             longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
             cu32 = cu_seqlens.to(torch.int32)
             kwargs.update(cu_seq_lens_q=cu32, cu_seq_lens_k=cu32, max_length_q=longest, max_length_k=longest)
@@ -360,6 +362,69 @@ def backbone_outputs(backbone: torch.nn.Module, input_ids: torch.Tensor | None,
                 "attend to each other: run this model on padded batches (the collators' packed=False)"
             )
     return out
+
+
+# ------------------------------------------------------------------------------------------ varlen SDPA attention
+VARLEN_SDPA = "fastkto_varlen_sdpa"
+
+
+def use_varlen_sdpa(model: torch.nn.Module) -> torch.nn.Module:
+    """Switch a model that uses SDPA attention to fastkto's varlen SDPA, for packed batches; returns the model.
+
+    transformers runs a packed batch under eager / SDPA attention with a dense (T_total x T_total) block-diagonal
+    mask: correct, but every row attends over the whole packed length and most of the products are masked away,
+    so a packed batch of 8 rows costs several times the attention of the padded one. The varlen SDPA runs
+    ``scaled_dot_product_attention(is_causal=True)`` on each packed sequence separately (what flash-attention's
+    varlen kernel does in one launch), for the calls ``hidden_states`` / ``backbone_outputs`` make on packed
+    batches. Every other call (padded batches, generation with a cache, a sliding window shorter than a row)
+    goes to transformers' SDPA with its usual mask, unchanged. The setting persists (``model.config
+    ._attn_implementation``), so gradient-checkpointing recomputation runs the same attention.
+
+    Raises ValueError for a model whose attention is not SDPA (eager-only models such as Gemma-2 with attention
+    soft-capping keep the dense mask; flash-attention has its own varlen path).
+    """
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    inner = unwrap_model(model)
+    current = getattr(inner.config, "_attn_implementation", None)
+    if current == VARLEN_SDPA:
+        return model
+    if current != "sdpa":
+        raise ValueError(f"use_varlen_sdpa needs a model running SDPA attention; {type(inner).__name__} runs "
+                         f"{current!r} (packed batches still work there, with a dense block-diagonal mask)")
+    AttentionInterface.register(VARLEN_SDPA, _varlen_sdpa_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(VARLEN_SDPA, sdpa_mask)  # the masks of the calls it hands to SDPA
+    inner.set_attn_implementation(VARLEN_SDPA)
+    return model
+
+
+def _varlen_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
+                           **kwargs):
+    """transformers attention function: per-sequence causal SDPA for packed calls (``cu_seq_lens_q`` given by
+    ``backbone_outputs``), transformers' SDPA otherwise. query (1, H, T, d), key / value (1, H_kv, T, d); returns
+    (1, T, H, d) and no weights, as transformers' SDPA does."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    cu = kwargs.get("cu_seq_lens_q")
+    window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    varlen = (cu is not None and query.shape[0] == 1 and key.shape[2] == query.shape[2] == int(cu[-1]) and causal
+              and kwargs.get("softcap") is None and not kwargs.get("output_attentions", False)
+              and kwargs.get("position_bias") is None
+              and (window is None or int(kwargs.get("max_length_q") or query.shape[2]) <= int(window)))
+    if not varlen:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    gqa = query.shape[1] != key.shape[1]
+    bounds = cu.tolist()
+    out = torch.cat([
+        torch.nn.functional.scaled_dot_product_attention(
+            query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], dropout_p=dropout,
+            is_causal=True, scale=scaling, enable_gqa=gqa)
+        for a, b in zip(bounds[:-1], bounds[1:]) if b > a
+    ], dim=2)
+    return out.transpose(1, 2).contiguous(), None
 
 
 def _packed_layout(input_ids, attention_mask, position_ids, cu_seqlens, kwargs):

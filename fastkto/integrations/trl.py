@@ -54,7 +54,7 @@ except ImportError as err:  # pragma: no cover - exercised only without trl
     raise ImportError("fastkto.integrations.trl needs TRL >= 1.16: pip install 'trl>=1.16'") from err
 
 from ..packing import pack_padded
-from .transformers import _is_partitioned, _unwrap, backbone_outputs, get_backbone, get_lm_head
+from .transformers import _is_partitioned, _unwrap, backbone_outputs, get_backbone, get_lm_head, use_varlen_sdpa
 
 __all__ = ["add_fastkto_lm_head", "FastKTOTrainer", "FastDPOTrainer", "METRIC_FIELDS"]
 
@@ -186,7 +186,8 @@ def add_fastkto_lm_head(
         padding_free: run the backbone on the batch's rows packed into one sequence (the padding removed,
             ``fastkto.integrations.transformers.backbone_outputs``: position ids restarting per row, attention kept
             within each row), then put the hidden states back in the padded layout for the head, so every output
-            keeps the padded batch's shape. The batch must be right-padded (TRL's text collators pad right).
+            keeps the padded batch's shape. The batch must be right-padded (TRL's text collators pad right). A
+            model on SDPA attention is switched to fastkto's varlen SDPA (``use_varlen_sdpa``).
 
     Forward with ``fused_lm_head=True``: ``labels`` (B, T) with -100 on unscored positions are shifted here (hidden
     state t scores label t + 1) unless ``shift_labels`` (B, T) is given already shifted; returns per-token fields of
@@ -197,6 +198,9 @@ def add_fastkto_lm_head(
     if unknown:
         raise ValueError(f"outputs may only name 'log_probs' and {METRIC_FIELDS}; got {sorted(unknown)}")
     metric_names = tuple(name for name in METRIC_FIELDS if name in outputs)
+    if padding_free and getattr(_unwrap(model, allow_prompt_learning=True).config, "_attn_implementation",
+                                None) == "sdpa":
+        use_varlen_sdpa(model)  # per-sequence SDPA instead of a dense (T_total x T_total) mask
     original_forward = model.forward
 
     @functools.wraps(type(model).forward)
