@@ -998,8 +998,14 @@ def test_smollm2_packed_rows_equal_padded_rows(smollm2, one_thread):
     with torch.no_grad():
         want = T.hidden_states(smollm2, padded_ids, mask)[mask.bool()]
         got = T.hidden_states(smollm2, flat, cu_seqlens=P.cu_seqlens_from_lengths([10, 6, 2]))[0]
-    # real weights give activations up to ~1e2 here; float32 rounding through 30 layers stays below 1e-3 of that
+        T.use_varlen_sdpa(smollm2)
+        try:
+            varlen = T.hidden_states(smollm2, flat, cu_seqlens=P.cu_seqlens_from_lengths([10, 6, 2]))[0]
+        finally:
+            smollm2.set_attn_implementation("sdpa")  # the fixture is shared
+    # real weights give activations up to ~1e2 here; float32 rounding through 30 layers stays well below 1e-4 of it
     assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+    assert (varlen - want).abs().max() <= 1e-4 * want.abs().max()
     head = T.get_lm_head(smollm2)
     labels = torch.tensor([sum([r[1:] + [-100] for r in ids], [])])
     cu = P.cu_seqlens_from_lengths([10, 6, 2])
@@ -1007,14 +1013,15 @@ def test_smollm2_packed_rows_equal_padded_rows(smollm2, one_thread):
                                head.sequence_logps(want[None], labels, cu_seqlens=cu), rtol=0, atol=1e-3)
 
 
-@pytest.mark.parametrize("kind", ["kto", "dpo"])
-def test_trl_padding_free_matches_trl(kind, tmp_path, one_thread):
+@pytest.mark.parametrize("kind, arch", [("kto", None), ("dpo", None), ("kto", "qwen3_moe")])
+def test_trl_padding_free_matches_trl(kind, arch, tmp_path, one_thread):
     """FastKTOTrainer(padding_free=True) and FastDPOTrainer with DPOConfig(padding_free=True): the backbone runs
-    on the packed rows (checked), and loss, logged metrics and the updated weights equal TRL's padded run."""
+    on the packed rows (checked), and loss, logged metrics and the updated weights equal TRL's padded run. The MoE
+    case: the router's load-balancing loss over the packed tokens equals the padded batch's masked one."""
     if kind == "kto":  # TRL's KTOTrainer has no padding-free mode: only fastkto's gets one
-        theirs, ours = _trainers(kind, tmp_path, bf16=False, fast_kwargs={"padding_free": True})
+        theirs, ours = _trainers(kind, tmp_path, model=arch, bf16=False, fast_kwargs={"padding_free": True})
     else:  # TRL 1.16's DPOTrainer warns and falls back to padding: the padded reference run
-        theirs, ours = _trainers(kind, tmp_path, bf16=False, padding_free=True)
+        theirs, ours = _trainers(kind, tmp_path, model=arch, bf16=False, padding_free=True)
         assert not theirs.padding_free and ours.args.padding_free
     assert ours.padding_free
     # SDPA models switch to the per-sequence attention (the reference too: TRL patches it with the same head)
@@ -1025,6 +1032,8 @@ def test_trl_padding_free_matches_trl(kind, tmp_path, one_thread):
     a, b = _train_both(theirs, ours)
     hook.remove()
     assert shapes and all(s[0] == 1 for s in shapes)  # every policy forward ran packed
+    if arch is not None:
+        assert [m for m in b if "loss" in m][0]["aux_loss"] > 0
     _compare_logs(a, b, rtol=1e-5, atol=1e-5)
     for (name, p), q in zip(theirs.model.named_parameters(), ours.model.parameters()):
         torch.testing.assert_close(q, p, rtol=0, atol=1e-6, msg=name)
