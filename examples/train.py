@@ -3,6 +3,8 @@
 
     python examples/train.py --loss dpo --batch 4 --steps 30 --lr 5e-5 --warmup-steps 3 --eval-every 5 --out /tmp/dpo
     python examples/train.py --loss kto --head naive --steps 3 --out /tmp/kto-naive
+    python examples/train.py --loss kto --packed --steps 20 --out /tmp/kto-packed
+    python examples/train.py --loss dpo --packed --max-tokens 1200 --steps 20 --out /tmp/dpo-budget
 
 (examples/results/RESULTS.md has the recorded runs and their exact commands.)
 
@@ -20,6 +22,12 @@ What it does:
   (prompt i with completion i+1), all without gradient; then ``fastkto.loss.KTOLoss`` / ``DPOLoss`` on the hidden
   states (``--head fastkto``), or the same loss math (``kto_loss`` / ``dpo_loss``) on log-probabilities taken
   from materialized logits (``--head naive``), so the two heads differ only in how log-probs are computed.
+* ``--packed``: every batch (training, KL pairs, evaluation) is packed, its rows concatenated into one sequence
+  with ``position_ids`` restarting per row and no padding (``KTOCollator(packed=True)`` / ``PairedCollator``),
+  so the backbone computes no padded position; ``hidden_states`` keeps the rows from attending to each other (with
+  ``use_varlen_sdpa``: causal SDPA on each row) and the losses sum each row's log-probs through ``cu_seqlens``.
+  ``--max-tokens N`` fills each batch up to N tokens (``fastkto.data.TokenBudgetSampler``) instead of ``--batch``
+  rows.
 * Held-out evaluation (at the start, every ``--eval-every`` steps, at the end): the implicit rewards
   beta * (log pi - log pi_ref) of the chosen and rejected completions, their margin and the pair accuracy.
 * Logs one JSON object per step and per evaluation to ``OUT/log.jsonl`` (loss, rewards, margin, KL, peak memory
@@ -39,6 +47,7 @@ import argparse
 import contextlib
 import copy
 import importlib.util
+import itertools
 import json
 import os
 import platform
@@ -81,6 +90,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data", default=str(DATA), help="paired data file (hh-rlhf transcripts or prompt/chosen/rejected)")
     p.add_argument("--steps", type=int, default=40, help="optimizer steps")
     p.add_argument("--batch", type=int, default=8, help="KTO: examples per step; DPO: pairs per step")
+    p.add_argument("--packed", action="store_true",
+                   help="pack each batch's rows into one sequence without padding (position_ids restart per row)")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="fill each training batch up to this many tokens instead of --batch rows (KTO: the batch's "
+                        "own rows; DPO: both sequences of each pair)")
     p.add_argument("--lr", type=float, default=2e-5, help="AdamW learning rate")
     p.add_argument("--warmup-steps", type=int, default=0, help="linear learning-rate warmup, then constant")
     p.add_argument("--beta", type=float, default=0.1, help="KTO / DPO beta")
@@ -110,6 +124,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("steps", "batch", "max_length", "eval_pairs", "eval_every", "eval_batch", "memory_every"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.max_tokens is not None and args.max_tokens < 1:
+        p.error("--max-tokens must be >= 1")
     if args.loss == "kto" and args.batch < 2:
         p.error("--batch must be >= 2 for KTO: the KL pairs match prompt i with completion i+1 of the batch")
     if not (args.lr > 0 and args.beta > 0):
@@ -161,8 +177,18 @@ def build_data(args, tok):
     return train, held_out, counts
 
 
-def batches(examples, size, seed):
-    """Endless batches: a fresh seeded shuffle each epoch, the last partial batch of an epoch dropped."""
+def batches(examples, size, seed, *, max_tokens=None, collate=None, min_rows=1):
+    """Endless batches: a fresh seeded shuffle each epoch, the last partial batch of an epoch dropped. With
+    ``max_tokens``: batches filled up to that many tokens (``collate.tokens`` counts an example's) instead."""
+    if max_tokens is not None:
+        from fastkto.data import TokenBudgetSampler
+
+        sampler = TokenBudgetSampler([collate.tokens(e) for e in examples], max_tokens, seed=seed,
+                                     min_rows=min_rows, drop_last=True)
+        for epoch in itertools.count():
+            sampler.set_epoch(epoch)
+            for indices in sampler:
+                yield [examples[i] for i in indices]
     rng = random.Random(seed)
     while True:
         order = list(range(len(examples)))
@@ -172,11 +198,16 @@ def batches(examples, size, seed):
 
 
 # ----------------------------------------------------------------------------------------------------- the heads
-def naive_sequence_logps(head, hidden, labels):
-    """Per-sequence log-probs through the full (B, T, V) float32 logits: what fastkto avoids building."""
+def naive_sequence_logps(head, hidden, labels, cu_seqlens=None):
+    """Per-sequence log-probs through the full (B, T, V) float32 logits: what fastkto avoids building. Packed
+    (``cu_seqlens``): the per-token values summed per sequence."""
+    from fastkto import packing
+
     logp = torch.log_softmax(head.logits(hidden), dim=-1)
-    picked = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return (picked * (labels != -100)).sum(-1)
+    picked = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) * (labels != -100)
+    if cu_seqlens is None:
+        return picked.sum(-1)
+    return packing.segment_sums(picked.reshape(-1), packing.check_cu_seqlens(cu_seqlens, labels.numel()))
 
 
 class Runner:
@@ -199,37 +230,55 @@ class Runner:
         from fastkto.integrations.transformers import hidden_states
 
         with torch.set_grad_enabled(grad):
+            if self.args.packed:  # one sequence, the rows kept apart by their layout (hidden_states checks it)
+                return hidden_states(model, batch[f"{prefix}input_ids"], cu_seqlens=batch[f"{prefix}cu_seqlens"])
             return hidden_states(model, batch[f"{prefix}input_ids"], batch[f"{prefix}attention_mask"])
+
+    def labels(self, batch, prefix=""):
+        from fastkto.data import shift_labels
+
+        if self.args.packed:
+            # a shift over the packed row would cross from one sequence into the next: the collator shifted each
+            # row on its own before packing
+            return batch[f"{prefix}labels"]
+        # hidden[t] predicts token t + 1: the labels are the completion tokens shifted one place left (the
+        # collator's "labels" are exactly this; a loop that builds its own padded batches needs this one line)
+        return shift_labels(batch[f"{prefix}input_ids"], batch[f"{prefix}completion_mask"])
+
+    def layout(self, batch, prefix=""):
+        """The packed layout of the loss's inputs ({} for padded batches)."""
+        return {"cu_seqlens": batch[f"{prefix}cu_seqlens"]} if self.args.packed else {}
 
     def loss(self, batch):
         """KTOOutput / DPOOutput of one training batch (policy pass differentiable)."""
         a = self.args
-        from fastkto.data import shift_labels
-
         h = self.hidden(self.policy, batch, grad=True)
         rh = self.hidden(self.reference, batch)
-        # hidden[t] predicts token t + 1: the labels are the completion tokens shifted one place left (the
-        # collator's "labels" are exactly this; a loop that builds its own batches needs this one line)
-        labels = shift_labels(batch["input_ids"], batch["completion_mask"])
+        labels = self.labels(batch)
+        layout = self.layout(batch)
         kl = {}
         if a.loss == "kto":
             kl = {"kl_hidden": self.hidden(self.policy, batch, "kl_"),
                   "kl_ref_hidden": self.hidden(self.reference, batch, "kl_"),
-                  "kl_labels": shift_labels(batch["kl_input_ids"], batch["kl_completion_mask"])}
+                  "kl_labels": self.labels(batch, "kl_")}
+            if a.packed:
+                kl["kl_cu_seqlens"] = batch["kl_cu_seqlens"]
         if a.head == "fastkto":
             heads = {"bias": self.head.bias, "ref_weight": self.ref_head.weight, "ref_bias": self.ref_head.bias}
             if a.loss == "kto":
-                return self.loss_fn(h, self.head.weight, labels, batch["desirable"], ref_hidden=rh, **kl, **heads)
-            return self.loss_fn(h, self.head.weight, labels, ref_hidden=rh, **heads)
+                return self.loss_fn(h, self.head.weight, labels, batch["desirable"], ref_hidden=rh, **kl, **heads,
+                                    **layout)
+            return self.loss_fn(h, self.head.weight, labels, ref_hidden=rh, **heads, **layout)
         from fastkto.loss import dpo_loss, kto_kl, kto_loss
 
-        policy = naive_sequence_logps(self.head, h, labels)
+        cu, kl_cu = batch.get("cu_seqlens"), batch.get("kl_cu_seqlens")
+        policy = naive_sequence_logps(self.head, h, labels, cu)
         with torch.no_grad():
-            ref = naive_sequence_logps(self.ref_head, rh, labels)
+            ref = naive_sequence_logps(self.ref_head, rh, labels, cu)
         if a.loss == "kto":
             with torch.no_grad():
-                z0 = kto_kl(naive_sequence_logps(self.head, kl["kl_hidden"], kl["kl_labels"]),
-                            naive_sequence_logps(self.ref_head, kl["kl_ref_hidden"], kl["kl_labels"]))
+                z0 = kto_kl(naive_sequence_logps(self.head, kl["kl_hidden"], kl["kl_labels"], kl_cu),
+                            naive_sequence_logps(self.ref_head, kl["kl_ref_hidden"], kl["kl_labels"], kl_cu))
             return kto_loss(policy, ref, batch["desirable"], kl=z0, beta=a.beta, desirable_weight=a.desirable_weight,
                             undesirable_weight=a.undesirable_weight)
         n = policy.shape[0] // 2
@@ -239,8 +288,8 @@ class Runner:
     def sequence_logps(self, model, head, batch):
         h = self.hidden(model, batch)
         if self.args.head == "naive":
-            return naive_sequence_logps(head, h, batch["labels"])
-        return head.sequence_logps(h, batch["labels"])
+            return naive_sequence_logps(head, h, batch["labels"], batch.get("cu_seqlens"))
+        return head.sequence_logps(h, batch["labels"], **self.layout(batch))
 
 
 def evaluate(runner, eval_batches, ref_logps, beta):
@@ -277,12 +326,18 @@ def main(argv=None) -> dict:
     t0 = time.time()
     policy, tok = load_model(args)
     reference = copy.deepcopy(policy).eval().requires_grad_(False)
+    if args.packed and policy.config._attn_implementation == "sdpa":
+        from fastkto.integrations.transformers import use_varlen_sdpa
+
+        for model in (policy, reference):  # per-sequence attention instead of a dense packed mask
+            use_varlen_sdpa(model)
     policy.train()  # SmolLM2 has no dropout, so train mode changes nothing but is what a trainer would use
     train, held_out, counts = build_data(args, tok)
     load_s = time.time() - t0
 
-    collate = (D.KTOCollator if args.loss == "kto" else D.PairedCollator)(pad_token_id=tok.pad_token_id)
-    eval_collate = D.PairedCollator(pad_token_id=tok.pad_token_id)
+    collate = (D.KTOCollator if args.loss == "kto" else D.PairedCollator)(pad_token_id=tok.pad_token_id,
+                                                                           packed=args.packed)
+    eval_collate = D.PairedCollator(pad_token_id=tok.pad_token_id, packed=args.packed)
     to_dev = lambda b: {k: v.to(args.device) for k, v in b.items()}  # noqa: E731
     eval_batches = [to_dev(eval_collate(held_out[i : i + args.eval_batch]))
                     for i in range(0, len(held_out), args.eval_batch)]
@@ -305,7 +360,8 @@ def main(argv=None) -> dict:
     first = {"step": 0, **evaluate(runner, eval_batches, ref_eval, args.beta)}
     record(first)
     last_eval = first
-    data_iter = batches(train, args.batch, args.seed)
+    data_iter = batches(train, args.batch, args.seed, max_tokens=args.max_tokens, collate=collate,
+                        min_rows=2 if args.loss == "kto" else 1)
     bar = tqdm(range(1, args.steps + 1), desc=f"{args.loss}/{args.head}", dynamic_ncols=True)
     for step in bar:
         batch = to_dev(collate(next(data_iter)))
@@ -322,7 +378,8 @@ def main(argv=None) -> dict:
         entry = {"step": step, **{f"train/{k}": v for k, v in result.metrics().items()}, "grad_norm": grad_norm,
                  "lr": lr, "peak_mem_mib": round(mem.peak_mib, 1) if measure else None,
                  "step_seconds": round(time.time() - start, 2),
-                 "tokens": int(batch["attention_mask"].sum())}
+                 "sequences": len(batch["cu_seqlens"]) - 1 if args.packed else batch["labels"].shape[0],
+                 "tokens": int(batch["input_ids"].numel() if args.packed else batch["attention_mask"].sum())}
         if step % args.eval_every == 0 or step == args.steps:
             last_eval = evaluate(runner, eval_batches, ref_eval, args.beta)
             entry.update(last_eval)

@@ -31,6 +31,8 @@ from typing import Any
 
 import torch
 
+from . import packing
+
 __all__ = [
     "HUMAN",
     "ASSISTANT",
@@ -47,6 +49,7 @@ __all__ = [
     "shift_labels",
     "KTOCollator",
     "PairedCollator",
+    "TokenBudgetSampler",
 ]
 
 logger = logging.getLogger(__name__)
@@ -388,6 +391,7 @@ class _Truncation:
     max_length: int | None = None
     max_prompt_length: int | None = None
     pad_to_multiple_of: int | None = None
+    packed: bool = False
 
     def __post_init__(self):
         if isinstance(self.pad_token_id, bool) or not isinstance(self.pad_token_id, int):
@@ -401,6 +405,10 @@ class _Truncation:
             raise ValueError(
                 f"max_length must be >= 2 (one prompt token and one completion token), got {self.max_length}"
             )
+        if not isinstance(self.packed, bool):
+            raise TypeError(f"packed must be a bool, got {type(self.packed).__name__}")
+        if self.packed and self.pad_to_multiple_of is not None:
+            raise ValueError("pad_to_multiple_of does not apply to packed batches (packed=True has no padding)")
 
     def sequence(self, prompt_ids: Sequence[int], completion_ids: Sequence[int], where: str) -> tuple[list, int]:
         """(token ids, prompt length) after truncation: the prompt keeps its last ``max_prompt_length`` tokens, then
@@ -436,6 +444,24 @@ class _Truncation:
         return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask,
                 "labels": shift_labels(input_ids, completion_mask)}
 
+    def collate(self, rows: list[tuple[list, int]]) -> dict[str, torch.Tensor]:
+        """``batch(rows)``, or with ``packed``, that batch with its padding removed (``packed_batch``)."""
+        return self.packed_batch(rows) if self.packed else self.batch(rows)
+
+    def packed_batch(self, rows: list[tuple[list, int]]) -> dict[str, torch.Tensor]:
+        """The rows concatenated: input_ids, position_ids (restarting at 0 for each row), completion_mask and
+        labels (1, T_total) int64, and cu_seqlens (B + 1,) int32 (``fastkto.packing``). No attention_mask: a
+        transformers model given position_ids and no mask keeps the rows apart (``hidden_states`` checks it).
+
+        The labels are the padded batch's (``shift_labels`` on each padded row, so no shift crosses from one row
+        into the next) with the padding removed: each row's last token scores nothing.
+        """
+        padded = self.batch(rows)
+        cu_seqlens, position_ids, input_ids, completion_mask, labels = packing.pack_padded(
+            padded["attention_mask"], padded["input_ids"], padded["completion_mask"], padded["labels"])
+        return {"input_ids": input_ids, "position_ids": position_ids, "completion_mask": completion_mask,
+                "labels": labels, "cu_seqlens": cu_seqlens}
+
 
 def _field(example: dict[str, Any], key: str, i: int):
     if key not in example:
@@ -468,6 +494,11 @@ class KTOCollator(_Truncation):
 
     kl: bool = True
 
+    def tokens(self, example: dict[str, Any]) -> int:
+        """The tokens ``example`` takes in a batch after truncation (its KL pair takes about as many): what
+        ``TokenBudgetSampler`` counts."""
+        return len(self.sequence(_field(example, "prompt_ids", 0), _field(example, "completion_ids", 0), "example")[0])
+
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         n = len(examples)
         if n == 0:
@@ -485,14 +516,14 @@ class KTOCollator(_Truncation):
                 raise ValueError(
                     f"example {i}: label must be bool (True = desirable) or 0/1, got {examples[i]['label']!r}"
                 )
-        out = self.batch([self.sequence(p, c, f"example {i}") for i, (p, c) in enumerate(zip(prompts, completions))])
+        out = self.collate([self.sequence(p, c, f"example {i}") for i, (p, c) in enumerate(zip(prompts, completions))])
         out["desirable"] = torch.tensor(labels, dtype=torch.bool)
         if self.kl:
             kl_rows = [
                 self.sequence(prompts[i], completions[(i + 1) % n], f"KL pair (prompt {i}, completion {(i + 1) % n})")
                 for i in range(n)
             ]
-            out.update({f"kl_{k}": v for k, v in self.batch(kl_rows).items()})
+            out.update({f"kl_{k}": v for k, v in self.collate(kl_rows).items()})
         return out
 
 
@@ -505,6 +536,12 @@ class PairedCollator(_Truncation):
     ones, in example order (the layout ``fastkto.loss.DPOLoss`` expects).
     """
 
+    def tokens(self, example: dict[str, Any]) -> int:
+        """The tokens ``example`` (both its sequences) takes in a batch after truncation (``TokenBudgetSampler``)."""
+        prompt = _field(example, "prompt_ids", 0)
+        return sum(len(self.sequence(prompt, _field(example, key, 0), key)[0])
+                   for key in ("chosen_ids", "rejected_ids"))
+
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         if not examples:
             raise ValueError("cannot collate an empty batch")
@@ -512,4 +549,74 @@ class PairedCollator(_Truncation):
         for key in ("chosen_ids", "rejected_ids"):
             for i, e in enumerate(examples):
                 rows.append(self.sequence(_field(e, "prompt_ids", i), _field(e, key, i), f"example {i} ({key})"))
-        return self.batch(rows)
+        return self.collate(rows)
+
+
+# --------------------------------------------------------------------------------------------------- token budget
+class TokenBudgetSampler(torch.utils.data.Sampler):
+    """Batches of example indices filled up to a token budget instead of a fixed number of rows.
+
+    Packed batches cost what their tokens cost, so a fixed number of rows gives steps of very different sizes; this
+    fills each batch greedily, in a (seeded, per-epoch) shuffled order, with examples while their tokens fit in
+    ``max_tokens``. Pass it to ``torch.utils.data.DataLoader(dataset, batch_sampler=..., collate_fn=collator)``.
+
+    Args:
+        lengths: each example's tokens, e.g. ``[collator.tokens(e) for e in dataset]`` (a paired example counts both
+            its sequences; a KTO example its own row, its KL pair adds about as many again).
+        max_tokens: the budget of one batch (>= 1).
+        shuffle: shuffle the order every epoch (``set_epoch``); else the dataset's order.
+        seed: the shuffle's seed (epoch e uses seed + e).
+        min_rows: the fewest examples a batch may hold (2 for KTO's KL pairs). Checked up front: the ``min_rows``
+            longest examples must fit the budget together, so every batch can be closed at min_rows or more.
+        drop_last: drop the epoch's last batch (always dropped when it holds fewer than ``min_rows`` examples).
+
+    Raises ValueError for an example longer than ``max_tokens`` or a budget the ``min_rows`` longest cannot share.
+    """
+
+    def __init__(self, lengths: Sequence[int], max_tokens: int, *, shuffle: bool = True, seed: int = 0,
+                 min_rows: int = 1, drop_last: bool = False):
+        lengths = [int(n) for n in lengths]
+        for name, value in (("max_tokens", max_tokens), ("min_rows", min_rows)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if any(n < 1 for n in lengths):
+            raise ValueError("lengths must all be >= 1 (an example takes at least one token)")
+        if len(lengths) < min_rows:
+            raise ValueError(f"{len(lengths)} examples cannot fill a batch of min_rows={min_rows}")
+        longest = sorted(lengths, reverse=True)[:min_rows]
+        if longest and longest[0] > max_tokens:
+            raise ValueError(f"example {lengths.index(longest[0])} takes {longest[0]} tokens, more than "
+                             f"max_tokens={max_tokens}; raise max_tokens or truncate (max_length)")
+        if sum(longest) > max_tokens:
+            raise ValueError(f"max_tokens={max_tokens} cannot hold min_rows={min_rows} of the longest examples "
+                             f"({sum(longest)} tokens); raise max_tokens")
+        self.lengths, self.max_tokens, self.min_rows = lengths, max_tokens, min_rows
+        self.shuffle, self.seed, self.drop_last, self.epoch = bool(shuffle), int(seed), bool(drop_last), 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Use epoch ``epoch``'s shuffle (as ``DistributedSampler.set_epoch``)."""
+        self.epoch = int(epoch)
+
+    def _batches(self) -> list[list[int]]:
+        order = list(range(len(self.lengths)))
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(len(order), generator=generator).tolist()
+        batches, current, used = [], [], 0
+        for i in order:
+            # a batch closed here holds min_rows examples or more: any min_rows examples fit the budget (checked
+            # in __init__), so one with fewer always has room for the next
+            if current and used + self.lengths[i] > self.max_tokens:
+                batches.append(current)
+                current, used = [], 0
+            current.append(i)
+            used += self.lengths[i]
+        if current and len(current) >= self.min_rows and not self.drop_last:
+            batches.append(current)
+        return batches
+
+    def __iter__(self):
+        yield from self._batches()
+
+    def __len__(self) -> int:
+        return len(self._batches())

@@ -16,6 +16,7 @@ from types import ModuleType
 import torch
 
 from . import distributed as _dist
+from . import packing
 from .kernels import torch_chunked
 
 __all__ = ["fused_logprobs", "sequence_logps", "BACKENDS", "triton_available", "resolve_backend"]
@@ -300,6 +301,7 @@ def sequence_logps(
     weight: torch.Tensor,
     labels: torch.Tensor,
     *,
+    cu_seqlens: torch.Tensor | None = None,
     average: bool = False,
     bias: torch.Tensor | None = None,
     ignore_index: int = -100,
@@ -310,23 +312,58 @@ def sequence_logps(
     workspace_bytes: int | None = None,
 ) -> torch.Tensor:
     """Per-sequence log-probability: the sum (``average=True``: the mean) of ``fused_logprobs`` over the valid
-    tokens of the last dimension.
+    tokens of each sequence.
 
-    Args: as ``fused_logprobs``; hidden is (..., T, D) and labels (..., T).
+    Args: as ``fused_logprobs``, and
+        hidden, labels: padded, (..., T, D) and (..., T): one sequence per row of the last dimension; or packed
+            (``cu_seqlens`` given): (T_total, D) or (1, T_total, D) and labels (T_total,) or (1, T_total), the
+            sequences concatenated (``fastkto.packing``; the collators' ``packed=True`` batches).
+        cu_seqlens: None (padded), or the packed layout: (S + 1,) int32 / int64 on labels' device, 0, then the
+            running total of the S sequence lengths, ending at T_total (flash-attention's convention; convert
+            transformers' restarting ``position_ids`` with ``fastkto.packing.cu_seqlens_from_position_ids``).
 
     Returns:
-        float32 tensor of shape labels.shape[:-1]. A sequence without a valid token gives 0 (never NaN).
+        float32 tensor of shape labels.shape[:-1] (padded) or (S,) (packed). A sequence without a valid token gives
+        0 (never NaN). Packed and padded layouts of the same rows give the same values: the per-token log-probs
+        are computed row by row either way, and the packed sums reduce a zero-padded (S, longest) matrix, as
+        the padded batch's (padded to its longest row) are reduced; without atomic adds, so deterministic on CUDA.
     """
     if isinstance(labels, torch.Tensor) and labels.dim() < 1:
         raise ValueError("labels must have a sequence dimension: shape (..., T), got a 0-d tensor")
     if not isinstance(average, bool):
         raise TypeError(f"average must be a bool, got {type(average).__name__}")
+    lengths = None
+    if cu_seqlens is not None and process_group is None:
+        lengths = _packed_lengths(hidden, labels, cu_seqlens)
     per_token = fused_logprobs(
         hidden, weight, labels, bias=bias, ignore_index=ignore_index, temperature=temperature, softcap=softcap,
         backend=backend, process_group=process_group, workspace_bytes=workspace_bytes,
     )
+    if cu_seqlens is not None and lengths is None:
+        # with a process group the layout is checked after the collective call, so that a rank that rejects it
+        # has still joined the other ranks there
+        lengths = _packed_lengths(hidden, labels, cu_seqlens)
+    if lengths is not None:
+        total = packing.segment_sums(per_token.reshape(-1), lengths)
+        if not average:
+            return total
+        return total / packing.segment_counts(labels.reshape(-1) != ignore_index, lengths).clamp(min=1)
     total = per_token.sum(dim=-1)
     if not average:
         return total
     count = (labels != ignore_index).sum(dim=-1).clamp(min=1)
     return total / count
+
+
+def _packed_lengths(hidden, labels, cu_seqlens) -> torch.Tensor:
+    """The (S,) lengths of a packed call's sequences, after checking its shapes against ``cu_seqlens``."""
+    for name, t in (("hidden", hidden), ("labels", labels)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not (labels.dim() == 1 or (labels.dim() == 2 and labels.shape[0] == 1)):
+        raise ValueError(f"packed labels (cu_seqlens given) must have shape (T_total,) or (1, T_total), got "
+                         f"{tuple(labels.shape)}")
+    if tuple(hidden.shape[:-1]) != tuple(labels.shape):
+        raise ValueError(f"packed hidden must have shape labels.shape + (D,) = {tuple(labels.shape)} + (D,) (the "
+                         f"tokens of every sequence, concatenated), got {tuple(hidden.shape)}")
+    return packing.check_cu_seqlens(cu_seqlens, labels.shape[-1], device=labels.device)

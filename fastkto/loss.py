@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from . import distributed as _dist
+from . import packing
 from .logprob import sequence_logps
 
 __all__ = [
@@ -530,6 +531,43 @@ def suggest_kto_weights(n_desirable: int, n_undesirable: int, *, ratio: float = 
 # layer 2: modules from hidden states
 
 
+@dataclass(frozen=True)
+class _Batch:
+    """The layout of one set of sequences: n of them, padded (cu_seqlens None) or packed."""
+
+    n: int
+    cu_seqlens: torch.Tensor | None = None
+    lengths: torch.Tensor | None = None  # (n,) int64, packed only
+    cu_name: str = "cu_seqlens"
+
+
+def _shape_of(t) -> str:
+    return str(tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__
+
+
+def _check_batch(hidden, labels, cu_seqlens, hidden_name="policy_hidden", labels_name="labels",
+                 cu_name="cu_seqlens") -> _Batch:
+    """Check the shapes of hidden states and labels against their layout: padded (B, T, D) and (B, T), or packed
+    (T_total, D) / (1, T_total, D) and hidden's leading shape with ``cu_seqlens``."""
+    if cu_seqlens is None:
+        if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
+            hint = f" (a packed batch also needs {cu_name})" if isinstance(hidden, torch.Tensor) else ""
+            raise ValueError(f"{hidden_name} must be a (B, T, D) tensor, got {_shape_of(hidden)}{hint}")
+        if not isinstance(labels, torch.Tensor) or tuple(labels.shape) != tuple(hidden.shape[:2]):
+            raise ValueError(f"{labels_name} must have {hidden_name}'s (B, T) = {tuple(hidden.shape[:2])}, got "
+                             f"{_shape_of(labels)}")
+        return _Batch(hidden.shape[0])
+    if not isinstance(hidden, torch.Tensor) or not (hidden.dim() == 2 or (hidden.dim() == 3 and hidden.shape[0] == 1)):
+        raise ValueError(f"{hidden_name} of a packed batch ({cu_name} given) must be a (T_total, D) or "
+                         f"(1, T_total, D) tensor, got {_shape_of(hidden)}")
+    if not isinstance(labels, torch.Tensor) or tuple(labels.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(f"{labels_name} must have {hidden_name}'s leading shape {tuple(hidden.shape[:-1])} (one label "
+                         f"per packed token), got {_shape_of(labels)}")
+    lengths = packing.check_cu_seqlens(cu_seqlens, labels.shape[-1], device=labels.device, name=cu_name,
+                                       tokens_name=labels_name)
+    return _Batch(lengths.shape[0], cu_seqlens, lengths, cu_name)
+
+
 class _SequenceLogps(torch.nn.Module):
     """Shared by KTOLoss and DPOLoss: the ``sequence_logps`` options and the reference / reuse logic."""
 
@@ -551,37 +589,43 @@ class _SequenceLogps(torch.nn.Module):
     def _average(self) -> bool:
         return bool(self.average_log_prob)
 
-    def _check_scored_rows(self, labels, label_name):
-        """Every row must score at least one token: an all-ignored row (or T = 0) has log-prob 0, which would add a
-        constant with zero gradient to the loss and count in its means as if it were a real sequence."""
-        empty = (labels == self.ignore_index).all(dim=-1)
+    def _check_scored_rows(self, labels, label_name, batch: _Batch):
+        """Every row must score at least one token: an all-ignored row (or T = 0, or an empty packed sequence) has
+        log-prob 0, which would add a constant with zero gradient to the loss and count in its means as if it were a
+        real sequence."""
+        scored = labels != self.ignore_index
+        if batch.lengths is None:
+            empty = ~scored.any(dim=-1)
+            what = f"{label_name} rows"
+        else:
+            empty = packing.segment_counts(scored.reshape(-1), batch.lengths) == 0
+            what = f"packed sequences of {label_name} (as {batch.cu_name} splits it)"
         if bool(empty.any()):  # one host sync; sequence_logps syncs for its label check anyway
             rows = empty.nonzero().flatten().tolist()
             shown = f"{rows[:10]}{' ...' if len(rows) > 10 else ''}"
             raise ValueError(
-                f"{label_name} rows {shown} have no scored token (every label is ignore_index={self.ignore_index}, "
-                f"or T = 0); drop those sequences from the batch (a truncated completion, an empty answer)"
+                f"{what} {shown} have no scored token (every label is ignore_index={self.ignore_index}, or the "
+                f"sequence is empty); drop those sequences from the batch (a truncated completion, an empty answer)"
             )
 
-    def _logps(self, hidden, weight, labels, bias, label_name="labels"):
-        if not isinstance(labels, torch.Tensor) or labels.dim() != 2:
-            shape = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
-            raise ValueError(f"{label_name} must be a (B, T) tensor of token ids, got {shape}")
+    def _logps(self, hidden, weight, labels, bias, batch: _Batch):
         return sequence_logps(
-            hidden, weight, labels, average=self._average(), bias=bias, ignore_index=self.ignore_index,
-            temperature=self.temperature, softcap=self.softcap, backend=self.backend,
+            hidden, weight, labels, cu_seqlens=batch.cu_seqlens, average=self._average(), bias=bias,
+            ignore_index=self.ignore_index, temperature=self.temperature, softcap=self.softcap, backend=self.backend,
             workspace_bytes=self.workspace_bytes,
         )
 
-    def _reference(self, prefix, hidden, weight, bias, labels, policy_logps, ref_hidden, ref_weight, ref_bias,
+    def _reference(self, prefix, hidden, weight, bias, labels, batch, policy_logps, ref_hidden, ref_weight, ref_bias,
                    ref_logps):
         """The reference's (B,) log-probs of ``labels``: given, reused, or one no-grad pass over ref_hidden.
 
-        ``prefix`` names the arguments in errors ("ref" or "kl_ref"). ``policy_logps`` is the policy's result for
-        the same labels (None if it was not computed), reused when the reference is the same computation.
+        ``prefix`` names the arguments in errors ("ref" or "kl_ref"). ``batch`` is the layout of ``hidden`` and
+        ``labels`` (the reference scores the same sequences, so ref_hidden shares it). ``policy_logps`` is the
+        policy's result for the same labels (None if it was not computed), reused when the reference is the same
+        computation.
         """
         hidden_name = "policy_hidden" if prefix == "ref" else "kl_hidden"
-        n = labels.shape[0]
+        n = batch.n
         if ref_logps is not None:
             if ref_hidden is not None:
                 raise ValueError(f"pass {prefix}_logps or {prefix}_hidden, not both")
@@ -589,7 +633,7 @@ class _SequenceLogps(torch.nn.Module):
         if ref_hidden is None:
             raise ValueError(
                 f"the reference is missing: pass {prefix}_logps ({n},) (precomputed) or {prefix}_hidden "
-                "(B, T, D) (the reference model's final hidden states)"
+                f"(the reference model's final hidden states, shaped like {hidden_name})"
             )
         if not isinstance(ref_hidden, torch.Tensor) or tuple(ref_hidden.shape) != tuple(hidden.shape):
             shape = tuple(ref_hidden.shape) if isinstance(ref_hidden, torch.Tensor) else type(ref_hidden).__name__
@@ -603,23 +647,13 @@ class _SequenceLogps(torch.nn.Module):
                 and _same_tensor(ref_bias, bias)):
             return policy_logps.detach()  # the same computation: reuse it, no second pass
         with torch.no_grad():
-            return self._logps(ref_hidden, ref_weight, labels, ref_bias)
+            return self._logps(ref_hidden, ref_weight, labels, ref_bias, batch)
 
     def extra_repr(self) -> str:
         return (
             f"ignore_index={self.ignore_index}, temperature={self.temperature}, softcap={self.softcap}, "
             f"backend={self.backend!r}, average_log_prob={self.average_log_prob}"
         )
-
-
-def _check_hidden_batch(hidden, labels) -> int:
-    if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
-        shape = tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else type(hidden).__name__
-        raise ValueError(f"policy_hidden must be a (B, T, D) tensor, got {shape}")
-    if not isinstance(labels, torch.Tensor) or tuple(labels.shape) != tuple(hidden.shape[:2]):
-        shape = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
-        raise ValueError(f"labels must have policy_hidden's (B, T) = {tuple(hidden.shape[:2])}, got {shape}")
-    return hidden.shape[0]
 
 
 class KTOLoss(_SequenceLogps):
@@ -644,6 +678,10 @@ class KTOLoss(_SequenceLogps):
                        kl_ref_logps (B_kl,) or kl_ref_hidden under the reference; averaged over
                        kl_process_group's ranks when given (see ``kto_kl``). loss_type="kto" needs one of
                        them (``kl=0.0`` for z0 = 0, chosen explicitly); without either it raises ValueError.
+        packed         cu_seqlens (B + 1,) int: policy_hidden is (T_total, D) or (1, T_total, D), labels its leading
+                       shape, the B sequences concatenated (``fastkto.packing``; ``KTOCollator(packed=True)``);
+                       ref_hidden shares that layout. kl_cu_seqlens does the same for kl_hidden / kl_labels (the
+                       KL pairs' own layout). Results equal the padded layout's (see ``sequence_logps``).
 
     The reference and KL passes run under torch.no_grad() and save nothing for backward; only the policy pass is
     differentiable (gradients reach policy_hidden, weight and bias through ordinary autograd).
@@ -660,8 +698,11 @@ class KTOLoss(_SequenceLogps):
 
     def forward(self, policy_hidden, weight, labels, desirable, *, ref_hidden=None, ref_weight=None, ref_logps=None,
                 kl_hidden=None, kl_labels=None, kl_ref_hidden=None, kl_ref_logps=None, kl=None, bias=None,
-                ref_bias=None, kl_process_group=None) -> KTOOutput:
-        _check_desirable(desirable, _check_hidden_batch(policy_hidden, labels), policy_hidden.device, "policy_hidden")
+                ref_bias=None, kl_process_group=None, cu_seqlens=None, kl_cu_seqlens=None) -> KTOOutput:
+        batch = _check_batch(policy_hidden, labels, cu_seqlens)
+        _check_desirable(desirable, batch.n, policy_hidden.device, "policy_hidden")
+        if batch.n == 0:
+            raise ValueError("cu_seqlens holds no sequence: the batch must hold at least one")
         if kl is None and kl_hidden is None and self.loss_type == "kto":
             raise ValueError(
                 "loss_type='kto' needs its reference point z0: pass the KL pairs (kl_hidden, kl_labels and "
@@ -669,7 +710,8 @@ class KTOLoss(_SequenceLogps):
                 "kl=0.0 to use z0 = 0 explicitly"
             )
         kl_inputs = {"kl_labels": kl_labels, "kl_ref_hidden": kl_ref_hidden, "kl_ref_logps": kl_ref_logps,
-                     "kl_process_group": kl_process_group}
+                     "kl_process_group": kl_process_group, "kl_cu_seqlens": kl_cu_seqlens}
+        kl_batch = None
         if kl_hidden is None:
             given = [name for name, value in kl_inputs.items() if value is not None]
             if given:
@@ -681,23 +723,19 @@ class KTOLoss(_SequenceLogps):
                 raise ValueError("pass kl (a precomputed z0) or the KL pairs (kl_hidden, ...), not both")
             if self.loss_type == "apo_zero_unpaired":
                 raise ValueError("loss_type='apo_zero_unpaired' uses no KL estimate; do not pass kl_hidden")
-            if not isinstance(kl_hidden, torch.Tensor) or kl_hidden.dim() != 3:
-                raise ValueError("kl_hidden must be a (B_kl, T_kl, D) tensor")
-            if not isinstance(kl_labels, torch.Tensor) or tuple(kl_labels.shape) != tuple(kl_hidden.shape[:2]):
-                shape = tuple(kl_labels.shape) if isinstance(kl_labels, torch.Tensor) else type(kl_labels).__name__
-                raise ValueError(f"kl_labels must have kl_hidden's (B_kl, T_kl) = {tuple(kl_hidden.shape[:2])}, "
-                                 f"got {shape}")
+            # the KL pairs have their own layout: padded (B_kl, T_kl, D), or packed with kl_cu_seqlens
+            kl_batch = _check_batch(kl_hidden, kl_labels, kl_cu_seqlens, "kl_hidden", "kl_labels", "kl_cu_seqlens")
 
-        self._check_scored_rows(labels, "labels")
-        if kl_hidden is not None:
-            self._check_scored_rows(kl_labels, "kl_labels")
-        policy_logps = self._logps(policy_hidden, weight, labels, bias)
-        ref = self._reference("ref", policy_hidden, weight, bias, labels, policy_logps, ref_hidden, ref_weight,
+        self._check_scored_rows(labels, "labels", batch)
+        if kl_batch is not None:
+            self._check_scored_rows(kl_labels, "kl_labels", kl_batch)
+        policy_logps = self._logps(policy_hidden, weight, labels, bias, batch)
+        ref = self._reference("ref", policy_hidden, weight, bias, labels, batch, policy_logps, ref_hidden, ref_weight,
                               ref_bias, ref_logps)
-        if kl_hidden is not None:
+        if kl_batch is not None:
             with torch.no_grad():
-                kl_policy = self._logps(kl_hidden, weight, kl_labels, bias, "kl_labels")
-            kl_ref = self._reference("kl_ref", kl_hidden, weight, bias, kl_labels, kl_policy, kl_ref_hidden,
+                kl_policy = self._logps(kl_hidden, weight, kl_labels, bias, kl_batch)
+            kl_ref = self._reference("kl_ref", kl_hidden, weight, bias, kl_labels, kl_batch, kl_policy, kl_ref_hidden,
                                      ref_weight, ref_bias, kl_ref_logps)
             kl = kto_kl(kl_policy, kl_ref, process_group=kl_process_group)
         return kto_loss(policy_logps, ref, desirable, kl=kl, beta=self.beta, desirable_weight=self.desirable_weight,
@@ -720,7 +758,8 @@ class DPOLoss(_SequenceLogps):
     [0, P) the chosen completions, rows [P, 2P) the rejected ones, pair i = (row i, row P + i) (TRL's layout).
     Shapes and the reference arguments (ref_logps (2P,), or ref_hidden with ref_weight / ref_bias defaulting to
     the policy's head detached) are as in ``KTOLoss``. ``bco_delta`` (bco_pair's reward shift) is a call argument
-    because it changes every step.
+    because it changes every step. Packed batches: ``cu_seqlens`` (2P + 1,) as in ``KTOLoss``, the P chosen
+    sequences first, then the P rejected ones (``PairedCollator(packed=True)``).
     """
 
     def __init__(self, beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0, *,
@@ -738,24 +777,29 @@ class DPOLoss(_SequenceLogps):
         return self.loss_type == "ipo" if self.average_log_prob is None else self.average_log_prob
 
     def forward(self, policy_hidden, weight, labels, *, ref_hidden=None, ref_weight=None, ref_logps=None,
-                bias=None, ref_bias=None, bco_delta=0.0) -> DPOOutput:
-        rows = _check_hidden_batch(policy_hidden, labels)
+                bias=None, ref_bias=None, bco_delta=0.0, cu_seqlens=None) -> DPOOutput:
+        batch = _check_batch(policy_hidden, labels, cu_seqlens)
+        rows = batch.n
         if rows % 2:
+            if batch.cu_seqlens is not None:
+                raise ValueError(f"DPOLoss needs an even number of packed sequences (the P chosen ones, then the P "
+                                 f"rejected ones, pair i = sequences i and P + i), but cu_seqlens holds {rows}")
             raise ValueError(f"DPOLoss needs an even batch (chosen rows, then rejected rows), got B={rows}")
         if rows == 0:
-            raise ValueError("policy_hidden is empty: the batch must hold at least one pair")
+            name = "policy_hidden" if batch.cu_seqlens is None else "cu_seqlens"
+            raise ValueError(f"{name} is empty: the batch must hold at least one pair")
         if self.reference_free:
             given = [name for name, v in (("ref_hidden", ref_hidden), ("ref_logps", ref_logps),
                                            ("ref_weight", ref_weight), ("ref_bias", ref_bias)) if v is not None]
             if given:
                 raise ValueError(f"reference_free=True takes no reference, got {', '.join(given)}")
-        self._check_scored_rows(labels, "labels")
+        self._check_scored_rows(labels, "labels", batch)
 
-        logps = self._logps(policy_hidden, weight, labels, bias)
+        logps = self._logps(policy_hidden, weight, labels, bias, batch)
         if self.reference_free:
             ref = torch.zeros_like(logps).detach()
         else:
-            ref = self._reference("ref", policy_hidden, weight, bias, labels, logps, ref_hidden, ref_weight,
+            ref = self._reference("ref", policy_hidden, weight, bias, labels, batch, logps, ref_hidden, ref_weight,
                                   ref_bias, ref_logps)
         pairs = rows // 2
         return dpo_loss(logps[:pairs], logps[pairs:], ref[:pairs], ref[pairs:], beta=self.beta,

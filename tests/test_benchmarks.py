@@ -398,3 +398,30 @@ def test_contention_profile_runs(tmp_path):
     quiet, busy = report["conditions"]
     assert (quiet["busy_processes"], busy["busy_processes"]) == (0, 1)
     assert all(c["fastkto_s"] > 0 and c["naive_s"] > 0 and c["profile"] for c in report["conditions"])
+
+
+def test_packed_benchmark_smoke(tmp_path):
+    """benchmarks/packed.py end to end on a tiny random Llama: every loss x layout measured on the same rows, the
+    packed layouts compute only the real tokens and score the same ones, the report and summary are written."""
+    from benchmarks import packed
+
+    before = torch.get_num_threads()
+    report = packed.main(["--tiny", "--repeats", "1", "--warmup", "0", "--batches", "1", "--threads", "1",
+                          "--max-row", "96", "--layouts", "padded,packed,packed_dense", "--out", str(tmp_path)])
+    assert torch.get_num_threads() == before  # restored
+    rows = {(r["loss"], r["layout"]): r for r in report["rows"]}
+    assert set(rows) == {(loss, lay) for loss in ("kto", "dpo") for lay in packed.LAYOUTS}
+    for loss in ("kto", "dpo"):
+        pad, pk = rows[loss, "padded"], rows[loss, "packed"]
+        assert pk["shape"][0] == 1 and pk["sequences"] == pad["sequences"] == 8
+        assert pk["positions"] == pk["real_tokens"] == pad["real_tokens"] < pad["positions"]
+        assert pk["scored_tokens"] == pad["scored_tokens"] > 0
+        assert all(r["time_s"] > 0 and r["alloc_peak_bytes"] > 0 and r["peak_bytes"] > 0 for r in (pad, pk))
+    assert {(s["loss"], s["layout"]) for s in report["summary"]} == {(loss, lay) for loss in ("kto", "dpo")
+                                                                      for lay in packed.LAYOUTS[1:]}
+    assert report["targets"] == []  # the tiny model grades nothing
+    saved = json.loads((tmp_path / "packed.json").read_text())
+    assert saved["rows"] == json.loads(json.dumps(report["rows"]))
+    assert "| kto | packed |" in (tmp_path / "summary.md").read_text()
+    with pytest.raises(SystemExit):
+        packed.parse_args(["--layouts", "packed"])

@@ -399,9 +399,10 @@ def tiny_moe(arch: str, tok) -> torch.nn.Module:
     raise KeyError(arch)
 
 
-def _trainers(kind, tmp_path, model=None, peft_config=None, **config):
+def _trainers(kind, tmp_path, model=None, peft_config=None, fast_kwargs=None, **config):
     """TRL's trainer and fastkto's on identical copies of one tiny model (default: a Llama) and a tiny dataset.
-    With ``peft_config`` the trainers get no ref_model (TRL then takes the base model without the adapter)."""
+    With ``peft_config`` the trainers get no ref_model (TRL then takes the base model without the adapter);
+    ``fast_kwargs`` go to fastkto's trainer only."""
     fast_trl = _trl()
     import datasets
     import trl
@@ -430,8 +431,9 @@ def _trainers(kind, tmp_path, model=None, peft_config=None, **config):
     for cls in classes:
         if peft_config is None:
             extra["ref_model"] = copy.deepcopy(base)
+        own = (fast_kwargs or {}) if cls is classes[1] else {}
         trainers.append(cls(model=copy.deepcopy(base), args=config_cls(**settings), train_dataset=data,
-                            eval_dataset=data, processing_class=tok, **extra))
+                            eval_dataset=data, processing_class=tok, **extra, **own))
     return trainers
 
 
@@ -752,3 +754,330 @@ def test_example_threads_default_to_the_idle_cores(monkeypatch):
     for bad in ("0", "two", "-1"):
         with pytest.raises(SystemExit):
             train.parse_args(["--threads", bad])
+
+
+# ---------------------------------------------------------------------------------- issue 14: packed batches
+from fastkto import packing as P  # noqa: E402
+from fastkto.loss import KTOLoss  # noqa: E402
+
+PACKED_ARCHS = {
+    # (builder, attention implementations): Gemma-2 with a sliding window shorter than the rows and attention
+    # soft-capping (eager only), Mistral with a sliding window, GPT-2's absolute positions
+    "llama": (lambda: tiny("llama"), ("eager", "sdpa")),
+    "qwen2": (lambda: transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**COMMON)), ("eager", "sdpa")),
+    "gemma2_sliding": (lambda: transformers.Gemma2ForCausalLM(transformers.Gemma2Config(
+        **COMMON, head_dim=8, final_logit_softcapping=3.0, sliding_window=4)), ("eager",)),
+    "mistral_sliding": (lambda: transformers.MistralForCausalLM(transformers.MistralConfig(**COMMON, sliding_window=4)),
+                        ("eager", "sdpa")),
+    "gpt2": (lambda: tiny("gpt2"), ("eager", "sdpa")),
+    "phi_bias": (lambda: tiny("phi_bias"), ("sdpa",)),
+}
+PACKED_LENGTHS = [6, 1, 9, 3]
+
+
+def _rows_padded_packed(lengths, generator=None):
+    rows = [torch.randint(3, V, (n,), generator=generator) for n in lengths]
+    ids = torch.zeros(len(rows), max(lengths), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)], mask[i, : len(r)] = r, 1
+    return ids, mask, torch.cat(rows)[None], P.cu_seqlens_from_lengths(lengths)
+
+
+@pytest.mark.parametrize("arch", list(PACKED_ARCHS))
+def test_packed_hidden_states_equal_the_padded_rows(arch, seed, one_thread):
+    """Each packed row's hidden states are its padded row's (to float32 rounding: the same products in matmuls of
+    other shapes), with either layout marker, under every attention implementation the model offers."""
+    build, impls = PACKED_ARCHS[arch]
+    ids, mask, flat, cu = _rows_padded_packed(PACKED_LENGTHS)
+    for impl in impls:
+        torch.manual_seed(seed)
+        model = build().eval()
+        model.set_attn_implementation(impl)
+        with torch.no_grad():
+            want = T.hidden_states(model, ids, mask)[mask.bool()]
+            by_cu = T.hidden_states(model, flat, cu_seqlens=cu)
+            by_pos = T.hidden_states(model, flat, position_ids=P.position_ids_from_cu_seqlens(cu)[None])
+            # an all-ones mask is dropped (transformers would otherwise not see the packing)
+            with_mask = T.hidden_states(model, flat, torch.ones_like(flat), cu_seqlens=cu)
+            crossed = T.get_backbone(model)(input_ids=flat, use_cache=False).last_hidden_state  # no layout at all
+        assert by_cu.shape == (1, flat.shape[1], 32)
+        for got in (by_cu, by_pos, with_mask):
+            torch.testing.assert_close(got[0], want, rtol=0, atol=2e-5, msg=impl)
+        # the layout matters: one unmarked sequence attends across the rows (the test would catch a lost layout)
+        assert (crossed[0] - want).abs().max() > 1e-2
+
+
+def test_packed_hidden_states_refuse_models_that_would_mix_rows(one_thread):
+    """OPT builds its attention mask without position_ids: packed rows would attend to each other. The call raises
+    instead of returning mixed rows; a single sequence has nothing to mix and runs."""
+    model = transformers.OPTForCausalLM(transformers.OPTConfig(
+        vocab_size=V, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4, word_embed_proj_dim=32))
+    _, _, flat, cu = _rows_padded_packed([3, 4])
+    with pytest.raises(NotImplementedError, match="OPTModel .* the 2 packed sequences would attend to each other"):
+        T.hidden_states(model.eval(), flat, cu_seqlens=cu)
+    T.hidden_states(model, flat, cu_seqlens=P.cu_seqlens_from_lengths([7]))
+
+
+def test_packed_hidden_states_reject_inconsistent_layouts():
+    model = tiny("llama")
+    ids, mask, flat, cu = _rows_padded_packed([3, 4])
+    pos = P.position_ids_from_cu_seqlens(cu)[None]
+    cases = [
+        (dict(input_ids=ids, cu_seqlens=cu), r"input_ids of shape \(1, T_total\)"),
+        (dict(input_ids=flat, attention_mask=torch.tensor([[1, 1, 1, 1, 1, 1, 0]]), cu_seqlens=cu),
+         "a packed batch takes no attention_mask"),
+        (dict(input_ids=flat, cu_seqlens=cu, position_ids=torch.arange(7)[None]),
+         "position_ids and cu_seqlens disagree"),
+        (dict(input_ids=flat, cu_seqlens=torch.tensor([0, 3, 6])), r"cu_seqlens must end at .* 7 \(input_ids's length"),
+        (dict(input_ids=flat, position_ids=pos[:, :6]), r"position_ids must have shape \(1, 7\)"),
+        (dict(input_ids=flat, position_ids=torch.tensor([[0, 1, 2, 0, 2, 3, 4]])), "count up by 1"),
+    ]
+    for kwargs, match in cases:
+        with pytest.raises(ValueError, match=match):
+            T.hidden_states(model, kwargs.pop("input_ids"), **kwargs)
+    # a padded batch with explicit positions stays padded (left padding: positions restart only under the mask)
+    left = torch.tensor([[0, 5, 6], [7, 8, 9]])
+    left_mask = torch.tensor([[0, 1, 1], [1, 1, 1]])
+    out = T.hidden_states(model, left, left_mask, position_ids=torch.tensor([[0, 0, 1], [0, 1, 2]]))
+    assert out.shape == (2, 3, 32)
+
+
+def _kto_step(model, ref_model, batch, packed):
+    """One KTO step's loss (policy with gradient, reference and KL pairs without) from a collator batch."""
+    def hidden(m, prefix, grad):
+        with torch.set_grad_enabled(grad):
+            if packed:
+                return T.hidden_states(m, batch[f"{prefix}input_ids"], cu_seqlens=batch[f"{prefix}cu_seqlens"])
+            return T.hidden_states(m, batch[f"{prefix}input_ids"], batch[f"{prefix}attention_mask"])
+
+    head, ref_head = T.get_lm_head(model), T.get_lm_head(ref_model)
+    layout = {"cu_seqlens": batch["cu_seqlens"], "kl_cu_seqlens": batch["kl_cu_seqlens"]} if packed else {}
+    return KTOLoss(beta=0.5, backend="torch", softcap=head.softcap, temperature=head.temperature)(
+        hidden(model, "", True), head.weight, batch["labels"], batch["desirable"],
+        ref_hidden=hidden(ref_model, "", False), ref_weight=ref_head.weight, ref_bias=ref_head.bias,
+        kl_hidden=hidden(model, "kl_", False), kl_labels=batch["kl_labels"],
+        kl_ref_hidden=hidden(ref_model, "kl_", False),
+        bias=head.bias, **layout)
+
+
+def _kto_step_float64(model, ref_model, batch):
+    """The step in float64 through the materialized logits (tests/reference.py) and fastkto's loss math, each row
+    run on its own (no padding, no packing: what both layouts must reproduce; a padded float64 Gemma-2 gives NaN)."""
+    from fastkto.loss import kto_kl, kto_loss
+    from tests.reference import reference_sequence_logps
+
+    def logps(m, prefix):
+        head = T.get_lm_head(m)
+        out = []
+        for ids, mask, labels in zip(*(batch[f"{prefix}{k}"] for k in ("input_ids", "attention_mask", "labels"))):
+            n = int(mask.sum())
+            hidden = T.hidden_states(m, ids[None, :n])
+            out.append(reference_sequence_logps(hidden, head.weight, labels[None, :n], bias=head.bias,
+                                                softcap=head.softcap, temperature=head.temperature))
+        return torch.cat(out)
+
+    policy = logps(model, "")
+    with torch.no_grad():
+        ref, z0 = logps(ref_model, ""), kto_kl(logps(model, "kl_"), logps(ref_model, "kl_"))
+    return kto_loss(policy, ref, batch["desirable"], kl=z0, beta=0.5)
+
+
+@pytest.mark.parametrize("arch, attention", [("llama", "eager"), ("llama", "varlen"), ("gemma2_sliding", "eager"),
+                                             ("gpt2", "sdpa")])
+def test_packed_kto_step_equals_padded_float64(arch, attention, seed, one_thread):
+    """A whole KTO step through a tiny model, packed by the collator, against the same step of a float64 copy (and
+    the padded float32 step): loss, metrics and every parameter's gradient, to float32 rounding. A row of one
+    prompt and one completion token included."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = PACKED_ARCHS[arch][0]().eval()
+    model.set_attn_implementation("sdpa" if attention == "varlen" else attention)
+    if attention == "varlen":
+        T.use_varlen_sdpa(model)
+    ref_model = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in ref_model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    lengths = [(1, 1), (5, 3), (2, 6), (7, 2)]
+    examples = [{"prompt_ids": torch.randint(3, V, (n,), generator=g).tolist(),
+                 "completion_ids": torch.randint(3, V, (m,), generator=g).tolist(), "label": i % 2 == 0}
+                for i, (n, m) in enumerate(lengths)]
+    padded_out = _kto_step(model, ref_model, D.KTOCollator(pad_token_id=0)(examples), packed=False)
+    padded_out.loss.backward()
+    padded_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    out = _kto_step(model, ref_model, D.KTOCollator(pad_token_id=0, packed=True)(examples), packed=True)
+    out.loss.backward()
+    model64, ref64 = copy.deepcopy(model).double(), copy.deepcopy(ref_model).double()
+    model64.zero_grad()
+    want = _kto_step_float64(model64, ref64, D.KTOCollator(pad_token_id=0)(examples))
+    want.loss.backward()
+    for field in ("loss", "kl", "policy_logps", "ref_logps"):
+        torch.testing.assert_close(getattr(out, field).double(), getattr(want, field), rtol=0, atol=5e-5, msg=field)
+    for key, value in want.metrics().items():
+        assert out.metrics()[key] == pytest.approx(value, abs=5e-5), key
+    grads = [(n, p.grad, q.grad) for (n, p), q in zip(model.named_parameters(), model64.parameters())]
+    assert all(g is not None for _, g, _ in grads)
+    for (name, got, ref), padded_grad in zip(grads, padded_grads):
+        scale = ref.abs().max().clamp(min=1e-12)
+        assert ((got.double() - ref).abs().max() / scale) < 1e-4, name
+        assert ((got - padded_grad).abs().max() / scale) < 1e-4, name
+    torch.testing.assert_close(out.loss, padded_out.loss, rtol=0, atol=5e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral_sliding", "gpt2", "phi_bias"])
+def test_varlen_sdpa_runs_each_packed_row_on_its_own(arch, seed, one_thread, monkeypatch):
+    """use_varlen_sdpa: one causal SDPA per packed row and layer, the rows equal to the padded run; padded calls
+    unchanged (the same SDPA with the same mask); a sliding window shorter than a row falls back to the dense mask."""
+    torch.manual_seed(seed)
+    model = PACKED_ARCHS[arch][0]().eval()
+    model.set_attn_implementation("sdpa")
+    ids, mask, flat, cu = _rows_padded_packed(PACKED_LENGTHS)
+    with torch.no_grad():
+        before = T.hidden_states(model, ids, mask)
+    assert T.use_varlen_sdpa(model) is model and model.config._attn_implementation == T.VARLEN_SDPA
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda q, *a, **k: calls.append(q.shape[2]) or sdpa(q, *a, **k))
+    with torch.no_grad():
+        padded_rows = T.hidden_states(model, ids, mask)
+        n_padded = len(calls)
+        got = T.hidden_states(model, flat, cu_seqlens=cu)[0]
+    layers = model.config.num_hidden_layers if hasattr(model.config, "num_hidden_layers") else model.config.n_layer
+    assert torch.equal(padded_rows, before) and n_padded == layers
+    packed_calls = calls[n_padded:]
+    if arch == "mistral_sliding":  # window 4 < rows of 6 and 9: the dense mask keeps the window
+        assert packed_calls == [flat.shape[1]] * layers
+    else:
+        assert packed_calls == PACKED_LENGTHS * layers
+    torch.testing.assert_close(got, before[mask.bool()], rtol=0, atol=2e-5)
+
+
+def test_varlen_sdpa_under_gradient_checkpointing_and_its_limits(seed, one_thread):
+    """Gradient checkpointing recomputes the layers with the same (persistent) attention: the same gradients. An
+    eager model is refused by name."""
+    model = tiny("llama")
+    T.use_varlen_sdpa(model)
+    _, _, flat, cu = _rows_padded_packed(PACKED_LENGTHS)
+    grads = []
+    for checkpointing in (False, True):
+        m = copy.deepcopy(model).train()
+        if checkpointing:
+            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        T.hidden_states(m, flat, cu_seqlens=cu).pow(2).sum().backward()
+        grads.append([p.grad for p in m.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    eager = tiny("llama")
+    eager.set_attn_implementation("eager")
+    with pytest.raises(ValueError, match="use_varlen_sdpa needs a model running SDPA attention.*'eager'"):
+        T.use_varlen_sdpa(eager)
+
+
+def test_packed_hidden_states_bf16_within_its_rounding(seed, one_thread):
+    """A bf16 model: packed rows equal padded rows to bf16 rounding of O(1) activations (a few bf16 ulps: the two
+    layouts round different matmul blockings)."""
+    model = tiny("llama").to(torch.bfloat16)
+    ids, mask, flat, cu = _rows_padded_packed(PACKED_LENGTHS)
+    with torch.no_grad():
+        want = T.hidden_states(model, ids, mask)[mask.bool()].float()
+        got = T.hidden_states(model, flat, cu_seqlens=cu)[0].float()
+    assert got.dtype == torch.float32 and (got - want).abs().max() <= 4 * 2**-8 * want.abs().max()
+
+
+def test_smollm2_packed_rows_equal_padded_rows(smollm2, one_thread):
+    """SmolLM2-135M (30 layers, real weights, SDPA): three rows of a real chat, packed vs padded."""
+    ids = [[1, 9690, 198, 2683, 359, 253, 5356, 5646, 2, 198], [1, 4093, 198, 6004, 665, 2], [1, 9690]]
+    padded_ids = torch.full((3, 10), 2)
+    mask = torch.zeros_like(padded_ids)
+    for i, r in enumerate(ids):
+        padded_ids[i, : len(r)], mask[i, : len(r)] = torch.tensor(r), 1
+    flat = torch.tensor([sum(ids, [])])
+    with torch.no_grad():
+        want = T.hidden_states(smollm2, padded_ids, mask)[mask.bool()]
+        got = T.hidden_states(smollm2, flat, cu_seqlens=P.cu_seqlens_from_lengths([10, 6, 2]))[0]
+        T.use_varlen_sdpa(smollm2)
+        try:
+            varlen = T.hidden_states(smollm2, flat, cu_seqlens=P.cu_seqlens_from_lengths([10, 6, 2]))[0]
+        finally:
+            smollm2.set_attn_implementation("sdpa")  # the fixture is shared
+    # real weights give activations up to ~1e2 here; float32 rounding through 30 layers stays well below 1e-4 of it
+    assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+    assert (varlen - want).abs().max() <= 1e-4 * want.abs().max()
+    head = T.get_lm_head(smollm2)
+    labels = torch.tensor([sum([r[1:] + [-100] for r in ids], [])])
+    cu = P.cu_seqlens_from_lengths([10, 6, 2])
+    torch.testing.assert_close(head.sequence_logps(got[None], labels, cu_seqlens=cu),
+                               head.sequence_logps(want[None], labels, cu_seqlens=cu), rtol=0, atol=1e-3)
+
+
+@pytest.mark.parametrize("kind, arch", [("kto", None), ("dpo", None), ("kto", "qwen3_moe")])
+def test_trl_padding_free_matches_trl(kind, arch, tmp_path, one_thread):
+    """FastKTOTrainer(padding_free=True) and FastDPOTrainer with DPOConfig(padding_free=True): the backbone runs
+    on the packed rows (checked), and loss, logged metrics and the updated weights equal TRL's padded run. The MoE
+    case: the router's load-balancing loss over the packed tokens equals the padded batch's masked one."""
+    if kind == "kto":  # TRL's KTOTrainer has no padding-free mode: only fastkto's gets one
+        theirs, ours = _trainers(kind, tmp_path, model=arch, bf16=False, fast_kwargs={"padding_free": True})
+    else:  # TRL 1.16's DPOTrainer warns and falls back to padding: the padded reference run
+        theirs, ours = _trainers(kind, tmp_path, model=arch, bf16=False, padding_free=True)
+        assert not theirs.padding_free and ours.args.padding_free
+    assert ours.padding_free
+    # SDPA models switch to the per-sequence attention (the reference too: TRL patches it with the same head)
+    assert ours.model.config._attn_implementation == ours.ref_model.config._attn_implementation == T.VARLEN_SDPA
+    shapes = []
+    hook = T.get_backbone(ours.model).register_forward_pre_hook(
+        lambda module, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True)
+    a, b = _train_both(theirs, ours)
+    hook.remove()
+    assert shapes and all(s[0] == 1 for s in shapes)  # every policy forward ran packed
+    if arch is not None:
+        assert [m for m in b if "loss" in m][0]["aux_loss"] > 0
+    _compare_logs(a, b, rtol=1e-5, atol=1e-5)
+    for (name, p), q in zip(theirs.model.named_parameters(), ours.model.parameters()):
+        torch.testing.assert_close(q, p, rtol=0, atol=1e-6, msg=name)
+
+
+def test_trl_padding_free_is_checked(tmp_path):
+    fast_trl = _trl()
+    with pytest.raises(TypeError, match="padding_free must be a bool"):
+        fast_trl.FastKTOTrainer(model=tiny("llama"), padding_free="yes")
+
+
+@pytest.mark.parametrize("loss, head, extra", [("kto", "fastkto", []), ("dpo", "naive", []),
+                                               ("dpo", "fastkto", ["--max-tokens", "400"])])
+def test_example_script_packed_trains_like_padded(loss, head, extra, tmp_path, one_thread):
+    """examples/train.py --packed: the same batches as the padded run, so the same losses and evaluations (to
+    float32 rounding); with --max-tokens the batches are filled to the budget (and logged)."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    tok = make_char_tokenizer(CHAT_TEMPLATE)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**COMMON, "vocab_size": len(tok)}))
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    rows = [{"chosen": f"\n\nHuman: what is {i}+{i}?\n\nAssistant: {2 * i}",
+             "rejected": f"\n\nHuman: what is {i}+{i}?\n\nAssistant: no idea{'!' * (i % 4)}"} for i in range(12)]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spec = importlib.util.spec_from_file_location("train_packed", Path(__file__).parents[1] / "examples" / "train.py")
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)
+    logs = {}
+    for packed in ([], ["--packed"]):
+        out = tmp_path / f"run{len(packed)}"
+        train.main(["--loss", loss, "--head", head, "--model", str(tmp_path / "model"), "--data",
+                    str(tmp_path / "pairs.jsonl"), "--steps", "2", "--batch", "2", "--eval-pairs", "4",
+                    "--eval-every", "1", "--max-length", "96", "--device", "cpu", "--out", str(out), "--lr", "1e-3",
+                    "--memory-every", "100", "--threads", "1", *extra, *packed])
+        logs[bool(packed)] = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert len(logs[False]) == len(logs[True]) == 3 and all("train/loss" in r for r in logs[True][1:])
+    for a, b in zip(logs[False], logs[True]):
+        for key in ("train/loss", "eval/rewards/margins", "eval/rewards/chosen"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], abs=1e-5), key
+        if "tokens" in a:
+            assert a["tokens"] == b["tokens"] and a["sequences"] == b["sequences"]  # no padding in either count
+    if extra:
+        assert all(r["tokens"] <= 400 for r in logs[True][1:]) and logs[True][1]["sequences"] > 4

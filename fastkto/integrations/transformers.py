@@ -43,12 +43,15 @@ against one process on the whole batch. Use ``get_lm_head(model)`` (it records t
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
+import threading
 from dataclasses import dataclass, field
 
 import torch
 
-from ..logprob import fused_logprobs, sequence_logps
+from .. import packing
+from ..logprob import _packed_lengths, fused_logprobs, sequence_logps
 
 __all__ = [
     "LMHead",
@@ -57,6 +60,9 @@ __all__ = [
     "get_lm_head",
     "logit_transform",
     "hidden_states",
+    "backbone_outputs",
+    "use_varlen_sdpa",
+    "VARLEN_SDPA",
     "verify_lm_head",
     "gathered_parameters",
     "load_gguf_model",
@@ -257,13 +263,22 @@ class LMHead:
                 temperature=self.temperature, **kwargs), hidden)
         return fused_logprobs(hidden, self.weight, labels, **self.kwargs(), **kwargs)
 
-    def sequence_logps(self, hidden: torch.Tensor, labels: torch.Tensor, *, average: bool = False, **kwargs):
-        """Per-sequence sums (``average=True``: means) over valid tokens, shape labels.shape[:-1], float32."""
+    def sequence_logps(self, hidden: torch.Tensor, labels: torch.Tensor, *, average: bool = False,
+                       cu_seqlens: torch.Tensor | None = None, **kwargs):
+        """Per-sequence sums (``average=True``: means) over valid tokens, float32: shape labels.shape[:-1], or (S,)
+        for a packed batch with ``cu_seqlens`` (see ``fastkto.sequence_logps``)."""
         if _is_partitioned(self.weight) or _is_partitioned(self.bias):
+            lengths = None if cu_seqlens is None else _packed_lengths(hidden, labels, cu_seqlens)
             per_token = self.logprobs(hidden, labels, **kwargs)
-            total = per_token.sum(-1)
-            return total / (labels != -100).sum(-1).clamp(min=1) if average else total
-        return sequence_logps(self._prepare(hidden), self.weight, labels, average=average, **self.kwargs(), **kwargs)
+            ignore_index = kwargs.get("ignore_index", -100)
+            if lengths is None:
+                total, count = per_token.sum(-1), (labels != ignore_index).sum(-1)
+            else:
+                total = packing.segment_sums(per_token.reshape(-1), lengths)
+                count = packing.segment_counts(labels.reshape(-1) != ignore_index, lengths)
+            return total / count.clamp(min=1) if average else total
+        return sequence_logps(self._prepare(hidden), self.weight, labels, average=average, cu_seqlens=cu_seqlens,
+                              **self.kwargs(), **kwargs)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The materialized, transformed logits (..., V) in float32: for small metric chunks and naive baselines."""
@@ -290,19 +305,218 @@ def get_lm_head(model: torch.nn.Module, *, temperature: float = 1.0) -> LMHead:
                   temperature=temp, module=head)
 
 
-def hidden_states(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+def hidden_states(model: torch.nn.Module, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None = None,
+                  *, position_ids: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
                   **kwargs) -> torch.Tensor:
     """The backbone's last hidden states (B, T, D) in the model's dtype, without running the LM head.
 
-    Extra kwargs (position_ids, ...) go to the backbone; the KV cache is off. Row t predicts token t + 1, so pair it
+    Extra kwargs (inputs_embeds, ...) go to the backbone; the KV cache is off. Row t predicts token t + 1, so pair it
     with labels shifted as ``fastkto.data``'s collators shift them.
+
+    Packed batches (``fastkto.packing``; the collators' ``packed=True``): input_ids (1, T_total) holding several
+    sequences, marked by ``cu_seqlens`` (S + 1,) or by ``position_ids`` (1, T_total) restarting at 0 for each
+    sequence (either one; given both, they must agree), and no attention_mask (an all-ones one is dropped). The
+    backbone then gets those position ids and no mask, which is how transformers recognizes packed sequences:
+    eager / SDPA / flex attention get a block-diagonal causal mask, flash-attention its varlen kernel (given the
+    cu_seqlens as ``cu_seq_lens_q`` / ``cu_seq_lens_k``). Each row's hidden states equal those of a padded batch
+    of the same rows. A model that builds its attention mask without the position ids (OPT, Falcon, Bloom and
+    gpt-oss in transformers 5.x, or custom code) would let the rows attend to each other: that raises
+    NotImplementedError after the call, instead of returning mixed rows.
     """
     kwargs.setdefault("use_cache", False)
-    out = get_backbone(model)(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+    out = backbone_outputs(get_backbone(model), input_ids, attention_mask, position_ids=position_ids,
+                           cu_seqlens=cu_seqlens, **kwargs)
     hidden = getattr(out, "last_hidden_state", None)
     if hidden is None:
         hidden = out[0]
     return hidden
+
+
+def backbone_outputs(backbone: torch.nn.Module, input_ids: torch.Tensor | None,
+                     attention_mask: torch.Tensor | None = None, *, position_ids: torch.Tensor | None = None,
+                     cu_seqlens: torch.Tensor | None = None, **kwargs):
+    """``backbone(...)``'s whole output (hidden states, router logits, ...), run as ``hidden_states`` runs it:
+    packed batches get their position ids and no mask, and a model that would let packed rows attend to each other
+    raises NotImplementedError. ``backbone`` is ``get_backbone(model)``; kwargs go to it unchanged."""
+    packed = _packed_layout(input_ids, attention_mask, position_ids, cu_seqlens, kwargs)
+    if packed is None:
+        if position_ids is not None:
+            kwargs["position_ids"] = position_ids
+        out = backbone(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+    else:
+        position_ids, cu_seqlens, n_seqs = packed
+        impl = str(getattr(backbone.config, "_attn_implementation", None))
+        if impl.startswith("flash_attention") or impl.startswith("paged|flash") or impl == VARLEN_SDPA:
+            # the kwargs transformers' DataCollatorWithFlattening returns: flash-attention's varlen kernel (and
+            # fastkto's varlen SDPA, which uses them only when given) read them instead of the position ids
+            longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+            cu32 = cu_seqlens.to(torch.int32)
+            kwargs.update(cu_seq_lens_q=cu32, cu_seq_lens_k=cu32, max_length_q=longest, max_length_k=longest)
+        with _PackedMaskRecorder() as masks:
+            out = backbone(input_ids=input_ids, attention_mask=None, position_ids=position_ids, **kwargs)
+        if n_seqs > 1 and (not masks.calls or not all(masks.calls)):
+            what = ("built no attention mask through transformers.masking_utils" if not masks.calls else
+                    "built an attention mask without the packed position_ids")
+            raise NotImplementedError(
+                f"{type(backbone).__name__} ({impl} attention) {what}, so the {n_seqs} packed sequences would "
+                "attend to each other: run this model on padded batches (the collators' packed=False)"
+            )
+    return out
+
+
+# ------------------------------------------------------------------------------------------ varlen SDPA attention
+VARLEN_SDPA = "fastkto_varlen_sdpa"
+
+
+def use_varlen_sdpa(model: torch.nn.Module) -> torch.nn.Module:
+    """Switch a model that uses SDPA attention to fastkto's varlen SDPA, for packed batches; returns the model.
+
+    transformers runs a packed batch under eager / SDPA attention with a dense (T_total x T_total) block-diagonal
+    mask: correct, but every row attends over the whole packed length and most of the products are masked away,
+    so a packed batch of 8 rows costs several times the attention of the padded one. The varlen SDPA runs
+    ``scaled_dot_product_attention(is_causal=True)`` on each packed sequence separately (what flash-attention's
+    varlen kernel does in one launch), for the calls ``hidden_states`` / ``backbone_outputs`` make on packed
+    batches. Every other call (padded batches, generation with a cache, a sliding window shorter than a row)
+    goes to transformers' SDPA with its usual mask, unchanged. The setting persists (``model.config
+    ._attn_implementation``), so gradient-checkpointing recomputation runs the same attention.
+
+    Raises ValueError for a model whose attention is not SDPA (eager-only models such as Gemma-2 with attention
+    soft-capping keep the dense mask; flash-attention has its own varlen path).
+    """
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    inner = unwrap_model(model)
+    current = getattr(inner.config, "_attn_implementation", None)
+    if current == VARLEN_SDPA:
+        return model
+    if current != "sdpa":
+        raise ValueError(f"use_varlen_sdpa needs a model running SDPA attention; {type(inner).__name__} runs "
+                         f"{current!r} (packed batches still work there, with a dense block-diagonal mask)")
+    AttentionInterface.register(VARLEN_SDPA, _varlen_sdpa_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(VARLEN_SDPA, sdpa_mask)  # the masks of the calls it hands to SDPA
+    inner.set_attn_implementation(VARLEN_SDPA)
+    return model
+
+
+def _varlen_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
+                           **kwargs):
+    """transformers attention function: per-sequence causal SDPA for packed calls (``cu_seq_lens_q`` given by
+    ``backbone_outputs``), transformers' SDPA otherwise. query (1, H, T, d), key / value (1, H_kv, T, d); returns
+    (1, T, H, d) and no weights, as transformers' SDPA does."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    cu = kwargs.get("cu_seq_lens_q")
+    window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    varlen = (cu is not None and query.shape[0] == 1 and key.shape[2] == query.shape[2] == int(cu[-1]) and causal
+              and kwargs.get("softcap") is None and not kwargs.get("output_attentions", False)
+              and kwargs.get("position_bias") is None
+              and (window is None or int(kwargs.get("max_length_q") or query.shape[2]) <= int(window)))
+    if not varlen:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    gqa = query.shape[1] != key.shape[1]
+    bounds = cu.tolist()
+    out = torch.cat([
+        torch.nn.functional.scaled_dot_product_attention(
+            query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], dropout_p=dropout,
+            is_causal=True, scale=scaling, enable_gqa=gqa)
+        for a, b in zip(bounds[:-1], bounds[1:]) if b > a
+    ], dim=2)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _packed_layout(input_ids, attention_mask, position_ids, cu_seqlens, kwargs):
+    """(position_ids (1, T_total), cu_seqlens, number of sequences) of a packed call, or None for a padded one."""
+    if cu_seqlens is None:
+        if position_ids is None or not isinstance(position_ids, torch.Tensor) or position_ids.shape[-1] < 2:
+            return None
+        if attention_mask is not None and not bool((attention_mask != 0).all()):
+            return None  # a padded batch with explicit positions (left padding, say): not packed
+        restarts = bool((position_ids[..., 1:] == 0).any())  # a 0 after the first token: a second sequence starts
+        if not restarts:
+            return None
+    tokens = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
+    if not isinstance(tokens, torch.Tensor) or tokens.dim() < 2 or tokens.shape[0] != 1:
+        shape = tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
+        raise ValueError(f"a packed batch (cu_seqlens, or position_ids restarting at 0) must have input_ids of shape "
+                         f"(1, T_total) (or inputs_embeds (1, T_total, D)), got {shape}")
+    total = tokens.shape[1]
+    if attention_mask is not None:
+        if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != (1, total) \
+                or not bool((attention_mask != 0).all()):
+            raise ValueError(
+                "a packed batch takes no attention_mask (or an all-ones (1, T_total) one): transformers recognizes "
+                "packed sequences from position_ids only when the mask is None, and a packed batch has no padding"
+            )
+    if cu_seqlens is not None:
+        packing.check_cu_seqlens(cu_seqlens, total, device=tokens.device, tokens_name="input_ids")
+        from_cu = packing.position_ids_from_cu_seqlens(cu_seqlens)[None]
+        if position_ids is not None:
+            if not isinstance(position_ids, torch.Tensor) or tuple(position_ids.shape[-1:]) != (total,) \
+                    or not torch.equal(position_ids.reshape(1, -1).to(from_cu), from_cu):
+                raise ValueError("position_ids and cu_seqlens disagree: position_ids must restart at 0 exactly where "
+                                 "each sequence of cu_seqlens starts (or pass only one of them)")
+        position_ids = from_cu
+    else:
+        if tuple(position_ids.shape[-1:]) != (total,) or position_ids.numel() != total:
+            raise ValueError(f"position_ids must have shape (1, {total}) like input_ids, got "
+                             f"{tuple(position_ids.shape)}")
+        cu_seqlens = packing.cu_seqlens_from_position_ids(position_ids)
+        position_ids = position_ids.reshape(1, -1)
+    return position_ids, cu_seqlens, cu_seqlens.shape[0] - 1
+
+
+class _PackedMaskRecorder:
+    """Records, for the calls made in its block on this thread, whether each attention mask transformers built saw
+    packed sequences (``masking_utils._preprocess_mask_arguments`` found a packed_sequence_mask in position_ids).
+
+    The recording wrapper is installed once and passes calls straight through outside such a block; a
+    transformers without that function records nothing, which ``hidden_states`` reports as unverifiable.
+    """
+
+    _local = threading.local()
+    _installed = False
+    _lock = threading.Lock()
+
+    def __init__(self):
+        self.calls: list[bool] = []
+
+    @classmethod
+    def _install(cls) -> None:
+        with cls._lock:
+            if cls._installed:
+                return
+            try:
+                from transformers import masking_utils
+            except ImportError:
+                return
+            original = getattr(masking_utils, "_preprocess_mask_arguments", None)
+            if original is None:
+                return
+
+            @functools.wraps(original)
+            def recording(*args, **kwargs):
+                result = original(*args, **kwargs)
+                calls = getattr(cls._local, "calls", None)
+                if calls is not None:
+                    # (early_exit, attention_mask, packed_sequence_mask, ...): packed when the mask was derived
+                    calls.append(not result[0] and result[2] is not None)
+                return result
+
+            masking_utils._preprocess_mask_arguments = recording
+            cls._installed = True
+
+    def __enter__(self):
+        self._install()
+        self._outer = getattr(self._local, "calls", None)
+        self._local.calls = self.calls
+        return self
+
+    def __exit__(self, *exc):
+        self._local.calls = self._outer
+        return False
 
 
 def verify_lm_head(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,

@@ -53,7 +53,8 @@ try:
 except ImportError as err:  # pragma: no cover - exercised only without trl
     raise ImportError("fastkto.integrations.trl needs TRL >= 1.16: pip install 'trl>=1.16'") from err
 
-from .transformers import _is_partitioned, _unwrap, get_backbone, get_lm_head
+from ..packing import pack_padded
+from .transformers import _is_partitioned, _unwrap, backbone_outputs, get_backbone, get_lm_head, use_varlen_sdpa
 
 __all__ = ["add_fastkto_lm_head", "FastKTOTrainer", "FastDPOTrainer", "METRIC_FIELDS"]
 
@@ -170,6 +171,7 @@ def add_fastkto_lm_head(
     outputs: tuple[str, ...] = ("log_probs",),
     *,
     metrics_workspace_bytes: int = _METRICS_WORKSPACE,
+    padding_free: bool = False,
 ) -> None:
     """Patch ``model`` so ``model(..., labels=labels, fused_lm_head=True)`` returns TRL's ``FusedCausalLMOutput``
     with ``log_probs`` computed by fastkto. A drop-in for ``trl.trainer.utils.add_fused_lm_head``.
@@ -181,6 +183,11 @@ def add_fastkto_lm_head(
         outputs: per-token fields to fill: "log_probs" always, plus any of ``METRIC_FIELDS`` (computed without
             gradient, see the module docstring).
         metrics_workspace_bytes: logits budget of the metric pass.
+        padding_free: run the backbone on the batch's rows packed into one sequence (the padding removed,
+            ``fastkto.integrations.transformers.backbone_outputs``: position ids restarting per row, attention kept
+            within each row), then put the hidden states back in the padded layout for the head, so every output
+            keeps the padded batch's shape. The batch must be right-padded (TRL's text collators pad right). A
+            model on SDPA attention is switched to fastkto's varlen SDPA (``use_varlen_sdpa``).
 
     Forward with ``fused_lm_head=True``: ``labels`` (B, T) with -100 on unscored positions are shifted here (hidden
     state t scores label t + 1) unless ``shift_labels`` (B, T) is given already shifted; returns per-token fields of
@@ -191,6 +198,9 @@ def add_fastkto_lm_head(
     if unknown:
         raise ValueError(f"outputs may only name 'log_probs' and {METRIC_FIELDS}; got {sorted(unknown)}")
     metric_names = tuple(name for name in METRIC_FIELDS if name in outputs)
+    if padding_free and getattr(_unwrap(model, allow_prompt_learning=True).config, "_attn_implementation",
+                                None) == "sdpa":
+        use_varlen_sdpa(model)  # per-sequence SDPA instead of a dense (T_total x T_total) mask
     original_forward = model.forward
 
     @functools.wraps(type(model).forward)
@@ -206,8 +216,17 @@ def add_fastkto_lm_head(
         if getattr(text_config, "output_router_logits", False):
             kwargs.setdefault("output_router_logits", True)
         # looked up on every call: FSDP, DeepSpeed and PEFT replace modules after the patch
-        backbone_out = get_backbone(self)(*args, **kwargs)
-        hidden = backbone_out.last_hidden_state
+        backbone = get_backbone(self)
+        if padding_free:
+            backbone_out, hidden, keep = _packed_backbone(backbone, args, kwargs)
+            # hidden state t scores shift_labels[t] = labels[t + 1]; at padding it is 0, so nothing may be scored there
+            given, real = (shift_labels, keep) if shift_labels is not None else (labels[:, 1:], keep[:, :-1])
+            if tuple(given.shape) != tuple(real.shape) or bool((given[~real] != -100).any()):
+                raise ValueError("padding_free: labels must have the batch's (B, T) shape and be -100 on padding "
+                                 "positions (they have no token to score)")
+        else:
+            backbone_out = backbone(*args, **kwargs)
+            hidden = backbone_out.last_hidden_state
         if shift_labels is None:
             hidden, labels = hidden[:, :-1], labels[:, 1:]
         else:
@@ -241,12 +260,43 @@ def add_fastkto_lm_head(
         loss = -log_probs.sum() / count
         aux_loss = None
         if kwargs.get("output_router_logits"):
-            aux_loss = _router_aux_loss(self, text_config, backbone_out, kwargs.get("attention_mask"))
+            # packed, every token the router saw is a real one: no mask, the same mean as the padded batch's
+            mask_for_aux = None if padding_free else kwargs.get("attention_mask")
+            aux_loss = _router_aux_loss(self, text_config, backbone_out, mask_for_aux)
             loss = loss + getattr(text_config, "router_aux_loss_coef", 0.0) * aux_loss
         return FusedCausalLMOutput(loss=loss, log_probs=log_probs, label_mask=mask, aux_loss=aux_loss, **metrics)
 
     model.forward = types.MethodType(forward, model)
     setattr(model, _MARK, True)
+
+
+def _packed_backbone(backbone, args, kwargs):
+    """Run ``backbone`` on a right-padded (B, T) batch with its rows packed into one sequence.
+
+    Returns (the backbone's output, its last hidden states back in the padded (B, T, D) layout with zeros on the
+    padding, the (B, T) bool mask of real tokens). ``kwargs`` are the forward's: input_ids or inputs_embeds,
+    attention_mask, and options passed on unchanged.
+    """
+    kwargs = dict(kwargs)
+    if args:
+        raise ValueError("padding_free: pass the batch as keyword arguments (input_ids=..., attention_mask=...)")
+    if kwargs.get("position_ids") is not None:
+        raise ValueError("padding_free computes the packed position ids itself; do not pass position_ids")
+    mask = kwargs.pop("attention_mask", None)
+    ids, embeds = kwargs.pop("input_ids", None), kwargs.pop("inputs_embeds", None)
+    tokens = ids if ids is not None else embeds
+    if not isinstance(tokens, torch.Tensor) or tokens.dim() < 2:
+        raise ValueError("padding_free needs input_ids (B, T) or inputs_embeds (B, T, D)")
+    if mask is None:
+        mask = torch.ones(tokens.shape[:2], dtype=torch.long, device=tokens.device)
+    cu_seqlens, position_ids, packed = pack_padded(mask, tokens)
+    given = {"input_ids": packed} if ids is not None else {"inputs_embeds": packed}
+    out = backbone_outputs(backbone, given.pop("input_ids", None), None, position_ids=position_ids,
+                           cu_seqlens=cu_seqlens, **given, **kwargs)
+    keep = mask != 0
+    flat = out.last_hidden_state
+    hidden = flat.new_zeros((*keep.shape, flat.shape[-1])).masked_scatter(keep[..., None], flat)
+    return out, hidden, keep
 
 
 def _router_aux_loss(model, text_config, backbone_out, attention_mask):
@@ -267,10 +317,10 @@ def _router_aux_loss(model, text_config, backbone_out, attention_mask):
 
 
 @contextlib.contextmanager
-def _fastkto_head_for(module):
+def _fastkto_head_for(module, padding_free: bool = False):
     """Let a TRL trainer module's ``__init__`` install fastkto's head where it calls ``add_fused_lm_head``."""
     original = module.add_fused_lm_head
-    module.add_fused_lm_head = add_fastkto_lm_head
+    module.add_fused_lm_head = functools.partial(add_fastkto_lm_head, padding_free=padding_free)
     try:
         yield
     finally:
@@ -290,14 +340,24 @@ def _check_installed(trainer) -> None:
             )
 
 
+def _check_padding_free(value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"padding_free must be a bool, got {type(value).__name__}")
+    return value
+
+
 class FastKTOTrainer(KTOTrainer):
     """``trl.KTOTrainer`` with fastkto computing every log-probability (policy, reference, KL pairs).
 
-    Same constructor, ``KTOConfig``, loss and logged metrics as ``KTOTrainer``; only the LM head differs.
+    Same constructor, ``KTOConfig``, loss and logged metrics as ``KTOTrainer``; only the LM head differs. One extra
+    keyword, ``padding_free=True`` (TRL's KTOTrainer has no such mode): every forward through the head (policy,
+    reference, KL pairs) runs the backbone on the batch's rows packed into one sequence, without their padding
+    (see ``add_fastkto_lm_head``); the batches, losses and metrics are the padded ones, to float32 rounding.
     """
 
-    def __init__(self, *args, **kwargs):
-        with _fastkto_head_for(_kto_module):
+    def __init__(self, *args, padding_free: bool = False, **kwargs):
+        self.padding_free = _check_padding_free(padding_free)
+        with _fastkto_head_for(_kto_module, padding_free):
             super().__init__(*args, **kwargs)
         _check_installed(self)
 
@@ -306,9 +366,22 @@ class FastDPOTrainer(DPOTrainer):
     """``trl.DPOTrainer`` with fastkto computing every log-probability (policy and reference).
 
     Same constructor, ``DPOConfig``, losses and logged metrics as ``DPOTrainer``; only the LM head differs.
+    ``DPOConfig(padding_free=True)``, which TRL 1.16 switches off with a warning (its padding-free path awaits a
+    rewrite), is honoured here: the policy and reference forwards run the backbone on the rows packed into one
+    sequence without their padding (see ``add_fastkto_lm_head``), with any attention implementation that keeps
+    packed rows apart (eager, SDPA, flex or flash-attention; others raise), not only flash-attention.
     """
 
     def __init__(self, *args, **kwargs):
-        with _fastkto_head_for(_dpo_module):
-            super().__init__(*args, **kwargs)
+        config = kwargs.get("args", args[2] if len(args) > 2 else None)  # (model, ref_model, args, ...)
+        padding_free = _check_padding_free(bool(getattr(config, "padding_free", False)))
+        if padding_free:
+            config.padding_free = False  # TRL would warn that it falls back to padding; fastkto packs instead
+        try:
+            with _fastkto_head_for(_dpo_module, padding_free):
+                super().__init__(*args, **kwargs)
+        finally:
+            if padding_free:
+                config.padding_free = True
+        self.padding_free = padding_free
         _check_installed(self)

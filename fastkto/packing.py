@@ -1,0 +1,188 @@
+"""The packed (padding-free) layout: several sequences concatenated along one token dimension.
+
+Convention: flash-attention's ``cu_seqlens``, the cumulative sequence lengths. A packed batch of S sequences
+with T_total tokens in all has ``cu_seqlens`` of shape (S + 1,), int32 or int64, with ``cu_seqlens[0] == 0``,
+non-decreasing, ``cu_seqlens[-1] == T_total``; sequence i is tokens ``[cu_seqlens[i], cu_seqlens[i + 1])``.
+transformers marks the same layout with ``position_ids`` that restart at 0 for each sequence
+(``[0, 1, 2, 0, 1, 0, ...]``); ``cu_seqlens_from_position_ids`` / ``position_ids_from_cu_seqlens`` convert.
+
+Everything here is layout bookkeeping on integer tensors, plus ``segment_sums``, the per-sequence reduction that
+``fastkto.sequence_logps`` uses on packed tokens: it reduces a zero-padded (S, longest) matrix row by row, with
+no atomic adds (deterministic on CUDA as on the CPU).
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "check_cu_seqlens",
+    "cu_seqlens_from_lengths",
+    "cu_seqlens_from_position_ids",
+    "position_ids_from_cu_seqlens",
+    "segment_sums",
+    "segment_counts",
+    "pack_padded",
+]
+
+_INT_DTYPES = (torch.int32, torch.int64)
+
+
+def _shape(t) -> str:
+    return str(tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__
+
+
+def check_cu_seqlens(cu_seqlens, total: int, *, device: torch.device | None = None, name: str = "cu_seqlens",
+                     allow_empty: bool = True, tokens_name: str = "labels") -> torch.Tensor:
+    """Validate a packed layout and return its (S,) int64 sequence lengths (on cu_seqlens' device).
+
+    Args:
+        cu_seqlens: (S + 1,) int32 / int64 tensor: 0, then the running total of the sequence lengths.
+        total: the number of packed tokens the layout must cover (``cu_seqlens[-1]``).
+        device: the device it must be on (that of the tokens it describes), or None for any.
+        name: the argument's name in error messages; ``tokens_name``: the tensor ``total`` was read off.
+        allow_empty: False to refuse sequences of length 0.
+
+    Raises:
+        TypeError for a non-tensor or a non-integer dtype; ValueError for a wrong shape or device, a first entry
+        other than 0, a decrease, a last entry other than ``total``, or (``allow_empty=False``) an empty sequence.
+        One host sync.
+    """
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of cumulative sequence lengths, got "
+                        f"{type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype not in _INT_DTYPES:
+        raise TypeError(f"{name} must be int32 or int64 (flash-attention's cu_seqlens), got {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 1:
+        raise ValueError(f"{name} must have shape (S + 1,): 0, then the running total of the S sequence lengths; "
+                         f"got {_shape(cu_seqlens)}")
+    if device is not None and cu_seqlens.device != torch.device(device):
+        raise ValueError(f"{name} is on {cu_seqlens.device} but {tokens_name} is on {device}: move it there "
+                         f"({name}.to({str(device)!r}))")
+    lengths = cu_seqlens[1:].long() - cu_seqlens[:-1].long()
+    first, last = cu_seqlens[0], cu_seqlens[-1]
+    # one host sync for every check
+    stats = torch.stack([first.long(), last.long(), (lengths < 0).sum(), (lengths == 0).sum()]).tolist()
+    first, last, n_decreasing, n_empty = stats
+    if first != 0:
+        raise ValueError(f"{name} must start at 0, got {name}[0] = {first}")
+    if n_decreasing:
+        at = int((lengths < 0).nonzero()[0, 0])
+        raise ValueError(f"{name} must be non-decreasing, but {name}[{at + 1}] = {int(cu_seqlens[at + 1])} < "
+                         f"{name}[{at}] = {int(cu_seqlens[at])}")
+    if last != total:
+        raise ValueError(f"{name} must end at the number of packed tokens, {total} ({tokens_name}'s length), "
+                         f"got {name}[-1] = {last}")
+    if n_empty and not allow_empty:
+        rows = (lengths == 0).nonzero().flatten().tolist()
+        raise ValueError(f"{name} holds empty sequences (length 0) at {rows[:10]}{' ...' if len(rows) > 10 else ''}")
+    return lengths
+
+
+def cu_seqlens_from_lengths(lengths, *, device: torch.device | str | None = None,
+                            dtype: torch.dtype = torch.int32) -> torch.Tensor:
+    """(S + 1,) cu_seqlens of sequences of the given lengths (a list of ints or an integer tensor)."""
+    lengths = torch.as_tensor(lengths, device=device)
+    if lengths.dtype.is_floating_point or lengths.dtype == torch.bool or lengths.dim() != 1:
+        raise ValueError(f"lengths must be a 1-d sequence of ints, got {_shape(lengths)} {lengths.dtype}")
+    if bool((lengths < 0).any()):
+        raise ValueError("lengths must be >= 0")
+    out = torch.zeros(lengths.shape[0] + 1, dtype=dtype, device=lengths.device)
+    out[1:] = torch.cumsum(lengths, 0)
+    return out
+
+
+def cu_seqlens_from_position_ids(position_ids: torch.Tensor, *, dtype: torch.dtype = torch.int32) -> torch.Tensor:
+    """cu_seqlens of a packed batch marked by transformers-style ``position_ids``.
+
+    Args:
+        position_ids: (T_total,) or (1, T_total) integer, restarting at 0 for each sequence and counting up by 1
+            within it (what ``transformers``' packed-sequence detection and flash-attention's varlen path read).
+
+    Returns:
+        (S + 1,) ``dtype`` tensor on position_ids' device. Raises ValueError for a batch dimension other than 1,
+        a first position other than 0, or a step within a sequence other than +1 (a restart must go to 0).
+    """
+    if not isinstance(position_ids, torch.Tensor) or position_ids.dtype.is_floating_point \
+            or position_ids.dtype == torch.bool:
+        raise TypeError(f"position_ids must be an integer tensor, got {_shape(position_ids)}")
+    if position_ids.dim() == 2 and position_ids.shape[0] == 1:
+        position_ids = position_ids[0]
+    if position_ids.dim() != 1:
+        raise ValueError(f"position_ids of a packed batch must have shape (T_total,) or (1, T_total), got "
+                         f"{_shape(position_ids)}")
+    pos = position_ids.long()
+    if pos.numel() == 0:
+        return torch.zeros(1, dtype=dtype, device=pos.device)
+    starts = pos == 0
+    steps_ok = (pos[1:] == pos[:-1] + 1) | starts[1:]
+    first_ok, all_ok = torch.stack([starts[0], steps_ok.all()]).tolist()
+    if not first_ok:
+        raise ValueError(f"position_ids must start at 0, got {int(pos[0])}")
+    if not all_ok:
+        at = int((~steps_ok).nonzero()[0, 0]) + 1
+        raise ValueError(f"position_ids must count up by 1 within a sequence and restart at 0 for the next one; at "
+                         f"token {at} it goes from {int(pos[at - 1])} to {int(pos[at])}")
+    begin = starts.nonzero().flatten()
+    out = torch.empty(begin.numel() + 1, dtype=dtype, device=pos.device)
+    out[:-1] = begin
+    out[-1] = pos.numel()
+    return out
+
+
+def position_ids_from_cu_seqlens(cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """(T_total,) int64 positions restarting at 0 for each sequence of ``cu_seqlens`` (checked)."""
+    total = int(cu_seqlens[-1]) if isinstance(cu_seqlens, torch.Tensor) and cu_seqlens.numel() else 0
+    lengths = check_cu_seqlens(cu_seqlens, total)
+    starts = torch.repeat_interleave(cu_seqlens[:-1].long(), lengths)
+    return torch.arange(total, device=cu_seqlens.device) - starts
+
+
+def _padded_mask(lengths: torch.Tensor, width: int | None = None) -> torch.Tensor:
+    """(S, width) bool, width = the longest length by default: True on the first lengths[i] entries of row i."""
+    if width is None:
+        width = int(lengths.max()) if lengths.numel() else 0
+    return torch.arange(width, device=lengths.device) < lengths[:, None]
+
+
+def segment_sums(values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Per-sequence sums of packed ``values`` (T_total,), sequences of ``lengths`` (S,) in order -> (S,).
+
+    The values are scattered into a zero-padded (S, longest) matrix in their packed order and summed along its
+    rows: the reduction a padded batch of the same rows (padded to its longest row) computes, with no atomic adds,
+    so the result is deterministic on every device. Differentiable (the backward is a masked gather).
+    """
+    mask = _padded_mask(lengths)
+    return values.new_zeros(mask.shape).masked_scatter(mask, values).sum(dim=1)
+
+
+def segment_counts(flags: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Per-sequence counts of True in packed bool ``flags`` (T_total,) -> (S,) int64."""
+    mask = _padded_mask(lengths)
+    return torch.zeros(mask.shape, dtype=torch.long, device=flags.device).masked_scatter(mask, flags.long()).sum(1)
+
+
+def pack_padded(attention_mask: torch.Tensor, *tensors: torch.Tensor):
+    """Remove the padding of right-padded (B, T) tensors: each becomes (1, T_total), rows concatenated.
+
+    Args:
+        attention_mask: (B, T) bool or 0/1: 1 on each row's tokens, which must come first (right padding).
+        tensors: (B, T, ...) tensors laid out like it (input_ids, labels, completion_mask, ...).
+
+    Returns:
+        (cu_seqlens (B + 1,) int32, position_ids (1, T_total) int64, *packed tensors of shape (1, T_total, ...)).
+        Labels shifted within the padded rows (``fastkto.shift_labels``) stay aligned: no shift crosses a row.
+    """
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
+        raise ValueError(f"attention_mask must be a (B, T) tensor, got {_shape(attention_mask)}")
+    keep = attention_mask != 0
+    lengths = keep.sum(1)
+    if not bool((keep == _padded_mask(lengths, keep.shape[1])).all()):
+        raise ValueError("attention_mask must be right-padded (each row's ones first, then zeros) to be packed")
+    for i, t in enumerate(tensors):
+        if not isinstance(t, torch.Tensor) or tuple(t.shape[:2]) != tuple(keep.shape):
+            raise ValueError(f"tensor {i} must have attention_mask's (B, T) = {tuple(keep.shape)}, got {_shape(t)}")
+    cu = cu_seqlens_from_lengths(lengths)
+    pos = position_ids_from_cu_seqlens(cu)[None]
+    return (cu, pos, *(t[keep][None] for t in tensors))
+
