@@ -488,7 +488,7 @@ def test_fast_trainer_refuses_to_run_without_its_head(monkeypatch, tmp_path):
     fast_trl = _trl()
     import contextlib
 
-    monkeypatch.setattr(fast_trl, "_fastkto_head_for", lambda module: contextlib.nullcontext())
+    monkeypatch.setattr(fast_trl, "_fastkto_head_for", lambda module, padding_free=False: contextlib.nullcontext())
     with pytest.raises(RuntimeError, match="fastkto's head is not in use"):
         _trainers("kto", tmp_path, bf16=False)
 
