@@ -56,3 +56,19 @@ def dz_rounding_amplification(hidden, weight, labels, upstream, *, bias=None, ig
     return {"hidden": ((dz @ w.abs()).max() / dh.abs().max()).item(),
             "weight": ((dz.T @ hh).max() / dw.abs().max()).item(),
             "bias": (dz.sum(0).max() / db.abs().max()).item()}
+
+
+def make_head(vocab, dim, *, bias=False):
+    """A random (vocab, dim) float32 head weight scaled to O(1) logits, and a (vocab,) bias or None."""
+    weight = torch.randn(vocab, dim) * (2.0 / dim**0.5)
+    return weight, (0.5 * torch.randn(vocab) if bias else None)
+
+
+GRAD_TOL = 1e-4  # float32 rounding of accumulated sums, relative to the largest reference entry
+
+
+def assert_grads_close(got, want, tol=GRAD_TOL):
+    """max |got - want| <= tol * max |want|: a float32 gradient against its float64 reference."""
+    scale = want.abs().max().clamp(min=1e-30)
+    err = ((got.double() - want) / scale).abs().max()
+    assert err < tol, f"scaled gradient error {float(err):.3g}"

@@ -68,13 +68,13 @@ def model_logprobs(model, ids, mask, labels):
     return picked * (labels != -100)
 
 
-def assert_grads_close(got, want):
+def assert_grads_close(got, want, rtol=GRAD_RTOL):
     for g, w in zip(got, want):
         if w is None:
             assert g is None or g.abs().max() == 0
             continue
         scale = w.abs().max().clamp(min=1e-12)
-        assert (g - w).abs().max() <= GRAD_RTOL * scale
+        assert (g - w).abs().max() <= rtol * scale
 
 
 # ---------------------------------------------------------------------------------------------- architectures
@@ -494,10 +494,9 @@ def test_fast_trainer_refuses_to_run_without_its_head(monkeypatch, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------- the example
-@pytest.mark.parametrize("loss, head, dtype", [("kto", "fastkto", "float32"), ("dpo", "naive", "float32"),
-                                              ("kto", "fastkto", "bfloat16")])
-def test_example_script_runs_end_to_end(loss, head, dtype, tmp_path):
-    """examples/train.py on a tiny saved Llama and a small hh-style file: logs, evaluations and the checkpoint."""
+def _example_setup(tmp_path, rejected):
+    """examples/train.py loaded as a module, a tiny Llama and its tokenizer saved in tmp_path / "model", and 12
+    hh-style pairs in tmp_path / "pairs.jsonl" (``rejected(i)``: pair i's rejected answer). Returns (module, model)."""
     import importlib.util
     import json
     from pathlib import Path
@@ -507,11 +506,21 @@ def test_example_script_runs_end_to_end(loss, head, dtype, tmp_path):
     model.save_pretrained(tmp_path / "model")
     tok.save_pretrained(tmp_path / "model")
     rows = [{"chosen": f"\n\nHuman: what is {i}+{i}?\n\nAssistant: {2 * i}",
-             "rejected": f"\n\nHuman: what is {i}+{i}?\n\nAssistant: no idea, sorry"} for i in range(12)]
+             "rejected": f"\n\nHuman: what is {i}+{i}?\n\nAssistant: {rejected(i)}"} for i in range(12)]
     (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     spec = importlib.util.spec_from_file_location("train_example", Path(__file__).parents[1] / "examples" / "train.py")
     train = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(train)
+    return train, model
+
+
+@pytest.mark.parametrize("loss, head, dtype", [("kto", "fastkto", "float32"), ("dpo", "naive", "float32"),
+                                              ("kto", "fastkto", "bfloat16")])
+def test_example_script_runs_end_to_end(loss, head, dtype, tmp_path):
+    """examples/train.py on a tiny saved Llama and a small hh-style file: logs, evaluations and the checkpoint."""
+    import json
+
+    train, model = _example_setup(tmp_path, lambda i: "no idea, sorry")
     out = tmp_path / "run"
     summary = train.main([
         "--loss", loss, "--head", head, "--model", str(tmp_path / "model"), "--data", str(tmp_path / "pairs.jsonl"),
@@ -634,7 +643,10 @@ def test_fast_head_returns_every_field_trl_returns_with_its_gradients(seed):
     upstream = torch.randn(b.entropy.shape)
     ga = torch.autograd.grad((a.entropy * upstream).sum(), list(theirs.parameters()), allow_unused=True)
     gb = torch.autograd.grad((b.entropy * upstream).sum(), list(ours.parameters()), allow_unused=True)
-    assert_grads_close(gb, ga)
+    # two float32 heads that sum in different orders; the entropy's gradient (O(10) logits) carries their rounding
+    # back through the backbone's layers, amplified: over 300 seeds the worst backbone parameter differed by 3.0e-5
+    # of its largest entry (5% of seeds above GRAD_RTOL), so 1e-4 here; the head itself is held to GRAD_RTOL below
+    assert_grads_close(gb, ga, rtol=1e-4)
     # and against float64 autograd through the full logits: the head's weight gradient
     hidden = T.hidden_states(ours, ids, mask)[:, :-1].detach()
     w64 = ours.lm_head.weight.detach().double().requires_grad_()
@@ -1050,20 +1062,9 @@ def test_trl_padding_free_is_checked(tmp_path):
 def test_example_script_packed_trains_like_padded(loss, head, extra, tmp_path, one_thread):
     """examples/train.py --packed: the same batches as the padded run, so the same losses and evaluations (to
     float32 rounding); with --max-tokens the batches are filled to the budget (and logged)."""
-    import importlib.util
     import json
-    from pathlib import Path
 
-    tok = make_char_tokenizer(CHAT_TEMPLATE)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**COMMON, "vocab_size": len(tok)}))
-    model.save_pretrained(tmp_path / "model")
-    tok.save_pretrained(tmp_path / "model")
-    rows = [{"chosen": f"\n\nHuman: what is {i}+{i}?\n\nAssistant: {2 * i}",
-             "rejected": f"\n\nHuman: what is {i}+{i}?\n\nAssistant: no idea{'!' * (i % 4)}"} for i in range(12)]
-    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    spec = importlib.util.spec_from_file_location("train_packed", Path(__file__).parents[1] / "examples" / "train.py")
-    train = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train)
+    train, _ = _example_setup(tmp_path, lambda i: "no idea" + "!" * (i % 4))  # rejected lengths vary: padding
     logs = {}
     for packed in ([], ["--packed"]):
         out = tmp_path / f"run{len(packed)}"

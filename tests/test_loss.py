@@ -7,7 +7,7 @@ numbers of order 1-10 (TOL64 = 1e-12 leaves a wide margin). The modules compute 
 float32 inputs that are exact in float64; each token's log-prob carries ~1e-6 relative error and a sequence sums
 T <= 8 of them (magnitude ~ 10), so per-sequence log-probs agree to ~1e-5 absolute and the losses, scaled by
 beta <= 0.5, to a few 1e-6: ATOL_MODULE = 5e-5. Gradients are compared relative to the largest reference
-gradient, at float32 rounding of accumulated sums: GRAD_TOL = 1e-4.
+gradient, at float32 rounding of accumulated sums: GRAD_TOL = 1e-4 (tests/reference.py).
 """
 
 from __future__ import annotations
@@ -26,11 +26,10 @@ import torch.multiprocessing as mp
 import fastkto
 from fastkto import loss as L
 from tests.conftest import HAS_CUDA, INTERPRET
-from tests.reference import leaf64, reference_sequence_logps
+from tests.reference import assert_grads_close, leaf64, make_head, reference_sequence_logps
 
 TOL64 = 1e-12
 ATOL_MODULE = 5e-5
-GRAD_TOL = 1e-4
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -467,17 +466,6 @@ def make_batch(rows, steps, dim, vocab, *, prompt=2):
         if pad:
             labels[i, steps - pad:] = -100
     return hidden, labels
-
-
-def make_head(vocab, dim, *, bias=False):
-    weight = torch.randn(vocab, dim) * (2.0 / dim**0.5)
-    return weight, (0.5 * torch.randn(vocab) if bias else None)
-
-
-def assert_grads_close(got, want):
-    scale = want.abs().max().clamp(min=1e-30)
-    err = ((got.double() - want) / scale).abs().max()
-    assert err < GRAD_TOL, f"scaled gradient error {float(err):.3g}"
 
 
 @pytest.mark.parametrize("kind", L.KTO_LOSS_TYPES)

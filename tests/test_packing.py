@@ -3,8 +3,8 @@ tokens against the padded layout and float64 references, the packed collators an
 
 Tolerances. Per-token log-probs are float32 (each ~1e-6 relative), a sequence sums <= 9 of them (magnitude ~10):
 per-sequence values agree with the float64 reference to ATOL = 5e-5, losses (scaled by beta <= 0.5) likewise, and
-gradients to GRAD_TOL = 1e-4 of the largest reference entry (float32 rounding of accumulated sums). Packed and
-padded layouts of the same float32 rows are compared bitwise where the same numbers go through the same reduction
+gradients to GRAD_TOL = 1e-4 (tests/reference.py) of the largest reference entry (float32 rounding of accumulated
+sums). Packed and padded layouts of the same float32 rows are compared bitwise where the same numbers go through the same reduction
 (``segment_sums`` against a padded batch's row sums), otherwise to float32 rounding.
 """
 
@@ -17,10 +17,9 @@ import fastkto
 from fastkto import data as D
 from fastkto import loss as L
 from fastkto import packing as P
-from tests.reference import leaf64, reference_sequence_logps
+from tests.reference import assert_grads_close, leaf64, make_head, reference_sequence_logps
 
 ATOL = 5e-5
-GRAD_TOL = 1e-4
 
 
 def make_rows(lengths, dim, vocab, *, prompt=1):
@@ -49,17 +48,6 @@ def packed(rows):
     """(T_total, D) hidden, (T_total,) labels and cu_seqlens."""
     return (torch.cat([h for h, _ in rows]), torch.cat([y for _, y in rows]),
             P.cu_seqlens_from_lengths([h.shape[0] for h, _ in rows]))
-
-
-def make_head(vocab, dim, *, bias=False):
-    weight = torch.randn(vocab, dim) * (2.0 / dim**0.5)
-    return weight, (0.5 * torch.randn(vocab) if bias else None)
-
-
-def assert_grads_close(got, want):
-    scale = want.abs().max().clamp(min=1e-30)
-    err = ((got.double() - want) / scale).abs().max()
-    assert err < GRAD_TOL, f"scaled gradient error {float(err):.3g}"
 
 
 # ------------------------------------------------------------------------------------------------------- layout
