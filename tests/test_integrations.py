@@ -931,8 +931,13 @@ def test_packed_kto_step_equals_padded_float64(arch, attention, seed, one_thread
         assert out.metrics()[key] == pytest.approx(value, abs=5e-5), key
     grads = [(n, p.grad, q.grad) for (n, p), q in zip(model.named_parameters(), model64.parameters())]
     assert all(g is not None for _, g, _ in grads)
+    # float32 rounding in the shared backward leaves absolute errors that follow the gradient flow (the largest
+    # parameter gradient), not a parameter's own size: q / k projections of these near-uniform attentions get 1e-5
+    # of the flow, and one CI seed left them 2e-9 of it (1.6e-4 of their own). So each parameter is held to 1e-4 of
+    # its own scale, but of no less than 1e-3 of the flow's (over 41 seeds the worst error was 7.5e-6 of the flow).
+    flow = max(ref.abs().max() for _, _, ref in grads)
     for (name, got, ref), padded_grad in zip(grads, padded_grads):
-        scale = ref.abs().max().clamp(min=1e-12)
+        scale = torch.maximum(ref.abs().max(), 1e-3 * flow).clamp(min=1e-12)
         assert ((got.double() - ref).abs().max() / scale) < 1e-4, name
         assert ((got - padded_grad).abs().max() / scale) < 1e-4, name
     torch.testing.assert_close(out.loss, padded_out.loss, rtol=0, atol=5e-5)
