@@ -9,15 +9,15 @@ size tokens x vocabulary is built or saved, forward or backward.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import math
-from types import ModuleType
 
 import torch
 
 from . import distributed as _dist
-from . import packing
-from .kernels import torch_chunked
+from . import ops, packing
+from .value_checks import ValueChecks, host_reads_allowed
 
 __all__ = ["fused_logprobs", "sequence_logps", "BACKENDS", "triton_available", "resolve_backend"]
 
@@ -25,15 +25,15 @@ BACKENDS = ("auto", "triton", "torch")
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+_triton_found: bool | None = None  # looked up once: Dynamo reads a global, but cannot trace the import machinery
+
+
 def triton_available() -> bool:
     """True when Triton can be imported (it is optional: the PyTorch path needs none)."""
-    return importlib.util.find_spec("triton") is not None
-
-
-def _triton_impl() -> ModuleType:
-    from .kernels import fused_logprob
-
-    return fused_logprob
+    global _triton_found
+    if _triton_found is None:
+        _triton_found = importlib.util.find_spec("triton") is not None
+    return _triton_found
 
 
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
@@ -51,7 +51,7 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> s
         return "triton"
     if not has_triton:
         raise RuntimeError("backend='triton' needs the triton package; install it or use backend='torch'")
-    if device.type != "cuda" and not _triton_impl().INTERPRET:
+    if device.type != "cuda" and not ops.implementation("triton").INTERPRET:
         raise RuntimeError(
             f"backend='triton' needs CUDA tensors (got {device.type}); on the CPU it runs only under Triton's "
             "interpreter (TRITON_INTERPRET=1 set before triton is imported). Use backend='torch' or 'auto'."
@@ -133,33 +133,17 @@ def _autocast(hidden, weight, bias):
 
 
 class _FusedLogprob(torch.autograd.Function):
-    """(N, D) hidden, (V, D) weight -> (N,) float32 log-probabilities of the scored rows, 0 elsewhere."""
+    """The primitive for vocab-parallel heads and sharded (DTensor) weights, whose collectives and re-gathers do not
+    fit an operator's schema: the compute of ``fastkto.ops`` around them. (N, D) hidden, (V, D) weight -> (N,)
+    float32 log-probabilities of the scored rows, 0 elsewhere."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, rows, labels, impl, opts, group, vocab_offset, regather):
         # the implementations choose their own precisions; autocast must not recast their products
         with torch.autocast(hidden.device.type, enabled=False):
-            return _FusedLogprob._forward(
-                ctx, hidden, weight, bias, rows, labels, impl, opts, group, vocab_offset, regather
-            )
-
-    @staticmethod
-    def _forward(ctx, hidden, weight, bias, rows, labels, impl, opts, group, vocab_offset, regather):
-        n_rows = hidden.shape[0]
-        out = torch.zeros(n_rows, device=hidden.device, dtype=torch.float32)
-        local = labels - vocab_offset if vocab_offset else labels
-        if labels.numel():
-            row_max, sum_exp, target = impl.logprob_fwd(hidden, weight, bias, rows, local, **opts)
-            if group is not None:
-                row_max, sum_exp, target = _dist.combine_vocab_parallel(row_max, sum_exp, target, group)
-            lse = row_max + torch.log(sum_exp)
-            logp = target - lse
-            if rows is None:
-                out = logp
-            else:
-                out.index_copy_(0, rows, logp)
-        else:
-            lse = out[:0]
+            combine = None if group is None else functools.partial(_dist.combine_vocab_parallel, group=group)
+            out, lse, local = ops.forward_compute(hidden, weight, bias, labels, rows, vocab_offset, impl, opts,
+                                                  combine)
         if regather is not None:  # a gathered DTensor weight / bias is not kept: backward gathers it again
             weight = None if regather.sharded[0] else weight
             bias = None if regather.sharded[1] else bias
@@ -169,43 +153,36 @@ class _FusedLogprob(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        with torch.autocast(grad_out.device.type, enabled=False):
-            return _FusedLogprob._backward(ctx, grad_out)
-
-    @staticmethod
-    def _backward(ctx, grad_out):
         hidden, weight, bias, rows, local, lse = ctx.saved_tensors
         if ctx.regather is not None:
             full_w, full_b = ctx.regather()
             weight = weight if full_w is None else full_w
             bias = bias if full_b is None else full_b
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        grad = grad_out.float()
-        grad = grad if rows is None else grad.index_select(0, rows)
-        d_hidden, d_weight, d_bias = ctx.impl.logprob_bwd(
-            hidden, weight, bias, rows, local, lse, grad,
-            need_hidden=need_h, need_weight=need_w, need_bias=need_b, **ctx.opts,
-        )
-        if d_hidden is not None:
-            if ctx.group is not None:  # every shard's vocabulary contributes to each hidden state's gradient
-                _dist.all_reduce_sum(d_hidden, ctx.group)
-            if rows is None:
-                d_hidden = d_hidden.to(hidden.dtype)
-            else:
-                d_hidden = _scatter_rows(torch.zeros_like(hidden), rows, d_hidden, ctx.opts["workspace_bytes"])
-        return d_hidden, d_weight, d_bias, None, None, None, None, None, None, None
+        # every shard's vocabulary contributes to each hidden state's gradient
+        reduce = None if ctx.group is None else functools.partial(_dist.all_reduce_sum, group=ctx.group)
+        with torch.autocast(grad_out.device.type, enabled=False):
+            grads = ops.backward_compute(grad_out, hidden, weight, bias, rows, local, lse, ctx.needs_input_grad[:3],
+                                         ctx.impl, ctx.opts, reduce)
+        return *grads, None, None, None, None, None, None, None
 
 
-def _scatter_rows(out: torch.Tensor, rows: torch.Tensor, src: torch.Tensor, workspace_bytes: int | None):
-    """out[rows] = src (fp32, compact) in out's dtype; a 16-bit cast goes through the workspace a chunk at a
-    time, so that no (M, D) temporary sits beside the fp32 gradient."""
-    if src.dtype == out.dtype:
-        return out.index_copy_(0, rows, src)
-    budget = torch_chunked.default_workspace_bytes(out.device) if workspace_bytes is None else workspace_bytes
-    step = max(1, budget // (src.shape[1] * out.element_size()))
-    for r0 in range(0, rows.numel(), step):
-        out.index_copy_(0, rows[r0:r0 + step], src[r0:r0 + step].to(out.dtype))
-    return out
+def check_labels(checks: ValueChecks, flat: torch.Tensor, ignore_index: int, vocab: int, name: str = "labels") -> int:
+    """Registers the range check of ``flat`` (N,) labels and their count of scored tokens with ``checks``; returns
+    its index there. Its result is that count (an int), or -1 where it was not read."""
+    valid = flat != ignore_index
+    bad = valid & ((flat < 0) | (flat >= vocab))
+    n_bad = bad.sum()
+
+    def read(values):
+        if values is None:
+            return -1
+        if values[0]:
+            first = flat[bad][0].item()
+            raise ValueError(f"{name} must be in [0, {vocab}) or equal ignore_index={ignore_index}; found {first}")
+        return values[1]
+
+    return checks.add((n_bad, valid.sum()), n_bad == 0,
+               f"{name} must be in [0, {vocab}) or equal ignore_index={ignore_index}", read)
 
 
 def fused_logprobs(
@@ -244,7 +221,20 @@ def fused_logprobs(
         float32 tensor of labels' shape. Differentiable w.r.t. hidden, weight and bias for any upstream gradient;
         gradients come back in the inputs' dtypes, accumulated in float32. Under ``torch.autocast`` hidden, weight
         and bias are first cast to the autocast dtype (as ``nn.Linear`` does there).
+
+    Host syncs: one in eager mode (the label range check and the count of scored tokens, read together). While
+    ``torch.compile`` traces the call there is none outside the operator: the range check becomes a device-side
+    assert and the operator ``torch.ops.fastkto.logprobs`` counts the scored tokens itself (one sync inside it).
+    Under ``FakeTensorMode`` nothing is read and every token counts as scored.
     """
+    return _logprobs(hidden, weight, labels, bias=bias, ignore_index=ignore_index, temperature=temperature,
+                     softcap=softcap, backend=backend, process_group=process_group, workspace_bytes=workspace_bytes)
+
+
+def _logprobs(hidden, weight, labels, *, bias, ignore_index, temperature, softcap, backend, process_group,
+              workspace_bytes, scored: int | None = None):
+    """``fused_logprobs``; ``scored`` is the number of labels other than ignore_index when the caller has already
+    checked the labels' values (``ValueChecks``; -1: not read), None to check them here."""
     hidden, weight, bias = _autocast(hidden, weight, bias)
 
     def checked_locally():
@@ -254,16 +244,15 @@ def fused_logprobs(
             _check_number("workspace_bytes", workspace_bytes)
             budget = int(workspace_bytes)
         w, b, regather = _dist.gather_for_call(weight, bias, process_group=process_group)
-        impl_name = resolve_backend(backend, hidden.device, hidden.dtype)
-        return w, b, regather, (_triton_impl() if impl_name == "triton" else torch_chunked), budget
+        return w, b, regather, resolve_backend(backend, hidden.device, hidden.dtype), budget
 
     if process_group is None:
-        weight, bias, regather, impl, workspace_bytes = checked_locally()
+        weight, bias, regather, impl_name, budget = checked_locally()
         vocab_offset, vocab_total = 0, weight.shape[0]
     else:
         # a rank that rejects its own input still joins the layout all-gather, so that no rank is left waiting
         try:
-            weight, bias, regather, impl, workspace_bytes = checked_locally()
+            weight, bias, regather, impl_name, budget = checked_locally()
             error = None
         except (TypeError, ValueError, RuntimeError) as err:
             error = err
@@ -274,25 +263,20 @@ def fused_logprobs(
             raise error
         vocab_offset, vocab_total = layout
 
-    dim = hidden.shape[-1]
-    hidden2d = hidden.reshape(-1, dim)
+    hidden2d = hidden.reshape(-1, hidden.shape[-1])
     flat = labels.reshape(-1).long()
-
-    valid = flat != ignore_index
-    bad = valid & ((flat < 0) | (flat >= vocab_total))
-    any_bad, all_valid = torch.stack([bad.any(), valid.all()]).tolist()  # one host sync for both checks
-    if any_bad:
-        first = flat[bad][0].item()
-        raise ValueError(
-            f"labels must be in [0, {vocab_total}) or equal ignore_index={ignore_index}; found {first}"
-        )
-    if all_valid:
-        rows, kept = None, flat
+    if scored is None:
+        checks = ValueChecks(hidden, labels)
+        check_labels(checks, flat, ignore_index, vocab_total)
+        (scored,) = checks.run()
+    if process_group is None and regather is None:
+        out = torch.ops.fastkto.logprobs(hidden2d, weight, bias, flat, ignore_index, scored, softcap,
+                                         float(temperature), budget, impl_name)[0]
     else:
-        rows = valid.nonzero().squeeze(1)
-        kept = flat.index_select(0, rows)
-    opts = {"softcap": softcap, "temperature": float(temperature), "workspace_bytes": workspace_bytes}
-    out = _FusedLogprob.apply(hidden2d, weight, bias, rows, kept, impl, opts, process_group, vocab_offset, regather)
+        opts = {"softcap": softcap, "temperature": float(temperature), "workspace_bytes": budget}
+        rows = ops.compact_rows(flat, ignore_index, scored)
+        out = _FusedLogprob.apply(hidden2d, weight, bias, rows, flat, ops.implementation(impl_name), opts,
+                                  process_group, vocab_offset, regather)
     return out.reshape(labels.shape)
 
 
@@ -327,27 +311,48 @@ def sequence_logps(
         0 (never NaN). Packed and padded layouts of the same rows give the same values: the per-token log-probs
         are computed row by row either way, and the packed sums reduce a zero-padded (S, longest) matrix, as
         the padded batch's (padded to its longest row) are reduced; without atomic adds, so deterministic on CUDA.
+
+    Host syncs: one (with ``process_group``: one per check, beside the collectives), none while ``torch.compile``
+    traces; see ``fused_logprobs``.
     """
+    return _sequence_logps(hidden, weight, labels, cu_seqlens=cu_seqlens, average=average, bias=bias,
+                           ignore_index=ignore_index, temperature=temperature, softcap=softcap, backend=backend,
+                           process_group=process_group, workspace_bytes=workspace_bytes)
+
+
+def _sequence_logps(hidden, weight, labels, *, cu_seqlens, average, bias, ignore_index, temperature, softcap,
+                    backend, process_group=None, workspace_bytes=None, checked=None):
+    """``sequence_logps``; ``checked``: the callable ``check_sequence_values`` returned, once the caller's
+    ``ValueChecks`` has run (the values of ``labels`` and ``cu_seqlens`` are then checked), or None to check here."""
     if isinstance(labels, torch.Tensor) and labels.dim() < 1:
         raise ValueError("labels must have a sequence dimension: shape (..., T), got a 0-d tensor")
     if not isinstance(average, bool):
         raise TypeError(f"average must be a bool, got {type(average).__name__}")
-    lengths = None
-    if cu_seqlens is not None and process_group is None:
-        lengths = _packed_lengths(hidden, labels, cu_seqlens)
-    per_token = fused_logprobs(
+    scored, lengths, longest = (None, None, None) if checked is None else checked()
+    if checked is None and process_group is None:
+        if cu_seqlens is not None:
+            _packed_shapes(hidden, labels)
+        _check_inputs(hidden, weight, labels, bias, ignore_index, temperature, softcap)
+        checks = ValueChecks(hidden, labels)
+        result = check_sequence_values(checks, labels, cu_seqlens, ignore_index, weight.shape[0])
+        checks.run()
+        scored, lengths, longest = result()
+    per_token = _logprobs(
         hidden, weight, labels, bias=bias, ignore_index=ignore_index, temperature=temperature, softcap=softcap,
-        backend=backend, process_group=process_group, workspace_bytes=workspace_bytes,
+        backend=backend, process_group=process_group, workspace_bytes=workspace_bytes, scored=scored,
     )
     if cu_seqlens is not None and lengths is None:
         # with a process group the layout is checked after the collective call, so that a rank that rejects it
         # has still joined the other ranks there
         lengths = _packed_lengths(hidden, labels, cu_seqlens)
+        longest = None
     if lengths is not None:
-        total = packing.segment_sums(per_token.reshape(-1), lengths)
+        width = labels.shape[-1] if longest is None and not host_reads_allowed(labels) else longest
+        total = packing.segment_sums(per_token.reshape(-1), lengths, width)
         if not average:
             return total
-        return total / packing.segment_counts(labels.reshape(-1) != ignore_index, lengths).clamp(min=1)
+        flags = labels.reshape(-1) != ignore_index
+        return total / packing.segment_counts(flags, lengths, width).clamp(min=1)
     total = per_token.sum(dim=-1)
     if not average:
         return total
@@ -355,8 +360,26 @@ def sequence_logps(
     return total / count
 
 
-def _packed_lengths(hidden, labels, cu_seqlens) -> torch.Tensor:
-    """The (S,) lengths of a packed call's sequences, after checking its shapes against ``cu_seqlens``."""
+def check_sequence_values(checks: ValueChecks, labels, cu_seqlens, ignore_index: int, vocab: int, *, hidden=None,
+                          name: str = "labels", cu_name: str = "cu_seqlens"):
+    """Registers the value checks of one ``sequence_logps`` pass with ``checks``: the labels' range and count of
+    scored tokens, and a packed layout (``cu_seqlens``, checked against ``hidden``'s shape when given). Returns a
+    callable that, once ``checks.run()`` has read them, gives ``(scored, lengths, longest)``: the scored count (-1
+    when not read), the (S,) lengths of a packed layout (else None) and the longest one (None when padded or not
+    read); pass it to ``_sequence_logps`` as ``checked``."""
+    lengths, at_cu = None, None
+    if cu_seqlens is not None:
+        if hidden is not None:
+            _packed_shapes(hidden, labels)
+        lengths = packing.cu_seqlens_lengths(cu_seqlens, labels.shape[-1], device=labels.device, name=cu_name,
+                                             tokens_name=name)
+        at_cu = packing.check_cu_seqlens_values(checks, cu_seqlens, lengths, labels.shape[-1], name=cu_name,
+                                                tokens_name=name)
+    at_labels = check_labels(checks, labels.reshape(-1).long(), ignore_index, vocab, name)
+    return lambda: (checks.results[at_labels], lengths, None if at_cu is None else checks.results[at_cu])
+
+
+def _packed_shapes(hidden, labels) -> None:
     for name, t in (("hidden", hidden), ("labels", labels)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -366,4 +389,9 @@ def _packed_lengths(hidden, labels, cu_seqlens) -> torch.Tensor:
     if tuple(hidden.shape[:-1]) != tuple(labels.shape):
         raise ValueError(f"packed hidden must have shape labels.shape + (D,) = {tuple(labels.shape)} + (D,) (the "
                          f"tokens of every sequence, concatenated), got {tuple(hidden.shape)}")
+
+
+def _packed_lengths(hidden, labels, cu_seqlens) -> torch.Tensor:
+    """The (S,) lengths of a packed call's sequences, after checking its shapes against ``cu_seqlens``."""
+    _packed_shapes(hidden, labels)
     return packing.check_cu_seqlens(cu_seqlens, labels.shape[-1], device=labels.device)

@@ -29,6 +29,7 @@ reward shift, the cross-rank mean of z0).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -37,7 +38,8 @@ import torch.nn.functional as F
 
 from . import distributed as _dist
 from . import packing
-from .logprob import sequence_logps
+from .logprob import _sequence_logps, check_sequence_values
+from .value_checks import ValueChecks, host_reads_allowed
 
 __all__ = [
     "KTO_LOSS_TYPES",
@@ -221,7 +223,11 @@ def _same_tensor(a, b) -> bool:
     layout (e.g. ``weight`` and ``weight.detach()``). None matches only None."""
     if a is None or b is None:
         return a is None and b is None
-    return a is b or (
+    if a is b:
+        return True
+    if not host_reads_allowed(a, b):
+        return False  # no data pointers while Dynamo traces or under fake tensors: compute the pass
+    return (
         a.device == b.device and a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride()
         and a.data_ptr() == b.data_ptr()
     )
@@ -531,7 +537,7 @@ def suggest_kto_weights(n_desirable: int, n_undesirable: int, *, ratio: float = 
 # layer 2: modules from hidden states
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Batch:
     """The layout of one set of sequences: n of them, padded (cu_seqlens None) or packed."""
 
@@ -539,6 +545,8 @@ class _Batch:
     cu_seqlens: torch.Tensor | None = None
     lengths: torch.Tensor | None = None  # (n,) int64, packed only
     cu_name: str = "cu_seqlens"
+    checked: object = None  # what logprob.check_sequence_values returned, once the values are read
+    total: int = 0  # packed tokens, packed only
 
 
 def _shape_of(t) -> str:
@@ -563,9 +571,22 @@ def _check_batch(hidden, labels, cu_seqlens, hidden_name="policy_hidden", labels
     if not isinstance(labels, torch.Tensor) or tuple(labels.shape) != tuple(hidden.shape[:-1]):
         raise ValueError(f"{labels_name} must have {hidden_name}'s leading shape {tuple(hidden.shape[:-1])} (one label "
                          f"per packed token), got {_shape_of(labels)}")
-    lengths = packing.check_cu_seqlens(cu_seqlens, labels.shape[-1], device=labels.device, name=cu_name,
-                                       tokens_name=labels_name)
-    return _Batch(lengths.shape[0], cu_seqlens, lengths, cu_name)
+    lengths = packing.cu_seqlens_lengths(cu_seqlens, labels.shape[-1], device=labels.device, name=cu_name,
+                                         tokens_name=labels_name)  # its values: checked with the labels'
+    return _Batch(lengths.shape[0], cu_seqlens, lengths, cu_name, total=labels.shape[-1])
+
+
+@contextlib.contextmanager
+def _layout_errors_first(batch: _Batch):
+    """A packed layout's values are read with the other value checks, after the shape checks; but a wrong layout
+    makes the other shapes disagree too (a desirable of B labels against B - 1 sequences). On that error path only,
+    the layout's values are checked first, so that the error names the cause."""
+    try:
+        yield
+    except (TypeError, ValueError):
+        if batch.cu_seqlens is not None and host_reads_allowed(batch.cu_seqlens):
+            packing.check_cu_seqlens(batch.cu_seqlens, batch.total, name=batch.cu_name)
+        raise
 
 
 class _SequenceLogps(torch.nn.Module):
@@ -589,30 +610,43 @@ class _SequenceLogps(torch.nn.Module):
     def _average(self) -> bool:
         return bool(self.average_log_prob)
 
-    def _check_scored_rows(self, labels, label_name, batch: _Batch):
-        """Every row must score at least one token: an all-ignored row (or T = 0, or an empty packed sequence) has
-        log-prob 0, which would add a constant with zero gradient to the loss and count in its means as if it were a
-        real sequence."""
+    def _check_values(self, checks: ValueChecks, weight, labels, label_name, batch: _Batch) -> None:
+        """Registers the value checks of one layout's passes with ``checks`` (run once for the whole call): the
+        labels' range and scored count, the packed layout, and that every row scores at least one token (an
+        all-ignored row, T = 0 or an empty packed sequence has log-prob 0, which would add a constant with zero
+        gradient to the loss and count in its means as if it were a real sequence)."""
+        if not (isinstance(weight, torch.Tensor) and weight.dim() == 2):
+            return  # the pass itself names the bad weight
+        batch.checked = check_sequence_values(checks, labels, batch.cu_seqlens, self.ignore_index, weight.shape[0],
+                                              name=label_name, cu_name=batch.cu_name)
         scored = labels != self.ignore_index
         if batch.lengths is None:
             empty = ~scored.any(dim=-1)
             what = f"{label_name} rows"
-        else:
-            empty = packing.segment_counts(scored.reshape(-1), batch.lengths) == 0
+        else:  # counts from a running sum: no host read, and no failure before a bad layout is reported
+            running = torch.nn.functional.pad(scored.reshape(-1).long().cumsum(0), (1, 0))
+            bounds = batch.cu_seqlens.long().clamp(0, labels.shape[-1])
+            empty = (running[bounds[1:]] - running[bounds[:-1]]) <= 0
             what = f"packed sequences of {label_name} (as {batch.cu_name} splits it)"
-        if bool(empty.any()):  # one host sync; sequence_logps syncs for its label check anyway
-            rows = empty.nonzero().flatten().tolist()
-            shown = f"{rows[:10]}{' ...' if len(rows) > 10 else ''}"
-            raise ValueError(
-                f"{what} {shown} have no scored token (every label is ignore_index={self.ignore_index}, or the "
-                f"sequence is empty); drop those sequences from the batch (a truncated completion, an empty answer)"
-            )
+        n_empty = empty.sum()
+        hint = ("drop those sequences from the batch (a truncated completion, an empty answer)")
+
+        def read(values):
+            if values and values[0]:
+                rows = empty.nonzero().flatten().tolist()
+                shown = f"{rows[:10]}{' ...' if len(rows) > 10 else ''}"
+                raise ValueError(
+                    f"{what} {shown} have no scored token (every label is ignore_index={self.ignore_index}, or the "
+                    f"sequence is empty); {hint}"
+                )
+
+        checks.add((n_empty,), n_empty == 0, f"{what} have no scored token: {hint}", read)
 
     def _logps(self, hidden, weight, labels, bias, batch: _Batch):
-        return sequence_logps(
+        return _sequence_logps(
             hidden, weight, labels, cu_seqlens=batch.cu_seqlens, average=self._average(), bias=bias,
             ignore_index=self.ignore_index, temperature=self.temperature, softcap=self.softcap, backend=self.backend,
-            workspace_bytes=self.workspace_bytes,
+            workspace_bytes=self.workspace_bytes, checked=batch.checked,
         )
 
     def _reference(self, prefix, hidden, weight, bias, labels, batch, policy_logps, ref_hidden, ref_weight, ref_bias,
@@ -700,35 +734,38 @@ class KTOLoss(_SequenceLogps):
                 kl_hidden=None, kl_labels=None, kl_ref_hidden=None, kl_ref_logps=None, kl=None, bias=None,
                 ref_bias=None, kl_process_group=None, cu_seqlens=None, kl_cu_seqlens=None) -> KTOOutput:
         batch = _check_batch(policy_hidden, labels, cu_seqlens)
-        _check_desirable(desirable, batch.n, policy_hidden.device, "policy_hidden")
-        if batch.n == 0:
-            raise ValueError("cu_seqlens holds no sequence: the batch must hold at least one")
-        if kl is None and kl_hidden is None and self.loss_type == "kto":
-            raise ValueError(
-                "loss_type='kto' needs its reference point z0: pass the KL pairs (kl_hidden, kl_labels and "
-                "kl_ref_hidden or kl_ref_logps; KTOCollator builds kl_input_ids / kl_labels), a precomputed kl, or "
-                "kl=0.0 to use z0 = 0 explicitly"
-            )
-        kl_inputs = {"kl_labels": kl_labels, "kl_ref_hidden": kl_ref_hidden, "kl_ref_logps": kl_ref_logps,
-                     "kl_process_group": kl_process_group, "kl_cu_seqlens": kl_cu_seqlens}
-        kl_batch = None
-        if kl_hidden is None:
-            given = [name for name, value in kl_inputs.items() if value is not None]
-            if given:
-                raise ValueError(f"{', '.join(given)} given without kl_hidden (the KL pairs' hidden states)")
-        else:
-            if kl_labels is None:
-                raise ValueError("kl_hidden needs kl_labels: the (B_kl, T_kl) labels of the KL pairs")
-            if kl is not None:
-                raise ValueError("pass kl (a precomputed z0) or the KL pairs (kl_hidden, ...), not both")
-            if self.loss_type == "apo_zero_unpaired":
-                raise ValueError("loss_type='apo_zero_unpaired' uses no KL estimate; do not pass kl_hidden")
-            # the KL pairs have their own layout: padded (B_kl, T_kl, D), or packed with kl_cu_seqlens
-            kl_batch = _check_batch(kl_hidden, kl_labels, kl_cu_seqlens, "kl_hidden", "kl_labels", "kl_cu_seqlens")
+        with _layout_errors_first(batch):
+            _check_desirable(desirable, batch.n, policy_hidden.device, "policy_hidden")
+            if batch.n == 0:
+                raise ValueError("cu_seqlens holds no sequence: the batch must hold at least one")
+            if kl is None and kl_hidden is None and self.loss_type == "kto":
+                raise ValueError(
+                    "loss_type='kto' needs its reference point z0: pass the KL pairs (kl_hidden, kl_labels and "
+                    "kl_ref_hidden or kl_ref_logps; KTOCollator builds kl_input_ids / kl_labels), a precomputed kl, or "
+                    "kl=0.0 to use z0 = 0 explicitly"
+                )
+            kl_inputs = {"kl_labels": kl_labels, "kl_ref_hidden": kl_ref_hidden, "kl_ref_logps": kl_ref_logps,
+                         "kl_process_group": kl_process_group, "kl_cu_seqlens": kl_cu_seqlens}
+            kl_batch = None
+            if kl_hidden is None:
+                given = [name for name, value in kl_inputs.items() if value is not None]
+                if given:
+                    raise ValueError(f"{', '.join(given)} given without kl_hidden (the KL pairs' hidden states)")
+            else:
+                if kl_labels is None:
+                    raise ValueError("kl_hidden needs kl_labels: the (B_kl, T_kl) labels of the KL pairs")
+                if kl is not None:
+                    raise ValueError("pass kl (a precomputed z0) or the KL pairs (kl_hidden, ...), not both")
+                if self.loss_type == "apo_zero_unpaired":
+                    raise ValueError("loss_type='apo_zero_unpaired' uses no KL estimate; do not pass kl_hidden")
+                # the KL pairs have their own layout: padded (B_kl, T_kl, D), or packed with kl_cu_seqlens
+                kl_batch = _check_batch(kl_hidden, kl_labels, kl_cu_seqlens, "kl_hidden", "kl_labels", "kl_cu_seqlens")
 
-        self._check_scored_rows(labels, "labels", batch)
+        checks = ValueChecks(policy_hidden, labels)  # one host sync for every pass's value checks
+        self._check_values(checks, weight, labels, "labels", batch)
         if kl_batch is not None:
-            self._check_scored_rows(kl_labels, "kl_labels", kl_batch)
+            self._check_values(checks, weight, kl_labels, "kl_labels", kl_batch)
+        checks.run()
         policy_logps = self._logps(policy_hidden, weight, labels, bias, batch)
         ref = self._reference("ref", policy_hidden, weight, bias, labels, batch, policy_logps, ref_hidden, ref_weight,
                               ref_bias, ref_logps)
@@ -779,21 +816,24 @@ class DPOLoss(_SequenceLogps):
     def forward(self, policy_hidden, weight, labels, *, ref_hidden=None, ref_weight=None, ref_logps=None,
                 bias=None, ref_bias=None, bco_delta=0.0, cu_seqlens=None) -> DPOOutput:
         batch = _check_batch(policy_hidden, labels, cu_seqlens)
-        rows = batch.n
-        if rows % 2:
-            if batch.cu_seqlens is not None:
-                raise ValueError(f"DPOLoss needs an even number of packed sequences (the P chosen ones, then the P "
-                                 f"rejected ones, pair i = sequences i and P + i), but cu_seqlens holds {rows}")
-            raise ValueError(f"DPOLoss needs an even batch (chosen rows, then rejected rows), got B={rows}")
-        if rows == 0:
-            name = "policy_hidden" if batch.cu_seqlens is None else "cu_seqlens"
-            raise ValueError(f"{name} is empty: the batch must hold at least one pair")
-        if self.reference_free:
-            given = [name for name, v in (("ref_hidden", ref_hidden), ("ref_logps", ref_logps),
-                                           ("ref_weight", ref_weight), ("ref_bias", ref_bias)) if v is not None]
-            if given:
-                raise ValueError(f"reference_free=True takes no reference, got {', '.join(given)}")
-        self._check_scored_rows(labels, "labels", batch)
+        with _layout_errors_first(batch):
+            rows = batch.n
+            if rows % 2:
+                if batch.cu_seqlens is not None:
+                    raise ValueError(f"DPOLoss needs an even number of packed sequences (the P chosen ones, then the P "
+                                     f"rejected ones, pair i = sequences i and P + i), but cu_seqlens holds {rows}")
+                raise ValueError(f"DPOLoss needs an even batch (chosen rows, then rejected rows), got B={rows}")
+            if rows == 0:
+                name = "policy_hidden" if batch.cu_seqlens is None else "cu_seqlens"
+                raise ValueError(f"{name} is empty: the batch must hold at least one pair")
+            if self.reference_free:
+                given = [name for name, v in (("ref_hidden", ref_hidden), ("ref_logps", ref_logps),
+                                               ("ref_weight", ref_weight), ("ref_bias", ref_bias)) if v is not None]
+                if given:
+                    raise ValueError(f"reference_free=True takes no reference, got {', '.join(given)}")
+        checks = ValueChecks(policy_hidden, labels)  # one host sync for every pass's value checks
+        self._check_values(checks, weight, labels, "labels", batch)
+        checks.run()
 
         logps = self._logps(policy_hidden, weight, labels, bias, batch)
         if self.reference_free:

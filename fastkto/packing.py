@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from .value_checks import ValueChecks
+
 __all__ = [
     "check_cu_seqlens",
     "cu_seqlens_from_lengths",
@@ -46,8 +48,19 @@ def check_cu_seqlens(cu_seqlens, total: int, *, device: torch.device | None = No
     Raises:
         TypeError for a non-tensor or a non-integer dtype; ValueError for a wrong shape or device, a first entry
         other than 0, a decrease, a last entry other than ``total``, or (``allow_empty=False``) an empty sequence.
-        One host sync.
+        One host sync (none while ``torch.compile`` traces: the value checks become device-side asserts).
     """
+    checks = ValueChecks(cu_seqlens)
+    lengths = cu_seqlens_lengths(cu_seqlens, total, device=device, name=name, tokens_name=tokens_name)
+    check_cu_seqlens_values(checks, cu_seqlens, lengths, total, name=name, allow_empty=allow_empty,
+                            tokens_name=tokens_name)
+    checks.run()
+    return lengths
+
+
+def cu_seqlens_lengths(cu_seqlens, total: int, *, device: torch.device | None = None, name: str = "cu_seqlens",
+                       tokens_name: str = "labels") -> torch.Tensor:
+    """``check_cu_seqlens``'s checks of type, dtype, shape and device (no values read): the (S,) int64 lengths."""
     if not isinstance(cu_seqlens, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of cumulative sequence lengths, got "
                         f"{type(cu_seqlens).__name__}")
@@ -59,24 +72,43 @@ def check_cu_seqlens(cu_seqlens, total: int, *, device: torch.device | None = No
     if device is not None and cu_seqlens.device != torch.device(device):
         raise ValueError(f"{name} is on {cu_seqlens.device} but {tokens_name} is on {device}: move it there "
                          f"({name}.to({str(device)!r}))")
-    lengths = cu_seqlens[1:].long() - cu_seqlens[:-1].long()
-    first, last = cu_seqlens[0], cu_seqlens[-1]
-    # one host sync for every check
-    stats = torch.stack([first.long(), last.long(), (lengths < 0).sum(), (lengths == 0).sum()]).tolist()
-    first, last, n_decreasing, n_empty = stats
-    if first != 0:
-        raise ValueError(f"{name} must start at 0, got {name}[0] = {first}")
-    if n_decreasing:
-        at = int((lengths < 0).nonzero()[0, 0])
-        raise ValueError(f"{name} must be non-decreasing, but {name}[{at + 1}] = {int(cu_seqlens[at + 1])} < "
-                         f"{name}[{at}] = {int(cu_seqlens[at])}")
-    if last != total:
-        raise ValueError(f"{name} must end at the number of packed tokens, {total} ({tokens_name}'s length), "
-                         f"got {name}[-1] = {last}")
-    if n_empty and not allow_empty:
-        rows = (lengths == 0).nonzero().flatten().tolist()
-        raise ValueError(f"{name} holds empty sequences (length 0) at {rows[:10]}{' ...' if len(rows) > 10 else ''}")
-    return lengths
+    return cu_seqlens[1:].long() - cu_seqlens[:-1].long()
+
+
+def check_cu_seqlens_values(checks, cu_seqlens, lengths, total: int, *, name: str = "cu_seqlens",
+                            allow_empty: bool = True, tokens_name: str = "labels") -> int:
+    """Registers ``check_cu_seqlens``'s value checks with ``checks`` (a ``fastkto.value_checks.ValueChecks``) and
+    returns their index there; their result is the longest sequence's length (an int, 0 for no sequence), or None
+    where nothing was read."""
+    first, last = cu_seqlens[0].long(), cu_seqlens[-1].long()
+    n_decreasing, n_empty = (lengths < 0).sum(), (lengths == 0).sum()
+    longest = lengths.max() if lengths.numel() else first * 0
+
+    def read(values):
+        if values is None:
+            return None
+        first_v, last_v, decreasing, empty, longest_v = values
+        if first_v != 0:
+            raise ValueError(f"{name} must start at 0, got {name}[0] = {first_v}")
+        if decreasing:
+            at = int((lengths < 0).nonzero()[0, 0])
+            raise ValueError(f"{name} must be non-decreasing, but {name}[{at + 1}] = {int(cu_seqlens[at + 1])} < "
+                             f"{name}[{at}] = {int(cu_seqlens[at])}")
+        if last_v != total:
+            raise ValueError(f"{name} must end at the number of packed tokens, {total} ({tokens_name}'s length), "
+                             f"got {name}[-1] = {last_v}")
+        if empty and not allow_empty:
+            rows = (lengths == 0).nonzero().flatten().tolist()
+            raise ValueError(f"{name} holds empty sequences (length 0) at {rows[:10]}"
+                             f"{' ...' if len(rows) > 10 else ''}")
+        return longest_v
+
+    ok = (first == 0) & (n_decreasing == 0) & (last == total)
+    if not allow_empty:
+        ok = ok & (n_empty == 0)
+    return checks.add((first, last, n_decreasing, n_empty, longest), ok,
+               f"{name} must start at 0, be non-decreasing and end at {total} ({tokens_name}'s length)"
+               + ("" if allow_empty else ", with no empty sequence"), read)
 
 
 def cu_seqlens_from_lengths(lengths, *, device: torch.device | str | None = None,
@@ -141,24 +173,27 @@ def position_ids_from_cu_seqlens(cu_seqlens: torch.Tensor) -> torch.Tensor:
 def _padded_mask(lengths: torch.Tensor, width: int | None = None) -> torch.Tensor:
     """(S, width) bool, width = the longest length by default: True on the first lengths[i] entries of row i."""
     if width is None:
-        width = int(lengths.max()) if lengths.numel() else 0
+        width = int(lengths.max()) if lengths.numel() else 0  # a host sync: callers that know it pass width
     return torch.arange(width, device=lengths.device) < lengths[:, None]
 
 
-def segment_sums(values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+def segment_sums(values: torch.Tensor, lengths: torch.Tensor, width: int | None = None) -> torch.Tensor:
     """Per-sequence sums of packed ``values`` (T_total,), sequences of ``lengths`` (S,) in order -> (S,).
 
     The values are scattered into a zero-padded (S, longest) matrix in their packed order and summed along its
     rows: the reduction a padded batch of the same rows (padded to its longest row) computes, with no atomic adds,
-    so the result is deterministic on every device. Differentiable (the backward is a masked gather).
+    so the result is deterministic on every device. Differentiable (the backward is a masked gather). ``width``:
+    the longest length when known (else read from ``lengths``: a host sync), or any larger width (T_total while
+    ``torch.compile`` traces; the sums may then differ from the padded batch's in the last bits).
     """
-    mask = _padded_mask(lengths)
+    mask = _padded_mask(lengths, width)
     return values.new_zeros(mask.shape).masked_scatter(mask, values).sum(dim=1)
 
 
-def segment_counts(flags: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """Per-sequence counts of True in packed bool ``flags`` (T_total,) -> (S,) int64."""
-    mask = _padded_mask(lengths)
+def segment_counts(flags: torch.Tensor, lengths: torch.Tensor, width: int | None = None) -> torch.Tensor:
+    """Per-sequence counts of True in packed bool ``flags`` (T_total,) -> (S,) int64 (``width`` as in
+    ``segment_sums``)."""
+    mask = _padded_mask(lengths, width)
     return torch.zeros(mask.shape, dtype=torch.long, device=flags.device).masked_scatter(mask, flags.long()).sum(1)
 
 

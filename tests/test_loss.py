@@ -577,8 +577,8 @@ def test_reference_and_kl_passes_save_nothing_and_reuse(seed, monkeypatch):
     assert all(t.grad is None for t in others)
 
     calls = []
-    real = L.sequence_logps
-    monkeypatch.setattr(L, "sequence_logps", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = L._sequence_logps
+    monkeypatch.setattr(L, "_sequence_logps", lambda *a, **k: calls.append(1) or real(*a, **k))
     h = hidden.clone().requires_grad_()
     out = loss_fn(h, weight, labels, desirable, ref_hidden=h, kl_hidden=kl_hidden, kl_labels=kl_labels,
                   kl_ref_hidden=kl_hidden)
