@@ -222,10 +222,12 @@ def fused_logprobs(
         gradients come back in the inputs' dtypes, accumulated in float32. Under ``torch.autocast`` hidden, weight
         and bias are first cast to the autocast dtype (as ``nn.Linear`` does there).
 
-    Host syncs: one in eager mode (the label range check and the count of scored tokens, read together). While
-    ``torch.compile`` traces the call there is none outside the operator: the range check becomes a device-side
-    assert and the operator ``torch.ops.fastkto.logprobs`` counts the scored tokens itself (one sync inside it).
-    Under ``FakeTensorMode`` nothing is read and every token counts as scored.
+    Host syncs: one in eager mode (the label range check and the count of scored tokens, read together), none in
+    backward. Under ``torch.compile`` none: the range check becomes a device-side assert, and since the scored
+    tokens cannot be counted without a sync, every token is scored and the ignored ones are masked (output 0,
+    gradient 0; the head then also works on prompt and padding tokens). With
+    ``torch._dynamo.config.capture_dynamic_output_shape_ops = True`` the operator compacts them instead, at one
+    sync inside it. Under ``FakeTensorMode`` nothing is read and every token counts as scored.
     """
     return _logprobs(hidden, weight, labels, bias=bias, ignore_index=ignore_index, temperature=temperature,
                      softcap=softcap, backend=backend, process_group=process_group, workspace_bytes=workspace_bytes)
@@ -269,6 +271,13 @@ def _logprobs(hidden, weight, labels, *, bias, ignore_index, temperature, softca
         checks = ValueChecks(hidden, labels)
         check_labels(checks, flat, ignore_index, vocab_total)
         (scored,) = checks.run()
+    valid = None
+    if scored < 0 and not _dynamic_shapes_traced():
+        # no count on the host (compiling, or fake tensors): every row is scored, the ignored ones with a stand-in
+        # label and masked out (output 0, gradient 0). Static shapes: no graph break, no sync, CUDA-graph safe;
+        # the price is the head's work on the ignored rows (prompts, padding)
+        valid = flat != ignore_index
+        flat, scored = torch.where(valid, flat, vocab_offset), flat.numel()
     if process_group is None and regather is None:
         out = torch.ops.fastkto.logprobs(hidden2d, weight, bias, flat, ignore_index, scored, softcap,
                                          float(temperature), budget, impl_name)[0]
@@ -277,7 +286,15 @@ def _logprobs(hidden, weight, labels, *, bias, ignore_index, temperature, softca
         rows = ops.compact_rows(flat, ignore_index, scored)
         out = _FusedLogprob.apply(hidden2d, weight, bias, rows, flat, ops.implementation(impl_name), opts,
                                   process_group, vocab_offset, regather)
+    if valid is not None:
+        out = torch.where(valid, out, 0.0)
     return out.reshape(labels.shape)
+
+
+def _dynamic_shapes_traced() -> bool:
+    """True while Dynamo traces with data-dependent output sizes allowed (``torch._dynamo.config.
+    capture_dynamic_output_shape_ops``): the operator then compacts the scored rows itself, at one host sync."""
+    return torch.compiler.is_compiling() and bool(torch._dynamo.config.capture_dynamic_output_shape_ops)
 
 
 def sequence_logps(

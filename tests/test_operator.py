@@ -176,6 +176,21 @@ def test_entry_points_compile_in_one_graph_and_equal_eager(name, seed):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("name", ["kto", "sequence_logps_packed"])
+def test_compiled_calls_compact_scored_rows_when_dynamic_shapes_are_captured(name, seed):
+    """With ``capture_dynamic_output_shape_ops`` the operator compacts the scored rows inside the graph (one sync
+    there) instead of scoring every row: same values and gradients."""
+    hidden, labels, weight, bias = _batch()
+    fn = _entry(name, hidden, labels, weight, bias)
+    want = _value_and_grads(fn, hidden, weight, bias)
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+        got = _value_and_grads(torch.compile(fn, backend="aot_eager"), hidden, weight, bias)
+    for g, e in zip(got, want, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None, reason="Inductor needs a C++ compiler")
 @pytest.mark.parametrize("name", ["kto", "dpo_packed"])
 def test_entry_points_compile_with_inductor(name, seed):
@@ -315,3 +330,48 @@ def test_bad_inputs_still_get_named_errors_after_one_read():
     with pytest.raises(ValueError, match=r"kl_labels must be in \[0, 50\) .* found -5"):
         kto(hidden, weight, labels, desirable, ref_logps=torch.zeros(4), kl_hidden=hidden, kl_labels=kl_range,
             kl_ref_logps=torch.zeros(4))
+
+
+@pytest.mark.slow
+def test_the_gpu_scripts_stack_check_runs_on_the_cpu(tmp_path):
+    """benchmarks.stack_check (gpu_check.sh runs it on CUDA) as a dry run: its compile check passes and writes JSON."""
+    import json
+
+    from benchmarks import stack_check
+
+    assert stack_check.main(["--out", str(tmp_path), "--device", "cpu", "--tokens", "32", "--dim", "16",
+                             "--vocab", "100"]) == 0
+    report = json.loads((tmp_path / "stack_check.json").read_text())
+    assert report["compile"]["ok"] and report["compile"]["graphs"] == 1 and "skipped" in report["syncs"]
+
+
+@pytest.mark.slow
+def test_a_compiled_fast_kto_trainer_step_has_no_graph_break():
+    """FastKTOTrainer with torch_compile=True: the whole model forward, fastkto's head and the metric fields trace
+    without a break (TRL's own trainer breaks 14 times in the same two steps: benchmarks/results/cpu-2core/
+    graph_breaks_kto.json)."""
+    pytest.importorskip("trl")
+    from benchmarks import graph_breaks
+
+    before = torch.get_num_threads()
+    try:
+        row = graph_breaks.count("fastkto", "kto", steps=1)
+    finally:
+        torch.set_num_threads(before)
+    assert row["graph_breaks"] == 0, row["reasons"]
+    assert row["graphs"] >= 1
+
+
+def test_the_metric_fields_operator_passes_opcheck(seed):
+    """fastkto::token_metrics (the TRL adapter's entropy, mean_logits, is_top1 and log_sum_sq_probs) and its
+    entropy gradient: schema, fake implementation and autograd registration."""
+    pytest.importorskip("trl")
+    import fastkto.integrations.trl  # noqa: F401  (registers the operator)
+
+    hidden, labels, weight, bias = _batch()
+    h2, flat = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
+    mask = flat != -100
+    for b, softcap, fields in ((bias, None, (True, True, True, True)), (None, 5.0, (True, False, True, False))):
+        args = (h2.clone().requires_grad_(), weight.clone().requires_grad_(),
+                None if b is None else b.clone().requires_grad_(), flat, mask, softcap, 0.8, 5, *fields)
+        torch.library.opcheck(torch.ops.fastkto.token_metrics.default, args)

@@ -82,64 +82,95 @@ def _chunk_rows(head, workspace_bytes: int) -> int:
     return max(1, workspace_bytes // (3 * 4 * vocab))  # logits, probabilities and one temporary, fp32
 
 
-class _ChunkedEntropy(torch.autograd.Function):
-    """(N, D) hidden rows -> (N,) float32 entropies under ``head``, chunk by chunk; the backward recomputes each
-    chunk's logits with autograd (activation checkpointing per chunk), so no (N, V) tensor is kept."""
+def _entropy_rows(rows, head, chunk):
+    """(M, D) rows -> (M,) float32 entropies under ``head``, ``chunk`` rows of logits at a time, without grad."""
+    with torch.no_grad():
+        parts = [_entropy(head.logits(rows[s : s + chunk])) for s in range(0, rows.shape[0], chunk)]
+    return torch.cat(parts) if parts else rows.new_zeros(0, dtype=torch.float32)
+
+
+def _entropy_rows_backward(rows, weight, bias, head, chunk, grad, need):
+    """Gradients of sum(grad * entropy(rows)) w.r.t. (rows, weight, bias) (None where ``need`` says so), each chunk's
+    logits recomputed: nothing of size M x V is kept. With z the transformed logits (soft-cap c, temperature T) and
+    p = softmax(z), H = -sum p log p:
+
+        dH/dz_j = -p_j (log p_j + H)        da_j = dH/dz_j (1 - tanh^2(a_j / c)) / T    (a = h.W^T + b)
+
+    then dh = da @ W, dW = da^T @ h, db = sum da, in float32 (written out rather than taken from autograd, which
+    an operator's implementation runs below)."""
+    need_h, need_w, need_b = need
+    w32 = weight.float()
+    d_rows = torch.zeros(rows.shape, dtype=torch.float32, device=rows.device) if need_h else None
+    d_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+    d_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b and bias is not None else None
+    for s in range(0, rows.shape[0], chunk):
+        h = rows[s : s + chunk].float()
+        a = h @ w32.T
+        if bias is not None:
+            a = a + bias.float()
+        t = None if head.softcap is None else torch.tanh(a / head.softcap)
+        z = (a if t is None else head.softcap * t) / head.temperature
+        logp = torch.log_softmax(z, dim=-1)
+        p = logp.exp()
+        entropy = -(p * logp).sum(-1, keepdim=True)
+        da = p * (logp + entropy) * (-grad[s : s + chunk].float()[:, None] / head.temperature)
+        if t is not None:
+            da = da * (1 - t * t)
+        if d_rows is not None:
+            d_rows[s : s + chunk] = da @ w32
+        if d_weight is not None:
+            d_weight.addmm_(da.T, h)
+        if d_bias is not None:
+            d_bias += da.sum(0)
+    return [None if g is None else g.to(t.dtype) for g, t in zip((d_rows, d_weight, d_bias), (rows, weight, bias),
+                                                                  strict=True)]
+
+
+class _PartitionedEntropy(torch.autograd.Function):
+    """The entropy field with a DeepSpeed ZeRO-3 partitioned head (whose logits gather the weight through the
+    head module's hooks, which an operator cannot run): forward only."""
 
     @staticmethod
     def forward(ctx, rows, weight, bias, head, chunk):
-        with torch.no_grad():
-            out = torch.cat([_entropy(head.logits(rows[s : s + chunk])) for s in range(0, rows.shape[0], chunk)])
-        ctx.save_for_backward(rows, weight, bias)
-        ctx.head, ctx.chunk = head, chunk
-        return out
+        return _entropy_rows(rows, head, chunk)
 
     @staticmethod
     def backward(ctx, grad):
-        rows, weight, bias = ctx.saved_tensors
-        if _is_partitioned(weight) or _is_partitioned(bias):
-            raise NotImplementedError(
-                "a gradient through fastkto's entropy field with a DeepSpeed ZeRO-3 partitioned LM head is not "
-                "supported (KTO and DPO log the entropy detached and never need it)"
-            )
-        need = ctx.needs_input_grad[:3]
-        grads = [torch.zeros(t.shape, dtype=torch.float32, device=t.device) if n and t is not None else None
-                 for t, n in zip((rows, weight, bias), need)]
-        head = ctx.head
-        for s in range(0, rows.shape[0], ctx.chunk):
-            with torch.enable_grad():
-                leaves = [None if t is None else t.detach().requires_grad_(n) for t, n in zip(
-                    (rows[s : s + ctx.chunk], weight, bias), need)]
-                z = leaves[0].float() @ leaves[1].float().T
-                if leaves[2] is not None:
-                    z = z + leaves[2].float()
-                if head.softcap is not None:
-                    z = head.softcap * torch.tanh(z / head.softcap)
-                h = _entropy(z / head.temperature)
-                wanted = [i for i in range(3) if grads[i] is not None]
-                parts = torch.autograd.grad(h, [leaves[i] for i in wanted], grad_outputs=grad[s : s + ctx.chunk])
-            for i, g in zip(wanted, parts):
-                if i == 0:
-                    grads[0][s : s + ctx.chunk] = g
-                else:
-                    grads[i] += g
-        out = [None if g is None else g.to(t.dtype) for g, t in zip(grads, (rows, weight, bias))]
-        return out[0], out[1], out[2], None, None
+        raise NotImplementedError(
+            "a gradient through fastkto's entropy field with a DeepSpeed ZeRO-3 partitioned LM head is not "
+            "supported (KTO and DPO log the entropy detached and never need it)"
+        )
 
 
 def _metric_fields(head, hidden, labels, mask, fields, workspace_bytes):
     """Per-token metric fields (mask's shape, zero where masked) from the full distribution, in row chunks.
-    ``entropy`` is differentiable (through hidden and the head); the other fields carry no gradient."""
+    ``entropy`` is differentiable (through hidden and the head); the other fields carry no gradient. One operator
+    (``fastkto::token_metrics``), so that torch.compile sees one node and no data-dependent shape."""
+    if not fields:
+        return {}
+    chunk = _chunk_rows(head, workspace_bytes)
+    if _is_partitioned(head.weight) or _is_partitioned(head.bias):
+        return _masked_fields(head, hidden, labels, mask, fields, chunk)
+    flat = torch.ops.fastkto.token_metrics(
+        hidden.reshape(-1, hidden.shape[-1]), head.weight, head.bias, labels.reshape(-1), mask.reshape(-1),
+        head.softcap, float(head.temperature), chunk, *(name in fields for name in METRIC_FIELDS))
+    return {name: t.reshape(mask.shape) for name, t in zip(METRIC_FIELDS, flat, strict=True) if name in fields}
+
+
+def _masked_fields(head, hidden, labels, mask, fields, chunk):
+    """``_metric_fields`` on the scored rows only (compacted by ``mask``), eagerly."""
     out = {
         name: torch.zeros(mask.shape, device=hidden.device, dtype=torch.bool if name == "is_top1" else torch.float32)
         for name in fields
     }
-    if not fields or not bool(mask.any()):
+    if not bool(mask.any()):
         return out
-    chunk = _chunk_rows(head, workspace_bytes)
     if "entropy" in fields:
         # masked_scatter keeps the graph to the scattered rows (and so to hidden, weight and bias)
-        entropy = _ChunkedEntropy.apply(hidden[mask], head.weight, head.bias, head, chunk)
+        if _is_partitioned(head.weight) or _is_partitioned(head.bias):
+            entropy = _PartitionedEntropy.apply(hidden[mask], head.weight, head.bias, head, chunk)
+        else:
+            entropy = _entropy_rows(hidden[mask], head, chunk)
         out["entropy"] = out["entropy"].masked_scatter(mask, entropy)
     others = tuple(name for name in fields if name != "entropy")
     if not others:
@@ -162,6 +193,76 @@ def _no_grad_fields(head, rows, targets, mask, fields, chunk, out):
             parts["log_sum_sq_probs"].append(torch.logsumexp(2 * z, dim=-1) - 2 * lse)
     for name in fields:
         out[name][mask] = torch.cat(parts[name])
+
+# ------------------------------------------------------------------------------------- the metric fields' operator
+@torch.library.custom_op("fastkto::token_metrics", mutates_args=())
+def _token_metrics(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
+                   mask: torch.Tensor, softcap: float | None, temperature: float, chunk: int, entropy: bool,
+                   mean_logits: bool, is_top1: bool, log_sum_sq_probs: bool
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """hidden (N, D), weight (V, D), bias, labels (N,), mask (N,) bool -> the ``METRIC_FIELDS`` (N,) each (is_top1
+    bool, the others float32), zero where masked; a field not asked for is an empty (0,) tensor."""
+    from .transformers import LMHead
+
+    head = LMHead(weight=weight, bias=bias, softcap=softcap, temperature=temperature)
+    wanted = tuple(name for name, on in zip(METRIC_FIELDS, (entropy, mean_logits, is_top1, log_sum_sq_probs),
+                                            strict=True) if on)
+    with torch.autocast(hidden.device.type, enabled=False):
+        out = _masked_fields(head, hidden, labels, mask, wanted, chunk)
+    return tuple(out[name] if name in out else
+                 hidden.new_zeros(0, dtype=torch.bool if name == "is_top1" else torch.float32) for name in METRIC_FIELDS)
+
+
+@_token_metrics.register_fake
+def _(hidden, weight, bias, labels, mask, softcap, temperature, chunk, entropy, mean_logits, is_top1,
+      log_sum_sq_probs):
+    n = hidden.shape[0]
+    return tuple(hidden.new_empty(n if on else 0, dtype=torch.bool if name == "is_top1" else torch.float32)
+                 for name, on in zip(METRIC_FIELDS, (entropy, mean_logits, is_top1, log_sum_sq_probs), strict=True))
+
+
+@torch.library.custom_op("fastkto::token_entropy_backward", mutates_args=())
+def _token_entropy_backward(grad: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                            mask: torch.Tensor, softcap: float | None, temperature: float, chunk: int,
+                            need_hidden: bool, need_weight: bool, need_bias: bool
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of sum(grad * entropy) (the masked rows' entropies) w.r.t. (hidden (N, D), weight, bias), in their
+    dtypes; one not needed is an empty (0,) tensor."""
+    from .transformers import LMHead
+
+    head = LMHead(weight=weight, bias=bias, softcap=softcap, temperature=temperature)
+    with torch.autocast(hidden.device.type, enabled=False):
+        d_rows, d_weight, d_bias = _entropy_rows_backward(hidden[mask], weight, bias, head, chunk, grad[mask].float(),
+                                                          (need_hidden, need_weight, need_bias and bias is not None))
+    d_hidden = None if d_rows is None else torch.zeros_like(hidden).index_put_((mask,), d_rows)
+    return tuple(hidden.new_zeros(0) if g is None else g for g in (d_hidden, d_weight, d_bias))
+
+
+@_token_entropy_backward.register_fake
+def _(grad, hidden, weight, bias, mask, softcap, temperature, chunk, need_hidden, need_weight, need_bias):
+    def like(t, on):
+        return torch.empty_like(t) if on and t is not None else hidden.new_empty(0)
+
+    return like(hidden, need_hidden), like(weight, need_weight), like(bias, need_bias)
+
+
+def _metrics_setup_context(ctx, inputs, output):
+    hidden, weight, bias, _, mask, softcap, temperature, chunk, *_ = inputs
+    ctx.save_for_backward(hidden, weight, bias, mask)
+    ctx.options = (softcap, temperature, chunk)
+
+
+def _metrics_backward(ctx, grad_entropy, *_):
+    hidden, weight, bias, mask = ctx.saved_tensors
+    need_h, need_w, need_b = ctx.needs_input_grad[:3]
+    if grad_entropy is None or grad_entropy.numel() == 0 or not (need_h or need_w or need_b):
+        return (None,) * 12
+    grads = torch.ops.fastkto.token_entropy_backward(grad_entropy, hidden, weight, bias, mask, *ctx.options, need_h,
+                                                     need_w, need_b and bias is not None)
+    return tuple(g if n else None for g, n in zip(grads, (need_h, need_w, need_b), strict=True)) + (None,) * 9
+
+
+torch.library.register_autograd("fastkto::token_metrics", _metrics_backward, setup_context=_metrics_setup_context)
 
 
 def add_fastkto_lm_head(
