@@ -6,6 +6,7 @@ On CUDA:
 * ``torch.cuda.set_sync_debug_mode("warn")`` counts the synchronizing calls of one ``KTOLoss`` call (policy,
   reference and KL passes; Triton path) and of its backward: the contract is one and zero.
 * ``torch.compile(fullgraph=True)`` (Inductor) of the same loss: one graph, loss and gradients against eager.
+* ``mode="reduce-overhead"``: the step captured and replayed as CUDA graphs (no skip), against eager.
 On the CPU (a dry run of the script) the sync count is skipped and Dynamo uses ``aot_eager``.
 
 Each check is guarded: a failure is recorded in the JSON (``DIR/stack_check.json``) and the next check runs.
@@ -96,6 +97,29 @@ def compile_check(fn, h, w, backend: str) -> dict:
             "ok": len(graphs) == 1 and max(diffs) < (1e-2 if h.dtype == torch.bfloat16 else 1e-4)}
 
 
+def cuda_graph_check(fn, h, w) -> dict:
+    """``torch.compile(mode="reduce-overhead")``: Inductor's CUDA graphs replay the whole step, fastkto's operators
+    included, when nothing in it syncs or changes shape (compiled calls score every token: no data-dependent size)."""
+    from torch._dynamo.utils import counters
+
+    def run(f):
+        hl, wl = h.clone().requires_grad_(), w.clone().requires_grad_()
+        loss = f(hl, wl)
+        loss.backward()
+        return loss.detach().clone(), hl.grad.clone(), wl.grad.clone()
+
+    want = run(fn)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(fn, fullgraph=True, mode="reduce-overhead")
+    got = [run(compiled) for _ in range(3)]  # warm-up, record, replay
+    skips = int(counters["inductor"]["cudagraph_skips"])  # Inductor counts each graph it runs without CUDA graphs
+    diffs = [float((a - b).abs().max() / b.abs().max().clamp(min=1e-30)) for a, b in zip(got[-1], want, strict=True)]
+    return {"cudagraph_skips": skips, "inductor_counters": {k: v for k, v in counters["inductor"].items()
+                                                              if "cudagraph" in k},
+            "relative_diff_replay": diffs, "ok": skips == 0 and max(diffs) < 1e-2}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
@@ -113,10 +137,12 @@ def main(argv=None) -> int:
     h, w, y, desirable = _inputs(args.tokens, args.dim, args.vocab, args.device, dtype)
     fn = _loss_fn(y, desirable)
     checks = {"syncs": (lambda: count_syncs(fn, h, w)) if cuda else None,
-              "compile": lambda: compile_check(fn, h, w, "inductor" if cuda else "aot_eager")}
+              "compile": lambda: compile_check(fn, h, w, "inductor" if cuda else "aot_eager"),
+              "cuda_graphs": (lambda: cuda_graph_check(fn, h, w)) if cuda else None}
     for name, check in checks.items():
         if check is None:
             report[name] = {"skipped": "needs CUDA"}
+            path.write_text(json.dumps(report, indent=2))
             continue
         try:
             report[name] = check()
