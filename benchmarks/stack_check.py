@@ -49,7 +49,9 @@ def _loss_fn(labels, desirable):
 
 
 def count_syncs(fn, h, w) -> dict:
-    """CUDA's own count of synchronizing calls in the forward and in the backward of one call."""
+    """CUDA's own count of synchronizing calls in the forward and in the backward of one call, after a warm-up call
+    (the first call of a process probes once which fp32-accumulating GEMM form torch offers: one more sync)."""
+    fn(h.clone().requires_grad_(), w.clone().requires_grad_()).backward()
     torch.cuda.synchronize()
     result = {}
     hl, wl = h.clone().requires_grad_(), w.clone().requires_grad_()

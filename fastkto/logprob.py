@@ -64,6 +64,8 @@ def _check_number(name: str, value, *, optional: bool = False) -> None:
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a positive number{' or None' if optional else ''}, got {type(value).__name__}")
+    if torch.compiler.is_compiling():
+        return  # dynamic=True traces Python numbers symbolically: their values are checked by the eager calls
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"{name} must be a finite number > 0, got {value}")
 
@@ -278,6 +280,9 @@ def _logprobs(hidden, weight, labels, *, bias, ignore_index, temperature, softca
         # the price is the head's work on the ignored rows (prompts, padding)
         valid = flat != ignore_index
         flat, scored = torch.where(valid, flat, vocab_offset), flat.numel()
+        # a prompt or padding row may hold inf / NaN (fully masked attention, fp16 overflow): zeroed, its gradient
+        # terms are 0 x finite, so the weight's gradient stays clean, as in eager mode where the row is skipped
+        hidden2d = torch.where(valid[:, None], hidden2d, 0.0)
     if process_group is None and regather is None:
         out = torch.ops.fastkto.logprobs(hidden2d, weight, bias, flat, ignore_index, scored, softcap,
                                          float(temperature), budget, impl_name)[0]
@@ -364,7 +369,7 @@ def _sequence_logps(hidden, weight, labels, *, cu_seqlens, average, bias, ignore
         lengths = _packed_lengths(hidden, labels, cu_seqlens)
         longest = None
     if lengths is not None:
-        width = labels.shape[-1] if longest is None and not host_reads_allowed(labels) else longest
+        width = longest  # None while compiling: segment_sums then needs no read
         total = packing.segment_sums(per_token.reshape(-1), lengths, width)
         if not average:
             return total
@@ -378,12 +383,13 @@ def _sequence_logps(hidden, weight, labels, *, cu_seqlens, average, bias, ignore
 
 
 def check_sequence_values(checks: ValueChecks, labels, cu_seqlens, ignore_index: int, vocab: int, *, hidden=None,
-                          name: str = "labels", cu_name: str = "cu_seqlens"):
+                          name: str = "labels", cu_name: str = "cu_seqlens", after_layout=None):
     """Registers the value checks of one ``sequence_logps`` pass with ``checks``: the labels' range and count of
     scored tokens, and a packed layout (``cu_seqlens``, checked against ``hidden``'s shape when given). Returns a
     callable that, once ``checks.run()`` has read them, gives ``(scored, lengths, longest)``: the scored count (-1
     when not read), the (S,) lengths of a packed layout (else None) and the longest one (None when padded or not
-    read); pass it to ``_sequence_logps`` as ``checked``."""
+    read); pass it to ``_sequence_logps`` as ``checked``. ``after_layout(lengths)`` registers checks of the caller's
+    between the layout's and the labels' (their errors come in that order)."""
     lengths, at_cu = None, None
     if cu_seqlens is not None:
         if hidden is not None:
@@ -392,6 +398,8 @@ def check_sequence_values(checks: ValueChecks, labels, cu_seqlens, ignore_index:
                                              tokens_name=name)
         at_cu = packing.check_cu_seqlens_values(checks, cu_seqlens, lengths, labels.shape[-1], name=cu_name,
                                                 tokens_name=name)
+    if after_layout is not None:
+        after_layout(lengths)
     at_labels = check_labels(checks, labels.reshape(-1).long(), ignore_index, vocab, name)
     return lambda: (checks.results[at_labels], lengths, None if at_cu is None else checks.results[at_cu])
 

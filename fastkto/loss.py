@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from . import distributed as _dist
 from . import packing
-from .logprob import _sequence_logps, check_sequence_values
+from .logprob import _check_inputs, _sequence_logps, check_sequence_values
 from .value_checks import ValueChecks, host_reads_allowed
 
 __all__ = [
@@ -163,6 +163,8 @@ class DPOOutput:
 def _check_positive(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if torch.compiler.is_compiling():
+        return value  # dynamic=True traces Python numbers symbolically: their values are checked by eager calls
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"{name} must be a finite number > 0, got {value}")
     return float(value)
@@ -171,6 +173,8 @@ def _check_positive(name: str, value) -> float:
 def _check_nonnegative(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if torch.compiler.is_compiling():
+        return value  # dynamic=True traces Python numbers symbolically: their values are checked by eager calls
     if not (math.isfinite(value) and value >= 0):
         raise ValueError(f"{name} must be a finite number >= 0, got {value}")
     return float(value)
@@ -610,37 +614,40 @@ class _SequenceLogps(torch.nn.Module):
     def _average(self) -> bool:
         return bool(self.average_log_prob)
 
-    def _check_values(self, checks: ValueChecks, weight, labels, label_name, batch: _Batch) -> None:
-        """Registers the value checks of one layout's passes with ``checks`` (run once for the whole call): the
-        labels' range and scored count, the packed layout, and that every row scores at least one token (an
-        all-ignored row, T = 0 or an empty packed sequence has log-prob 0, which would add a constant with zero
-        gradient to the loss and count in its means as if it were a real sequence)."""
-        if not (isinstance(weight, torch.Tensor) and weight.dim() == 2):
-            return  # the pass itself names the bad weight
+    def _check_values(self, checks: ValueChecks, hidden, weight, bias, labels, label_name, batch: _Batch) -> None:
+        """Registers the value checks of one layout's passes with ``checks`` (run once for the whole call): the packed
+        layout, that every row scores at least one token (an all-ignored row, T = 0 or an empty packed sequence has
+        log-prob 0, which would add a constant with zero gradient to the loss and count in its means as if it were a
+        real sequence), and the labels' range and scored count. The pass's arguments are checked first (shapes and
+        dtypes: a transposed weight is named as such, not by the labels it makes look out of range)."""
+        _check_inputs(hidden, weight, labels, bias, self.ignore_index, self.temperature, self.softcap)
+
+        def scored_rows(lengths):
+            scored = labels != self.ignore_index
+            if lengths is None:
+                empty = ~scored.any(dim=-1)
+                what = f"{label_name} rows"
+            else:  # counts from a running sum: no host read, and no failure before a bad layout is reported
+                running = torch.nn.functional.pad(scored.reshape(-1).long().cumsum(0), (1, 0))
+                bounds = batch.cu_seqlens.long().clamp(0, labels.shape[-1])
+                empty = (running[bounds[1:]] - running[bounds[:-1]]) <= 0
+                what = f"packed sequences of {label_name} (as {batch.cu_name} splits it)"
+            n_empty = empty.sum()
+            hint = "drop those sequences from the batch (a truncated completion, an empty answer)"
+
+            def read(values):
+                if values and values[0]:
+                    rows = empty.nonzero().flatten().tolist()
+                    shown = f"{rows[:10]}{' ...' if len(rows) > 10 else ''}"
+                    raise ValueError(
+                        f"{what} {shown} have no scored token (every label is ignore_index={self.ignore_index}, or "
+                        f"the sequence is empty); {hint}"
+                    )
+
+            checks.add((n_empty,), n_empty == 0, f"{what} have no scored token: {hint}", read)
+
         batch.checked = check_sequence_values(checks, labels, batch.cu_seqlens, self.ignore_index, weight.shape[0],
-                                              name=label_name, cu_name=batch.cu_name)
-        scored = labels != self.ignore_index
-        if batch.lengths is None:
-            empty = ~scored.any(dim=-1)
-            what = f"{label_name} rows"
-        else:  # counts from a running sum: no host read, and no failure before a bad layout is reported
-            running = torch.nn.functional.pad(scored.reshape(-1).long().cumsum(0), (1, 0))
-            bounds = batch.cu_seqlens.long().clamp(0, labels.shape[-1])
-            empty = (running[bounds[1:]] - running[bounds[:-1]]) <= 0
-            what = f"packed sequences of {label_name} (as {batch.cu_name} splits it)"
-        n_empty = empty.sum()
-        hint = ("drop those sequences from the batch (a truncated completion, an empty answer)")
-
-        def read(values):
-            if values and values[0]:
-                rows = empty.nonzero().flatten().tolist()
-                shown = f"{rows[:10]}{' ...' if len(rows) > 10 else ''}"
-                raise ValueError(
-                    f"{what} {shown} have no scored token (every label is ignore_index={self.ignore_index}, or the "
-                    f"sequence is empty); {hint}"
-                )
-
-        checks.add((n_empty,), n_empty == 0, f"{what} have no scored token: {hint}", read)
+                                              name=label_name, cu_name=batch.cu_name, after_layout=scored_rows)
 
     def _logps(self, hidden, weight, labels, bias, batch: _Batch):
         return _sequence_logps(
@@ -762,9 +769,9 @@ class KTOLoss(_SequenceLogps):
                 kl_batch = _check_batch(kl_hidden, kl_labels, kl_cu_seqlens, "kl_hidden", "kl_labels", "kl_cu_seqlens")
 
         checks = ValueChecks(policy_hidden, labels)  # one host sync for every pass's value checks
-        self._check_values(checks, weight, labels, "labels", batch)
+        self._check_values(checks, policy_hidden, weight, bias, labels, "labels", batch)
         if kl_batch is not None:
-            self._check_values(checks, weight, kl_labels, "kl_labels", kl_batch)
+            self._check_values(checks, kl_hidden, weight, bias, kl_labels, "kl_labels", kl_batch)
         checks.run()
         policy_logps = self._logps(policy_hidden, weight, labels, bias, batch)
         ref = self._reference("ref", policy_hidden, weight, bias, labels, batch, policy_logps, ref_hidden, ref_weight,
@@ -832,7 +839,7 @@ class DPOLoss(_SequenceLogps):
                 if given:
                     raise ValueError(f"reference_free=True takes no reference, got {', '.join(given)}")
         checks = ValueChecks(policy_hidden, labels)  # one host sync for every pass's value checks
-        self._check_values(checks, weight, labels, "labels", batch)
+        self._check_values(checks, policy_hidden, weight, bias, labels, "labels", batch)
         checks.run()
 
         logps = self._logps(policy_hidden, weight, labels, bias, batch)

@@ -91,7 +91,7 @@ def backward_compute(grad_out, hidden, weight, bias, rows, local, lse, needs, im
         if rows is None:
             d_hidden = d_hidden.to(hidden.dtype)
         else:
-            d_hidden = scatter_rows(torch.zeros_like(hidden), rows, d_hidden, opts["workspace_bytes"])
+            d_hidden = scatter_rows(hidden.new_zeros(hidden.shape), rows, d_hidden, opts["workspace_bytes"])
     return d_hidden, d_weight, d_bias
 
 
@@ -184,14 +184,15 @@ def logprobs_backward(
         grads = backward_compute(grad_out, hidden, weight, bias, kept_rows, local, lse,
                                  (need_hidden, need_weight, need_bias and bias is not None),
                                  implementation(impl), _opts(softcap, temperature, workspace_bytes))
-    return tuple(hidden.new_empty(0) if g is None else g for g in grads)
+    # contiguous, as the fake implementation promises (an input's permuted layout is not kept)
+    return tuple(hidden.new_empty(0) if g is None else g.contiguous() for g in grads)
 
 
 @logprobs_backward.register_fake
 def _(grad_out, hidden, weight, bias, labels, rows, lse, softcap, temperature, workspace_bytes, impl, need_hidden,
       need_weight, need_bias):
     def like(t, needed):
-        return torch.empty_like(t) if needed and t is not None else hidden.new_empty(0)
+        return t.new_empty(t.shape) if needed and t is not None else hidden.new_empty(0)
 
     return like(hidden, need_hidden), like(weight, need_weight), like(bias, need_bias)
 

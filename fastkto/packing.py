@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .value_checks import ValueChecks
+from .value_checks import ValueChecks, host_reads_allowed
 
 __all__ = [
     "check_cu_seqlens",
@@ -183,9 +183,11 @@ def segment_sums(values: torch.Tensor, lengths: torch.Tensor, width: int | None 
     The values are scattered into a zero-padded (S, longest) matrix in their packed order and summed along its
     rows: the reduction a padded batch of the same rows (padded to its longest row) computes, with no atomic adds,
     so the result is deterministic on every device. Differentiable (the backward is a masked gather). ``width``:
-    the longest length when known (else read from ``lengths``: a host sync), or any larger width (T_total while
-    ``torch.compile`` traces; the sums may then differ from the padded batch's in the last bits).
+    the longest length when known, else read from ``lengths`` (a host sync); while ``torch.compile`` traces (no
+    read, and no (S, T_total) matrix) ``torch.segment_reduce`` sums instead.
     """
+    if width is None and not host_reads_allowed(values, lengths):
+        return torch.segment_reduce(values, "sum", lengths=lengths, unsafe=True)
     mask = _padded_mask(lengths, width)
     return values.new_zeros(mask.shape).masked_scatter(mask, values).sum(dim=1)
 
@@ -193,6 +195,8 @@ def segment_sums(values: torch.Tensor, lengths: torch.Tensor, width: int | None 
 def segment_counts(flags: torch.Tensor, lengths: torch.Tensor, width: int | None = None) -> torch.Tensor:
     """Per-sequence counts of True in packed bool ``flags`` (T_total,) -> (S,) int64 (``width`` as in
     ``segment_sums``)."""
+    if width is None and not host_reads_allowed(flags, lengths):  # exact: counts are far below 2^24
+        return torch.segment_reduce(flags.float(), "sum", lengths=lengths, unsafe=True).round().long()
     mask = _padded_mask(lengths, width)
     return torch.zeros(mask.shape, dtype=torch.long, device=flags.device).masked_scatter(mask, flags.long()).sum(1)
 

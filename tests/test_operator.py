@@ -143,10 +143,15 @@ def test_operators_pass_opcheck(seed):
     hidden, labels, weight, bias = _batch()
     flat, h2 = labels.reshape(-1), hidden.reshape(-1, hidden.shape[-1])
     n_scored = int((flat != -100).sum())
-    for scored, b in ((n_scored, bias), (-1, None), (flat.numel(), bias)):
-        y = flat if scored != flat.numel() else torch.randint(0, weight.shape[0], flat.shape)
-        args = (h2.clone().requires_grad_(), weight.clone().requires_grad_(),
-                None if b is None else b.clone().requires_grad_(), y, -100, scored, None, 1.0, None, "torch")
+    all_ignored = torch.full_like(flat, -100)
+    column_major = h2.T.contiguous().T  # a permuted layout: the gradients come back contiguous, as the fake says
+    cases = [(h2, flat, n_scored, bias), (h2, flat, -1, None), (h2, torch.randint(0, 50, flat.shape), flat.numel(), bias),
+             (h2, all_ignored, 0, bias), (h2[:0], flat[:0], 0, bias), (column_major, flat, n_scored, None),
+             (column_major, torch.randint(0, 50, flat.shape), flat.numel(), bias)]
+    for h, y, scored, b in cases:
+        args = (h.detach().clone().requires_grad_() if h.is_contiguous() else column_major.requires_grad_(),
+                weight.clone().requires_grad_(), None if b is None else b.clone().requires_grad_(), y, -100, scored,
+                None, 1.0, None, "torch")
         torch.library.opcheck(torch.ops.fastkto.logprobs.default, args)
 
 
@@ -184,8 +189,15 @@ def test_compiled_calls_compact_scored_rows_when_dynamic_shapes_are_captured(nam
     fn = _entry(name, hidden, labels, weight, bias)
     want = _value_and_grads(fn, hidden, weight, bias)
     torch._dynamo.reset()
-    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
-        got = _value_and_grads(torch.compile(fn, backend="aot_eager"), hidden, weight, bias)
+    seen = []
+    real = ops.compact_rows
+    ops.compact_rows = lambda labels, ignore_index, scored: seen.append(scored) or real(labels, ignore_index, scored)
+    try:
+        with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+            got = _value_and_grads(torch.compile(fn, backend="aot_eager"), hidden, weight, bias)
+    finally:
+        ops.compact_rows = real
+    assert seen and all(s == -1 for s in seen), seen  # the operator counted the rows itself, in the graph
     for g, e in zip(got, want, strict=True):
         torch.testing.assert_close(g, e, rtol=1e-6, atol=1e-6)
 
@@ -202,6 +214,35 @@ def test_entry_points_compile_with_inductor(name, seed):
     for g, e in zip(got, want, strict=True):
         # Inductor fuses the element-wise code around the operators: float32 rounding of O(1) values
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["kto_packed", "sequence_logps_packed"])
+def test_entry_points_compile_with_dynamic_shapes(name, seed):
+    """``dynamic=True``: sizes and Python numbers traced symbolically; one graph, equal to eager."""
+    hidden, labels, weight, bias = _batch()
+    fn = _entry(name, hidden, labels, weight, bias)
+    want = _value_and_grads(fn, hidden, weight, bias)
+    torch._dynamo.reset()
+    got = _value_and_grads(torch.compile(fn, fullgraph=True, dynamic=True, backend="aot_eager"), hidden, weight, bias)
+    for g, e in zip(got, want, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_compiled_calls_keep_non_finite_ignored_rows_out_of_the_gradients(seed):
+    """Compiled calls score every row and mask the ignored ones; an inf / NaN hidden state on an ignored row (fully
+    masked attention, fp16 overflow) must still reach no gradient, as in eager mode where the row is skipped."""
+    hidden, labels, weight, bias = _batch()
+    hidden[0, 0] = float("nan")  # labels[0, 0] is a prompt position: ignored
+    hidden[1, 1] = float("inf")
+    fn = _entry("kto", hidden, labels, weight, bias)
+    want = _value_and_grads(fn, hidden, weight, bias)
+    torch._dynamo.reset()
+    got = _value_and_grads(torch.compile(fn, fullgraph=True, backend="aot_eager"), hidden, weight, bias)
+    for g, e in zip(got, want, strict=True):
+        assert torch.isfinite(g).all()
+        torch.testing.assert_close(g, e, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.slow
@@ -277,6 +318,7 @@ def test_fake_tensors_run_every_entry_point_at_a_32b_head():
         h = torch.empty(2, n // 2, dim, dtype=torch.bfloat16, requires_grad=True)
         w = torch.empty(vocab, dim, dtype=torch.bfloat16, requires_grad=True)
         y = torch.zeros(2, n // 2, dtype=torch.long)
+        y[:, :1000] = -100  # prompts: no data to count them, so every token counts as scored
         per_token = fastkto.fused_logprobs(h, w, y)
         assert per_token.shape == (2, n // 2) and per_token.dtype == torch.float32
         per_token.sum().backward()
@@ -291,6 +333,11 @@ def test_fake_tensors_run_every_entry_point_at_a_32b_head():
         dpo = DPOLoss()(h, w, y, ref_logps=torch.zeros(2))
         dpo.loss.backward()
         assert kto.loss.shape == () and dpo.loss.shape == ()
+        flat_h, flat_y, cu = h.reshape(n, dim), y.reshape(n), torch.tensor([0, n // 2, n])
+        packed_kto = KTOLoss()(flat_h, w, flat_y, desirable, cu_seqlens=cu, ref_logps=torch.zeros(2), kl=0.0)
+        packed_dpo = DPOLoss()(flat_h, w, flat_y, cu_seqlens=cu, ref_hidden=flat_h.detach(), ref_weight=w.detach())
+        (packed_kto.loss + packed_dpo.loss).backward()
+        assert w.grad.shape == w.shape
 
 
 # --------------------------------------------------------------------------------------------------- host syncs
@@ -325,6 +372,15 @@ def test_bad_inputs_still_get_named_errors_after_one_read():
     with pytest.raises(ValueError, match=r"kl_labels rows \[3\] have no scored token"):
         kto(hidden, weight, labels, desirable, ref_logps=torch.zeros(4), kl_hidden=hidden, kl_labels=kl_bad,
             kl_ref_logps=torch.zeros(4))
+    with pytest.raises(ValueError, match=r"hidden size mismatch: hidden has D=16 but weight has shape \(16, 50\)"):
+        kto(hidden, weight.T, labels, desirable, ref_logps=torch.zeros(4), kl=0.0)  # (D, V): transposed
+    with pytest.raises(TypeError, match="labels must be an integer tensor"):
+        kto(hidden, weight, labels.float() * 1000, desirable, ref_logps=torch.zeros(4), kl=0.0)
+    both = labels.clone()
+    both[0] = -100
+    both[2, 4] = 77
+    with pytest.raises(ValueError, match=r"labels rows \[0\] have no scored token"):  # rows before values, as before
+        kto(hidden, weight, both, desirable, ref_logps=torch.zeros(4), kl=0.0)
     kl_range = labels.clone()
     kl_range[0, 3] = -5
     with pytest.raises(ValueError, match=r"kl_labels must be in \[0, 50\) .* found -5"):
@@ -346,16 +402,17 @@ def test_the_gpu_scripts_stack_check_runs_on_the_cpu(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_compiled_fast_kto_trainer_step_has_no_graph_break():
-    """FastKTOTrainer with torch_compile=True: the whole model forward, fastkto's head and the metric fields trace
-    without a break (TRL's own trainer breaks 14 times in the same two steps: benchmarks/results/cpu-2core/
-    graph_breaks_kto.json)."""
+@pytest.mark.parametrize("loss", ["kto", "dpo"])
+def test_a_compiled_fast_trainer_step_has_no_graph_break(loss):
+    """FastKTOTrainer / FastDPOTrainer with torch_compile=True: the whole model forward, fastkto's head and the
+    metric fields trace without a break (TRL's own trainers break 14 and 7 times in two steps:
+    benchmarks/results/cpu-2core/graph_breaks_{kto,dpo}.json)."""
     pytest.importorskip("trl")
     from benchmarks import graph_breaks
 
     before = torch.get_num_threads()
     try:
-        row = graph_breaks.count("fastkto", "kto", steps=1)
+        row = graph_breaks.count("fastkto", loss, steps=1)
     finally:
         torch.set_num_threads(before)
     assert row["graph_breaks"] == 0, row["reasons"]

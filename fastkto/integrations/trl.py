@@ -234,14 +234,14 @@ def _token_entropy_backward(grad: torch.Tensor, hidden: torch.Tensor, weight: to
     with torch.autocast(hidden.device.type, enabled=False):
         d_rows, d_weight, d_bias = _entropy_rows_backward(hidden[mask], weight, bias, head, chunk, grad[mask].float(),
                                                           (need_hidden, need_weight, need_bias and bias is not None))
-    d_hidden = None if d_rows is None else torch.zeros_like(hidden).index_put_((mask,), d_rows)
-    return tuple(hidden.new_zeros(0) if g is None else g for g in (d_hidden, d_weight, d_bias))
+    d_hidden = None if d_rows is None else hidden.new_zeros(hidden.shape).index_put_((mask,), d_rows)
+    return tuple(hidden.new_zeros(0) if g is None else g.contiguous() for g in (d_hidden, d_weight, d_bias))
 
 
 @_token_entropy_backward.register_fake
 def _(grad, hidden, weight, bias, mask, softcap, temperature, chunk, need_hidden, need_weight, need_bias):
     def like(t, on):
-        return torch.empty_like(t) if on and t is not None else hidden.new_empty(0)
+        return t.new_empty(t.shape) if on and t is not None else hidden.new_empty(0)
 
     return like(hidden, need_hidden), like(weight, need_weight), like(bias, need_bias)
 
