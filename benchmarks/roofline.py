@@ -131,10 +131,12 @@ def steps(shape: Shape, budget_mib: float = 128) -> list[dict]:
              hbm_bytes=N * V * BF16 + tn * V * D * BF16 + (8 * tv - 4) * N * D,
              note="fp32 accumulator read + written once per vocabulary chunk"),
         dict(step="dW += dz.T @ H (cuBLAS)", flops=gemm, rate=RATES["cublas"],
-             hbm_bytes=N * V * BF16 + tv * N * D * BF16 + (8 * tn - 4) * V * D,
-             note="fp32 chunk accumulator read + written once per token chunk"),
+             hbm_bytes=N * V * BF16 + tv * N * D * BF16 + ((8 * tn - 4) * V * D if tn > 1 else BF16 * V * D),
+             note="fp32 chunk accumulator read + written once per token chunk" if tn > 1 else
+                  "one token chunk: written straight into the bf16 weight gradient"),
         dict(step="epilogue (casts)", flops=0.0, rate=RATES["cublas"],
-             hbm_bytes=(4 + 2) * V * D + (4 + 2) * N * D, note="dW chunks and dH to bf16"),
+             hbm_bytes=((4 + 2) * V * D if tn > 1 else 0) + (4 + 2) * N * D,
+             note="dW chunks and dH to bf16" if tn > 1 else "dH to bf16"),
     ]
     for s in out:
         s["predicted_ms"] = 1e3 * max(s["flops"] / (s["rate"] * TFLOPS), s["hbm_bytes"] / (RATES["hbm"] * HBM))
@@ -149,13 +151,14 @@ def steps(shape: Shape, budget_mib: float = 128) -> list[dict]:
 
 
 def peak_bytes(shape: Shape, budget_mib: float = 128) -> dict:
-    """Predicted memory beyond the inputs for forward + backward: the bf16 gradients, the fp32 hidden gradient and
-    the workspace (the compact fp32 gradient and the bf16 one overlap only after the workspace is freed)."""
+    """Predicted memory beyond the inputs for forward + backward: the bf16 weight gradient and the fp32 hidden
+    gradient, plus the larger of the workspace and the bf16 hidden gradient (the cast of the fp32 one, allocated
+    after the loop frees the workspace: they never coexist)."""
     n, v, ws = plan(shape, budget_mib)
     grads = BF16 * (shape.V * shape.D + shape.N * shape.D)
     dh32 = 4 * shape.N * shape.D
     return {"gradients": grads, "dh_fp32": dh32, "workspace": ws,
-            "peak": grads + dh32 + max(ws, 0) + 16 * shape.N}
+            "peak": BF16 * shape.V * shape.D + dh32 + max(ws, BF16 * shape.N * shape.D) + 16 * shape.N}
 
 
 def rows(shapes: list[Shape], budget_mib: float) -> list[dict]:
