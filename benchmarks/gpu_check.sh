@@ -1,24 +1,35 @@
 #!/usr/bin/env bash
-# The whole check on a CUDA machine, in under 8 minutes on an H200 (torch 2.11, triton 3.6, no internet):
-#   1. record the machine (nvidia-smi, versions)                                  env.txt
+# The whole check on a CUDA machine, in under 8 minutes on an H200 (torch 2.11, triton 3.6, no internet), built
+# so that the one run cannot lose what it measured:
+#   1. record the machine (nvidia-smi, versions, fp32 GEMM support)              env.txt
 #   2. install the peers brought as wheels in .whl/ (benchmarks/fetch_wheels.sh)  wheels.log
 #   3. the cost model against the GPU: python -m benchmarks.roofline --measure   roofline.log, roofline/measured.json
-#      (the three reference shapes: every step of the plan timed next to its prediction, the cuBLAS bf16 matmul
-#      floor, fastkto-triton / -torch, naive, TRL, Liger, CCE with peak memory, bitwise repeat, registers/spills)
-#   4. the suite's CUDA tests: python -m pytest tests -m cuda                     pytest_cuda.log / .xml
-#      and the files whose tests run on CUDA when there is one (DEVICE = cuda):
-#      tests/test_logprob.py tests/test_loss.py                                   pytest_device.log / .xml
-#   5. the compile checks: python -m pytest tests/test_compile.py                 pytest_compile.log / .xml
-#   6. the benchmark: python -m benchmarks.run (CUDA profile, bf16), with the     bench.log, bench/results.json,
-#      bf16 matmul rate and the primitive's TFLOP/s (8NDV: forward 2, backward 6)  bench/*.png, summary.txt
-#   7. everything packed into OUTDIR/gpu_check_all.tar.gz
+#      (per shape: the plan and GEMM path, the matmul floor, every step of the backward timed next to its
+#      prediction, the bitwise repeat BEFORE any peer, then fastkto / naive in this process and each peer (TRL,
+#      Liger, CCE) in its own process, on random and on realistic-entropy inputs; registers / spills; each step
+#      guarded and measured.json rewritten after each one)
+#   4. the tile-configuration sweep (forward and dz kernels' configurations)    sweep.log, sweep/measured.json
+#   5. the Triton-path tests of tests/test_logprob.py tests/test_loss.py         pytest_device.log / .xml
+#      (-k DEVICE_K; in parallel when pytest-xdist is there: the JIT compilations dominate)
+#   6. the compile checks, with the suite's one cuda-marked test (test_compile)  pytest_compile.log / .xml
+#   6b. the training stack: CUDA's count of host syncs in a KTOLoss call (1 forward, 0 backward), an Inductor
+#      fullgraph compile of it and its CUDA-graph replay (python -m benchmarks.stack_check)  stack/stack_check.json
+#   7. a small benchmark: python -m benchmarks.run (primitive workload)          bench.log, bench/results.json
+#   8. summary.txt (each step's exit status and time; "RESULT: complete" or "RESULT: partial") and
+#      gpu_check_all.tar.gz (everything)
 #
 # usage: bash benchmarks/gpu_check.sh OUTDIR [--dry-run]
-#   --dry-run  on any machine (no GPU needed): collects the tests instead of running them and plans the
-#              benchmark instead of running it, so the script's every step is exercised in seconds.
-# Each step has its own time limit (STEP_LIMITS below) and a failing step does not stop the next; the exit
-# status is that of the first failing step. With the device tool, whose $OUT returns at most 8 files, run
-#   bash benchmarks/gpu_check.sh /tmp/gc; cp /tmp/gc/gpu_check_all.tar.gz /tmp/gc/summary.txt "$OUT"/
+#   --dry-run  on any machine (no GPU needed): the measurement runs on the CPU (Triton's interpreter, a tiny shape),
+#              the tests are collected instead of run and the benchmark is planned, so every step runs in seconds.
+# Every step has a time limit (T_* below), capped so that the whole script ends within TOTAL_S (default 470 s);
+# a failing or timed-out step is recorded and the next one runs. Exit status: 0 when every step passed
+# ("complete"), 3 when some step failed or timed out ("partial"; summary.txt says which), 2 without a GPU.
+# GPU_CHECK_ONLY="name,name": run only these steps (the others are listed as skipped). ROOF_METHODS: the dry run's
+# methods. Fault injection for tests of this script: GPU_CHECK_FAULT="step:NAME[=fail|hang]" makes step NAME fail or hang;
+# FASTKTO_GPU_CHECK_FAULT is passed to benchmarks.roofline (see its _fault).
+# With the device tool, whose $OUT returns at most 8 files, run
+#   bash benchmarks/gpu_check.sh /tmp/gc; cp /tmp/gc/gpu_check_all.tar.gz /tmp/gc/summary.txt \
+#       /tmp/gc/roofline/measured.json "$OUT"/
 set -uo pipefail
 
 OUT=${1:?usage: bash benchmarks/gpu_check.sh OUTDIR [--dry-run]}
@@ -31,51 +42,93 @@ PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 # fastkto and benchmarks from this checkout, without installing it
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-# seconds per step: 210 + 40 + 60 + 45 + 100 + set-up (wheels <= 30, the rest seconds) stays under 8 minutes;
-# the cost model's measurement runs first, since it is what the first GPU run is for (it includes the Triton
-# compilations of fastkto's, Liger's and CCE's kernels and writes its results after each shape)
-T_ROOF=${T_ROOF:-210} T_CUDA=${T_CUDA:-40} T_DEVICE=${T_DEVICE:-60} T_COMPILE=${T_COMPILE:-45} T_BENCH=${T_BENCH:-100}
+# seconds per step. Planned: env 10 + wheels 20 + roofline 190 + sweep 45 + device tests 80 + compile 40 +
+# stack 50 + benchmark 35 = 470 s = TOTAL_S (8 minutes less the archive and the margin). The cost
+# model's measurement runs first, since it is what the first GPU run is for; it writes after every step.
+T_ROOF=${T_ROOF:-190} T_SWEEP=${T_SWEEP:-45} T_DEVICE=${T_DEVICE:-80}
+T_COMPILE=${T_COMPILE:-40} T_STACK=${T_STACK:-50} T_BENCH=${T_BENCH:-35} TOTAL_S=${TOTAL_S:-470}
 DEVICE_TESTS=${DEVICE_TESTS:-"tests/test_logprob.py tests/test_loss.py"}
-STATUS=0
+# the device tests that exercise the Triton path (the rest of those files also runs on the CPU in CI)
+DEVICE_K=${DEVICE_K:-"triton or cuda or backend or kernel or bitwise or determin"}
 START=$SECONDS
+FAILED=()
+: > "$OUT/steps.tsv"
 
 log() { echo "[gpu_check +$((SECONDS - START))s] $*" | tee -a "$OUT/gpu_check.log"; }
-step() {  # step NAME LIMIT_S LOGFILE COMMAND...: run with a time limit, keep its output, remember a failure
+remaining() { echo $((TOTAL_S - (SECONDS - START))); }
+step() {  # step NAME LIMIT_S LOGFILE COMMAND...: run with a time limit, keep its output, record the outcome
     local name=$1 limit=$2 logfile=$3; shift 3
-    log "$name: $* (limit ${limit}s)"
-    timeout --signal=TERM --kill-after=10 "$limit" "$@" > "$OUT/$logfile" 2>&1
-    local rc=$?
+    if [[ -n "${GPU_CHECK_ONLY:-}" && ",$GPU_CHECK_ONLY," != *",$name,"* ]]; then
+        printf '%s\t%s\t%s\n' "$name" "skipped" 0 >> "$OUT/steps.tsv"
+        return 0
+    fi
+    local left; left=$(remaining)
+    (( left - 5 < limit )) && limit=$((left - 5))
+    if (( limit < 5 )); then
+        log "$name: not run (the script's ${TOTAL_S}s are spent)"
+        printf '%s\t%s\t%s\n' "$name" "not-run" 0 >> "$OUT/steps.tsv"
+        FAILED+=("$name")
+        return 0
+    fi
+    local fault=""
+    case ",${GPU_CHECK_FAULT:-}," in
+        *",step:$name=hang,"*) fault=hang ;;
+        *",step:$name,"* | *",step:$name=fail,"*) fault=fail ;;
+    esac
+    log "$name: $* (limit ${limit}s)${fault:+ [injected fault: $fault]}"
+    local t0=$SECONDS rc
+    if [[ $fault == hang ]]; then
+        timeout --signal=TERM --kill-after=5 "$limit" sleep 3600 > "$OUT/$logfile" 2>&1
+    elif [[ $fault == fail ]]; then
+        echo "injected fault: step $name fails" > "$OUT/$logfile"; false
+    else
+        timeout --signal=TERM --kill-after=10 "$limit" "$@" > "$OUT/$logfile" 2>&1
+    fi
+    rc=$?
     tail -n 5 "$OUT/$logfile" | sed 's/^/    /' | tee -a "$OUT/gpu_check.log"
-    log "$name: exit $rc$([[ $rc == 124 ]] && echo ' (time limit reached)')"
-    [[ $rc != 0 && $STATUS == 0 ]] && STATUS=$rc
+    log "$name: exit $rc$([[ $rc == 124 || $rc == 137 ]] && echo ' (time limit reached)') in $((SECONDS - t0))s"
+    printf '%s\t%s\t%s\n' "$name" "$rc" "$((SECONDS - t0))" >> "$OUT/steps.tsv"
+    [[ $rc != 0 ]] && FAILED+=("$name")
     return 0
 }
 
-# 1. the machine
+finish() {
+    {
+        echo "gpu_check $(date -u +%FT%TZ) $([[ $DRY == 1 ]] && echo '(dry run)') in $((SECONDS - START)) s"
+        printf 'step\texit\tseconds\n'
+        cat "$OUT/steps.tsv"
+        [[ -f "$OUT/roofline/measured.json" ]] && "$PY" - "$OUT/roofline/measured.json" <<'EOF'
+import json, sys
+r = json.load(open(sys.argv[1]))
+print("roofline:", r.get("status"), "| measured shapes:", [m["shape"] for m in r.get("measured", [])])
+for k, v in (r.get("missing") or {}).items():
+    print("  missing", k, ":", v[:200])
+EOF
+        [[ -f "$OUT/bench-summary.txt" ]] && cat "$OUT/bench-summary.txt"
+        if (( ${#FAILED[@]} == 0 )); then echo "RESULT: complete"; else echo "RESULT: partial (${FAILED[*]})"; fi
+    } > "$OUT/summary.txt" 2>&1
+    tar -czf "$OUT/gpu_check_all.tar.gz" -C "$OUT" --exclude gpu_check_all.tar.gz . 2>/dev/null
+    log "done in $((SECONDS - START)) s: $(tail -n 1 "$OUT/summary.txt"); archive $OUT/gpu_check_all.tar.gz"
+}
+
+# 1. the machine (never fails the run)
 {
     date -u
     nvidia-smi 2>&1 || echo "nvidia-smi: not available"
-    "$PY" - <<'EOF'
-import importlib.metadata as md, platform, torch
-print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda,
-      "device", torch.cuda.get_device_name() if torch.cuda.is_available() else None)
-for p in ("triton", "transformers", "accelerate", "trl", "liger-kernel", "cut-cross-entropy"):
-    try:
-        print(p, md.version(p))
-    except md.PackageNotFoundError:
-        print(p, "not installed")
-EOF
+    timeout 60 "$PY" -c 'import json; from benchmarks.roofline import environment; print(json.dumps(environment(), indent=1))' \
+        || echo "environment: the probe failed"
 } > "$OUT/env.txt" 2>&1
-log "machine: $(grep -m1 '^python' "$OUT/env.txt")"
+log "machine: $(grep -m1 '"torch"' "$OUT/env.txt")"
 if [[ $DRY == 0 ]] && ! "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then
     log "no CUDA device: run with --dry-run on a machine without one"
+    echo "RESULT: no CUDA device" > "$OUT/summary.txt"
     exit 2
 fi
 
 # 2. peers brought as wheels (pure Python); installed apart so the image's packages stay as they are
 if compgen -G ".whl/*.whl" > /dev/null; then
     SITE=${TMPDIR:-/tmp}/fastkto-gpu-check-site
-    step wheels 30 wheels.log "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+    step wheels 20 wheels.log "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
         --upgrade --target "$SITE" .whl/*.whl
     # PYTHONPATH precedes site-packages: only packages the image lacks are brought, so nothing of it is shadowed
     export PYTHONPATH="$PYTHONPATH:$SITE"
@@ -83,33 +136,47 @@ else
     log "wheels: no .whl/ folder (benchmarks/fetch_wheels.sh makes it); peers not on the image will be skipped"
 fi
 
-# 3. the cost model, measured (on --dry-run: the model alone)
+# 3. and 4. the cost model measured, then the tile sweep (on --dry-run: on the CPU under the interpreter, tiny)
 if [[ $DRY == 1 ]]; then
-    step roofline "$T_ROOF" roofline.log "$PY" -m benchmarks.roofline
+    ROOF_ARGS=(--device cpu --dtype float32 --shape 40,32,300 --softcap 20 --repeats 1 --peer-timeout 60)
+    # (Liger's kernels fail under the interpreter: that would only show the error path, which the tests cover)
+    step roofline "$T_ROOF" roofline.log env TRITON_INTERPRET=1 "$PY" -m benchmarks.roofline --measure \
+        "${ROOF_ARGS[@]}" --methods "${ROOF_METHODS:-fastkto-triton,naive,trl,cce}" --out "$OUT/roofline"
+    step sweep "$T_SWEEP" sweep.log env TRITON_INTERPRET=1 "$PY" -m benchmarks.roofline --measure "${ROOF_ARGS[@]}" \
+        --sweep-only --sweep-max 1 --out "$OUT/sweep"
 else
     step roofline "$T_ROOF" roofline.log "$PY" -m benchmarks.roofline --measure --out "$OUT/roofline"
+    # the sweep on the shapes' first (the largest N) at a shorter N: enough to rank configurations
+    step sweep "$T_SWEEP" sweep.log "$PY" -m benchmarks.roofline --measure --shape 8192,2304,256000 --softcap 30 \
+        --repeats 3 --sweep-only --out "$OUT/sweep"
 fi
 
-# 4. and 5. the tests
+# 5. and 6. the tests (in parallel where pytest-xdist is installed: the Triton JIT compilations dominate)
 MODE=(-q -p no:cacheprovider)
 [[ $DRY == 1 ]] && MODE+=(--collect-only)
+if [[ $DRY == 0 ]] && "$PY" -c 'import xdist' 2>/dev/null; then
+    MODE+=(-n 8)
+fi
 # shellcheck disable=SC2086  # DEVICE_TESTS is a list of paths
-step cuda-tests "$T_CUDA" pytest_cuda.log "$PY" -m pytest tests -m cuda "${MODE[@]}" --junitxml="$OUT/pytest_cuda.xml"
-step device-tests "$T_DEVICE" pytest_device.log "$PY" -m pytest $DEVICE_TESTS "${MODE[@]}" \
+step device-tests "$T_DEVICE" pytest_device.log "$PY" -m pytest $DEVICE_TESTS -k "$DEVICE_K" "${MODE[@]}" \
     --junitxml="$OUT/pytest_device.xml"
 step compile-checks "$T_COMPILE" pytest_compile.log "$PY" -m pytest tests/test_compile.py "${MODE[@]}" \
     --junitxml="$OUT/pytest_compile.xml"
 
-# 6. the benchmark (the CUDA profile of benchmarks/workloads.py; one worker process per workload group)
-BENCH_ARGS=(--out "$OUT/bench" --timeout 150)
+# 6b. the training stack (syncs, Inductor fullgraph, CUDA graphs); the dry run compiles with aot_eager on the CPU
+STACK_ARGS=(--out "$OUT/stack")
+[[ $DRY == 1 ]] && STACK_ARGS+=(--device cpu --tokens 32 --dim 16 --vocab 100)
+step stack "$T_STACK" stack.log "$PY" -m benchmarks.stack_check "${STACK_ARGS[@]}"
+
+# 7. the benchmark, sized to fit: the primitive workload only (one worker process per method group)
+BENCH_ARGS=(--out "$OUT/bench" --workloads primitive --timeout 35)
 [[ $DRY == 1 ]] && BENCH_ARGS+=(--dry-run --device cuda)
 step benchmark "$T_BENCH" bench.log "$PY" -m benchmarks.run "${BENCH_ARGS[@]}"
 if [[ -f "$OUT/bench/results.json" || -f "$OUT/bench/results.partial.json" ]]; then
-    "$PY" -m benchmarks.run --summary "$OUT/bench" > "$OUT/summary.txt" 2>&1
-    log "summary: $OUT/summary.txt"
+    timeout 20 "$PY" -m benchmarks.run --summary "$OUT/bench" > "$OUT/bench-summary.txt" 2>&1
 fi
 
-# 7. one archive of everything, for tools that return few files
-tar -czf "$OUT/gpu_check_all.tar.gz" -C "$OUT" --exclude gpu_check_all.tar.gz . 2>/dev/null
-log "done in $((SECONDS - START)) s, status $STATUS; archive $OUT/gpu_check_all.tar.gz"
-exit $STATUS
+# 8. summary and archive
+finish
+(( ${#FAILED[@]} == 0 )) && exit 0
+exit 3

@@ -242,3 +242,38 @@ def test_launched_kernels_are_the_checked_compilations(seed):
             f"types or specialization (compile_check._arg_types / _ALIGNED_INTS) no longer match the launch")
         launched_regs = {k.n_regs for k in launched}
         assert offline.registers in launched_regs, (offline.registers, launched_regs)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# fp32 product precision
+
+
+@pytest.mark.parametrize("setting, tf32", [("tf32", True), ("ieee", False)])
+def test_fp32_precision_follows_the_new_torch_api(monkeypatch, setting, tf32):
+    """The fp32 dot precision reads torch.backends.cuda.matmul.fp32_precision when the user set it: the legacy
+    getter raises then (torch >= 2.9), which made fp32 inputs on the Triton path fail."""
+    import torch
+
+    matmul = getattr(getattr(torch.backends, "cuda", None), "matmul", None)
+    if matmul is None or not hasattr(matmul, "fp32_precision"):
+        pytest.skip("this torch has no fp32_precision API")
+    before = matmul.fp32_precision
+    monkeypatch.setattr(fl, "INTERPRET", False)  # the interpreter always takes IEEE dots
+    try:
+        matmul.fp32_precision = setting
+        if tf32:  # what the dispatch called before raises (torch reads "ieee" as the legacy "highest")
+            with pytest.raises(RuntimeError, match="legacy and new"):
+                torch.get_float32_matmul_precision()
+        assert fl.fp32_matmul_allows_tf32() is tf32
+        assert fl._precision(torch.float32) == ("tf32" if tf32 else "ieee")
+        assert fl._precision(torch.bfloat16) == "ieee"
+    finally:
+        matmul.fp32_precision = before
+    # and the legacy API as before
+    previous = torch.get_float32_matmul_precision()
+    try:
+        for legacy, want in (("highest", "ieee"), ("high", "tf32"), ("medium", "tf32")):
+            torch.set_float32_matmul_precision(legacy)
+            assert fl._precision(torch.float32) == want
+    finally:
+        torch.set_float32_matmul_precision(previous)

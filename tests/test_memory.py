@@ -119,3 +119,41 @@ def test_worker_threads_stay_within_the_budget():
         assert tokens * dim * 4 < extra <= budget, extra  # the partial is there, and inside the budget
     finally:
         torch.set_num_threads(threads)
+
+
+def test_single_token_chunk_writes_dw_directly_without_an_fp32_chunk_buffer():
+    # with one token chunk and 16-bit GEMMs (a GPU) the dW GEMM writes the weight gradient itself: the plan has no
+    # fp32 (V_chunk, D) buffer, and the budget it saved goes to the tiles; with several token chunks it is there
+    from fastkto.kernels import fused_logprob as fl
+    from fastkto.kernels import tiled
+
+    tiles = fl.TILES
+    for tokens, vocab, dim in ((8192, 256000, 2304), (8192, 128256, 4096), (300, 5000, 64)):
+        call = tiled.CallShape(tokens, vocab, dim, torch.bfloat16, torch.bfloat16, "cuda", False, False, False,
+                               False, True, False, True)
+        n, v = tiled.plan_tiles(call, tiles, 128 << 20, False)
+        assert n >= tokens, (tokens, n)  # the default budget gives one token chunk at these shapes
+        bufs = tiled.workspace_buffers(n, v, call, tiles)
+        assert "dw" not in bufs and not any(dt == torch.float32 and numel >= v * dim for numel, dt in bufs.values())
+        assert tiled.buffers_nbytes(bufs) <= 128 << 20
+        several = tiled.workspace_buffers(tokens // 2, v, call, tiles)
+        assert several["dw"] == (v * dim, torch.float32)
+    # fp32 GEMM operands (the CPU's path for 16-bit inputs) keep the accumulator: its rounding happens at the cast
+    cpu = tiled.CallShape(300, 5000, 64, torch.bfloat16, torch.float32, "cpu", False, False, False, False, True,
+                          False, False)
+    assert "dw" in tiled.workspace_buffers(300, 512, cpu, tiles)
+
+
+def test_direct_16bit_gemm_output_is_the_fp32_product_rounded_once():
+    from fastkto.kernels import tiled
+
+    a = torch.randn(64, 300).to(torch.bfloat16)
+    b = torch.randn(300, 48).to(torch.bfloat16)
+    out = torch.empty(64, 48, dtype=torch.bfloat16)
+    tiled.matmul_fp32(out, a, b, accumulate=False)
+    ref = (a.double() @ b.double()).to(torch.bfloat16)
+    # one rounding of an fp32-accumulated sum: at most one bf16 ulp from the exact product rounded
+    ulp = torch.finfo(torch.bfloat16).eps * ref.double().abs().clamp_min(1e-3)
+    assert ((out.double() - ref.double()).abs() <= ulp).all()
+    with pytest.raises(ValueError, match="cannot accumulate"):
+        tiled.matmul_fp32(out, a, b, accumulate=True)

@@ -24,7 +24,8 @@ once: 8 N D V flops for forward and backward.
 
 Interpreter (TRITON_INTERPRET=1): it treats bf16 / fp16 as raw integers, so loaded tiles are upcast to fp32
 (constexpr UPCAST) and the kernels run in fp32 there; on a GPU the dots run on tensor cores in the input dtype
-with fp32 accumulation. fp32 inputs use IEEE dots unless ``torch.get_float32_matmul_precision()`` allows tf32.
+with fp32 accumulation. fp32 inputs use IEEE dots unless torch's fp32 matmul precision (legacy or new API)
+allows tf32.
 """
 
 from __future__ import annotations
@@ -225,10 +226,28 @@ def select_config(kernel: str, dtype: torch.dtype) -> KernelConfig:
     return _GPU_CONFIGS[(kernel, "32" if dtype == torch.float32 else "16")]
 
 
+def fp32_matmul_allows_tf32() -> bool:
+    """Whether torch's fp32 matmul setting allows tf32, read through whichever API the user set.
+
+    torch has two: the legacy ``torch.set_float32_matmul_precision`` ("highest" = IEEE) and, since 2.9,
+    ``torch.backends.cuda.matmul.fp32_precision`` ("ieee" / "tf32", "none" = inherit from
+    ``torch.backends.fp32_precision``). Once the new one is set, the legacy getter raises ("mix of the legacy and
+    new APIs"), so the new one is read then (its getter resolves the inheritance)."""
+    try:
+        return torch.get_float32_matmul_precision() != "highest"
+    except RuntimeError:
+        pass
+    matmul = getattr(getattr(torch.backends, "cuda", None), "matmul", None)
+    value = getattr(matmul, "fp32_precision", None)
+    if value in (None, "none"):
+        value = getattr(torch.backends, "fp32_precision", "ieee")
+    return value == "tf32"
+
+
 def _precision(dtype: torch.dtype) -> str:
     if INTERPRET or dtype != torch.float32:
         return "ieee"  # ignored by tl.dot for 16-bit inputs
-    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+    return "tf32" if fp32_matmul_allows_tf32() else "ieee"
 
 
 def _num_sms(device: torch.device) -> int:

@@ -10,6 +10,7 @@ and written once, here:
             dz = make_dz(H_n, W_v, ...)           (n x v), in the GEMM operand dtype or rounded to the input dtype
             dH[n]  (+)= dz   @ W_v                GEMM, fp32 accumulation into the (M, D) fp32 hidden gradient
             dW_v   (+)= dz.T @ H_n                GEMM, fp32 accumulation into a (v, D) fp32 chunk accumulator
+                                                  (one token chunk, 16-bit GEMMs: straight into dW[v], no buffer)
             db_v   (+)= sum_rows dz               fp32
         dW[v] = dW_v                              once per vocabulary chunk, in the weight's dtype
 
@@ -101,7 +102,8 @@ def gemm_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
 
 def matmul_fp32(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool,
                 prod: torch.Tensor | None = None) -> None:
-    """out (fp32) = a @ b, or += with ``accumulate``; a and b fp32 or both 16-bit, accumulated in fp32.
+    """out (fp32) = a @ b, or += with ``accumulate``; a and b fp32 or both 16-bit, accumulated in fp32. ``out`` in
+    a and b's 16-bit dtype (no ``accumulate``): the product accumulated in fp32 and rounded once.
 
     ``prod``: an fp32 buffer of out's size, needed only where the device has no fp32-accumulating ``addmm`` for
     16-bit operands (the product goes there in fp32, then into ``out``).
@@ -112,7 +114,11 @@ def matmul_fp32(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate:
         else:
             torch.mm(a, b, out=out)
         return
-    if not accumulate:
+    if out.dtype == a.dtype:  # a 16-bit output (the direct dW write): fp32 accumulation inside, one rounding
+        if accumulate:
+            raise ValueError("matmul_fp32: a 16-bit output cannot accumulate (it would round every partial sum)")
+        torch.mm(a, b, out=out)
+    elif not accumulate:
         torch.mm(a, b, out_dtype=torch.float32, out=out)
     elif fp32_gemm_support(out.device.type)[1]:
         torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
@@ -182,7 +188,9 @@ def workspace_buffers(n: int, v: int, call: CallShape, maker: TileMaker, backwar
     if call.input_dtype != g or call.weight_strided:
         bufs["w"] = (v * d, g)
     if backward:
-        if call.need_weight and call.input_dtype != torch.float32:
+        # the fp32 (v, D) chunk accumulator, except with one token chunk where the 16-bit GEMM writes the weight
+        # gradient directly (fp32 accumulation inside the GEMM, one rounding: what the cast of the chunk did)
+        if call.need_weight and call.input_dtype != torch.float32 and not direct_dw(n, call):
             bufs["dw"] = (v * d, torch.float32)
         if call.need_bias:
             bufs["db_part"] = (v, torch.float32)
@@ -200,6 +208,13 @@ VECTORS = "(tile vectors)"
 _TILE_ROW_BYTES = 64
 # per scored token, outside any tile: row index, label, log-sum-exp, upstream gradient and the forward's statistics
 PER_TOKEN_BYTES = 48
+
+
+def direct_dw(n: int, call: CallShape) -> bool:
+    """Whether the dW GEMM writes the weight gradient directly: one token chunk (n covers every scored token, so
+    each vocabulary chunk's dW is one GEMM over all of them) and 16-bit GEMM operands (the GEMM accumulates in fp32
+    and rounds once into the 16-bit gradient)."""
+    return n >= call.tokens and call.gemm_dtype == call.input_dtype and call.input_dtype != torch.float32
 
 
 def dz_row_stride(v: int, device_type: str) -> int:
@@ -267,7 +282,11 @@ def _plan_tiles(call: CallShape, maker: TileMaker, budget: int, size_by_budget: 
         hi = tokens if max_elements is None else max(1, min(tokens, max_elements // v))
         if not fits(1, v):
             break  # larger v only needs more
-        lo = 1  # bisect the largest n that fits (bytes grow with n)
+        lo = 1  # bisect the largest n that fits (bytes grow with n, except that n = tokens may drop dW's buffer)
+        if fits(hi, v):
+            lo = hi
+        else:
+            hi -= 1
         while lo < hi:
             mid = (lo + hi + 1) // 2
             lo, hi = (mid, hi) if fits(mid, v) else (lo, mid - 1)
