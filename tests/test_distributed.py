@@ -703,6 +703,166 @@ def test_fsdp2_kto_step_matches_single_process(cluster, seed, head_unit):
     cluster.run(_fsdp2_kto, seed, head_unit, "torch")
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# A transformers Llama through fastkto.integrations.transformers.hidden_states under DDP and FSDP2
+
+
+def _llama_setup(seed, world, tied, *, per_rank=2, t=9, steps=1):
+    """A tiny Llama (tied or untied head) and ``steps`` global batches: ids (world * per_rank, t), next-token labels
+    with a masked prompt, desirable flags, fixed reference log-probs."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, tie_word_embeddings=tied)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg)
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
+    gen = torch.Generator().manual_seed(seed + 1)
+    batches = []
+    for _ in range(steps):
+        ids = torch.randint(0, 97, (world * per_rank, t), generator=gen)
+        labels = ids[:, 1:].clone()
+        labels[:, : 1 + int(torch.randint(0, 3, (), generator=gen))] = -100  # the prompt
+        desirable = torch.tensor([True, False] * (world * per_rank // 2))
+        ref_logps = -40.0 + 5.0 * torch.randn(world * per_rank, generator=gen)
+        batches.append((ids, labels, desirable, ref_logps))
+    return model, batches
+
+
+def _llama_kto_loss(model, batch, rows):
+    """A KTO loss of ``model``'s rows through ``hidden_states`` and ``get_lm_head`` (whatever wraps ``model``)."""
+    import fastkto.integrations.transformers as T
+    from fastkto.loss import kto_loss
+
+    ids, labels, desirable, ref_logps = batch
+    hidden = T.hidden_states(model, ids[rows])[:, :-1]
+    logps = T.get_lm_head(model).sequence_logps(hidden, labels[rows])
+    return kto_loss(logps, ref_logps[rows], desirable[rows], kl=0.5, beta=0.5).loss
+
+
+def _ddp_llama(rank, world, seed, tied):
+    """DDP around a transformers Llama, run by ``hidden_states(ddp_model, ...)``: every parameter's gradient equals
+    one process on the whole batch (DDP's forward ran, so its reducer averaged them)."""
+    import copy
+
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    import fastkto.integrations.transformers as T
+
+    model, (batch,) = _llama_setup(seed, world, tied)
+    single = copy.deepcopy(model)
+    _llama_kto_loss(single, batch, slice(None)).backward()
+    want = dict(single.named_parameters())
+    ddp = DDP(model, process_group=_STATE["group"])
+    rows = slice(rank * 2, (rank + 1) * 2)
+    with ddp.no_sync():  # the same step without the all-reduce: proves the comparison below can fail
+        _llama_kto_loss(ddp, batch, rows).backward()
+    local = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    with torch.no_grad():  # a no-grad pass (KL pairs, a reference) through the wrapper leaves the reducer alone
+        T.hidden_states(ddp, batch[0][rows])
+    _llama_kto_loss(ddp, batch, rows).backward()
+    names = [name for name, _ in model.named_parameters()]
+    assert len(names) == len(want) == (20 if tied else 21)  # two layers of 9, norm, embeddings (+ untied head)
+    unsynced = max(_scaled_error(local[n], want[n].grad.double()) for n in names)
+    assert unsynced > 100 * GRAD_TOL, f"the ranks' own gradients are already the global ones ({unsynced:.1e})"
+    for name, p in model.named_parameters():
+        _check_grad(f"DDP {name}", p.grad, want[name].grad.double())
+    return len(names)
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied-head", "tied-head"])
+def test_ddp_llama_through_hidden_states_matches_single_process(cluster, seed, tied):
+    """docs/training.md's DDP recipe: ``hidden_states(ddp_model, ...)`` and ``get_lm_head(ddp_model)``."""
+    cluster.run(_ddp_llama, seed, tied)
+
+
+def _fsdp2_root_llama(rank, world, seed, tied):
+    """docs/scale-out.md's FSDP2 layout (each decoder layer a unit, the root unit holding the embeddings, the final
+    norm and the head, tied or not): 3 SGD steps with momentum equal one process on the whole batch, gradients and
+    parameters, and a tie holds (one parameter, and after the root's forward one tensor, in both modules).
+    Returns the type of the head weight fastkto got at each step."""
+    import copy
+
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    import fastkto.integrations.transformers as T
+    from fastkto.loss import kto_loss
+
+    mesh = _STATE["mesh"]
+    model, batches = _llama_setup(seed, world, tied, steps=3)
+    single = copy.deepcopy(model)
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)  # reshard_after_forward unset: the root keeps its parameters until backward
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied, "fully_shard kept the tie"
+    opts = [torch.optim.SGD(m.parameters(), lr=0.5, momentum=0.9) for m in (single, model)]
+    rows = slice(rank * 2, (rank + 1) * 2)
+    kinds = set()
+    for step, batch in enumerate(batches):
+        _llama_kto_loss(single, batch, slice(None)).backward()
+        # the head looked up before the root's forward is the DTensor shard (fastkto gathers it); after it, the
+        # unsharded parameter the root keeps until backward: steps 0 and 2 take it before, step 1 after
+        ids, labels, desirable, ref_logps = batch
+        head = T.get_lm_head(model) if step != 1 else None
+        hidden = T.hidden_states(model, ids[rows])[:, :-1]
+        if head is None:
+            head = T.get_lm_head(model)
+            assert head.weight is model.lm_head.weight
+        kinds.add(f"step {step}: {type(head.weight).__name__}")
+        logps = head.sequence_logps(hidden, labels[rows])
+        kto_loss(logps, ref_logps[rows], desirable[rows], kl=0.5, beta=0.5).loss.backward()
+        want = dict(single.named_parameters())
+        for name, p in model.named_parameters():
+            assert isinstance(p, DTensor) and isinstance(p.grad, DTensor), name
+            _check_grad(f"FSDP2 step {step} {name}", p.grad.full_tensor(), want[name].grad.double())
+        for opt in opts:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied, f"step {step}: the tie broke"
+        for name, p in model.named_parameters():
+            _check_grad(f"FSDP2 step {step} {name} (value)", p.full_tensor(), want[name].detach().double())
+    return sorted(kinds)
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied-head", "untied-head"])
+def test_fsdp2_root_layout_matches_single_process_and_stays_tied(cluster, seed, tied):
+    kinds = cluster.run(_fsdp2_root_llama, seed, tied)
+    assert kinds[0] == kinds[1] == ["step 0: DTensor", "step 1: Parameter", "step 2: DTensor"], kinds
+
+
+def _fsdp2_refusals(rank, world):
+    """The layout with the embeddings and the head in separate units splits a tied pair into two parameters:
+    ``hidden_states`` and ``get_lm_head`` refuse it, naming the layout to use. A root resharded after forward
+    would not be unsharded for the embeddings' backward (a crash in FSDP2): refused after the forward."""
+    from torch.distributed.fsdp import fully_shard
+
+    import fastkto.integrations.transformers as T
+
+    mesh = _STATE["mesh"]
+    model, ((ids, *_),) = _llama_setup(0, world, True)
+    fully_shard(model.model, mesh=mesh)
+    fully_shard(model.lm_head, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    assert model.lm_head.weight is not model.model.embed_tokens.weight
+    for call in (lambda: T.get_lm_head(model), lambda: T.hidden_states(model, ids)):
+        with pytest.raises(ValueError, match=r"two different parameters.*fully_shard\(model\) at the root"):
+            call()
+    with pytest.raises(ValueError, match="bypass fully_shard"):
+        T.get_backbone(model)
+    model, ((ids, *_),) = _llama_setup(0, world, True)
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh, reshard_after_forward=True)
+    with pytest.raises(ValueError, match="reshard_after_forward=True. at the root"):
+        T.hidden_states(model, ids)
+
+
+def test_fsdp2_split_tie_and_resharded_root_are_refused(cluster):
+    cluster.run(_fsdp2_refusals)
+
+
 def test_labels_fingerprint_tells_label_tensors_apart():
     """The cheap check of the vocab-parallel layout: equal labels hash equal, likely mistakes hash apart."""
     gen = torch.Generator().manual_seed(0)

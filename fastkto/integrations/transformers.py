@@ -145,6 +145,20 @@ def _is_fsdp2(module: torch.nn.Module) -> bool:
     return isinstance(module, FSDPModule)
 
 
+def _root_resharded(root: torch.nn.Module) -> bool:
+    """True if an FSDP2 root's own parameters (those of its modules outside any nested FSDP2 unit) are sharded
+    DTensors right after its forward, i.e. the root resharded after forward."""
+    from ..distributed import is_sharded
+
+    todo = [root]
+    while todo:
+        module = todo.pop()
+        if any(is_sharded(p) for p in module.parameters(recurse=False)):
+            return True
+        todo.extend(child for child in module.children() if not _is_fsdp2(child))
+    return False
+
+
 def _backbone_module(model: torch.nn.Module) -> torch.nn.Module:
     """``model.base_model`` of the unwrapped transformers model: a lookup, whatever wraps ``model``."""
     inner = unwrap_model(model)
@@ -524,6 +538,13 @@ def _run_capturing(model: torch.nn.Module, inner: torch.nn.Module, backbone: tor
         outputs = capture.outputs
     finally:
         capture.active, capture.outputs = False, []
+    if _is_fsdp2(inner) and _root_resharded(inner):
+        raise ValueError(
+            f"fully_shard({type(inner).__name__}, reshard_after_forward=True) at the root: hidden_states calls the "
+            "root but its backward starts from the backbone's output, not the root's, so FSDP2 would not unshard "
+            "the root's parameters (the embeddings) for backward. Leave the root's reshard_after_forward unset (the "
+            "root then keeps its parameters until backward) or False"
+        )
     if len(outputs) != 1:
         why = ("its forward does not call the backbone module (it calls a submodule of it directly)" if not outputs
                else "its forward called the backbone more than once")
