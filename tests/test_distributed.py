@@ -683,9 +683,9 @@ def _fsdp2_kto(rank, world, seed, head_unit, backend):
     policy, reference, batches = _kto_setup(seed, world)
     ref_out, ref_grads = _single_process_reference(policy, reference, batches)
     if head_unit:
-        # the recipe of docs/scale-out.md: backbone and head are units of their own, the backbone is run directly
-        # (as the transformers integration does) and the head's forward never runs, so its weight stays a DTensor
-        # that fastkto gathers
+        # backbone and head are units of their own, the backbone is run directly and the head's forward never
+        # runs, so its weight stays a DTensor that fastkto gathers (hidden_states calls the root instead: see
+        # _fsdp2_root_llama)
         fully_shard(policy.model, mesh=mesh)
         fully_shard(policy.lm_head, mesh=mesh)
     fully_shard(policy, mesh=mesh)
@@ -777,10 +777,12 @@ def test_ddp_llama_through_hidden_states_matches_single_process(cluster, seed, t
     cluster.run(_ddp_llama, seed, tied)
 
 
-def _fsdp2_root_llama(rank, world, seed, tied):
+def _fsdp2_root_llama(rank, world, seed, tied, head_unit=False):
     """docs/scale-out.md's FSDP2 layout (each decoder layer a unit, the root unit holding the embeddings, the final
     norm and the head, tied or not): 3 SGD steps with momentum equal one process on the whole batch, gradients and
     parameters, and a tie holds (one parameter, and after the root's forward one tensor, in both modules).
+    ``head_unit`` (untied): the 30B recipe's layout instead, ``model.model`` and ``model.lm_head`` units of their own
+    (the head's unit runs on zero rows inside the root's call and is resharded: fastkto always gathers it).
     Returns the type of the head weight fastkto got at each step."""
     import copy
 
@@ -795,6 +797,9 @@ def _fsdp2_root_llama(rank, world, seed, tied):
     single = copy.deepcopy(model)
     for layer in model.model.layers:
         fully_shard(layer, mesh=mesh)
+    if head_unit:
+        fully_shard(model.model, mesh=mesh)
+        fully_shard(model.lm_head, mesh=mesh)
     fully_shard(model, mesh=mesh)  # reshard_after_forward unset: the root keeps its parameters until backward
     assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied, "fully_shard kept the tie"
     opts = [torch.optim.SGD(m.parameters(), lr=0.5, momentum=0.9) for m in (single, model)]
@@ -826,10 +831,12 @@ def _fsdp2_root_llama(rank, world, seed, tied):
     return sorted(kinds)
 
 
-@pytest.mark.parametrize("tied", [True, False], ids=["tied-head", "untied-head"])
-def test_fsdp2_root_layout_matches_single_process_and_stays_tied(cluster, seed, tied):
-    kinds = cluster.run(_fsdp2_root_llama, seed, tied)
-    assert kinds[0] == kinds[1] == ["step 0: DTensor", "step 1: Parameter", "step 2: DTensor"], kinds
+@pytest.mark.parametrize("tied, head_unit", [(True, False), (False, False), (False, True)],
+                         ids=["tied-head", "untied-head", "untied-head-own-unit"])
+def test_fsdp2_root_layout_matches_single_process_and_stays_tied(cluster, seed, tied, head_unit):
+    kinds = cluster.run(_fsdp2_root_llama, seed, tied, head_unit)
+    step1 = "DTensor" if head_unit else "Parameter"
+    assert kinds[0] == kinds[1] == ["step 0: DTensor", f"step 1: {step1}", "step 2: DTensor"], kinds
 
 
 def _fsdp2_refusals(rank, world):
@@ -885,9 +892,10 @@ def test_labels_fingerprint_tells_label_tensors_apart():
 # DeepSpeed ZeRO-3: a partitioned LM head through fastkto.integrations.transformers
 
 
-def _zero3_kto(rank, world, seed, train_head):
+def _zero3_kto(rank, world, seed, train_head, tied=False):
     """A KTO step of a tiny Llama under real DeepSpeed ZeRO-3 (every parameter partitioned, the LM head included),
-    log-probs from ``get_lm_head(model)``, against the same step on one process with the whole batch."""
+    log-probs from ``get_lm_head(model)``, against the same step on one process with the whole batch. ``tied``: the
+    head is the input embeddings (one partitioned parameter), and the engine itself is what hidden_states runs."""
     import copy
     import importlib
 
@@ -904,9 +912,10 @@ def _zero3_kto(rank, world, seed, train_head):
     importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(world))  # what a launcher sets
     cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, tie_word_embeddings=False)
+                      num_key_value_heads=2, tie_word_embeddings=tied)
     torch.manual_seed(seed)
     policy = LlamaForCausalLM(cfg)
+    assert (policy.lm_head.weight is policy.model.embed_tokens.weight) == tied
     policy.lm_head.weight.requires_grad_(train_head)  # frozen: the LoRA layout
     reference = copy.deepcopy(policy).requires_grad_(False)
     with torch.no_grad():
@@ -922,14 +931,15 @@ def _zero3_kto(rank, world, seed, train_head):
     kl_labels = kl_ids[:, 1:].clone()
     kl_labels[:, :3] = -100
 
-    def kto_step(model, rows, group):
-        head = T.get_lm_head(model)
+    def kto_step(model, rows, group, run=None):
+        run = model if run is None else run
+        head = T.get_lm_head(run)
         ref_head = T.get_lm_head(reference)
-        hidden = T.hidden_states(model, ids[rows])[:, :-1]
+        hidden = T.hidden_states(run, ids[rows])[:, :-1]
         policy_logps = head.sequence_logps(hidden, labels[rows])
         with torch.no_grad():
             ref_logps = ref_head.sequence_logps(T.hidden_states(reference, ids[rows])[:, :-1], labels[rows])
-            kl_policy = head.sequence_logps(T.hidden_states(model, kl_ids[rows])[:, :-1], kl_labels[rows])
+            kl_policy = head.sequence_logps(T.hidden_states(run, kl_ids[rows])[:, :-1], kl_labels[rows])
             kl_ref = ref_head.sequence_logps(T.hidden_states(reference, kl_ids[rows])[:, :-1], kl_labels[rows])
         z0 = kto_kl(kl_policy, kl_ref, process_group=group)
         return kto_loss(policy_logps, ref_logps, desirable[rows], kl=z0, beta=0.5), head
@@ -943,7 +953,9 @@ def _zero3_kto(rank, world, seed, train_head):
     engine, *_ = deepspeed.initialize(model=policy, config=config,
                                       model_parameters=[p for p in policy.parameters() if p.requires_grad])
     assert T._is_partitioned(policy.lm_head.weight), "the head must be partitioned for this test to mean anything"
-    out, head = kto_step(policy, slice(rank * per_rank, (rank + 1) * per_rank), _STATE["group"])
+    assert (policy.lm_head.weight is policy.model.embed_tokens.weight) == tied, "ZeRO-3 kept the tie"
+    out, head = kto_step(policy, slice(rank * per_rank, (rank + 1) * per_rank), _STATE["group"],
+                         engine if tied else None)
     assert "forward" not in vars(head.module), "the head module's forward must be restored"
     assert T._is_partitioned(policy.lm_head.weight), "released again after the forward"
     torch.testing.assert_close(out.kl, want.kl, rtol=1e-5, atol=0)
@@ -956,11 +968,13 @@ def _zero3_kto(rank, world, seed, train_head):
         # DeepSpeed averages the ranks' gradients of their own batch means: the whole batch's mean
         _check_grad(f"ZeRO-3 {name}", safe_get_full_grad(p), single_params[name].grad.double(), tol=1e-5)
     engine.step()
+    assert (policy.lm_head.weight is policy.model.embed_tokens.weight) == tied, "the step kept the tie"
     return out.loss.item(), want.loss.item()
 
 
-@pytest.mark.parametrize("train_head", [True, False], ids=["trainable-head", "frozen-head"])
-def test_deepspeed_zero3_partitioned_head_matches_single_process(cluster, seed, train_head):
+@pytest.mark.parametrize("train_head, tied", [(True, False), (False, False), (True, True)],
+                         ids=["trainable-head", "frozen-head", "tied-head-engine"])
+def test_deepspeed_zero3_partitioned_head_matches_single_process(cluster, seed, train_head, tied):
     pytest.importorskip("deepspeed", reason="deepspeed is installed by scripts/setup.sh (CI); optional elsewhere")
-    (loss0, want), (loss1, _) = cluster.run(_zero3_kto, seed, train_head)
+    (loss0, want), (loss1, _) = cluster.run(_zero3_kto, seed, train_head, tied)
     assert abs((loss0 + loss1) / 2 - want) <= 1e-6 * max(1.0, abs(want))
