@@ -3,8 +3,11 @@
 A causal LM computes ``logits = transform(hidden @ W.T + b)`` where ``hidden`` is the backbone's last hidden state
 and ``transform`` is the identity for most models. This module gets the pieces:
 
-* ``get_backbone(model)`` / ``hidden_states(model, input_ids, ...)``: run ``model.base_model`` (the module named by
-  ``base_model_prefix``: ``model.model`` for Llama, ``model.transformer`` for GPT-2), never the LM head.
+* ``hidden_states(model, input_ids, ...)`` / ``backbone_outputs``: the output of ``model.base_model`` (the module
+  named by ``base_model_prefix``: ``model.model`` for Llama, ``model.transformer`` for GPT-2), without the LM
+  head's work. A wrapper whose call matters (DDP, FSDP1, an FSDP2 root, a DeepSpeed engine, ``torch.compile``,
+  ``model.compile()``) is called itself, never bypassed; ``get_backbone(model)`` (the module) refuses such wrappers.
+  A tied embedding / LM head split into two parameters (e.g. by FSDP2 units) raises ValueError.
 * ``get_lm_head(model)``: an ``LMHead`` holding the head's weight (the input embeddings when tied), its bias, and
   the transform expressed as fastkto's ``softcap`` and ``temperature``:
 
