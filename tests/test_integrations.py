@@ -249,6 +249,13 @@ def test_compiled_model_is_run_compiled_by_hidden_states(how, seed):
     want = torch.autograd.grad(want_lp.sum(), list(eager.parameters()))
     torch.testing.assert_close(lp, want_lp, rtol=0, atol=LOGP_ATOL)
     assert_grads_close(got, want)
+    if how == "torch.compile":  # a copy of the hooked model captures its own backbone's output
+        twin = copy.deepcopy(model)
+        with torch.no_grad():
+            twin.model.norm.weight.mul_(2.0)
+        twin_hidden = T.hidden_states(torch.compile(twin, backend=backend), ids, mask)
+        torch.testing.assert_close(twin_hidden, T.hidden_states(twin, ids, mask), rtol=0, atol=1e-5)
+        assert (twin_hidden - hidden).abs().max() > 1e-2
     before = len(graphs)
     packed = T.hidden_states(run, flat, cu_seqlens=cu)
     assert len(graphs) > before, "the packed call (other shapes and kwargs) is compiled too"

@@ -491,6 +491,13 @@ class _Capture:
         self.outputs = []
 
 
+def _capture_hook(module, args, output):
+    # looked up on the module (not closed over), so a deep copy of the model captures into its own slot
+    capture = getattr(module, "_fastkto_capture", None)
+    if capture is not None and capture.active:
+        capture.outputs.append(output)
+
+
 def _capture_of(backbone: torch.nn.Module) -> _Capture:
     """The backbone's capture slot, with its forward hook installed on first use. The hook stays (a no-op while
     ``active`` is False): Dynamo does not guard on module hooks, so one added after a compiled model first ran would
@@ -499,12 +506,7 @@ def _capture_of(backbone: torch.nn.Module) -> _Capture:
     capture = backbone.__dict__.get("_fastkto_capture")
     if capture is None:
         capture = _Capture()
-
-        def hook(module, args, output):
-            if capture.active:
-                capture.outputs.append(output)
-
-        backbone.register_forward_hook(hook)
+        backbone.register_forward_hook(_capture_hook)
         backbone.__dict__["_fastkto_capture"] = capture
     return capture
 
