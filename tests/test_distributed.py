@@ -754,6 +754,8 @@ def _ddp_llama(rank, world, seed, tied):
     _llama_kto_loss(single, batch, slice(None)).backward()
     want = dict(single.named_parameters())
     ddp = DDP(model, process_group=_STATE["group"])
+    with pytest.raises(ValueError, match="bypass DistributedDataParallel"):
+        T.get_backbone(ddp)  # the module it would return runs without the gradient sync
     rows = slice(rank * 2, (rank + 1) * 2)
     with ddp.no_sync():  # the same step without the all-reduce: proves the comparison below can fail
         _llama_kto_loss(ddp, batch, rows).backward()
