@@ -956,10 +956,15 @@ def _zero3_kto(rank, world, seed, train_head, tied=False):
                                       model_parameters=[p for p in policy.parameters() if p.requires_grad])
     assert T._is_partitioned(policy.lm_head.weight), "the head must be partitioned for this test to mean anything"
     assert (policy.lm_head.weight is policy.model.embed_tokens.weight) == tied, "ZeRO-3 kept the tie"
+    engine_calls = []
+    engine.register_forward_pre_hook(lambda module, args: engine_calls.append(1))
     out, head = kto_step(policy, slice(rank * per_rank, (rank + 1) * per_rank), _STATE["group"],
                          engine if tied else None)
+    assert len(engine_calls) == (2 if tied else 0), "hidden_states(engine) calls the engine (policy and KL pass)"
     assert "forward" not in vars(head.module), "the head module's forward must be restored"
-    assert T._is_partitioned(policy.lm_head.weight), "released again after the forward"
+    # through the engine's forward DeepSpeed (0.19.8) leaves the tied weight gathered afterwards, so fastkto takes
+    # it as a plain weight there; the gradients below are one process's either way
+    assert tied or T._is_partitioned(policy.lm_head.weight), "released again after the forward"
     torch.testing.assert_close(out.kl, want.kl, rtol=1e-5, atol=0)
     engine.backward(out.loss)
     single_params = dict(single.named_parameters())

@@ -48,6 +48,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import sys
 import threading
 from dataclasses import dataclass, field
 
@@ -109,11 +110,22 @@ def _unwrap(model: torch.nn.Module, *, allow_prompt_learning: bool) -> torch.nn.
             model = peft.get_base_model()
         elif hasattr(model, "_orig_mod"):
             model = model._orig_mod
-        elif hasattr(model, "module") and isinstance(model.module, torch.nn.Module) and not hasattr(model, "config"):
+        elif _is_module_wrapper(model):
             model = model.module
         else:
             return model
     return model
+
+
+def _is_module_wrapper(model: torch.nn.Module) -> bool:
+    """A ``.module`` wrapper (DDP, FSDP1, a DeepSpeed engine), not a model that happens to have a ``module``."""
+    inner = getattr(model, "module", None)
+    if not isinstance(inner, torch.nn.Module):
+        return False
+    # a DeepSpeed engine forwards unknown attributes (config, ...) to its module: recognise it by type
+    deepspeed = sys.modules.get("deepspeed")
+    engine = getattr(deepspeed, "DeepSpeedEngine", None) if deepspeed is not None else None
+    return (isinstance(engine, type) and isinstance(model, engine)) or not hasattr(model, "config")
 
 
 def _wrappers(model: torch.nn.Module) -> list[str]:
@@ -132,7 +144,7 @@ def _wrappers(model: torch.nn.Module) -> list[str]:
         elif hasattr(model, "_orig_mod"):
             names.append("torch.compile")
             model = model._orig_mod
-        elif hasattr(model, "module") and isinstance(model.module, torch.nn.Module) and not hasattr(model, "config"):
+        elif _is_module_wrapper(model):
             names.append(type(model).__name__)
             model = model.module
         else:
@@ -207,9 +219,8 @@ def _check_tie(inner: torch.nn.Module) -> None:
         raise ValueError(
             f"{type(inner).__name__} ties its input embeddings and LM head (config.tie_word_embeddings=True) but they "
             "are two different parameters here, which training would move apart. Under FSDP2 keep the tied weight "
-            "in one unit: fully_shard each decoder layer, then fully_shard(model) at the root (do not shard "
-            "model.model and model.lm_head as separate units); then call model.tie_weights() before sharding if "
-            "they were untied"
+            "in one unit: fully_shard each decoder layer, then fully_shard(model) at the root (not model.model and "
+            "model.lm_head as units of their own); under DeepSpeed ZeRO-3, tie before deepspeed.initialize"
         )
 
 
