@@ -683,9 +683,9 @@ def _fsdp2_kto(rank, world, seed, head_unit, backend):
     policy, reference, batches = _kto_setup(seed, world)
     ref_out, ref_grads = _single_process_reference(policy, reference, batches)
     if head_unit:
-        # the recipe of docs/scale-out.md: backbone and head are units of their own, the backbone is run directly
-        # (as the transformers integration does) and the head's forward never runs, so its weight stays a DTensor
-        # that fastkto gathers
+        # backbone and head are units of their own, the backbone is run directly and the head's forward never
+        # runs, so its weight stays a DTensor that fastkto gathers (hidden_states calls the root instead: see
+        # _fsdp2_root_llama)
         fully_shard(policy.model, mesh=mesh)
         fully_shard(policy.lm_head, mesh=mesh)
     fully_shard(policy, mesh=mesh)
@@ -701,6 +701,175 @@ def _fsdp2_kto(rank, world, seed, head_unit, backend):
 @pytest.mark.parametrize("head_unit", [False, True], ids=["head-in-root-unit", "head-own-unit-dtensor"])
 def test_fsdp2_kto_step_matches_single_process(cluster, seed, head_unit):
     cluster.run(_fsdp2_kto, seed, head_unit, "torch")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A transformers Llama through fastkto.integrations.transformers.hidden_states under DDP and FSDP2
+
+
+def _llama_setup(seed, world, tied, *, per_rank=2, t=9, steps=1):
+    """A tiny Llama (tied or untied head) and ``steps`` global batches: ids (world * per_rank, t), next-token labels
+    with a masked prompt, desirable flags, fixed reference log-probs."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, tie_word_embeddings=tied)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg)
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
+    gen = torch.Generator().manual_seed(seed + 1)
+    batches = []
+    for _ in range(steps):
+        ids = torch.randint(0, 97, (world * per_rank, t), generator=gen)
+        labels = ids[:, 1:].clone()
+        labels[:, : 1 + int(torch.randint(0, 3, (), generator=gen))] = -100  # the prompt
+        desirable = torch.tensor([True, False] * (world * per_rank // 2))
+        ref_logps = -40.0 + 5.0 * torch.randn(world * per_rank, generator=gen)
+        batches.append((ids, labels, desirable, ref_logps))
+    return model, batches
+
+
+def _llama_kto_loss(model, batch, rows):
+    """A KTO loss of ``model``'s rows through ``hidden_states`` and ``get_lm_head`` (whatever wraps ``model``)."""
+    import fastkto.integrations.transformers as T
+    from fastkto.loss import kto_loss
+
+    ids, labels, desirable, ref_logps = batch
+    hidden = T.hidden_states(model, ids[rows])[:, :-1]
+    logps = T.get_lm_head(model).sequence_logps(hidden, labels[rows])
+    return kto_loss(logps, ref_logps[rows], desirable[rows], kl=0.5, beta=0.5).loss
+
+
+def _ddp_llama(rank, world, seed, tied):
+    """DDP around a transformers Llama, run by ``hidden_states(ddp_model, ...)``: every parameter's gradient equals
+    one process on the whole batch (DDP's forward ran, so its reducer averaged them)."""
+    import copy
+
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    import fastkto.integrations.transformers as T
+
+    model, (batch,) = _llama_setup(seed, world, tied)
+    single = copy.deepcopy(model)
+    _llama_kto_loss(single, batch, slice(None)).backward()
+    want = dict(single.named_parameters())
+    ddp = DDP(model, process_group=_STATE["group"])
+    with pytest.raises(ValueError, match="bypass DistributedDataParallel"):
+        T.get_backbone(ddp)  # the module it would return runs without the gradient sync
+    rows = slice(rank * 2, (rank + 1) * 2)
+    with ddp.no_sync():  # the same step without the all-reduce: proves the comparison below can fail
+        _llama_kto_loss(ddp, batch, rows).backward()
+    local = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    with torch.no_grad():  # a no-grad pass (KL pairs, a reference) through the wrapper leaves the reducer alone
+        T.hidden_states(ddp, batch[0][rows])
+    _llama_kto_loss(ddp, batch, rows).backward()
+    names = [name for name, _ in model.named_parameters()]
+    assert len(names) == len(want) == (20 if tied else 21)  # two layers of 9, norm, embeddings (+ untied head)
+    unsynced = max(_scaled_error(local[n], want[n].grad.double()) for n in names)
+    assert unsynced > 100 * GRAD_TOL, f"the ranks' own gradients are already the global ones ({unsynced:.1e})"
+    for name, p in model.named_parameters():
+        _check_grad(f"DDP {name}", p.grad, want[name].grad.double())
+    return len(names)
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied-head", "tied-head"])
+def test_ddp_llama_through_hidden_states_matches_single_process(cluster, seed, tied):
+    """docs/training.md's DDP recipe: ``hidden_states(ddp_model, ...)`` and ``get_lm_head(ddp_model)``."""
+    cluster.run(_ddp_llama, seed, tied)
+
+
+def _fsdp2_root_llama(rank, world, seed, tied, head_unit=False):
+    """docs/scale-out.md's FSDP2 layout (each decoder layer a unit, the root unit holding the embeddings, the final
+    norm and the head, tied or not): 3 SGD steps with momentum equal one process on the whole batch, gradients and
+    parameters, and a tie holds (one parameter, and after the root's forward one tensor, in both modules).
+    ``head_unit`` (untied): the 30B recipe's layout instead, ``model.model`` and ``model.lm_head`` units of their own
+    (the head's unit runs on zero rows inside the root's call and is resharded: fastkto always gathers it).
+    Returns the type of the head weight fastkto got at each step."""
+    import copy
+
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    import fastkto.integrations.transformers as T
+    from fastkto.loss import kto_loss
+
+    mesh = _STATE["mesh"]
+    model, batches = _llama_setup(seed, world, tied, steps=3)
+    single = copy.deepcopy(model)
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    if head_unit:
+        fully_shard(model.model, mesh=mesh)
+        fully_shard(model.lm_head, mesh=mesh)
+    fully_shard(model, mesh=mesh)  # reshard_after_forward unset: the root keeps its parameters until backward
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied, "fully_shard kept the tie"
+    opts = [torch.optim.SGD(m.parameters(), lr=0.5, momentum=0.9) for m in (single, model)]
+    rows = slice(rank * 2, (rank + 1) * 2)
+    kinds = set()
+    for step, batch in enumerate(batches):
+        _llama_kto_loss(single, batch, slice(None)).backward()
+        # the head looked up before the root's forward is the DTensor shard (fastkto gathers it); after it, the
+        # unsharded parameter the root keeps until backward: steps 0 and 2 take it before, step 1 after
+        ids, labels, desirable, ref_logps = batch
+        head = T.get_lm_head(model) if step != 1 else None
+        hidden = T.hidden_states(model, ids[rows])[:, :-1]
+        if head is None:
+            head = T.get_lm_head(model)
+            assert head.weight is model.lm_head.weight
+        kinds.add(f"step {step}: {type(head.weight).__name__}")
+        logps = head.sequence_logps(hidden, labels[rows])
+        kto_loss(logps, ref_logps[rows], desirable[rows], kl=0.5, beta=0.5).loss.backward()
+        want = dict(single.named_parameters())
+        for name, p in model.named_parameters():
+            assert isinstance(p, DTensor) and isinstance(p.grad, DTensor), name
+            _check_grad(f"FSDP2 step {step} {name}", p.grad.full_tensor(), want[name].grad.double())
+        for opt in opts:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied, f"step {step}: the tie broke"
+        for name, p in model.named_parameters():
+            _check_grad(f"FSDP2 step {step} {name} (value)", p.full_tensor(), want[name].detach().double())
+    return sorted(kinds)
+
+
+@pytest.mark.parametrize("tied, head_unit", [(True, False), (False, False), (False, True)],
+                         ids=["tied-head", "untied-head", "untied-head-own-unit"])
+def test_fsdp2_root_layout_matches_single_process_and_stays_tied(cluster, seed, tied, head_unit):
+    kinds = cluster.run(_fsdp2_root_llama, seed, tied, head_unit)
+    step1 = "DTensor" if head_unit else "Parameter"
+    assert kinds[0] == kinds[1] == ["step 0: DTensor", f"step 1: {step1}", "step 2: DTensor"], kinds
+
+
+def _fsdp2_refusals(rank, world):
+    """The layout with the embeddings and the head in separate units splits a tied pair into two parameters:
+    ``hidden_states`` and ``get_lm_head`` refuse it, naming the layout to use. A root resharded after forward
+    would not be unsharded for the embeddings' backward (a crash in FSDP2): refused after the forward."""
+    from torch.distributed.fsdp import fully_shard
+
+    import fastkto.integrations.transformers as T
+
+    mesh = _STATE["mesh"]
+    model, ((ids, *_),) = _llama_setup(0, world, True)
+    fully_shard(model.model, mesh=mesh)
+    fully_shard(model.lm_head, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    assert model.lm_head.weight is not model.model.embed_tokens.weight
+    for call in (lambda: T.get_lm_head(model), lambda: T.hidden_states(model, ids)):
+        with pytest.raises(ValueError, match=r"two different parameters.*fully_shard\(model\) at the root"):
+            call()
+    with pytest.raises(ValueError, match="bypass fully_shard"):
+        T.get_backbone(model)
+    model, ((ids, *_),) = _llama_setup(0, world, True)
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh, reshard_after_forward=True)
+    with pytest.raises(ValueError, match="reshard_after_forward=True. at the root"):
+        T.hidden_states(model, ids)
+
+
+def test_fsdp2_split_tie_and_resharded_root_are_refused(cluster):
+    cluster.run(_fsdp2_refusals)
 
 
 def test_labels_fingerprint_tells_label_tensors_apart():
@@ -725,9 +894,10 @@ def test_labels_fingerprint_tells_label_tensors_apart():
 # DeepSpeed ZeRO-3: a partitioned LM head through fastkto.integrations.transformers
 
 
-def _zero3_kto(rank, world, seed, train_head):
+def _zero3_kto(rank, world, seed, train_head, tied=False):
     """A KTO step of a tiny Llama under real DeepSpeed ZeRO-3 (every parameter partitioned, the LM head included),
-    log-probs from ``get_lm_head(model)``, against the same step on one process with the whole batch."""
+    log-probs from ``get_lm_head(model)``, against the same step on one process with the whole batch. ``tied``: the
+    head is the input embeddings (one partitioned parameter), and the engine itself is what hidden_states runs."""
     import copy
     import importlib
 
@@ -744,9 +914,10 @@ def _zero3_kto(rank, world, seed, train_head):
     importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(world))  # what a launcher sets
     cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, tie_word_embeddings=False)
+                      num_key_value_heads=2, tie_word_embeddings=tied)
     torch.manual_seed(seed)
     policy = LlamaForCausalLM(cfg)
+    assert (policy.lm_head.weight is policy.model.embed_tokens.weight) == tied
     policy.lm_head.weight.requires_grad_(train_head)  # frozen: the LoRA layout
     reference = copy.deepcopy(policy).requires_grad_(False)
     with torch.no_grad():
@@ -762,14 +933,15 @@ def _zero3_kto(rank, world, seed, train_head):
     kl_labels = kl_ids[:, 1:].clone()
     kl_labels[:, :3] = -100
 
-    def kto_step(model, rows, group):
-        head = T.get_lm_head(model)
+    def kto_step(model, rows, group, run=None):
+        run = model if run is None else run
+        head = T.get_lm_head(run)
         ref_head = T.get_lm_head(reference)
-        hidden = T.hidden_states(model, ids[rows])[:, :-1]
+        hidden = T.hidden_states(run, ids[rows])[:, :-1]
         policy_logps = head.sequence_logps(hidden, labels[rows])
         with torch.no_grad():
             ref_logps = ref_head.sequence_logps(T.hidden_states(reference, ids[rows])[:, :-1], labels[rows])
-            kl_policy = head.sequence_logps(T.hidden_states(model, kl_ids[rows])[:, :-1], kl_labels[rows])
+            kl_policy = head.sequence_logps(T.hidden_states(run, kl_ids[rows])[:, :-1], kl_labels[rows])
             kl_ref = ref_head.sequence_logps(T.hidden_states(reference, kl_ids[rows])[:, :-1], kl_labels[rows])
         z0 = kto_kl(kl_policy, kl_ref, process_group=group)
         return kto_loss(policy_logps, ref_logps, desirable[rows], kl=z0, beta=0.5), head
@@ -783,9 +955,16 @@ def _zero3_kto(rank, world, seed, train_head):
     engine, *_ = deepspeed.initialize(model=policy, config=config,
                                       model_parameters=[p for p in policy.parameters() if p.requires_grad])
     assert T._is_partitioned(policy.lm_head.weight), "the head must be partitioned for this test to mean anything"
-    out, head = kto_step(policy, slice(rank * per_rank, (rank + 1) * per_rank), _STATE["group"])
+    assert (policy.lm_head.weight is policy.model.embed_tokens.weight) == tied, "ZeRO-3 kept the tie"
+    engine_calls = []
+    engine.register_forward_pre_hook(lambda module, args: engine_calls.append(1))
+    out, head = kto_step(policy, slice(rank * per_rank, (rank + 1) * per_rank), _STATE["group"],
+                         engine if tied else None)
+    assert len(engine_calls) == (2 if tied else 0), "hidden_states(engine) calls the engine (policy and KL pass)"
     assert "forward" not in vars(head.module), "the head module's forward must be restored"
-    assert T._is_partitioned(policy.lm_head.weight), "released again after the forward"
+    # through the engine's forward DeepSpeed (0.19.8) leaves the tied weight gathered afterwards, so fastkto takes
+    # it as a plain weight there; the gradients below are one process's either way
+    assert tied or T._is_partitioned(policy.lm_head.weight), "released again after the forward"
     torch.testing.assert_close(out.kl, want.kl, rtol=1e-5, atol=0)
     engine.backward(out.loss)
     single_params = dict(single.named_parameters())
@@ -796,11 +975,13 @@ def _zero3_kto(rank, world, seed, train_head):
         # DeepSpeed averages the ranks' gradients of their own batch means: the whole batch's mean
         _check_grad(f"ZeRO-3 {name}", safe_get_full_grad(p), single_params[name].grad.double(), tol=1e-5)
     engine.step()
+    assert (policy.lm_head.weight is policy.model.embed_tokens.weight) == tied, "the step kept the tie"
     return out.loss.item(), want.loss.item()
 
 
-@pytest.mark.parametrize("train_head", [True, False], ids=["trainable-head", "frozen-head"])
-def test_deepspeed_zero3_partitioned_head_matches_single_process(cluster, seed, train_head):
+@pytest.mark.parametrize("train_head, tied", [(True, False), (False, False), (True, True)],
+                         ids=["trainable-head", "frozen-head", "tied-head-engine"])
+def test_deepspeed_zero3_partitioned_head_matches_single_process(cluster, seed, train_head, tied):
     pytest.importorskip("deepspeed", reason="deepspeed is installed by scripts/setup.sh (CI); optional elsewhere")
-    (loss0, want), (loss1, _) = cluster.run(_zero3_kto, seed, train_head)
+    (loss0, want), (loss1, _) = cluster.run(_zero3_kto, seed, train_head, tied)
     assert abs((loss0 + loss1) / 2 - want) <= 1e-6 * max(1.0, abs(want))

@@ -211,6 +211,57 @@ def test_gradient_checkpointing_gives_the_same_gradients(seed):
     assert_grads_close(grads(), plain)
 
 
+# ------------------------------------------------------------------------------------------------ torch.compile
+@pytest.mark.parametrize("how", ["torch.compile", "model.compile"])
+def test_compiled_model_is_run_compiled_by_hidden_states(how, seed):
+    """``hidden_states`` calls a compiled model (``torch.compile(model)`` or ``model.compile()``) instead of its
+    eager backbone: Dynamo hands the backbone's graph to the backend (counted here), once, reused on the next calls
+    (no recompilation); values and gradients equal the eager model's, padded and packed."""
+    from fastkto import packing as P
+
+    model = tiny("llama_tied")
+    eager = copy.deepcopy(model)
+    graphs = []
+
+    def backend(gm, example_inputs):  # a Dynamo backend that records each graph and runs it as traced
+        graphs.append(gm)
+        return gm.forward
+
+    if how == "torch.compile":
+        run = torch.compile(model, backend=backend)
+    else:
+        model.compile(backend=backend)
+        run = model
+    with pytest.raises(ValueError, match="bypass .*compile"):
+        T.get_backbone(run)  # calling the backbone module would run it eagerly
+    ids, mask, labels = padded_batch()
+    flat = ids[0:1, :8]
+    cu = P.cu_seqlens_from_lengths([5, 3])
+    for step in range(3):
+        hidden = T.hidden_states(run, ids, mask)
+        if step == 0:
+            compiled = len(graphs)
+            assert compiled >= 1 and any("embedding" in gm.code for gm in graphs), "the backbone was not compiled"
+        lp = T.get_lm_head(run).logprobs(hidden[:, :-1], labels)
+        got = torch.autograd.grad(lp.sum(), list(model.parameters()))
+    assert len(graphs) == compiled, "later calls must reuse the compiled graph"
+    want_lp = T.get_lm_head(eager).logprobs(T.hidden_states(eager, ids, mask)[:, :-1], labels)
+    want = torch.autograd.grad(want_lp.sum(), list(eager.parameters()))
+    torch.testing.assert_close(lp, want_lp, rtol=0, atol=LOGP_ATOL)
+    assert_grads_close(got, want)
+    if how == "torch.compile":  # a copy of the hooked model captures its own backbone's output
+        twin = copy.deepcopy(model)
+        with torch.no_grad():
+            twin.model.norm.weight.mul_(2.0)
+        twin_hidden = T.hidden_states(torch.compile(twin, backend=backend), ids, mask)
+        torch.testing.assert_close(twin_hidden, T.hidden_states(twin, ids, mask), rtol=0, atol=1e-5)
+        assert (twin_hidden - hidden).abs().max() > 1e-2
+    before = len(graphs)
+    packed = T.hidden_states(run, flat, cu_seqlens=cu)
+    assert len(graphs) > before, "the packed call (other shapes and kwargs) is compiled too"
+    torch.testing.assert_close(packed, T.hidden_states(eager, flat, cu_seqlens=cu), rtol=0, atol=1e-5)
+
+
 # ----------------------------------------------------------------------------------------------------- ZeRO-3
 # Real DeepSpeed ZeRO-3 runs in tests/test_distributed.py (2 gloo processes); here, what needs no cluster.
 

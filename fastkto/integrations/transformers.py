@@ -3,8 +3,11 @@
 A causal LM computes ``logits = transform(hidden @ W.T + b)`` where ``hidden`` is the backbone's last hidden state
 and ``transform`` is the identity for most models. This module gets the pieces:
 
-* ``get_backbone(model)`` / ``hidden_states(model, input_ids, ...)``: run ``model.base_model`` (the module named by
-  ``base_model_prefix``: ``model.model`` for Llama, ``model.transformer`` for GPT-2), never the LM head.
+* ``hidden_states(model, input_ids, ...)`` / ``backbone_outputs``: the output of ``model.base_model`` (the module
+  named by ``base_model_prefix``: ``model.model`` for Llama, ``model.transformer`` for GPT-2), without the LM
+  head's work. A wrapper whose call matters (DDP, FSDP1, an FSDP2 root, a DeepSpeed engine, ``torch.compile``,
+  ``model.compile()``) is called itself, never bypassed; ``get_backbone(model)`` (the module) refuses such wrappers.
+  A tied embedding / LM head split into two parameters (e.g. by FSDP2 units) raises ValueError.
 * ``get_lm_head(model)``: an ``LMHead`` holding the head's weight (the input embeddings when tied), its bias, and
   the transform expressed as fastkto's ``softcap`` and ``temperature``:
 
@@ -45,6 +48,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import sys
 import threading
 from dataclasses import dataclass, field
 
@@ -106,15 +110,72 @@ def _unwrap(model: torch.nn.Module, *, allow_prompt_learning: bool) -> torch.nn.
             model = peft.get_base_model()
         elif hasattr(model, "_orig_mod"):
             model = model._orig_mod
-        elif hasattr(model, "module") and isinstance(model.module, torch.nn.Module) and not hasattr(model, "config"):
+        elif _is_module_wrapper(model):
             model = model.module
         else:
             return model
     return model
 
 
-def get_backbone(model: torch.nn.Module) -> torch.nn.Module:
-    """The module that maps input ids to the final hidden states (``model.base_model``), without the LM head."""
+def _is_module_wrapper(model: torch.nn.Module) -> bool:
+    """A ``.module`` wrapper (DDP, FSDP1, a DeepSpeed engine), not a model that happens to have a ``module``."""
+    inner = getattr(model, "module", None)
+    if not isinstance(inner, torch.nn.Module):
+        return False
+    # a DeepSpeed engine forwards unknown attributes (config, ...) to its module: recognise it by type
+    deepspeed = sys.modules.get("deepspeed")
+    engine = getattr(deepspeed, "DeepSpeedEngine", None) if deepspeed is not None else None
+    return (isinstance(engine, type) and isinstance(model, engine)) or not hasattr(model, "config")
+
+
+def _wrappers(model: torch.nn.Module) -> list[str]:
+    """Names of the wrappers around ``model``'s transformers model whose forward, hooks or compilation calling the
+    backbone directly would skip: ``.module`` wrappers (DDP, FSDP1, a DeepSpeed engine), ``torch.compile``,
+    ``model.compile()`` and an FSDP2 root (``fully_shard``). PEFT adapters live in the backbone's layers: not listed."""
+    names = []
+    for _ in range(8):
+        if getattr(model, "_compiled_call_impl", None) is not None:
+            names.append(f"{type(model).__name__}.compile()")
+        if _is_fsdp2(model):
+            names.append(f"fully_shard({type(model).__name__})")
+        peft = _peft_model(model)
+        if peft is not None:
+            model = peft.get_base_model()
+        elif hasattr(model, "_orig_mod"):
+            names.append("torch.compile")
+            model = model._orig_mod
+        elif _is_module_wrapper(model):
+            names.append(type(model).__name__)
+            model = model.module
+        else:
+            break
+    return names
+
+
+def _is_fsdp2(module: torch.nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch without distributed
+        return False
+    return isinstance(module, FSDPModule)
+
+
+def _root_resharded(root: torch.nn.Module) -> bool:
+    """True if an FSDP2 root's own parameters (those of its modules outside any nested FSDP2 unit) are sharded
+    DTensors right after its forward, i.e. the root resharded after forward."""
+    from ..distributed import is_sharded
+
+    todo = [root]
+    while todo:
+        module = todo.pop()
+        if any(is_sharded(p) for p in module.parameters(recurse=False)):
+            return True
+        todo.extend(child for child in module.children() if not _is_fsdp2(child))
+    return False
+
+
+def _backbone_module(model: torch.nn.Module) -> torch.nn.Module:
+    """``model.base_model`` of the unwrapped transformers model: a lookup, whatever wraps ``model``."""
     inner = unwrap_model(model)
     backbone = getattr(inner, "base_model", None)
     if backbone is None or backbone is inner:
@@ -123,6 +184,44 @@ def get_backbone(model: torch.nn.Module) -> torch.nn.Module:
             "whose base_model_prefix names the decoder (e.g. LlamaForCausalLM.model)"
         )
     return backbone
+
+
+def get_backbone(model: torch.nn.Module) -> torch.nn.Module:
+    """The module that maps input ids to the final hidden states (``model.base_model``), without the LM head.
+
+    Calling it runs the backbone alone. So for a ``model`` behind a wrapper whose call matters (DDP's gradient
+    sync, FSDP's unshard hooks, ``torch.compile`` / ``model.compile()``), this raises ValueError: run such a model
+    with ``hidden_states(model, ...)`` or ``backbone_outputs(model, ...)``, which call the wrapper.
+    """
+    wrappers = _wrappers(model)
+    if wrappers:
+        raise ValueError(
+            f"get_backbone: calling the backbone directly would bypass {', '.join(wrappers)} (no gradient sync / "
+            "FSDP hooks / compilation). Run it with hidden_states(model, ...) or backbone_outputs(model, ...), "
+            "which call the model you pass; to inspect the module only, read unwrap_model(model).base_model"
+        )
+    return _backbone_module(model)
+
+
+def _check_tie(inner: torch.nn.Module) -> None:
+    """ValueError if the model declares a tied embedding / LM head but holds them as two parameters (FSDP2 units
+    that split the tied pair, or a copy), which would train them apart."""
+    config = getattr(inner, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if not getattr(text, "tie_word_embeddings", False) or not getattr(inner, "_tied_weights_keys", None):
+        return
+    get_in, get_out = getattr(inner, "get_input_embeddings", None), getattr(inner, "get_output_embeddings", None)
+    if get_in is None or get_out is None:
+        return
+    emb, head = get_in(), get_out()
+    w_in, w_out = getattr(emb, "weight", None), getattr(head, "weight", None)
+    if isinstance(w_in, torch.Tensor) and isinstance(w_out, torch.Tensor) and w_in is not w_out:
+        raise ValueError(
+            f"{type(inner).__name__} ties its input embeddings and LM head (config.tie_word_embeddings=True) but they "
+            "are two different parameters here, which training would move apart. Under FSDP2 keep the tied weight "
+            "in one unit: fully_shard each decoder layer, then fully_shard(model) at the root (not model.model and "
+            "model.lm_head as units of their own); under DeepSpeed ZeRO-3, tie before deepspeed.initialize"
+        )
 
 
 def _head_module(inner: torch.nn.Module) -> torch.nn.Module:
@@ -298,6 +397,7 @@ def get_lm_head(model: torch.nn.Module, *, temperature: float = 1.0) -> LMHead:
     Raises ValueError for a model without an LM head, or with an adapter on it.
     """
     inner = unwrap_model(model)
+    _check_tie(inner)
     head = _head_module(inner)
     softcap, temp = logit_transform(inner.config, temperature)
     bias = getattr(head, "bias", None)
@@ -308,9 +408,16 @@ def get_lm_head(model: torch.nn.Module, *, temperature: float = 1.0) -> LMHead:
 def hidden_states(model: torch.nn.Module, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None = None,
                   *, position_ids: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
                   **kwargs) -> torch.Tensor:
-    """The backbone's last hidden states (B, T, D) in the model's dtype, without running the LM head.
+    """The backbone's last hidden states (B, T, D) in the model's dtype, without the LM head's work.
 
-    Extra kwargs (inputs_embeds, ...) go to the backbone; the KV cache is off. Row t predicts token t + 1, so pair it
+    ``model`` is what you train: a transformers causal LM, or a wrapper of one (PEFT, ``DistributedDataParallel``,
+    FSDP1, an FSDP2 root, ``torch.compile(model)``, a model after ``model.compile()``, a DeepSpeed engine). The
+    model you pass is called, so every wrapper does its work: DDP prepares its gradient sync, FSDP unshards and
+    reshards, Dynamo compiles. The call asks for the logits of no position (``logits_to_keep`` an empty index
+    tensor, so the head multiplies zero rows) and the hidden states are taken from the backbone's output (a forward
+    hook on ``model.base_model``: exactly what the backbone returns, after its final norm).
+
+    Extra kwargs (inputs_embeds, ...) go to the model; the KV cache is off. Row t predicts token t + 1, so pair it
     with labels shifted as ``fastkto.data``'s collators shift them.
 
     Packed batches (``fastkto.packing``; the collators' ``packed=True``): input_ids (1, T_total) holding several
@@ -324,44 +431,145 @@ def hidden_states(model: torch.nn.Module, input_ids: torch.Tensor | None, attent
     NotImplementedError after the call, instead of returning mixed rows.
     """
     kwargs.setdefault("use_cache", False)
-    out = backbone_outputs(get_backbone(model), input_ids, attention_mask, position_ids=position_ids,
-                           cu_seqlens=cu_seqlens, **kwargs)
+    out = backbone_outputs(model, input_ids, attention_mask, position_ids=position_ids, cu_seqlens=cu_seqlens,
+                           **kwargs)
     hidden = getattr(out, "last_hidden_state", None)
     if hidden is None:
         hidden = out[0]
     return hidden
 
 
-def backbone_outputs(backbone: torch.nn.Module, input_ids: torch.Tensor | None,
+def backbone_outputs(model: torch.nn.Module, input_ids: torch.Tensor | None,
                      attention_mask: torch.Tensor | None = None, *, position_ids: torch.Tensor | None = None,
                      cu_seqlens: torch.Tensor | None = None, **kwargs):
-    """``backbone(...)``'s whole output (hidden states, router logits, ...), run as ``hidden_states`` runs it:
+    """The backbone's whole output (hidden states, router logits, ...), run as ``hidden_states`` runs it:
     packed batches get their position ids and no mask, and a model that would let packed rows attend to each other
-    raises NotImplementedError. ``backbone`` is ``get_backbone(model)``; kwargs go to it unchanged."""
+    raises NotImplementedError.
+
+    ``model``: a causal LM or any wrapper of one (see ``hidden_states``: the model passed is called, with the LM
+    head on zero positions, and the backbone's output is captured), or a backbone itself (a module without an LM
+    head, e.g. ``LlamaModel``), which is called as is. kwargs go to the call unchanged.
+    """
+    inner = unwrap_model(model)
+    backbone = getattr(inner, "base_model", None)
+    if backbone is None:
+        raise ValueError(
+            f"{type(inner).__name__} is neither a transformers causal LM nor a backbone (it has no base_model): "
+            "pass e.g. an AutoModelForCausalLM model or its wrapper"
+        )
+    wrappers = _wrappers(model)
+    if backbone is inner:  # a backbone itself: its own call (through whatever wraps it) is the one to make
+        run = model
+    else:
+        _check_tie(inner)
+        # with nothing around the model whose call matters (PEFT adapters sit in the backbone's layers), the
+        # backbone alone is the same computation without the head; otherwise the wrapper is called
+        run = functools.partial(_run_capturing, model, inner, backbone, wrappers) if wrappers else backbone
+    config = inner.config
     packed = _packed_layout(input_ids, attention_mask, position_ids, cu_seqlens, kwargs)
     if packed is None:
         if position_ids is not None:
             kwargs["position_ids"] = position_ids
-        out = backbone(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-    else:
-        position_ids, cu_seqlens, n_seqs = packed
-        impl = str(getattr(backbone.config, "_attn_implementation", None))
-        if impl.startswith("flash_attention") or impl.startswith("paged|flash") or impl == VARLEN_SDPA:
-            # the kwargs transformers' DataCollatorWithFlattening returns: flash-attention's varlen kernel (and
-            # fastkto's varlen SDPA, which uses them only when given) read them instead of the position ids
-            longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
-            cu32 = cu_seqlens.to(torch.int32)
-            kwargs.update(cu_seq_lens_q=cu32, cu_seq_lens_k=cu32, max_length_q=longest, max_length_k=longest)
-        with _PackedMaskRecorder() as masks:
-            out = backbone(input_ids=input_ids, attention_mask=None, position_ids=position_ids, **kwargs)
-        if n_seqs > 1 and (not masks.calls or not all(masks.calls)):
-            what = ("built no attention mask through transformers.masking_utils" if not masks.calls else
-                    "built an attention mask without the packed position_ids")
-            raise NotImplementedError(
-                f"{type(backbone).__name__} ({impl} attention) {what}, so the {n_seqs} packed sequences would "
-                "attend to each other: run this model on padded batches (the collators' packed=False)"
-            )
+        return run(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+    position_ids, cu_seqlens, n_seqs = packed
+    impl = str(getattr(config, "_attn_implementation", None))
+    if impl.startswith("flash_attention") or impl.startswith("paged|flash") or impl == VARLEN_SDPA:
+        # the kwargs transformers' DataCollatorWithFlattening returns: flash-attention's varlen kernel (and
+        # fastkto's varlen SDPA, which uses them only when given) read them instead of the position ids
+        longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+        cu32 = cu_seqlens.to(torch.int32)
+        kwargs.update(cu_seq_lens_q=cu32, cu_seq_lens_k=cu32, max_length_q=longest, max_length_k=longest)
+    with _PackedMaskRecorder() as masks:
+        out = run(input_ids=input_ids, attention_mask=None, position_ids=position_ids, **kwargs)
+    if n_seqs > 1 and (not masks.calls or not all(masks.calls)):
+        what = ("built no attention mask through transformers.masking_utils" if not masks.calls else
+                "built an attention mask without the packed position_ids")
+        raise NotImplementedError(
+            f"{type(backbone).__name__} ({impl} attention) {what}, so the {n_seqs} packed sequences would "
+            "attend to each other: run this model on padded batches (the collators' packed=False)"
+        )
     return out
+
+
+class _Capture:
+    """Where the backbone's forward hook puts its output while ``_run_capturing`` calls the model. A plain object
+    (not thread-local) so that Dynamo traces the hook's store as an ordinary side effect of the compiled graph."""
+
+    __slots__ = ("active", "outputs")
+
+    def __init__(self):
+        self.active = False
+        self.outputs = []
+
+
+def _capture_hook(module, args, output):
+    # looked up on the module (not closed over), so a deep copy of the model captures into its own slot
+    capture = getattr(module, "_fastkto_capture", None)
+    if capture is not None and capture.active:
+        capture.outputs.append(output)
+
+
+def _capture_of(backbone: torch.nn.Module) -> _Capture:
+    """The backbone's capture slot, with its forward hook installed on first use. The hook stays (a no-op while
+    ``active`` is False): Dynamo does not guard on module hooks, so one added after a compiled model first ran would
+    not be seen by that graph; the capture runs with its own ``logits_to_keep`` argument, whose guard traces a
+    new graph that contains the hook."""
+    capture = backbone.__dict__.get("_fastkto_capture")
+    if capture is None:
+        capture = _Capture()
+        backbone.register_forward_hook(_capture_hook)
+        backbone.__dict__["_fastkto_capture"] = capture
+    return capture
+
+
+@functools.lru_cache(maxsize=None)
+def _takes_logits_to_keep(cls: type) -> bool:
+    import inspect
+
+    try:
+        return "logits_to_keep" in inspect.signature(cls.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _run_capturing(model: torch.nn.Module, inner: torch.nn.Module, backbone: torch.nn.Module, wrappers: list[str],
+                   **kwargs):
+    """Call ``model`` (the outermost wrapper) with the LM head on zero positions; the backbone's output."""
+    around = ", ".join(wrappers)
+    if not _takes_logits_to_keep(type(inner)):
+        raise ValueError(
+            f"{type(inner).__name__}.forward takes no logits_to_keep, so running it through {around} (which fastkto "
+            "must call, not bypass) would build the full (B, T, V) logits: run this model without that wrapper"
+        )
+    kwargs.pop("logits_to_keep", None)
+    device = next((t.device for t in (kwargs.get("input_ids"), kwargs.get("inputs_embeds"))
+                   if isinstance(t, torch.Tensor)), None)
+    capture = _capture_of(backbone)
+    if capture.active:
+        raise RuntimeError("hidden_states / backbone_outputs re-entered on the same backbone (a forward hook that "
+                           "calls them?): not supported")
+    capture.active, capture.outputs = True, []
+    try:
+        model(**kwargs, logits_to_keep=torch.empty(0, dtype=torch.long, device=device))
+        outputs = capture.outputs
+    finally:
+        capture.active, capture.outputs = False, []
+    if _is_fsdp2(inner) and _root_resharded(inner):
+        raise ValueError(
+            f"fully_shard({type(inner).__name__}, reshard_after_forward=True) at the root: hidden_states calls the "
+            "root but its backward starts from the backbone's output, not the root's, so FSDP2 would not unshard "
+            "the root's parameters (the embeddings) for backward. Leave the root's reshard_after_forward unset (the "
+            "root then keeps its parameters until backward) or False"
+        )
+    if len(outputs) != 1:
+        why = ("its forward does not call the backbone module (it calls a submodule of it directly)" if not outputs
+               else "its forward called the backbone more than once")
+        raise RuntimeError(
+            f"{type(inner).__name__} under {around}: {why}, so fastkto cannot take {type(backbone).__name__}'s "
+            "output from the wrapper's call. Run the model without the wrapper, or (a compiled model traced before "
+            "fastkto's hook existed) call torch._dynamo.reset() first"
+        )
+    return outputs[0]
 
 
 # ------------------------------------------------------------------------------------------ varlen SDPA attention
@@ -527,8 +735,7 @@ def verify_lm_head(model: torch.nn.Module, input_ids: torch.Tensor, attention_ma
     near float rounding (about 1e-5 in float32) means the head was found correctly. Runs under no_grad.
     """
     with torch.no_grad():
-        logits = unwrap_model(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
-                                     **kwargs).logits
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs).logits
         labels = input_ids[:, 1:]
         expected = torch.log_softmax(logits[:, :-1].double(), dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
         hidden = hidden_states(model, input_ids, attention_mask, **kwargs)[:, :-1]

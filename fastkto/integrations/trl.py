@@ -54,7 +54,7 @@ except ImportError as err:  # pragma: no cover - exercised only without trl
     raise ImportError("fastkto.integrations.trl needs TRL >= 1.16: pip install 'trl>=1.16'") from err
 
 from ..packing import pack_padded
-from .transformers import _is_partitioned, _unwrap, backbone_outputs, get_backbone, get_lm_head, use_varlen_sdpa
+from .transformers import _backbone_module, _is_partitioned, _unwrap, backbone_outputs, get_lm_head, use_varlen_sdpa
 
 __all__ = ["add_fastkto_lm_head", "FastKTOTrainer", "FastDPOTrainer", "METRIC_FIELDS"]
 
@@ -317,7 +317,7 @@ def add_fastkto_lm_head(
         if getattr(text_config, "output_router_logits", False):
             kwargs.setdefault("output_router_logits", True)
         # looked up on every call: FSDP, DeepSpeed and PEFT replace modules after the patch
-        backbone = get_backbone(self)
+        backbone = _backbone_module(self)  # inside the model's own call: its wrappers have run
         if padding_free:
             backbone_out, hidden, keep = _packed_backbone(backbone, args, kwargs)
             # hidden state t scores shift_labels[t] = labels[t + 1]; at padding it is 0, so nothing may be scored there
