@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from . import distributed as _dist
+from . import labels as _labels
 from . import packing
 from .logprob import sequence_logps
 
@@ -568,6 +569,79 @@ def _check_batch(hidden, labels, cu_seqlens, hidden_name="policy_hidden", labels
     return _Batch(lengths.shape[0], cu_seqlens, lengths, cu_name)
 
 
+def _reference_head(prefix, weight, bias, ref_weight, ref_bias):
+    """The (weight, bias) that score the reference pass named by ``prefix`` ("ref" or "kl_ref").
+
+    Defaults to the policy's head, detached, only while that head is frozen (LoRA, a frozen or shared head): a
+    trainable one (``weight.requires_grad``: untied, or tied to a trained embedding) would score the reference with
+    the current head, not the reference model's, and every reward would drift with the head. So ``ref_weight`` is
+    required then, and ``ref_bias`` when the bias is trainable.
+    """
+    how = (f"pass ref_weight=ref_model.get_output_embeddings().weight (the reference model's own LM head; for a "
+           f"reference that starts as the policy, a frozen copy taken before training: weight.detach().clone()), or "
+           f"{prefix}_logps instead of {prefix}_hidden")
+    if ref_weight is None:
+        if isinstance(weight, torch.Tensor) and weight.requires_grad:
+            raise ValueError(
+                f"ref_weight is required: weight requires grad (a trainable LM head, untied or tied to a trained "
+                f"embedding), so the default reference head, the policy's head detached, would score {prefix}_hidden "
+                f"with the head being trained instead of the reference's; {how}. A frozen head "
+                f"(weight.requires_grad False, as with LoRA) needs no ref_weight"
+            )
+        ref_weight = weight.detach() if isinstance(weight, torch.Tensor) else weight
+    elif isinstance(ref_weight, torch.Tensor) and isinstance(weight, torch.Tensor) and ref_weight.dim() == 2 \
+            and weight.dim() == 2 and ref_weight.shape[0] != weight.shape[0]:
+        raise ValueError(
+            f"ref_weight has vocabulary size {ref_weight.shape[0]} but weight has {weight.shape[0]} (shapes "
+            f"{tuple(ref_weight.shape)} and {tuple(weight.shape)}, (V, D)): the reference must score the same "
+            f"vocabulary (a reference with a resized or different tokenizer cannot be compared token by token)"
+        )
+    if ref_bias is None and isinstance(bias, torch.Tensor):
+        if bias.requires_grad:
+            raise ValueError(
+                "ref_bias is required: bias requires grad (a trainable LM-head bias), so the default, the policy's "
+                "bias detached, would score the reference with the bias being trained; pass ref_bias=the reference "
+                "model's LM-head bias (or a frozen copy taken before training: bias.detach().clone())"
+            )
+        ref_bias = bias.detach()
+    return ref_weight, ref_bias
+
+
+def _check_head_pass(hidden_name, hidden, weight_name, weight, bias_name, bias) -> None:
+    """Check the hidden states and head of one pass with the names the caller used (``ref_hidden``, ``kl_hidden``,
+    ``ref_weight``, ...), before ``sequence_logps`` would report them as plain "hidden" / "weight"."""
+    for name, t in ((hidden_name, hidden), (weight_name, weight)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if weight.dim() != 2 or hidden.dim() < 1:
+        return  # sequence_logps names these shapes
+    vocab, dim = weight.shape
+    if hidden.shape[-1] != dim:
+        if hidden.shape[-1] == vocab:
+            raise ValueError(
+                f"{hidden_name}'s last dimension is {vocab}, {weight_name}'s vocabulary size, not its hidden size "
+                f"D={dim}: these look like logits (the LM head's output). Pass the final hidden states, the "
+                f"backbone's output before the LM head (fastkto.integrations.transformers.hidden_states(model, "
+                f"input_ids), or model.model(...).last_hidden_state)"
+            )
+        raise ValueError(
+            f"hidden size mismatch: {hidden_name} has D={hidden.shape[-1]} but {weight_name} has shape "
+            f"{tuple(weight.shape)} (V, D)"
+        )
+    if (hidden.dtype != weight.dtype and hidden.dtype.is_floating_point and weight.dtype.is_floating_point
+            and not (hidden.device.type != "meta" and torch.is_autocast_enabled(hidden.device.type))):
+        raise TypeError(
+            f"{hidden_name} and {weight_name} must share a dtype, got {hidden.dtype} and {weight.dtype}: run the call "
+            f"under torch.autocast, or cast one of them, e.g. {hidden_name}.to({weight.dtype})"
+        )
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor):
+            raise TypeError(f"{bias_name} must be a torch.Tensor or None, got {type(bias).__name__}")
+        if tuple(bias.shape) != (vocab,):
+            raise ValueError(f"{bias_name} must have shape (V,) = ({vocab},) like {weight_name}'s rows, got "
+                             f"{tuple(bias.shape)}")
+
+
 class _SequenceLogps(torch.nn.Module):
     """Shared by KTOLoss and DPOLoss: the ``sequence_logps`` options and the reference / reuse logic."""
 
@@ -608,6 +682,17 @@ class _SequenceLogps(torch.nn.Module):
                 f"sequence is empty); drop those sequences from the batch (a truncated completion, an empty answer)"
             )
 
+    def _warn_unshifted(self, labels, label_name, batch: _Batch):
+        """``fastkto.labels.warn_if_unshifted``: every call for CPU labels (no sync); for labels on an accelerator
+        only on this module's first call with them (one host sync), since unshifted labels come from the calling
+        code and so repeat every step."""
+        if labels.device.type != "cpu":
+            checked = self.__dict__.setdefault("_unshifted_checked", set())
+            if label_name in checked:
+                return
+            checked.add(label_name)
+        _labels.warn_if_unshifted(labels, label_name, ignore_index=self.ignore_index, lengths=batch.lengths)
+
     def _logps(self, hidden, weight, labels, bias, batch: _Batch):
         return sequence_logps(
             hidden, weight, labels, cu_seqlens=batch.cu_seqlens, average=self._average(), bias=bias,
@@ -635,14 +720,15 @@ class _SequenceLogps(torch.nn.Module):
                 f"the reference is missing: pass {prefix}_logps ({n},) (precomputed) or {prefix}_hidden "
                 f"(the reference model's final hidden states, shaped like {hidden_name})"
             )
+        ref_weight, ref_bias = _reference_head(prefix, weight, bias, ref_weight, ref_bias)
+        if isinstance(ref_hidden, torch.Tensor):
+            _check_head_pass(f"{prefix}_hidden", ref_hidden, "ref_weight", ref_weight, "ref_bias", ref_bias)
         if not isinstance(ref_hidden, torch.Tensor) or tuple(ref_hidden.shape) != tuple(hidden.shape):
             shape = tuple(ref_hidden.shape) if isinstance(ref_hidden, torch.Tensor) else type(ref_hidden).__name__
             raise ValueError(
                 f"{prefix}_hidden must have {hidden_name}'s shape {tuple(hidden.shape)} (the same sequences under the "
                 f"reference model), got {shape}"
             )
-        ref_weight = weight.detach() if ref_weight is None else ref_weight
-        ref_bias = (None if bias is None else bias.detach()) if ref_bias is None else ref_bias
         if (policy_logps is not None and _same_tensor(ref_hidden, hidden) and _same_tensor(ref_weight, weight)
                 and _same_tensor(ref_bias, bias)):
             return policy_logps.detach()  # the same computation: reuse it, no second pass
@@ -672,8 +758,10 @@ class KTOLoss(_SequenceLogps):
                        padding positions = ignore_index.
         desirable      (B,) bool.
         reference      ref_logps (B,) precomputed, or ref_hidden (B, T, D) from the reference model scored with
-                       ref_weight / ref_bias (default: the policy's, detached: a frozen head, or LoRA). When
-                       ref_hidden is policy_hidden and the head is the same, the policy's log-probs are reused.
+                       ref_weight / ref_bias: the reference model's LM head, same vocabulary as weight. Required
+                       when weight (bias) requires grad; a frozen head (LoRA, a frozen or shared head) may leave
+                       them None for the policy's, detached. When ref_hidden is policy_hidden and the head is the
+                       same, the policy's log-probs are reused.
         z0             kl (precomputed), or KL pairs: kl_hidden (B_kl, T_kl, D) and kl_labels under the policy, and
                        kl_ref_logps (B_kl,) or kl_ref_hidden under the reference; averaged over
                        kl_process_group's ranks when given (see ``kto_kl``). loss_type="kto" needs one of
@@ -700,6 +788,8 @@ class KTOLoss(_SequenceLogps):
                 kl_hidden=None, kl_labels=None, kl_ref_hidden=None, kl_ref_logps=None, kl=None, bias=None,
                 ref_bias=None, kl_process_group=None, cu_seqlens=None, kl_cu_seqlens=None) -> KTOOutput:
         batch = _check_batch(policy_hidden, labels, cu_seqlens)
+        _check_head_pass("policy_hidden", policy_hidden, "weight", weight, "bias", bias)
+        self._warn_unshifted(labels, "labels", batch)
         _check_desirable(desirable, batch.n, policy_hidden.device, "policy_hidden")
         if batch.n == 0:
             raise ValueError("cu_seqlens holds no sequence: the batch must hold at least one")
@@ -725,6 +815,8 @@ class KTOLoss(_SequenceLogps):
                 raise ValueError("loss_type='apo_zero_unpaired' uses no KL estimate; do not pass kl_hidden")
             # the KL pairs have their own layout: padded (B_kl, T_kl, D), or packed with kl_cu_seqlens
             kl_batch = _check_batch(kl_hidden, kl_labels, kl_cu_seqlens, "kl_hidden", "kl_labels", "kl_cu_seqlens")
+            _check_head_pass("kl_hidden", kl_hidden, "weight", weight, "bias", bias)
+            self._warn_unshifted(kl_labels, "kl_labels", kl_batch)
 
         self._check_scored_rows(labels, "labels", batch)
         if kl_batch is not None:
@@ -756,8 +848,8 @@ class DPOLoss(_SequenceLogps):
 
     Call: ``loss_fn(policy_hidden, weight, labels, *, ...) -> DPOOutput``. The batch holds 2P sequences: rows
     [0, P) the chosen completions, rows [P, 2P) the rejected ones, pair i = (row i, row P + i) (TRL's layout).
-    Shapes and the reference arguments (ref_logps (2P,), or ref_hidden with ref_weight / ref_bias defaulting to
-    the policy's head detached) are as in ``KTOLoss``. ``bco_delta`` (bco_pair's reward shift) is a call argument
+    Shapes and the reference arguments (ref_logps (2P,), or ref_hidden with ref_weight / ref_bias, which may
+    default to the policy's head detached only when that head is frozen) are as in ``KTOLoss``. ``bco_delta`` (bco_pair's reward shift) is a call argument
     because it changes every step. Packed batches: ``cu_seqlens`` (2P + 1,) as in ``KTOLoss``, the P chosen
     sequences first, then the P rejected ones (``PairedCollator(packed=True)``).
     """
@@ -779,6 +871,8 @@ class DPOLoss(_SequenceLogps):
     def forward(self, policy_hidden, weight, labels, *, ref_hidden=None, ref_weight=None, ref_logps=None,
                 bias=None, ref_bias=None, bco_delta=0.0, cu_seqlens=None) -> DPOOutput:
         batch = _check_batch(policy_hidden, labels, cu_seqlens)
+        _check_head_pass("policy_hidden", policy_hidden, "weight", weight, "bias", bias)
+        self._warn_unshifted(labels, "labels", batch)
         rows = batch.n
         if rows % 2:
             if batch.cu_seqlens is not None:
