@@ -855,6 +855,29 @@ def test_packed_hidden_states_reject_inconsistent_layouts():
     assert out.shape == (2, 3, 32)
 
 
+def test_packed_positions_with_a_zero_in_the_mask_are_refused_not_mixed(seed):
+    """Issue 22: positions restarting at 0 mark a packed row even when an attention mask with zeros comes along;
+    such a batch used to be run as one padded row whose two sequences attended to each other. It is refused, as
+    the same batch marked with cu_seqlens is; left-padded batches (positions restart only under the mask's
+    zeros, transformers' generate-style [1, 1, 0, 1, ...]) stay padded and equal the unpadded row."""
+    model = tiny("llama")
+    ids = torch.randint(3, V, (1, 10))
+    positions = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 4, 5]])
+    mask = torch.ones_like(ids)
+    mask[0, -1] = 0
+    for kwargs in (dict(position_ids=positions), dict(cu_seqlens=torch.tensor([0, 4, 10]))):
+        with pytest.raises(ValueError, match="a packed batch takes no attention_mask"):
+            T.hidden_states(model, ids, mask, **kwargs)
+    left = torch.cat([torch.zeros(1, 2, dtype=torch.long), ids[:, :5]], 1)
+    left_mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1]])
+    for pad_positions in ([1, 1], [0, 0]):
+        pos = torch.tensor([pad_positions + [0, 1, 2, 3, 4]])
+        with torch.no_grad():
+            got = T.hidden_states(model, left, left_mask, position_ids=pos)[0, 2:]
+            want = T.hidden_states(model, ids[:, :5])[0]
+        torch.testing.assert_close(got, want, rtol=0, atol=2e-5)
+
+
 def _kto_step(model, ref_model, batch, packed):
     """One KTO step's loss (policy with gradient, reference and KL pairs without) from a collator batch."""
     def hidden(m, prefix, grad):
