@@ -17,8 +17,8 @@
 #   --dry-run  on any machine (no GPU needed): collects the tests instead of running them and plans the
 #              benchmark instead of running it, so the script's every step is exercised in seconds.
 # Each step has its own time limit (STEP_LIMITS below) and a failing step does not stop the next; the exit
-# status is that of the first failing step. With the device tool, whose $OUT returns at most 8 files, run
-#   bash benchmarks/gpu_check.sh /tmp/gc; cp /tmp/gc/gpu_check_all.tar.gz /tmp/gc/summary.txt "$OUT"/
+# status is that of the first failing step. To take the results elsewhere, the archive and the summary are
+# enough: cp OUTDIR/gpu_check_all.tar.gz OUTDIR/summary.txt DEST/
 set -uo pipefail
 
 OUT=${1:?usage: bash benchmarks/gpu_check.sh OUTDIR [--dry-run]}
