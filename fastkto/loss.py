@@ -849,9 +849,10 @@ class DPOLoss(_SequenceLogps):
     Call: ``loss_fn(policy_hidden, weight, labels, *, ...) -> DPOOutput``. The batch holds 2P sequences: rows
     [0, P) the chosen completions, rows [P, 2P) the rejected ones, pair i = (row i, row P + i) (TRL's layout).
     Shapes and the reference arguments (ref_logps (2P,), or ref_hidden with ref_weight / ref_bias, which may
-    default to the policy's head detached only when that head is frozen) are as in ``KTOLoss``. ``bco_delta`` (bco_pair's reward shift) is a call argument
-    because it changes every step. Packed batches: ``cu_seqlens`` (2P + 1,) as in ``KTOLoss``, the P chosen
-    sequences first, then the P rejected ones (``PairedCollator(packed=True)``).
+    default to the policy's head detached only when that head is frozen) are as in ``KTOLoss``. ``bco_delta``
+    (bco_pair's reward shift) is a call argument because it changes every step. Packed batches: ``cu_seqlens``
+    (2P + 1,) as in ``KTOLoss``, the P chosen sequences first, then the P rejected ones
+    (``PairedCollator(packed=True)``).
     """
 
     def __init__(self, beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0, *,
