@@ -27,9 +27,8 @@
 # GPU_CHECK_ONLY="name,name": run only these steps (the others are listed as skipped). ROOF_METHODS: the dry run's
 # methods. Fault injection for tests of this script: GPU_CHECK_FAULT="step:NAME[=fail|hang]" makes step NAME fail or hang;
 # FASTKTO_GPU_CHECK_FAULT is passed to benchmarks.roofline (see its _fault).
-# With the device tool, whose $OUT returns at most 8 files, run
-#   bash benchmarks/gpu_check.sh /tmp/gc; cp /tmp/gc/gpu_check_all.tar.gz /tmp/gc/summary.txt \
-#       /tmp/gc/roofline/measured.json "$OUT"/
+# To take the results elsewhere, the archive, the summary and the cost model's measurements are enough:
+#   cp OUTDIR/gpu_check_all.tar.gz OUTDIR/summary.txt OUTDIR/roofline/measured.json DEST/
 set -uo pipefail
 
 OUT=${1:?usage: bash benchmarks/gpu_check.sh OUTDIR [--dry-run]}

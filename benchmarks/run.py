@@ -72,6 +72,22 @@ def matmul_tflops(device: torch.device, n: int = 8192, repeats: int = 10) -> flo
     return 2 * n**3 * repeats / (start.elapsed_time(end) / 1e3) / 1e12
 
 
+def load_average() -> float | None:
+    """The 1-minute load average (runnable processes, ours included), or None where the OS has none (Windows)."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
+def load_summary(samples: list[float | None]) -> dict | None:
+    """{mean, min, max, samples} of the load averages sampled during a run, None without any."""
+    got = [x for x in samples if x is not None]
+    if not got:
+        return None
+    return {"mean": sum(got) / len(got), "min": min(got), "max": max(got), "samples": len(got)}
+
+
 def machine_info(device: torch.device) -> dict:
     import fastkto
 
@@ -358,7 +374,15 @@ def plot_caption(machine: dict) -> str:
     parts = [f"{machine.get('name', '?')} ({machine.get('device', '?')})", f"dtype {machine.get('dtype', '?')}",
              f"{machine.get('worker_threads', '?')} torch threads"]
     busy = machine.get("busy_processes") or 0
-    parts.append(f"{busy} busy process{'es' if busy != 1 else ''} beside the run" if busy else "quiet machine")
+    if busy:
+        parts.append(f"{busy} busy process{'es' if busy != 1 else ''} beside the run")
+    # the load the machine was under, measured (1-minute load average sampled between jobs), not assumed from --busy
+    load = machine.get("load_avg")
+    if load:
+        parts.append(f"load average {load['mean']:.1f} ({load['min']:.1f}-{load['max']:.1f}) on "
+                     f"{machine.get('cpu_count', '?')} cores")
+    else:
+        parts.append("load not recorded")
     parts.append(f"torch {machine.get('torch', '?')}")
     caption = ", ".join(parts)
     if machine.get("quick"):
@@ -567,6 +591,7 @@ def main(argv=None) -> int:
 
     split = split_summary(token_split())
     results = []
+    loads = [load_average()]
     t0 = time.perf_counter()
     with busy_processes(args.busy), tempfile.TemporaryDirectory() as tmp, Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
@@ -579,6 +604,8 @@ def main(argv=None) -> int:
             got = run_job(job, Path(tmp), i, args.timeout, args.threads, on_progress=lambda text, label=label:
                           progress.update(task, description=f"{label}  {text}"))
             results.extend(got)
+            loads.append(load_average())
+            machine["load_avg"] = load_summary(loads)
             partial = {"command": command.strip(), "machine": machine, "profile": profile, "skipped": skipped,
                        "wall_s": time.perf_counter() - t0, "raw": results}
             (out / "results.partial.json").write_text(json.dumps(partial, indent=1) + "\n")
@@ -601,7 +628,10 @@ def main(argv=None) -> int:
               "plots": plots}
     (out / "results.json").write_text(json.dumps(report, indent=1) + "\n")
     (out / "results.partial.json").unlink(missing_ok=True)
-    console.print(f"wrote {out / 'results.json'} and {len(plots)} plots in {time.perf_counter() - t0:.0f} s")
+    load = machine.get("load_avg")
+    under = (f" at a load average of {load['mean']:.1f} on {machine.get('cpu_count', '?')} cores (1-minute, sampled "
+             f"between jobs; above the core count, other programs shared the cores and times grew)") if load else ""
+    console.print(f"wrote {out / 'results.json'} and {len(plots)} plots in {time.perf_counter() - t0:.0f} s{under}")
     return 1 if any(r.get("error") for r in rows) else 0
 
 

@@ -17,13 +17,20 @@ masking    "none": every position scored; "real": the prompt / completion / padd
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
+from fastkto.labels import UnshiftedLabelsWarning
+
 from . import peers
 from .naive import max_abs_diff_against_reference, naive_logprobs, naive_sequence_logps
+
+# masking="none" scores every position, the last one included, on purpose (the cost of a fully scored batch):
+# not the unshifted labels the losses warn about
+warnings.filterwarnings("ignore", category=UnshiftedLabelsWarning)
 
 __all__ = ["HeadShape", "SHAPES", "PROFILES", "METHODS", "Point", "build_point", "run_check", "profile_for", "shape_of"]
 

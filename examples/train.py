@@ -30,8 +30,13 @@ What it does:
   rows.
 * Held-out evaluation (at the start, every ``--eval-every`` steps, at the end): the implicit rewards
   beta * (log pi - log pi_ref) of the chosen and rejected completions, their margin and the pair accuracy.
+  The pair accuracy counts a tie (equal rewards) as one half: at the start the policy is the reference, every
+  reward is exactly 0, and the accuracy is 0.5 (``eval/rewards/ties`` gives the fraction of ties).
 * Logs one JSON object per step and per evaluation to ``OUT/log.jsonl`` (loss, rewards, margin, KL, peak memory
   of the step from ``fastkto.memory.track_peak_memory``, time) and the run's settings to ``OUT/config.json``.
+  KTO's ``train/kl`` is TRL's ``kl``: z0, the reference point the loss used, max(0, mean over the KL pairs of
+  log pi - log pi_ref), clamped at 0. It reads 0.0 for as long as that mean is negative (the policy gives the
+  mismatched pairs less probability than the reference does), as it often is early in training.
   ``OUT`` defaults to a fresh folder under the system's temporary directory (printed at the end), never the
   source tree. The trainable parameters' state_dict (540 MB for SmolLM2 in float32) is saved only with
   ``--checkpoint PATH``.
@@ -63,6 +68,12 @@ os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # above kineto's highest level (
 os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
 
 import torch  # noqa: E402
+
+# accelerate imports DeepSpeed whenever it is installed (scripts/setup.sh installs it for the ZeRO-3 tests), and
+# DeepSpeed then logs "Setting accelerator to CPU. If you have GPU ..." on a machine without one. Name the CPU up
+# front there, which is what DeepSpeed would pick anyway (a DS_ACCELERATOR set by the user wins).
+if not torch.cuda.is_available():
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
@@ -303,8 +314,13 @@ def evaluate(runner, eval_batches, ref_logps, beta):
         rejected.append(r[n:])
     runner.policy.train()
     c, r = torch.cat(chosen), torch.cat(rejected)
+    # a tie (equal rewards: every pair at the start, where the policy is still the reference and both rewards are
+    # exactly 0) counts one half, neither right nor wrong; the fraction of ties is logged beside it
+    ties = (c == r).float()
     return {"eval/rewards/chosen": c.mean().item(), "eval/rewards/rejected": r.mean().item(),
-            "eval/rewards/margins": (c - r).mean().item(), "eval/rewards/accuracies": (c > r).float().mean().item()}
+            "eval/rewards/margins": (c - r).mean().item(),
+            "eval/rewards/accuracies": ((c > r).float() + 0.5 * ties).mean().item(),
+            "eval/rewards/ties": ties.mean().item()}
 
 
 # ---------------------------------------------------------------------------------------------------------- main
@@ -348,6 +364,8 @@ def main(argv=None) -> dict:
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: min(1.0, (i + 1) / (args.warmup_steps + 1)))
 
     config = {**vars(args), **counts, "load_seconds": round(load_s, 1), "torch": torch.__version__,
+              "log_notes": {"train/kl": "KTO's z0 = max(0, mean KL-pair log-ratio), clamped at 0 (TRL's kl)",
+                            "eval/rewards/accuracies": "pairs with chosen reward > rejected; a tie counts 1/2"},
               "threads": torch.get_num_threads(), "machine": platform.machine(), "python": platform.python_version(),
               "trainable_parameters": sum(p.numel() for p in trainable)}
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -393,7 +411,7 @@ def main(argv=None) -> dict:
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save({n: p.detach().cpu() for n, p in policy.named_parameters() if p.requires_grad}, path)
     summary = {"eval_margin_start": first["eval/rewards/margins"], "eval_margin_end": last_eval["eval/rewards/margins"],
-               "eval_accuracy_start": first["eval/rewards/accuracies"],
+               "eval_accuracy_start": first["eval/rewards/accuracies"], "eval_ties_start": first["eval/rewards/ties"],
                "eval_accuracy_end": last_eval["eval/rewards/accuracies"],
                "total_seconds": round(time.time() - t0, 1), "out": str(out)}
     print(json.dumps(summary, indent=2))

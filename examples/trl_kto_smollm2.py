@@ -25,11 +25,18 @@ import importlib.util
 import json
 import random
 import sys
+import os
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+# accelerate imports DeepSpeed whenever it is installed (scripts/setup.sh installs it for the ZeRO-3 tests), and
+# DeepSpeed then logs "Setting accelerator to CPU. If you have GPU ..." on a machine without one. Name the CPU up
+# front there, which is what DeepSpeed would pick anyway (a DS_ACCELERATOR set by the user wins).
+if not torch.cuda.is_available():
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"

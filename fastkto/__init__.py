@@ -1,6 +1,7 @@
 """fastkto: memory-efficient per-token log-probabilities and the KTO / DPO losses built on them."""
 
 from .data import shift_labels
+from .labels import completion_logps
 from .logprob import fused_logprobs, sequence_logps
 from .loss import DPOLoss, KTOLoss, dpo_loss, kto_kl, kto_loss, suggest_kto_weights
 
@@ -9,6 +10,7 @@ __all__ = [
     "fused_logprobs",
     "sequence_logps",
     "shift_labels",
+    "completion_logps",
     "kto_loss",
     "kto_kl",
     "dpo_loss",

@@ -89,8 +89,11 @@ def _check_inputs(hidden, weight, labels, bias, ignore_index, temperature, softc
     if weight.dim() != 2:
         raise ValueError(f"weight must have shape (V, D), got {tuple(weight.shape)}")
     if weight.shape[1] != hidden.shape[-1]:
+        logits = (" (its last dimension equals the vocabulary size V: these look like logits; pass the final hidden "
+                  "states, the backbone's output before the LM head)") if hidden.shape[-1] == weight.shape[0] else ""
         raise ValueError(
-            f"hidden size mismatch: hidden has D={hidden.shape[-1]} but weight has shape {tuple(weight.shape)} (V, D)"
+            f"hidden size mismatch: hidden has D={hidden.shape[-1]} but weight has shape {tuple(weight.shape)} "
+            f"(V, D){logits}"
         )
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
         raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from . import distributed as _dist
+from . import labels as _labels
 from . import packing
 from .logprob import _check_inputs, _sequence_logps, check_sequence_values
 from .value_checks import ValueChecks, host_reads_allowed
@@ -593,6 +594,85 @@ def _layout_errors_first(batch: _Batch):
         raise
 
 
+def _reference_head(prefix, weight, bias, ref_weight, ref_bias):
+    """The (weight, bias) that score the reference pass named by ``prefix`` ("ref" or "kl_ref").
+
+    Defaults to the policy's head, detached, only while that head is frozen (LoRA, a frozen or shared head): a
+    trainable one (``weight.requires_grad``: untied, or tied to a trained embedding) would score the reference with
+    the current head, not the reference model's, and every reward would drift with the head. So ``ref_weight`` is
+    required then, and ``ref_bias`` when the bias is trainable.
+    """
+    how = (f"pass ref_weight=ref_model.get_output_embeddings().weight (the reference model's own LM head; for a "
+           f"reference that starts as the policy, a frozen copy taken before training: weight.detach().clone()), or "
+           f"{prefix}_logps instead of {prefix}_hidden")
+    if ref_weight is None:
+        if isinstance(weight, torch.Tensor) and weight.requires_grad:
+            raise ValueError(
+                f"ref_weight is required: weight requires grad (a trainable LM head, untied or tied to a trained "
+                f"embedding), so the default reference head, the policy's head detached, would score {prefix}_hidden "
+                f"with the head being trained instead of the reference's; {how}. A frozen head "
+                f"(weight.requires_grad False, as with LoRA) needs no ref_weight"
+            )
+        ref_weight = weight.detach() if isinstance(weight, torch.Tensor) else weight
+    elif isinstance(ref_weight, torch.Tensor) and isinstance(weight, torch.Tensor) and ref_weight.dim() == 2 \
+            and weight.dim() == 2 and ref_weight.shape[0] != weight.shape[0]:
+        raise ValueError(
+            f"ref_weight has vocabulary size {ref_weight.shape[0]} but weight has {weight.shape[0]} (shapes "
+            f"{tuple(ref_weight.shape)} and {tuple(weight.shape)}, (V, D)): the reference must score the same "
+            f"vocabulary (a reference with a resized or different tokenizer cannot be compared token by token)"
+        )
+    if ref_bias is None and isinstance(bias, torch.Tensor):
+        if bias.requires_grad:
+            raise ValueError(
+                "ref_bias is required: bias requires grad (a trainable LM-head bias), so the default, the policy's "
+                "bias detached, would score the reference with the bias being trained; pass ref_bias=the reference "
+                "model's LM-head bias (or a frozen copy taken before training: bias.detach().clone())"
+            )
+        ref_bias = bias.detach()
+    return ref_weight, ref_bias
+
+
+def _check_head_pass(hidden_name, hidden, weight_name, weight, bias_name, bias) -> None:
+    """Check the hidden states and head of one pass with the names the caller used (``ref_hidden``, ``kl_hidden``,
+    ``ref_weight``, ...), before ``sequence_logps`` would report them as plain "hidden" / "weight"."""
+    for name, t in ((hidden_name, hidden), (weight_name, weight)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if weight.dim() != 2 or hidden.dim() < 1:
+        return  # sequence_logps names these shapes
+    vocab, dim = weight.shape
+    if hidden.shape[-1] != dim:
+        if hidden.shape[-1] == vocab and vocab < dim:  # a vocabulary is larger than a hidden size
+            raise ValueError(
+                f"{weight_name} has shape {tuple(weight.shape)}, which looks transposed: it must be (V, D), one row "
+                f"per vocabulary entry (the LM head's nn.Linear weight as it is, not .T), with D = "
+                f"{hidden_name}'s last dimension ({hidden.shape[-1]})"
+            )
+        if hidden.shape[-1] == vocab:
+            raise ValueError(
+                f"{hidden_name}'s last dimension is {vocab}, {weight_name}'s vocabulary size, not its hidden size "
+                f"D={dim}: these look like logits (the LM head's output). Pass the final hidden states, the "
+                f"backbone's output before the LM head (fastkto.integrations.transformers.hidden_states(model, "
+                f"input_ids), or model.model(...).last_hidden_state)"
+            )
+        raise ValueError(
+            f"hidden size mismatch: {hidden_name} has D={hidden.shape[-1]} but {weight_name} has shape "
+            f"{tuple(weight.shape)} (V, D)"
+        )
+    if (hidden.dtype != weight.dtype and hidden.dtype.is_floating_point and weight.dtype.is_floating_point
+            and not (hidden.device.type != "meta" and torch.is_autocast_enabled(hidden.device.type))):
+        raise TypeError(
+            f"{hidden_name} and {weight_name} must share a dtype, got {hidden.dtype} and {weight.dtype}: run the call "
+            f"under torch.autocast, or cast one of them, e.g. {hidden_name}.to({weight.dtype})"
+        )
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor):
+            raise TypeError(f"{bias_name} must be a torch.Tensor or None, got {type(bias).__name__}")
+        if tuple(bias.shape) != (vocab,):
+            raise ValueError(f"{bias_name} must have shape (V,) = ({vocab},) like {weight_name}'s rows, got "
+                             f"{tuple(bias.shape)}")
+
+
 class _SequenceLogps(torch.nn.Module):
     """Shared by KTOLoss and DPOLoss: the ``sequence_logps`` options and the reference / reuse logic."""
 
@@ -648,6 +728,15 @@ class _SequenceLogps(torch.nn.Module):
 
         batch.checked = check_sequence_values(checks, labels, batch.cu_seqlens, self.ignore_index, weight.shape[0],
                                               name=label_name, cu_name=batch.cu_name, after_layout=scored_rows)
+        # fastkto.labels: every sequence scored at its last position, which shifted labels never are (a warning: a
+        # batch cut by hand, hidden[:, :-1] against input_ids[:, 1:], without padding, looks the same)
+        unshifted = _labels.unshifted_fact(labels, ignore_index=self.ignore_index, lengths=batch.lengths)
+
+        def warn(values):
+            if values and values[0]:
+                _labels.warn_unshifted(label_name, packed=batch.lengths is not None, stacklevel=5)
+
+        checks.add((unshifted,), None, "", warn)
 
     def _logps(self, hidden, weight, labels, bias, batch: _Batch):
         return _sequence_logps(
@@ -676,16 +765,20 @@ class _SequenceLogps(torch.nn.Module):
                 f"the reference is missing: pass {prefix}_logps ({n},) (precomputed) or {prefix}_hidden "
                 f"(the reference model's final hidden states, shaped like {hidden_name})"
             )
+        # the policy's own head by default (frozen): known the same without comparing data pointers, which a
+        # compiled call cannot read
+        same_head = ref_weight is None and ref_bias is None
+        ref_weight, ref_bias = _reference_head(prefix, weight, bias, ref_weight, ref_bias)
+        if isinstance(ref_hidden, torch.Tensor):
+            _check_head_pass(f"{prefix}_hidden", ref_hidden, "ref_weight", ref_weight, "ref_bias", ref_bias)
         if not isinstance(ref_hidden, torch.Tensor) or tuple(ref_hidden.shape) != tuple(hidden.shape):
             shape = tuple(ref_hidden.shape) if isinstance(ref_hidden, torch.Tensor) else type(ref_hidden).__name__
             raise ValueError(
                 f"{prefix}_hidden must have {hidden_name}'s shape {tuple(hidden.shape)} (the same sequences under the "
                 f"reference model), got {shape}"
             )
-        ref_weight = weight.detach() if ref_weight is None else ref_weight
-        ref_bias = (None if bias is None else bias.detach()) if ref_bias is None else ref_bias
-        if (policy_logps is not None and _same_tensor(ref_hidden, hidden) and _same_tensor(ref_weight, weight)
-                and _same_tensor(ref_bias, bias)):
+        if policy_logps is not None and _same_tensor(ref_hidden, hidden) and (
+                same_head or (_same_tensor(ref_weight, weight) and _same_tensor(ref_bias, bias))):
             return policy_logps.detach()  # the same computation: reuse it, no second pass
         with torch.no_grad():
             return self._logps(ref_hidden, ref_weight, labels, ref_bias, batch)
@@ -713,8 +806,10 @@ class KTOLoss(_SequenceLogps):
                        padding positions = ignore_index.
         desirable      (B,) bool.
         reference      ref_logps (B,) precomputed, or ref_hidden (B, T, D) from the reference model scored with
-                       ref_weight / ref_bias (default: the policy's, detached: a frozen head, or LoRA). When
-                       ref_hidden is policy_hidden and the head is the same, the policy's log-probs are reused.
+                       ref_weight / ref_bias: the reference model's LM head, same vocabulary as weight. Required
+                       when weight (bias) requires grad; a frozen head (LoRA, a frozen or shared head) may leave
+                       them None for the policy's, detached. When ref_hidden is policy_hidden and the head is the
+                       same, the policy's log-probs are reused.
         z0             kl (precomputed), or KL pairs: kl_hidden (B_kl, T_kl, D) and kl_labels under the policy, and
                        kl_ref_logps (B_kl,) or kl_ref_hidden under the reference; averaged over
                        kl_process_group's ranks when given (see ``kto_kl``). loss_type="kto" needs one of
@@ -741,6 +836,7 @@ class KTOLoss(_SequenceLogps):
                 kl_hidden=None, kl_labels=None, kl_ref_hidden=None, kl_ref_logps=None, kl=None, bias=None,
                 ref_bias=None, kl_process_group=None, cu_seqlens=None, kl_cu_seqlens=None) -> KTOOutput:
         batch = _check_batch(policy_hidden, labels, cu_seqlens)
+        _check_head_pass("policy_hidden", policy_hidden, "weight", weight, "bias", bias)
         with _layout_errors_first(batch):
             _check_desirable(desirable, batch.n, policy_hidden.device, "policy_hidden")
             if batch.n == 0:
@@ -767,6 +863,7 @@ class KTOLoss(_SequenceLogps):
                     raise ValueError("loss_type='apo_zero_unpaired' uses no KL estimate; do not pass kl_hidden")
                 # the KL pairs have their own layout: padded (B_kl, T_kl, D), or packed with kl_cu_seqlens
                 kl_batch = _check_batch(kl_hidden, kl_labels, kl_cu_seqlens, "kl_hidden", "kl_labels", "kl_cu_seqlens")
+                _check_head_pass("kl_hidden", kl_hidden, "weight", weight, "bias", bias)
 
         checks = ValueChecks(policy_hidden, labels)  # one host sync for every pass's value checks
         self._check_values(checks, policy_hidden, weight, bias, labels, "labels", batch)
@@ -800,10 +897,11 @@ class DPOLoss(_SequenceLogps):
 
     Call: ``loss_fn(policy_hidden, weight, labels, *, ...) -> DPOOutput``. The batch holds 2P sequences: rows
     [0, P) the chosen completions, rows [P, 2P) the rejected ones, pair i = (row i, row P + i) (TRL's layout).
-    Shapes and the reference arguments (ref_logps (2P,), or ref_hidden with ref_weight / ref_bias defaulting to
-    the policy's head detached) are as in ``KTOLoss``. ``bco_delta`` (bco_pair's reward shift) is a call argument
-    because it changes every step. Packed batches: ``cu_seqlens`` (2P + 1,) as in ``KTOLoss``, the P chosen
-    sequences first, then the P rejected ones (``PairedCollator(packed=True)``).
+    Shapes and the reference arguments (ref_logps (2P,), or ref_hidden with ref_weight / ref_bias, which may
+    default to the policy's head detached only when that head is frozen) are as in ``KTOLoss``. ``bco_delta``
+    (bco_pair's reward shift) is a call argument because it changes every step. Packed batches: ``cu_seqlens``
+    (2P + 1,) as in ``KTOLoss``, the P chosen sequences first, then the P rejected ones
+    (``PairedCollator(packed=True)``).
     """
 
     def __init__(self, beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0, *,
@@ -823,6 +921,7 @@ class DPOLoss(_SequenceLogps):
     def forward(self, policy_hidden, weight, labels, *, ref_hidden=None, ref_weight=None, ref_logps=None,
                 bias=None, ref_bias=None, bco_delta=0.0, cu_seqlens=None) -> DPOOutput:
         batch = _check_batch(policy_hidden, labels, cu_seqlens)
+        _check_head_pass("policy_hidden", policy_hidden, "weight", weight, "bias", bias)
         with _layout_errors_first(batch):
             rows = batch.n
             if rows % 2:

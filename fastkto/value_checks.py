@@ -26,7 +26,7 @@ class ValueChecks:
     """Checks on tensor values, gathered from every pass of a call and read with one host sync.
 
     ``add(facts, ok, message, read)`` registers 0-d integer tensors (``facts``), a 0-d bool tensor that is True when they
-    pass (``ok``; asserted on the device with ``message`` while Dynamo traces) and ``read(values)``, which raises the
+    pass (``ok``; asserted on the device with ``message`` while Dynamo traces; None for a check that only warns) and ``read(values)``, which raises the
     check's named error or returns what the caller needs from the values (None where they were not read). ``run``
     makes the one sync and returns the ``read`` results in order.
     """
@@ -47,7 +47,8 @@ class ValueChecks:
         if not self.readable:
             if torch.compiler.is_compiling():  # fake tensors outside a trace have no values to check
                 for _, ok, message, _ in self._checks:
-                    torch._assert_async(ok, message)
+                    if ok is not None:  # None: a check that only warns
+                        torch._assert_async(ok, message)
             self.results = [read(None) for *_, read in self._checks]
             return self.results
         flat = [f.reshape(()).long() for facts, *_ in self._checks for f in facts]

@@ -206,6 +206,12 @@ def test_worker_end_to_end_and_report(tmp_path):
                "torch": torch.__version__, "quick": True}
     caption = run.plot_caption(machine)
     assert "1 busy process beside the run" in caption and "--quick" in caption and "float32" in caption
+    # the load is what was measured, never "quiet" inferred from --busy 0 (issue 22)
+    assert "load not recorded" in caption and "quiet" not in caption
+    machine.update(busy_processes=0, cpu_count=2, load_avg=run.load_summary([1.5, None, 2.5, 2.0]))
+    caption = run.plot_caption(machine)
+    assert "load average 2.0 (1.5-2.5) on 2 cores" in caption and "busy" not in caption
+    assert run.load_summary([None]) is None and (run.load_average() is None or run.load_average() >= 0)
     files = run.write_plots(rows, tmp_path, machine)
     assert files and all((tmp_path / f).stat().st_size > 1000 for f in files)
     table = run.markdown_tables(rows).splitlines()

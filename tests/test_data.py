@@ -371,6 +371,27 @@ def test_shift_labels_is_the_collators_shift(seed):
         D.shift_labels(batch["input_ids"][0], completion_mask[0])
 
 
+def test_collator_labels_never_look_unshifted_and_input_ids_do(seed):
+    """The evidence the losses warn on (issue 22): shifted labels, from the collators (padded and packed, KL rows
+    too) and from shift_labels, never score a sequence's last position; input_ids used as labels score all of them.
+    Checked on random batches of several seeds' lengths, so the rule is not an accident of one layout."""
+    from fastkto.labels import looks_unshifted
+
+    rng = random.Random(seed)
+    for _ in range(5):
+        examples = _random_examples(rng.randint(2, 6), rng)
+        padded = D.KTOCollator(pad_token_id=0)(examples)
+        packed = D.KTOCollator(pad_token_id=0, packed=True)(examples)
+        for prefix in ("", "kl_"):
+            assert not looks_unshifted(padded[f"{prefix}labels"])
+            lengths = torch.diff(packed[f"{prefix}cu_seqlens"])
+            assert not looks_unshifted(packed[f"{prefix}labels"], lengths=lengths)
+            assert looks_unshifted(packed[f"{prefix}input_ids"], lengths=lengths)  # every row's last token scored
+        assert looks_unshifted(padded["input_ids"])  # pad id 0 is a valid token: every position is "scored"
+        assert not looks_unshifted(D.shift_labels(padded["input_ids"], padded["completion_mask"]))
+    assert not looks_unshifted(torch.zeros(0, 4, dtype=torch.long))
+
+
 def test_data_errors_say_what_to_do(tmp_path, monkeypatch):
     with pytest.raises(TypeError, match="pad_token_id must be an int.*tokenizer.eos_token_id"):
         D.KTOCollator(pad_token_id=None)

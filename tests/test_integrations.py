@@ -10,6 +10,8 @@ in float64. Both sides round the logits once in float32 (|z| <= ~40 here, so abo
 from __future__ import annotations
 
 import copy
+import importlib.util
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -584,8 +586,46 @@ def test_example_script_runs_end_to_end(loss, head, dtype, tmp_path):
     assert all("eval/rewards/margins" in r for r in log)
     assert all(r["train/loss"] > 0 and r["peak_mem_mib"] > 0 for r in log[1:])
     assert summary["eval_margin_start"] == 0.0 and summary["eval_margin_end"] != 0.0  # the policy moved
+    # at the start the policy is the reference: every reward is 0, every pair a tie, counted one half (issue 22)
+    assert summary["eval_accuracy_start"] == 0.5 and summary["eval_ties_start"] == 1.0
+    config = json.loads((out / "config.json").read_text())
+    assert "clamped" in config["log_notes"]["train/kl"]
     saved = torch.load(out / "checkpoint.pt")
     assert set(saved) == {n for n, _ in model.named_parameters()}
+
+
+def test_example_accuracy_counts_ties_as_half():
+    """examples/train.py's held-out pair accuracy: a win 1, a loss 0, a tie (equal rewards) 1/2, never a 0.0 for a
+    policy that has not moved (issue 22)."""
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("train_ties", Path(__file__).parents[1] / "examples" / "train.py")
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)
+    policy_logps = torch.tensor([1.0, 0.0, 2.0, -1.0, 0.0, 2.0])  # pairs (1, -1): win, (0, 0): tie, (2, 2): tie
+    runner = SimpleNamespace(policy=torch.nn.Module(), head=None, sequence_logps=lambda m, h, b: policy_logps)
+    got = train.evaluate(runner, [None], [torch.zeros(6)], beta=0.5)
+    assert got["eval/rewards/accuracies"] == pytest.approx((1 + 0.5 + 0.5) / 3)
+    assert got["eval/rewards/ties"] == pytest.approx(2 / 3)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed not installed")
+@pytest.mark.parametrize("script", ["train.py", "trl_kto_smollm2.py"])
+def test_examples_keep_deepspeeds_accelerator_warning_out(script):
+    """accelerate imports DeepSpeed whenever it is installed; on a machine without a GPU DeepSpeed then warns
+    "Setting accelerator to CPU" in every example run (issue 22). The examples name the CPU first."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "examples" / script
+    code = f"import runpy; runpy.run_path({str(path)!r}, run_name='probe'); import deepspeed"
+    env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
+    if torch.cuda.is_available():
+        pytest.skip("with a GPU DeepSpeed finds it and does not warn")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Setting accelerator to CPU" not in done.stdout + done.stderr
 
 
 # --------------------------------------------------------------------------- issue 13: what TRL's head computes too
@@ -904,6 +944,29 @@ def test_packed_hidden_states_reject_inconsistent_layouts():
     left_mask = torch.tensor([[0, 1, 1], [1, 1, 1]])
     out = T.hidden_states(model, left, left_mask, position_ids=torch.tensor([[0, 0, 1], [0, 1, 2]]))
     assert out.shape == (2, 3, 32)
+
+
+def test_packed_positions_with_a_zero_in_the_mask_are_refused_not_mixed(seed):
+    """Issue 22: positions restarting at 0 mark a packed row even when an attention mask with zeros comes along;
+    such a batch used to be run as one padded row whose two sequences attended to each other. It is refused, as
+    the same batch marked with cu_seqlens is; left-padded batches (positions restart only under the mask's
+    zeros, transformers' generate-style [1, 1, 0, 1, ...]) stay padded and equal the unpadded row."""
+    model = tiny("llama")
+    ids = torch.randint(3, V, (1, 10))
+    positions = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 4, 5]])
+    mask = torch.ones_like(ids)
+    mask[0, -1] = 0
+    for kwargs in (dict(position_ids=positions), dict(cu_seqlens=torch.tensor([0, 4, 10]))):
+        with pytest.raises(ValueError, match="a packed batch takes no attention_mask"):
+            T.hidden_states(model, ids, mask, **kwargs)
+    left = torch.cat([torch.zeros(1, 2, dtype=torch.long), ids[:, :5]], 1)
+    left_mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1]])
+    for pad_positions in ([1, 1], [0, 0]):
+        pos = torch.tensor([pad_positions + [0, 1, 2, 3, 4]])
+        with torch.no_grad():
+            got = T.hidden_states(model, left, left_mask, position_ids=pos)[0, 2:]
+            want = T.hidden_states(model, ids[:, :5])[0]
+        torch.testing.assert_close(got, want, rtol=0, atol=2e-5)
 
 
 def _kto_step(model, ref_model, batch, packed):

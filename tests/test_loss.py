@@ -483,7 +483,9 @@ def test_kto_module_matches_naive(kind, seed):
 
     h, w, b = (t.clone().requires_grad_() for t in (hidden, weight, bias))
     kl_kwargs = dict(kl_hidden=kl_hidden, kl_labels=kl_labels, kl_ref_hidden=kl_ref_hidden) if kind == "kto" else {}
-    out = loss_fn(h, w, labels, desirable, ref_hidden=ref_hidden, bias=b, **kl_kwargs)
+    # the head is trainable, so the reference's (here the head before the step, its values) is passed
+    out = loss_fn(h, w, labels, desirable, ref_hidden=ref_hidden, ref_weight=weight, ref_bias=bias, bias=b,
+                  **kl_kwargs)
     out.loss.backward()
 
     h64, w64, b64 = leaf64(hidden), leaf64(weight), leaf64(bias)
@@ -795,3 +797,156 @@ def test_errors_name_the_argument(seed):
     with pytest.raises(ValueError, match=r"kl_ref_hidden must have kl_hidden's shape \(4, 6, 8\)"):
         kto(hidden, weight, labels, des, ref_logps=torch.zeros(4), kl_hidden=kl_hidden, kl_labels=kl_labels,
             kl_ref_hidden=kl_hidden[:, :5])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# issue 22: the reference head, the names in errors, unshifted labels
+
+
+def _kto_inputs(rows=4, steps=6, dim=8, vocab=16):
+    hidden, labels = make_batch(rows, steps, dim, vocab)
+    weight, bias = make_head(vocab, dim, bias=True)
+    desirable = torch.tensor([True, False] * (rows // 2))
+    return hidden, labels, weight, bias, desirable
+
+
+def test_trainable_head_requires_the_reference_head(seed):
+    """A trainable head (weight.requires_grad) no longer defaults to itself as the reference head: that scored
+    the reference with the head being trained, so every reward drifted with it (issue 22: loss 0.457 instead of
+    0.104 after 3 steps). A frozen head keeps the default."""
+    hidden, labels, weight, bias, des = _kto_inputs()
+    kto, dpo = L.KTOLoss(backend="torch"), L.DPOLoss(backend="torch")
+    trainable = weight.clone().requires_grad_()
+    ref_hidden = hidden + 0.1 * torch.randn_like(hidden)
+    for call in (lambda: kto(hidden, trainable, labels, des, ref_hidden=ref_hidden, kl=0.0),
+                 lambda: dpo(hidden, trainable, labels, ref_hidden=ref_hidden)):
+        with pytest.raises(ValueError, match=r"ref_weight is required: weight requires grad .* pass "
+                                             r"ref_weight=ref_model.get_output_embeddings\(\).weight"):
+            call()
+    # the KL pairs' reference pass too, when the main reference was precomputed
+    with pytest.raises(ValueError, match=r"ref_weight is required.*score kl_ref_hidden.*or kl_ref_logps"):
+        kto(hidden, trainable, labels, des, ref_logps=torch.zeros(4), kl_hidden=hidden, kl_labels=labels,
+            kl_ref_hidden=ref_hidden)
+    # a trainable bias needs its reference bias
+    with pytest.raises(ValueError, match="ref_bias is required: bias requires grad"):
+        kto(hidden, weight, labels, des, ref_hidden=ref_hidden, kl=0.0, bias=bias.clone().requires_grad_(),
+            ref_weight=weight)
+    # precomputed reference log-probs need no head
+    kto(hidden, trainable, labels, des, ref_logps=torch.zeros(4), kl=0.0)
+    # with the head given, the trainable policy is scored against it: the reference log-probs use ref_weight
+    ref_weight = weight + 0.05 * torch.randn_like(weight)
+    out = kto(hidden, trainable, labels, des, ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=bias, kl=0.0,
+              bias=bias)
+    want = reference_sequence_logps(ref_hidden.double(), ref_weight.double(), labels, bias=bias.double())
+    torch.testing.assert_close(out.ref_logps.double(), want, rtol=0, atol=ATOL_MODULE)
+    # a frozen head may leave the reference head out: it is the policy's, and equals passing it explicitly
+    frozen = kto(hidden, weight, labels, des, ref_hidden=ref_hidden, kl=0.0, bias=bias)
+    explicit = kto(hidden, weight, labels, des, ref_hidden=ref_hidden, kl=0.0, bias=bias, ref_weight=weight,
+                   ref_bias=bias)
+    torch.testing.assert_close(frozen.loss, explicit.loss, rtol=0, atol=0)
+
+
+def test_reference_head_of_another_vocabulary_is_refused(seed):
+    hidden, labels, weight, _, des = _kto_inputs()
+    for ref_weight in (torch.randn(17, 8), torch.randn(15, 8)):
+        with pytest.raises(ValueError, match=r"ref_weight has vocabulary size 1[57] but weight has 16"):
+            L.KTOLoss(backend="torch")(hidden, weight, labels, des, ref_hidden=hidden, ref_weight=ref_weight, kl=0.0)
+        with pytest.raises(ValueError, match=r"ref_weight has vocabulary size"):
+            L.DPOLoss(backend="torch")(hidden, weight, labels, ref_hidden=hidden, ref_weight=ref_weight)
+
+
+def test_errors_name_the_pass_and_recognize_logits(seed):
+    """Errors about the reference and KL passes name ref_hidden / kl_hidden / kl_ref_hidden and ref_weight /
+    ref_bias, not the primitive's "hidden"; hidden states whose last dimension is the vocabulary size are called
+    what they most likely are, logits."""
+    hidden, labels, weight, bias, des = _kto_inputs()
+    kto = L.KTOLoss(backend="torch")
+    logits = torch.randn(4, 6, 16)
+    kl = dict(kl_hidden=hidden, kl_labels=labels, kl_ref_hidden=hidden)
+    cases = [
+        (lambda: kto(logits, weight, labels, des, ref_logps=torch.zeros(4), kl=0.0), ValueError,
+         r"policy_hidden's last dimension is 16, weight's vocabulary size.*look like logits"),
+        (lambda: kto(hidden, weight, labels, des, ref_logps=torch.zeros(4), kl_hidden=logits, kl_labels=labels,
+                     kl_ref_logps=torch.zeros(4)), ValueError,
+         r"kl_hidden's last dimension is 16.*look like logits"),
+        (lambda: kto(hidden, weight, labels, des, ref_hidden=hidden, ref_weight=torch.randn(16, 5), kl=0.0),
+         ValueError, r"hidden size mismatch: ref_hidden has D=8 but ref_weight has shape \(16, 5\)"),
+        (lambda: kto(hidden, weight, labels, des, ref_hidden=hidden.double(), kl=0.0), TypeError,
+         "ref_hidden and ref_weight must share a dtype"),
+        (lambda: kto(hidden, weight, labels, des, ref_hidden=hidden, **dict(kl, kl_ref_hidden=hidden.bfloat16())),
+         TypeError, "kl_ref_hidden and ref_weight must share a dtype"),
+        (lambda: kto(hidden, weight, labels, des, ref_hidden=hidden, ref_bias=torch.zeros(15), kl=0.0),
+         ValueError, r"ref_bias must have shape \(V,\) = \(16,\)"),
+        (lambda: kto(hidden, weight, labels, des, ref_hidden=hidden, **kl, kl_ref_logps=None, bias=bias[:3]),
+         ValueError, r"bias must have shape \(V,\) = \(16,\)"),
+    ]
+    for call, exc, pattern in cases:
+        with pytest.raises(exc, match=pattern):
+            call()
+    # the primitive says it too
+    with pytest.raises(ValueError, match="hidden size mismatch.*look like logits"):
+        fastkto.sequence_logps(logits, weight, labels)
+
+
+def _collated(packed):
+    from fastkto.data import KTOCollator
+
+    examples = [{"prompt_ids": [1, 2, 3][: 1 + i % 3], "completion_ids": [4, 5, 6, 7][: 1 + (i * 3) % 4],
+                 "label": bool(i % 2)} for i in range(4)]
+    return KTOCollator(pad_token_id=0, packed=packed)(examples)
+
+
+def test_unshifted_labels_are_caught(seed):
+    """input_ids passed as labels score every sequence at its last position, which shifted labels never do: the
+    losses warn, naming the argument and the fix, padded and packed; the collators' shifted labels do not warn.
+    (Issue 22: loss 0.164 instead of 0.104 after 3 steps, silently.)"""
+    import warnings
+
+    from fastkto.labels import UnshiftedLabelsWarning
+
+    vocab, dim = 12, 8
+    table = torch.randn(vocab, dim)
+    weight, _ = make_head(vocab, dim)
+    kto, dpo = L.KTOLoss(backend="torch"), L.DPOLoss(backend="torch")
+    for packed in (False, True):
+        batch = _collated(packed)
+        layout = {"cu_seqlens": batch["cu_seqlens"], "kl_cu_seqlens": batch["kl_cu_seqlens"]} if packed else {}
+        h, kh = table[batch["input_ids"]], table[batch["kl_input_ids"]]
+        good = dict(ref_hidden=h, kl_hidden=kh, kl_labels=batch["kl_labels"], kl_ref_hidden=kh, **layout)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # the documented path: no warning
+            kto(h, weight, batch["labels"], batch["desirable"], **good)
+            dpo(h, weight, batch["labels"], ref_hidden=h, **({"cu_seqlens": batch["cu_seqlens"]} if packed else {}))
+        where = "its last token" if packed else r"the last position \(column T - 1\)"
+        with pytest.warns(UnshiftedLabelsWarning, match=rf"labels: every sequence is scored at {where}.*"
+                                                         r"fastkto.shift_labels\(input_ids, completion_mask\)"):
+            kto(h, weight, batch["input_ids"], batch["desirable"], **good)
+        with pytest.warns(UnshiftedLabelsWarning, match="kl_labels: every sequence"):
+            kto(h, weight, batch["labels"], batch["desirable"], **dict(good, kl_labels=batch["kl_input_ids"]))
+        with pytest.warns(UnshiftedLabelsWarning, match="labels: every sequence"):
+            dpo(h, weight, batch["input_ids"], ref_hidden=h, **({"cu_seqlens": batch["cu_seqlens"]} if packed else {}))
+    # held out: HF-style labels (input_ids, -100 on the prompt) of a left-padded batch
+    ids = torch.tensor([[0, 0, 1, 5, 6], [0, 2, 3, 7, 8], [1, 2, 3, 4, 9], [0, 0, 0, 1, 4]])
+    hf_labels = ids.masked_fill(torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 1, 1, 1, 0]])
+                                .bool(), -100)
+    with pytest.warns(UnshiftedLabelsWarning):
+        kto(table[ids], weight, hf_labels, torch.tensor([True, False, True, False]), ref_hidden=table[ids], kl=0.0)
+
+
+def test_completion_logps_shifts_once_and_refuses_cut_hidden(seed):
+    """The entry point that takes what the model read: equal to sequence_logps on shift_labels' labels, and a
+    hidden-state tensor cut by hand (hidden[:, :-1]) is refused with the reason."""
+    vocab, dim = 12, 8
+    weight, _ = make_head(vocab, dim)
+    ids = torch.randint(0, vocab, (3, 7))
+    completion_mask = torch.arange(7).expand(3, 7) >= torch.tensor([[2], [3], [4]])
+    hidden = torch.randn(3, 7, dim)
+    got = fastkto.completion_logps(hidden, weight, ids, completion_mask, backend="torch")
+    labels = torch.full((3, 7), -100)
+    labels[:, :-1] = torch.where(completion_mask[:, 1:], ids[:, 1:], -100)  # the shift, written out here
+    want = reference_sequence_logps(hidden.double(), weight.double(), labels)
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=ATOL_MODULE)
+    with pytest.raises(ValueError, match=r"hidden is one position shorter, cut by hand \(hidden\[:, :-1\]\)"):
+        fastkto.completion_logps(hidden[:, :-1], weight, ids, completion_mask)
+    with pytest.raises(ValueError, match="input_ids must have shape"):
+        fastkto.completion_logps(hidden, weight, ids[0], completion_mask)

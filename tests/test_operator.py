@@ -372,7 +372,7 @@ def test_bad_inputs_still_get_named_errors_after_one_read():
     with pytest.raises(ValueError, match=r"kl_labels rows \[3\] have no scored token"):
         kto(hidden, weight, labels, desirable, ref_logps=torch.zeros(4), kl_hidden=hidden, kl_labels=kl_bad,
             kl_ref_logps=torch.zeros(4))
-    with pytest.raises(ValueError, match=r"hidden size mismatch: hidden has D=16 but weight has shape \(16, 50\)"):
+    with pytest.raises(ValueError, match=r"weight has shape \(16, 50\), which looks transposed: it must be \(V, D\)"):
         kto(hidden, weight.T, labels, desirable, ref_logps=torch.zeros(4), kl=0.0)  # (D, V): transposed
     with pytest.raises(TypeError, match="labels must be an integer tensor"):
         kto(hidden, weight, labels.float() * 1000, desirable, ref_logps=torch.zeros(4), kl=0.0)

@@ -236,7 +236,7 @@ def test_packed_kto_loss_equals_padded_and_float64(average, seed):
     for layout in ("padded", "packed"):
         h, y, kw = inputs(layout)
         h, w, b = h.clone().requires_grad_(), weight.clone().requires_grad_(), bias.clone().requires_grad_()
-        outs[layout] = loss_fn(h, w, y, desirable, bias=b, **kw)
+        outs[layout] = loss_fn(h, w, y, desirable, bias=b, ref_weight=weight, ref_bias=bias, **kw)
         outs[layout].loss.backward()
         keep = (torch.arange(h.shape[1]) < torch.tensor(lengths)[:, None]) if layout == "padded" else slice(None)
         grads[layout] = (h.grad[keep].reshape(-1, dim) if layout == "padded" else h.grad[0], w.grad, b.grad)

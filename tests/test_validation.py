@@ -15,6 +15,8 @@ Y = torch.randint(0, 30, (2, 5))
     "kwargs, exc, pattern",
     [
         (dict(weight=torch.randn(30, 9)), ValueError, "hidden size mismatch"),
+        (dict(hidden=torch.randn(2, 5, 30)), ValueError, r"hidden size mismatch.*equals the vocabulary size V: these "
+                                                          r"look like logits"),
         (dict(weight=torch.randn(30)), ValueError, "weight must have shape"),
         (dict(labels=torch.randint(0, 30, (2, 4))), ValueError, "labels must have hidden's leading shape"),
         (dict(labels=torch.rand(2, 5)), TypeError, "labels must be an integer"),

@@ -635,15 +635,33 @@ def _varlen_sdpa_attention(module, query, key, value, attention_mask, dropout=0.
     return out.transpose(1, 2).contiguous(), None
 
 
+def _positions_restart(position_ids, attention_mask) -> bool:
+    """Whether ``position_ids`` restart at 0 after a row's first real token: a second sequence packed in the row.
+
+    Only the tokens the mask keeps count, so that a padded batch with explicit positions (left padding gives its
+    pad tokens any position, often 0 or 1) is not mistaken for a packed one, while a packed batch that also
+    carries a mask with zeros is still recognized as packed (and then refused: a packed row has no padding)."""
+    if attention_mask is None:
+        return bool((position_ids[..., 1:] == 0).any())  # a 0 after the first token: a second sequence starts
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.numel() != position_ids.numel() \
+            or attention_mask.dim() < 1:
+        # a mask of another layout (4-D, say) cannot be matched to the positions: decide on the positions alone,
+        # unless the mask has zeros (then a padded batch, as before)
+        if isinstance(attention_mask, torch.Tensor) and not bool((attention_mask != 0).all()):
+            return False
+        return bool((position_ids[..., 1:] == 0).any())
+    real = attention_mask.reshape(-1, attention_mask.shape[-1]).to(position_ids.device) != 0
+    positions = position_ids.reshape(real.shape)
+    later = real & (real.long().cumsum(-1) > 1)  # the real tokens after each row's first one
+    return bool(((positions == 0) & later).any())
+
+
 def _packed_layout(input_ids, attention_mask, position_ids, cu_seqlens, kwargs):
     """(position_ids (1, T_total), cu_seqlens, number of sequences) of a packed call, or None for a padded one."""
     if cu_seqlens is None:
         if position_ids is None or not isinstance(position_ids, torch.Tensor) or position_ids.shape[-1] < 2:
             return None
-        if attention_mask is not None and not bool((attention_mask != 0).all()):
-            return None  # a padded batch with explicit positions (left padding, say): not packed
-        restarts = bool((position_ids[..., 1:] == 0).any())  # a 0 after the first token: a second sequence starts
-        if not restarts:
+        if not _positions_restart(position_ids, attention_mask):
             return None
     tokens = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
     if not isinstance(tokens, torch.Tensor) or tokens.dim() < 2 or tokens.shape[0] != 1:
