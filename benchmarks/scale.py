@@ -92,7 +92,7 @@ def model_config(name: str, layers: int | None = None):
                                 tie_word_embeddings=False, **common)
     elif name == "tiny-llama":  # cross-checks against real tensors
         cfg = tf.LlamaConfig(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
-                             num_key_value_heads=2, vocab_size=512, max_position_embeddings=512,
+                             num_key_value_heads=2, vocab_size=4096, max_position_embeddings=512,
                              tie_word_embeddings=False, **common)
     else:
         raise ValueError(f"model must be one of {MODELS}, got {name!r}")
@@ -163,7 +163,10 @@ def build(cfg, mesh, *, checkpointing: bool, trainable: bool = True):
         if trainable:
             model.train()
             if checkpointing:
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x's name
+                    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+                else:
+                    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         else:
             model.eval()
             model.requires_grad_(False)
@@ -176,14 +179,6 @@ def build(cfg, mesh, *, checkpointing: bool, trainable: bool = True):
         fully_shard(model, mesh=mesh, mp_policy=mp)
     model.to_empty(device="cpu")
     return model
-
-
-def count_params(cfg) -> int:
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(cfg)
-    return sum(p.numel() for p in model.parameters())
 
 
 # -------------------------------------------------------------------------------------------------------- tracker
@@ -227,7 +222,7 @@ class StepTracker(torch.utils._python_dispatch.TorchDispatchMode):
         self.info: dict[int, tuple[int, str, str]] = {}  # key -> (bytes, allocation tag, phase)
         self.size: dict[int, int] = {}
         self.events: list[tuple[int, int]] = []
-        self.current = self.peak = 0
+        self.current = self.peak = self.start_bytes = 0
         self.peak_event = -1
         self.peak_phase = ""
         self._phase_name = "setup"
@@ -236,6 +231,7 @@ class StepTracker(torch.utils._python_dispatch.TorchDispatchMode):
         self.head = False
         self.head_nodes: set = set()
         self._next = 0
+        self._pending: list | None = None
 
     @property
     def phase(self) -> str:
@@ -302,8 +298,11 @@ class StepTracker(torch.utils._python_dispatch.TorchDispatchMode):
             return None
 
     def transient(self, name: str, nbytes: int) -> None:
-        """Bytes present now and gone at once (fastkto's workspace inside a fake call)."""
-        if nbytes > 0:
+        """Bytes present now and gone at once (fastkto's workspace inside a fake call). Reported from inside an
+        operator's fake implementation, they are counted on top of that operator's outputs."""
+        if self._pending is not None:
+            self._pending.append((name, nbytes))
+        elif nbytes > 0:
             key, self._next = self._next, self._next + 1
             self.info[key] = (nbytes, "head", self.phase)
             self._add(key, nbytes)
@@ -324,12 +323,18 @@ class StepTracker(torch.utils._python_dispatch.TorchDispatchMode):
             self._add(key, new - old)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
+        self._pending = []
+        try:
+            out = func(*args, **(kwargs or {}))
+        finally:
+            pending, self._pending = self._pending, None
         tag = None
         for st in _storages(out):
             if st._cdata not in self.key_of:
                 tag = tag or self._tag(func)
                 self.register(st, tag)
+        for name, nbytes in pending:
+            self.transient(name, nbytes)
         return out
 
     # -- the peak's live set
@@ -385,6 +390,7 @@ class Setup:
     optimizer: str = "fused"  # fused | foreach | for-loop (AdamW's implementations)
     layers: int | None = None
     device: str = "fake"  # fake (FakeTensorMode) | real (CPU tensors: cross-checks at small sizes)
+    target: str = "cuda"  # the device whose fastkto path is planned (cpu: the cross-checks against real tensors)
 
 
 @dataclass
@@ -395,6 +401,7 @@ class Result:
     peak_phase: str
     breakdown: dict = field(default_factory=dict)
     seconds: float = 0.0
+    start_bytes: int = 0  # live when the tracked step began (parameters, optimizer state, the batch)
     phase_seconds: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
@@ -404,20 +411,21 @@ class Result:
                 "phase_seconds": {k: round(v, 2) for k, v in self.phase_seconds.items()}}
 
 
-_PG = [None]
-
-
-def _mesh(world: int):
+@contextlib.contextmanager
+def fake_world(world: int):
+    """A fake process group of ``world`` ranks (this process is rank 0; collectives move no data) and its 1-D
+    mesh, destroyed on exit. Refuses to replace a process group the caller made."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
-    if _PG[0] != world:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
-        _PG[0] = world
-    return init_device_mesh("cpu", (world,))
+    if dist.is_initialized():
+        raise RuntimeError("benchmarks.scale makes its own fake process group; a process group already exists")
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
+    try:
+        yield init_device_mesh("cpu", (world,))
+    finally:
+        dist.destroy_process_group()
 
 
 def _head_weight(model):
@@ -442,14 +450,18 @@ def _naive_logps(hidden, weight, labels, softcap, how):
     return per_token.sum(-1)
 
 
-def run_step(s: Setup, tracker: StepTracker | None = None) -> Result:
-    """Builds the model and runs one tracked training step (after an untracked optimizer warm-up)."""
+def run_step(s: Setup, tracker: StepTracker | None = None, around=None) -> Result:
+    """Builds the model and runs one tracked training step (after an untracked optimizer warm-up). ``around``: a
+    context-manager factory to run the tracked step in (the cross-checks' independent measurement)."""
+    return run_steps(s, [(s.batch, s.seq)], tracker=tracker, around=around)[0]
+
+
+def run_steps(s: Setup, sizes, *, tracker: StepTracker | None = None, around=None, stop=None) -> list[Result]:
+    """One build of ``s``'s model, then one tracked step per (batch, seq) of ``sizes`` (in order; each a steady-state
+    step: the optimizer state exists). ``stop(result)`` ends the sweep early when it returns True."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from fastkto import ops
-    from fastkto.distributed import gather_sharded
-    from fastkto.integrations.transformers import hidden_states
-    from fastkto.loss import DPOLoss, KTOLoss, dpo_loss, kto_kl, kto_loss
 
     if s.head not in ("naive", "trl", "fastkto"):
         raise ValueError(f"head must be naive, trl or fastkto, got {s.head!r}")
@@ -461,17 +473,14 @@ def run_step(s: Setup, tracker: StepTracker | None = None) -> Result:
         raise ValueError(f"ref must be precomputed or held, got {s.ref!r}")
     t0 = time.perf_counter()
     cfg = model_config(s.model, s.layers)
-    softcap = getattr(cfg, "final_logit_softcapping", None)
-    n_params = count_params(cfg)
-    mesh = _mesh(s.world)
     fake = s.device == "fake"
     mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
-    tracker = tracker or StepTracker()
-    target = ops.simulate_target("cuda", s.impl) if fake else contextlib.nullcontext()
-    gc_was = gc.isenabled()
-    with mode, target:
+    target = ops.simulate_target(s.target, s.impl) if fake else contextlib.nullcontext()
+    results = []
+    with fake_world(s.world) as mesh, mode, target:
         torch.manual_seed(0)
         model = build(cfg, mesh, checkpointing=s.checkpointing)
+        n_params = sum(p.numel() for p in model.parameters())  # DTensors: the global count
         ref_model = build(cfg, mesh, checkpointing=False, trainable=False) if s.ref == "held" else None
         if not fake:
             with torch.no_grad():
@@ -484,16 +493,36 @@ def run_step(s: Setup, tracker: StepTracker | None = None) -> Result:
             p.grad = torch.zeros_like(p)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        build_seconds = time.perf_counter() - t0
+        for i, (b, t) in enumerate(sizes):
+            size = Setup(**{**s.__dict__, "batch": b, "seq": t})
+            r = _tracked_step(size, cfg, n_params, model, ref_model, params, opt,
+                              tracker if i == 0 and tracker is not None else StepTracker(), around)
+            r.phase_seconds = {"build": round(build_seconds, 2) if i == 0 else 0.0, **r.phase_seconds}
+            r.seconds += build_seconds if i == 0 else 0.0
+            results.append(r)
+            if stop is not None and stop(r):
+                break
+    return results
 
-        b, t, v = s.batch, s.seq, cfg.vocab_size
-        ids = torch.randint(0, v, (b, t))
-        labels = torch.randint(0, v, (b, t))
-        kl_ids = torch.randint(0, v, (b, t))
-        ref_logps = torch.zeros(b)
-        desirable = torch.arange(b) % 2 == 0
 
-        gc.disable()  # frees happen when the last reference goes, as in the real step (no cycle-collector delay)
-        with tracker, track_resizes(tracker):
+def _tracked_step(s, cfg, n_params, model, ref_model, params, opt, tracker, around) -> Result:
+    from fastkto import ops
+
+    t0 = time.perf_counter()
+    tracker.phase = "setup"
+    softcap = getattr(cfg, "final_logit_softcapping", None)
+    b, t, v = s.batch, s.seq, cfg.vocab_size
+    ids = torch.randint(0, v, (b, t))
+    labels = torch.randint(0, v, (b, t))
+    kl_ids = torch.randint(0, v, (b, t))
+    ref_logps = torch.zeros(b)
+    desirable = torch.arange(b) % 2 == 0
+    gc_was = gc.isenabled()
+    gc.collect()
+    gc.disable()  # frees happen when the last reference goes, as in the real step (no cycle-collector delay)
+    try:
+        with (around() if around else contextlib.nullcontext()), tracker, track_resizes(tracker):
             for p in model.parameters():
                 tracker.register(_local(p).untyped_storage(), "parameters")
             for st in opt.state.values():
@@ -506,10 +535,10 @@ def run_step(s: Setup, tracker: StepTracker | None = None) -> Result:
             for x in (ids, labels, kl_ids, ref_logps, desirable):
                 tracker.register(x.untyped_storage(), "activations")
             hook = ops.on_fake_transient(tracker.transient)
+            tracker.start_bytes = tracker.current
             try:
                 loss, stop = _forward(s, tracker, model, ref_model, ids, labels, kl_ids, ref_logps, desirable,
-                                      softcap, gather_sharded, hidden_states, KTOLoss, DPOLoss, kto_kl, kto_loss,
-                                      dpo_loss)
+                                      softcap)
                 tracker.head_nodes = head_graph(loss, stop)
                 del stop
                 tracker.phase = "backward"
@@ -522,6 +551,7 @@ def run_step(s: Setup, tracker: StepTracker | None = None) -> Result:
                 tracker.phase = "done"
             finally:
                 hook.remove()
+    finally:
         if gc_was:
             gc.enable()
     live = tracker.live_at_peak()
@@ -533,20 +563,25 @@ def run_step(s: Setup, tracker: StepTracker | None = None) -> Result:
         elif tag in ("parameters", "optimizer state", "activations"):
             cat = tag
         else:
-            cat = {"head": "loss head", "fsdp": "FSDP buffers", "optimizer": "optimizer temporaries"}.get(tag, "activations")
+            cat = {"head": "loss head", "fsdp": "FSDP buffers", "optimizer": "optimizer temporaries"}.get(
+                tag, "activations")
             if DEBUG and cat == "activations":
                 print("  live", nbytes / GB, tag, tracker.info[key][2], file=sys.stderr)
         breakdown[cat] += nbytes
     setup = dict(s.__dict__)
     setup["layers"] = cfg.num_hidden_layers
     setup["tokens_per_gpu"] = s.batch * s.seq
+    phases = {k: v for k, v in tracker.phase_seconds.items() if k != "setup"}
     return Result(setup, n_params, tracker.peak, tracker.peak_phase, breakdown, time.perf_counter() - t0,
-                  tracker.phase_seconds)
+                  tracker.start_bytes, phases)
 
 
-def _forward(s, tracker, model, ref_model, ids, labels, kl_ids, ref_logps, desirable, softcap, gather_sharded,
-             hidden_states, KTOLoss, DPOLoss, kto_kl, kto_loss, dpo_loss):
+def _forward(s, tracker, model, ref_model, ids, labels, kl_ids, ref_logps, desirable, softcap):
     """The step's forward passes; returns the loss and the backbone outputs where the loss head begins."""
+    from fastkto.distributed import gather_sharded
+    from fastkto.integrations.transformers import hidden_states
+    from fastkto.loss import DPOLoss, KTOLoss, dpo_loss, kto_kl, kto_loss
+
     weight = _head_weight(model)
     ref_weight = None if ref_model is None else _head_weight(ref_model)
     tracker.phase = "policy forward"
@@ -603,26 +638,66 @@ def _forward(s, tracker, model, ref_model, ids, labels, kl_ids, ref_logps, desir
     return loss, [hidden]
 
 
+# ------------------------------------------------------------------------------------------------------ head only
+def head_only(tokens: int, vocab: int, dim: int, *, head: str = "fastkto", impl: str = "triton",
+              target: str = "cuda", softcap: float | None = None) -> dict:
+    """One policy pass of the loss head alone on fake tensors: bf16 hidden (N, D) and weight (V, D), both with
+    gradients, ``KTOLoss`` (kl=0) or the naive head, backward. Returns bytes: ``peak`` above the inputs, and
+    ``weight_grad`` (V D 2, the head gradient every method returns), for comparisons with
+    ``benchmarks.memory_model``, which leaves it out."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from fastkto import ops
+    from fastkto.loss import KTOLoss, kto_loss
+
+    tracker = StepTracker()
+    with FakeTensorMode(), ops.simulate_target(target, impl):
+        hidden = torch.empty(1, tokens, dim, dtype=torch.bfloat16, requires_grad=True)
+        weight = torch.empty(vocab, dim, dtype=torch.bfloat16, requires_grad=True)
+        labels = torch.zeros(1, tokens, dtype=torch.long)
+        desirable, ref = torch.tensor([True]), torch.zeros(1)
+        hook = ops.on_fake_transient(tracker.transient)
+        try:
+            with tracker, track_resizes(tracker):
+                for t in (hidden, weight, labels, desirable, ref):
+                    tracker.register(t.untyped_storage(), "activations")
+                tracker.start_bytes = tracker.current
+                tracker.phase = "loss"
+                if head == "fastkto":
+                    loss = KTOLoss(softcap=softcap)(hidden, weight, labels, desirable, ref_logps=ref, kl=0.0).loss
+                else:
+                    loss = kto_loss(_naive_logps(hidden, weight, labels, softcap, head), ref, desirable,
+                                    kl=torch.zeros(())).loss
+                tracker.phase = "backward"
+                loss.backward()
+                del loss
+        finally:
+            hook.remove()
+    return {"peak": tracker.peak - tracker.start_bytes, "weight_grad": vocab * dim * 2, "phase": tracker.peak_phase}
+
+
 # ----------------------------------------------------------------------------------------------------------- curve
-def fits(s: Setup, card: float, overhead: float) -> tuple[bool, Result]:
-    r = run_step(s)
-    return r.peak_bytes + overhead <= card, r
+CURVE_SEQ = 4096
+CURVE_BATCHES = (1, 2, 4, 8, 16)
 
 
-def largest_tokens(base: Setup, card: float, overhead: float, seqs=(1024, 2048, 4096, 8192, 16384, 32768, 65536),
-                   log=None) -> tuple[int, Result | None]:
-    """The largest B x T (B = 1 beyond the sequence grid; T the largest that fits, then B doubled at the longest T)
-    whose step fits ``card`` bytes with ``overhead`` on top. Tokens per GPU, and the result at that size."""
-    best, best_r = 0, None
-    for t in seqs:
-        s = Setup(**{**base.__dict__, "batch": 1, "seq": t})
-        ok, r = fits(s, card, overhead)
+def curve(base: Setup, overhead: float, batches=CURVE_BATCHES, seq: int = CURVE_SEQ, log=None) -> dict:
+    """Peaks at micro-batches of ``batches`` x ``seq`` tokens per GPU (one build, the sweep stops at the first size
+    over the largest card), and for each card of ``CARDS`` the largest tokens per GPU whose peak plus
+    ``overhead`` bytes fits (0: none of the sizes)."""
+    largest = max(CARDS.values())
+    results = run_steps(base, [(b, seq) for b in batches], stop=lambda r: r.peak_bytes + overhead > largest)
+    points = []
+    for r in results:
+        points.append({"tokens_per_gpu": r.setup["tokens_per_gpu"], "batch": r.setup["batch"], "seq": seq,
+                       "peak_gb": r.peak_bytes / GB, "peak_phase": r.peak_phase,
+                       "breakdown_gb": {k: v / GB for k, v in r.breakdown.items()}, "seconds": round(r.seconds, 1)})
         if log:
-            log(s, r, ok)
-        if not ok:
-            break
-        best, best_r = t, r
-    return best, best_r
+            log(r)
+    fits = {card: max([p["tokens_per_gpu"] for p in points if p["peak_gb"] * GB + overhead <= cap], default=0)
+            for card, cap in CARDS.items()}
+    return {"setup": {**base.__dict__, "seq": seq}, "params": results[0].params, "overhead_gb": overhead / GB,
+            "points": points, "largest_tokens_per_gpu": fits}
 
 
 def _fmt_result(r: Result) -> str:
@@ -662,16 +737,14 @@ def main(argv=None) -> int:
     out = []
     if args.curve:
         for head in heads:
-            for card, cap in CARDS.items():
-                tokens, r = largest_tokens(Setup(**base, head=head), cap, args.overhead * GB,
-                                           log=None if args.json else lambda s, r, ok: print(
-                                               f"  {s.head:8} {s.seq:6} tokens: {r.peak_bytes / GB:7.2f} GB "
-                                               f"{'fits' if ok else 'does not fit'} {card}", file=sys.stderr))
-                out.append({"head": head, "card": card, "tokens_per_gpu": tokens, "overhead_gb": args.overhead,
-                            "peak_gb": None if r is None else r.peak_bytes / GB,
-                            "setup": {**base, "head": head}})
-                if not args.json:
-                    print(f"{args.model} {head:8} {card}: {tokens} tokens per GPU")
+            c = curve(Setup(**{**base, "head": head}), args.overhead * GB,
+                      log=lambda r: print(f"  {r.setup['head']:8} {r.setup['tokens_per_gpu']:6} tokens per GPU: "
+                                          f"{r.peak_bytes / GB:7.2f} GB ({r.peak_phase}, {r.seconds:.0f} s)",
+                                          file=sys.stderr))
+            out.append(c)
+            if not args.json:
+                print(f"{args.model} {head:8} " + ", ".join(
+                    f"{card}: {tokens} tokens per GPU" for card, tokens in c["largest_tokens_per_gpu"].items()))
     else:
         for head in heads:
             r = run_step(Setup(**base, head=head))
