@@ -696,8 +696,73 @@ def curve(base: Setup, overhead: float, batches=CURVE_BATCHES, seq: int = CURVE_
             log(r)
     fits = {card: max([p["tokens_per_gpu"] for p in points if p["peak_gb"] * GB + overhead <= cap], default=0)
             for card, cap in CARDS.items()}
-    return {"setup": {**base.__dict__, "seq": seq}, "params": results[0].params, "overhead_gb": overhead / GB,
+    return {"setup": {**base.__dict__, "seq": seq, "layers": results[0].setup["layers"]}, "params": results[0].params, "overhead_gb": overhead / GB,
             "points": points, "largest_tokens_per_gpu": fits}
+
+
+def report(curves: list[dict], out_dir) -> str:
+    """Writes ``curve.md`` (the largest tokens per GPU per model, head and card, and every simulated point) and
+    ``curve.png`` (peak per GPU against tokens per GPU, one panel per model) under ``out_dir``; returns the table."""
+    from pathlib import Path
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    by_model: dict = {}
+    for c in curves:
+        by_model.setdefault((c["setup"]["model"], c["setup"]["world"]), []).append(c)
+    overhead = curves[0]["overhead_gb"]
+    lines = [f"Largest micro-batch (tokens per GPU, B x {curves[0]['setup']['seq']}) whose simulated peak + "
+             f"{overhead:g} GB overhead fits the card; FSDP2, bf16 compute, fp32 master weights and AdamW "
+             "(fused), activation checkpointing, KTO with the KL pass, reference log-probs precomputed. "
+             "`python -m benchmarks.scale --model M --world W --head naive,trl,fastkto --curve`.", "",
+             "| model | GPUs | head | 80 GB | 141 GB |", "|---|---|---|---|---|"]
+    for (model, world), cs in by_model.items():
+        for c in cs:
+            f = c["largest_tokens_per_gpu"]
+            top = max(p["tokens_per_gpu"] for p in c["points"])
+
+            def cell(card):
+                # the largest size of the sweep fitting: the limit lies beyond it
+                return f">= {f[card]}" if f[card] == top else (str(f[card]) if f[card] else "none")
+
+            layers = c["setup"]["layers"] or model_config(model).num_hidden_layers
+            lines.append(f"| {model} ({c['params'] / 1e9:.1f} B, {layers} layers) | {world} | "
+                         f"{c['setup']['head']} | {cell('80GB')} | {cell('141GB')} |")
+    lines += ["", "Every simulated point (GB = 1e9 bytes per GPU, before the overhead):", "",
+              "| model | head | tokens per GPU | peak | phase of the peak | params | grads | optimizer | FSDP buffers "
+              "| activations | loss head |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for (model, world), cs in by_model.items():
+        for c in cs:
+            for p in c["points"]:
+                b = p["breakdown_gb"]
+                lines.append(f"| {model} | {c['setup']['head']} | {p['tokens_per_gpu']} | {p['peak_gb']:.1f} | "
+                             f"{p['peak_phase']} | {b['parameters']:.1f} | {b['gradients']:.1f} | "
+                             f"{b['optimizer state'] + b['optimizer temporaries']:.1f} | {b['FSDP buffers']:.1f} | "
+                             f"{b['activations']:.1f} | {b['loss head']:.1f} |")
+    table = "\n".join(lines) + "\n"
+    (out_dir / "curve.md").write_text(table)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(by_model), figsize=(4.2 * len(by_model), 3.8), squeeze=False)
+    for ax, ((model, world), cs) in zip(axes[0], by_model.items()):
+        for c in cs:
+            xs = [p["tokens_per_gpu"] for p in c["points"]]
+            ax.plot(xs, [p["peak_gb"] + overhead for p in c["points"]], marker="o", label=c["setup"]["head"])
+        for card, cap in CARDS.items():
+            ax.axhline(cap / GB, color="grey", lw=0.8, ls="--")
+            ax.text(xs[0] if xs else 4096, cap / GB + 2, card, fontsize=7, color="grey")
+        ax.set_xscale("log", base=2)
+        ax.set_title(f"{model}, {world} GPUs", fontsize=9)
+        ax.set_xlabel("tokens per GPU per micro-batch")
+        ax.set_ylim(0, 200)
+    axes[0][0].set_ylabel(f"peak per GPU + {overhead:g} GB (GB)")
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_dir / "curve.png", dpi=110)
+    return table
 
 
 def _fmt_result(r: Result) -> str:
@@ -730,7 +795,15 @@ def main(argv=None) -> int:
     p.add_argument("--curve", action="store_true", help="largest tokens per GPU that fit the 80 / 141 GB cards")
     p.add_argument("--overhead", type=float, default=DEFAULT_OVERHEAD_GB, help="GB added to the peak for the cards")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--report", nargs="+", metavar="CURVE_JSON",
+                   help="write curve.md and curve.png from --curve --json outputs into --out and exit")
+    p.add_argument("--out", default="benchmarks/results/scale", help="folder for --report")
     args = p.parse_args(argv)
+    if args.report:
+        from pathlib import Path
+
+        print(report([c for f in args.report for c in json.loads(Path(f).read_text())], args.out))
+        return 0
     heads = args.head.split(",")
     base = dict(model=args.model, world=args.world, batch=args.batch, seq=args.seq, impl=args.impl, loss=args.loss,
                 ref=args.ref, checkpointing=not args.no_checkpointing, optimizer=args.optimizer, layers=args.layers)
