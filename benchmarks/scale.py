@@ -197,11 +197,11 @@ def _storages(out):
 
 
 _FSDP_OPS = ("all_gather", "reduce_scatter", "chunk_cat", "split_with_sizes_copy", "fsdp")
-_FACTORIES = ("aten.empty", "aten.new_empty", "aten.zeros", "aten.new_zeros", "")
 
 
 def _in_fsdp() -> bool:
-    """Whether FSDP2's own code made this call (its buffers are made with plain factory calls)."""
+    """Whether FSDP2's own code made this call: its all-gather and reduce-scatter buffers, the unsharded
+    parameters and the casts of its hooks are made with plain operators, known only by their caller."""
     f = sys._getframe(2)
     while f is not None:
         if "/fsdp/" in f.f_code.co_filename:
@@ -251,7 +251,7 @@ class StepTracker(torch.utils._python_dispatch.TorchDispatchMode):
         if node is not None and node in self.head_nodes:
             return "head"
         name = str(func)
-        if any(k in name for k in _FSDP_OPS) or (name.startswith(_FACTORIES) and _in_fsdp()):
+        if any(k in name for k in _FSDP_OPS) or _in_fsdp():
             return "fsdp"
         if self.phase == "optimizer":
             return "optimizer"
@@ -696,8 +696,9 @@ def curve(base: Setup, overhead: float, batches=CURVE_BATCHES, seq: int = CURVE_
             log(r)
     fits = {card: max([p["tokens_per_gpu"] for p in points if p["peak_gb"] * GB + overhead <= cap], default=0)
             for card, cap in CARDS.items()}
-    return {"setup": {**base.__dict__, "seq": seq, "layers": results[0].setup["layers"]}, "params": results[0].params, "overhead_gb": overhead / GB,
-            "points": points, "largest_tokens_per_gpu": fits}
+    return {"setup": {**base.__dict__, "seq": seq, "layers": results[0].setup["layers"]},
+            "params": results[0].params, "overhead_gb": overhead / GB, "points": points,
+            "largest_tokens_per_gpu": fits}
 
 
 def report(curves: list[dict], out_dir) -> str:
@@ -714,7 +715,8 @@ def report(curves: list[dict], out_dir) -> str:
     lines = [f"Largest micro-batch (tokens per GPU, B x {curves[0]['setup']['seq']}) whose simulated peak + "
              f"{overhead:g} GB overhead fits the card; FSDP2, bf16 compute, fp32 master weights and AdamW "
              "(fused), activation checkpointing, KTO with the KL pass, reference log-probs precomputed. "
-             "`python -m benchmarks.scale --model M --world W --head naive,trl,fastkto --curve`.", "",
+             "`python -m benchmarks.scale --model M --world W --head fastkto,naive --curve` "
+             "(TRL's head: `--head trl`; not in this table).", "",
              "| model | GPUs | head | 80 GB | 141 GB |", "|---|---|---|---|---|"]
     for (model, world), cs in by_model.items():
         for c in cs:

@@ -226,7 +226,10 @@ def workspace_plan_bytes(direction: str, impl: str, device_type: str, tokens: in
     from .kernels import torch_chunked as tc
 
     if device_type == "cpu":
-        gemm, fused = tiled.gemm_dtype(dtype, torch.device("cpu")), tiled.fp32_gemm_support("cpu")[1]
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+        with unset_fake_temporarily():  # the GEMM probe multiplies real tiny tensors (cached after the first call)
+            gemm, fused = tiled.gemm_dtype(dtype, torch.device("cpu")), tiled.fp32_gemm_support("cpu")[1]
     else:
         gemm, fused = dtype, True
     call = tiled.CallShape(m, vocab, dim, dtype, gemm, device_type, gathered, False, False, softcap, need_weight,
