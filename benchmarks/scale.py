@@ -794,7 +794,8 @@ def main(argv=None) -> int:
     p.add_argument("--optimizer", default="fused", choices=("fused", "foreach", "for-loop"),
                    help="AdamW implementation (foreach, CUDA's default, holds a copy of a moment while it runs)")
     p.add_argument("--layers", type=int, default=None, help="override the depth (quick runs)")
-    p.add_argument("--curve", action="store_true", help="largest tokens per GPU that fit the 80 / 141 GB cards")
+    p.add_argument("--curve", action="store_true", help="largest tokens per GPU that fit the 80 / 141 GB cards "
+                                                        "(micro-batches 1..16 x 4096; --batch and --seq ignored)")
     p.add_argument("--overhead", type=float, default=DEFAULT_OVERHEAD_GB, help="GB added to the peak for the cards")
     p.add_argument("--json", action="store_true")
     p.add_argument("--report", nargs="+", metavar="CURVE_JSON",
