@@ -1,11 +1,19 @@
-"""Loss-head memory of a KTO step on 30B-class models, naive against fastkto, and what it frees on an 80 GB card.
+"""Loss-head memory of a KTO step on 30B-class models, naive against fastkto: a formula for the head alone.
 
     python -m benchmarks.memory_model                          # default models and batch x sequence grid
     python -m benchmarks.memory_model --batch 1,2,4 --seq 4096,8192 --results benchmarks/results/h200/results.json
 
-Only the loss head is modelled: the bytes a step needs beyond the inputs (hidden states, weights) and the
-gradients every method must hold. N = batch x sequence tokens, M the scored (completion) tokens, V the
-vocabulary, D the hidden size; bf16 model, float32 softmax.
+What it is: the bytes the loss head needs beyond its inputs (hidden states, weights) and the weight gradient
+every method returns, for one KTO step, from three closed forms below. What it is not: the memory of a training
+step. It leaves out parameters, gradients, optimizer state, FSDP's gathered layers, activations and checkpoints,
+and the lifetimes that decide whether the head's temporaries meet the step's peak at all (for a 30B model on 8
+GPUs the peak is often the backward tail of the layers, after the head's temporaries are gone). For "will it fit"
+use the full-step simulation, ``python -m benchmarks.scale`` (fake tensors, FSDP2, the real transformers model);
+its head-only figure (``benchmarks.scale.head_only``) equals the GPU column below within 2%
+(``tests/test_scale.py``).
+
+N = batch x sequence tokens, M the scored (completion) tokens, V the vocabulary, D the hidden size; bf16 model,
+float32 softmax.
 
 naive     c_naive * N * V bytes. The head keeps a float32 log_softmax (4 bytes per logit) for the backward; the
           backward builds the float32 gradient of the gathered log-probs and of the softmax input beside it
@@ -18,9 +26,10 @@ fastkto   W + M * D * b. W: the workspace, a constant (the tiles of the PyTorch 
           hidden-state gradient the backward accumulates (b = 4), plus its cast to bf16 (b = 6 in bf16); it grows
           with the scored tokens, not with the vocabulary.
 GPU       the Triton path's real buffers, from its own plan (``fastkto.kernels.tiled.plan_tiles`` for the call's
-          shape, CUDA's 128 MiB default budget): the workspace of that plan (dz tile, the dW chunk's fp32
-          accumulator) + the float32 hidden gradient + its bf16 cast + the forward's split statistics. Computed,
-          not fitted: a GPU run checks it (``benchmarks/roofline.py --measure``).
+          shape, CUDA's 128 MiB default budget): the float32 hidden gradient (4 M D) with, at the larger of two
+          moments, either the plan's workspace (dz tile, the dW chunk's fp32 accumulator: during the tile loop) or
+          the bf16 hidden gradient the call returns (2 N D: made after the loop has freed its workspace), plus the
+          per-token statistics. Computed, not fitted: a GPU run checks it (``benchmarks/roofline.py --measure``).
 
 The 80 GB column puts this next to a LoRA / frozen-base run on one card: bf16 weights take 2 bytes per
 parameter, and what is left must hold the activations and the loss head.
@@ -117,13 +126,14 @@ def head_bytes(model: ModelShape, batch: int, seq: int, scored_fraction: float, 
 
 
 def gpu_path_bytes(model: ModelShape, batch: int, seq: int, scored_fraction: float) -> float:
-    """The Triton path's loss-head bytes for one policy pass (bf16): its plan's workspace, the fp32 hidden
-    gradient and its bf16 cast, and the forward's per-token statistics; see the module docstring."""
+    """The Triton path's loss-head bytes for one policy pass (bf16): the fp32 hidden gradient, the larger of the
+    plan's workspace (during the tile loop) and the bf16 hidden gradient returned (made after the loop frees the
+    workspace), and the per-token statistics; see the module docstring."""
     from .roofline import Shape, plan
 
     scored = max(1, int(batch * seq * scored_fraction))
     _, _, workspace = plan(Shape(scored, model.hidden, model.vocab), DEFAULT_GPU_WORKSPACE_MIB)
-    return workspace + scored * model.hidden * (4 + 2) + 64 * scored
+    return scored * model.hidden * 4 + max(workspace, batch * seq * model.hidden * 2) + 64 * scored
 
 
 def table(models, batches, seqs, scored_fraction, coef) -> list[dict]:

@@ -22,11 +22,14 @@ implementation gives ``rows`` a data-dependent size.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 from types import ModuleType
 
 import torch
 
-__all__ = ["implementation", "compact_rows", "forward_compute", "backward_compute", "scatter_rows"]
+__all__ = ["implementation", "compact_rows", "forward_compute", "backward_compute", "scatter_rows",
+           "on_fake_transient", "simulate_target", "workspace_plan_bytes"]
 
 
 def implementation(name: str) -> ModuleType:
@@ -47,6 +50,8 @@ def compact_rows(labels: torch.Tensor, ignore_index: int, scored: int) -> torch.
     n = labels.shape[0]
     if scored == n:
         return None
+    if scored < 0 and _simulating(labels) and getattr(labels.fake_mode, "shape_env", None) is None:
+        return None  # plain FakeTensorMode: no data, every row scored (as the operator's fake implementation)
     valid = labels != ignore_index
     if scored < 0:
         rows = valid.nonzero().squeeze(1)
@@ -63,7 +68,10 @@ def forward_compute(hidden, weight, bias, labels, rows, vocab_offset, impl, opts
     if not kept.numel():
         empty = torch.zeros(0, device=hidden.device, dtype=torch.float32)
         return torch.zeros(hidden.shape[0], device=hidden.device, dtype=torch.float32), empty, local
-    row_max, sum_exp, target = impl.logprob_fwd(hidden, weight, bias, rows, local, **opts)
+    if _simulating(hidden):
+        row_max, sum_exp, target = _fake_forward(hidden, weight, bias, rows, local, impl, opts)
+    else:
+        row_max, sum_exp, target = impl.logprob_fwd(hidden, weight, bias, rows, local, **opts)
     if combine is not None:
         row_max, sum_exp, target = combine(row_max, sum_exp, target)
     lse = row_max + torch.log(sum_exp)
@@ -81,9 +89,11 @@ def backward_compute(grad_out, hidden, weight, bias, rows, local, lse, needs, im
     need_h, need_w, need_b = needs
     grad = grad_out.float()
     grad = grad if rows is None else grad.index_select(0, rows)
-    d_hidden, d_weight, d_bias = impl.logprob_bwd(
+    bwd = _fake_backward if _simulating(hidden) else impl.logprob_bwd
+    d_hidden, d_weight, d_bias = bwd(
         hidden, weight, bias, rows, local, lse, grad,
         need_hidden=need_h, need_weight=need_w, need_bias=need_b, **opts,
+        **({"impl": impl} if bwd is _fake_backward else {}),
     )
     if d_hidden is not None:
         if reduce_hidden is not None:
@@ -111,6 +121,166 @@ def scatter_rows(out: torch.Tensor, rows: torch.Tensor, src: torch.Tensor, works
 
 def _opts(softcap, temperature, workspace_bytes) -> dict:
     return {"softcap": softcap, "temperature": float(temperature), "workspace_bytes": workspace_bytes}
+
+
+
+# ----------------------------------------------------------------------------- fake tensors: memory simulation
+# A memory simulation (``python -m benchmarks.scale``) runs a training step on fake tensors and counts what it
+# sees allocated. Two things of the head would escape it: a custom operator's fake implementation runs below the
+# simulator's dispatch mode (its inner allocations are invisible), and the tile loop's buffers live only inside
+# one call. So the fake paths compute, with the real path's own planning functions, the bytes the real call holds
+# beyond what the simulator sees, and report them to the hooks of ``on_fake_transient`` as a transient: present at
+# that moment, gone when the call returns. Nothing runs the tile loop on fake tensors.
+
+_TRANSIENT_HOOKS: list = []
+_TARGET: list = [None]  # (device type, implementation name, SM count) while ``simulate_target`` is active
+
+
+class _Handle:
+    def __init__(self, hook):
+        self.hook = hook
+
+    def remove(self) -> None:
+        if self.hook in _TRANSIENT_HOOKS:
+            _TRANSIENT_HOOKS.remove(self.hook)
+
+
+def on_fake_transient(hook) -> _Handle:
+    """Calls ``hook(name: str, nbytes: int)`` whenever a fake-tensor call of the primitive stands for a real call
+    that would hold ``nbytes`` more than the fake tensors it returns or allocates, at that moment (its tile
+    workspace; for the operators' fake implementations also their inner temporaries). Returns a handle with
+    ``remove()``."""
+    _TRANSIENT_HOOKS.append(hook)
+    return _Handle(hook)
+
+
+@contextlib.contextmanager
+def simulate_target(device_type: str = "cuda", impl: str = "triton", sms: int = 132):
+    """Within the block, fake-tensor calls report the temporaries of ``impl`` ("triton" or "torch") on a
+    ``device_type`` device with ``sms`` multiprocessors (the Triton forward's split count follows it), whatever
+    device the fake tensors claim (a simulation on a CPU-only machine plans for the GPU it models)."""
+    if impl not in ("triton", "torch"):
+        raise ValueError(f"impl must be 'triton' or 'torch', got {impl!r}")
+    if device_type not in ("cuda", "cpu"):
+        raise ValueError(f"device_type must be 'cuda' or 'cpu', got {device_type!r}")
+    old, _TARGET[0] = _TARGET[0], (device_type, impl, int(sms))
+    try:
+        yield
+    finally:
+        _TARGET[0] = old
+
+
+def _simulating(t: torch.Tensor) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return isinstance(t, FakeTensor) and not torch.compiler.is_compiling()
+
+
+def _report(name: str, nbytes: int) -> None:
+    for hook in list(_TRANSIENT_HOOKS):
+        hook(name, int(nbytes))
+
+
+def _target(device: torch.device, impl_name: str) -> tuple[str, str, int]:
+    return _TARGET[0] or (device.type, impl_name, 132)
+
+
+def _impl_name(impl) -> str:
+    return impl if isinstance(impl, str) else ("triton" if impl.__name__.endswith("fused_logprob") else "torch")
+
+
+def workspace_plan_bytes(direction: str, impl: str, device_type: str, tokens: int, vocab: int, dim: int,
+                         dtype: torch.dtype, *, softcap: bool = False, gathered: bool = False, has_bias: bool = False,
+                         need_weight: bool = True, workspace_bytes: int | None = None, sms: int = 132) -> int:
+    """Bytes of the temporaries one real call allocates and frees inside the implementation, from its own plan.
+
+    direction "forward": Triton, the vocabulary splits' statistics (3 x splits x M fp32, the split count by the
+    kernel's rule for ``sms`` SMs) and, with several splits, the merge's two (splits, M) fp32 temporaries; PyTorch,
+    the forward tile buffers. "backward": the tile loop's workspace (``tiled.workspace_buffers`` of the plan
+    ``tiled.plan_tiles`` makes), on the CPU for each worker thread, with the workers' (M, D) fp32 partials.
+    ``tokens`` is M (scored rows); the per-token vectors and the outputs are not included. Assumes CUDA has the
+    fp32-accumulating 16-bit GEMMs (recent torch), as ``benchmarks/roofline.py`` does."""
+    from .kernels import tiled
+
+    m = int(tokens)
+    if m == 0 or vocab == 0:
+        return 0
+    budget = tiled.default_workspace_bytes(device_type) if workspace_bytes is None else int(workspace_bytes)
+    if impl == "triton":
+        from .kernels import fused_logprob as fl
+
+        if direction == "forward":
+            cfg = fl._GPU_CONFIGS[("fwd", "32" if dtype == torch.float32 else "16")]
+            n_tiles = -(-m // cfg.BLOCK_N)
+            occupancy = -(-2 * sms // n_tiles)
+            l2 = -(-sms * cfg.BLOCK_N * dim * dtype.itemsize // fl._L2_H_BYTES)
+            splits = max(1, min(max(occupancy, l2), -(-vocab // (4 * cfg.BLOCK_V)), max(1, budget // (20 * m))))
+            cols = -(-(-(-vocab // splits)) // cfg.BLOCK_V) * cfg.BLOCK_V
+            n_splits = -(-vocab // cols)
+            return 12 * n_splits * m + (8 * n_splits * m if n_splits > 1 else 0)
+        maker = dataclasses.replace(fl.TILES, align=fl.GPU_ALIGN)
+        call = tiled.CallShape(m, vocab, dim, dtype, dtype, "cuda", gathered, False, False, softcap, need_weight,
+                               has_bias, True)
+        plan = tiled.plan_tiles(call, maker, budget, False)
+        return _buffers(tiled.workspace_buffers(*plan, call, maker))
+    from .kernels import torch_chunked as tc
+
+    if device_type == "cpu":
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+        with unset_fake_temporarily():  # the GEMM probe multiplies real tiny tensors (cached after the first call)
+            gemm, fused = tiled.gemm_dtype(dtype, torch.device("cpu")), tiled.fp32_gemm_support("cpu")[1]
+    else:
+        gemm, fused = dtype, True
+    call = tiled.CallShape(m, vocab, dim, dtype, gemm, device_type, gathered, False, False, softcap, need_weight,
+                           has_bias, fused)
+    by_budget = device_type == "cpu"
+    workers = tc._cpu_workers(call, budget)
+    shards = tc._shards(vocab, workers) if workers > 1 else [(0, vocab)]
+    per_worker = tc._per_worker_budget(call, budget, workers) if workers > 1 else budget
+    total = (workers - 1) * m * dim * 4 if direction == "backward" else 0
+    for v0, v1 in shards:
+        shard = dataclasses.replace(call, vocab=v1 - v0)
+        plan = tiled.plan_tiles(shard, tc.TILES, per_worker, by_budget)
+        total += _buffers(tiled.workspace_buffers(*plan, shard, tc.TILES, backward=direction == "backward"))
+    return total
+
+
+def _buffers(bufs: dict) -> int:
+    from .kernels import tiled
+
+    return tiled.buffers_nbytes({k: v for k, v in bufs.items() if k != tiled.VECTORS})  # VECTORS: room, not a buffer
+
+
+def _plan(direction, hidden, weight, bias, m, impl, opts, need_weight=True) -> int:
+    device_type, name, sms = _target(hidden.device, _impl_name(impl))
+    return workspace_plan_bytes(direction, name, device_type, m, weight.shape[0], weight.shape[1], hidden.dtype,
+                                softcap=opts["softcap"] is not None, gathered=m != hidden.shape[0],
+                                has_bias=bias is not None, need_weight=need_weight,
+                                workspace_bytes=opts["workspace_bytes"], sms=sms)
+
+
+def _fake_forward(hidden, weight, bias, rows, local, impl, opts):
+    """``impl.logprob_fwd`` on fake tensors: its (row_max, sum_exp, target) without the loop; the workspace is
+    reported."""
+    m = local.shape[0]
+    if _TRANSIENT_HOOKS:
+        _report("fastkto forward workspace", _plan("forward", hidden, weight, bias, m, impl, opts))
+    return tuple(hidden.new_empty(m, dtype=torch.float32) for _ in range(3))
+
+
+def _fake_backward(hidden, weight, bias, rows, local, lse, grad, *, need_hidden, need_weight, need_bias, impl,
+                   softcap, temperature, workspace_bytes):
+    """``impl.logprob_bwd`` on fake tensors: its outputs (the (M, D) fp32 hidden gradient, the weight and bias
+    gradients) without the loop; the workspace is reported while they exist, as in the real loop."""
+    m = local.shape[0]
+    d_hidden = hidden.new_empty(m, hidden.shape[1], dtype=torch.float32) if need_hidden else None
+    d_weight = torch.empty_like(weight) if need_weight else None
+    d_bias = torch.empty_like(bias) if need_bias and bias is not None else None
+    if _TRANSIENT_HOOKS:
+        opts = _opts(softcap, temperature, workspace_bytes)
+        _report("fastkto backward workspace", _plan("backward", hidden, weight, bias, m, impl, opts, need_weight))
+    return d_hidden, d_weight, d_bias
 
 
 # ------------------------------------------------------------------------------------------------- the operators
@@ -154,6 +324,11 @@ def _(hidden, weight, bias, labels, ignore_index, scored, softcap, temperature, 
             m = n_rows = torch.library.get_ctx().new_dynamic_size()  # traced (Dynamo): the count is data
         else:
             m = n_rows = n  # plain FakeTensorMode (no data, no symbols): every row scored, the most memory
+    if _TRANSIENT_HOOKS and isinstance(m, int):
+        # inside the real call, beyond its outputs: the workspace, the statistics (3 M fp32), the kept labels
+        opts = _opts(softcap, temperature, workspace_bytes)
+        _report("fastkto forward workspace",
+                _plan("forward", hidden, weight, bias, m, impl, opts) + 12 * m + (8 * m if m != n else 0))
     f32 = torch.float32
     return hidden.new_empty(n, dtype=f32), hidden.new_empty(m, dtype=f32), labels.new_empty(n_rows, dtype=torch.int64)
 
@@ -193,6 +368,19 @@ def _(grad_out, hidden, weight, bias, labels, rows, lse, softcap, temperature, w
       need_weight, need_bias):
     def like(t, needed):
         return t.new_empty(t.shape) if needed and t is not None else hidden.new_empty(0)
+
+    m = lse.shape[0]
+    if _TRANSIENT_HOOKS and isinstance(m, int):
+        # inside the real call, beyond its outputs: the loop runs with the (M, D) fp32 hidden gradient and the
+        # workspace alive, then the workspace is freed and the output (N, D) is made from the fp32 gradient
+        ws = _plan("backward", hidden, weight, bias, m, impl, _opts(softcap, temperature, workspace_bytes),
+                   need_weight)
+        extra = 8 * m + ws
+        if need_hidden:
+            d32, out = m * hidden.shape[1] * 4, hidden.numel() * hidden.element_size()
+            same = hidden.dtype == torch.float32 and m == hidden.shape[0]  # the fp32 gradient is the output
+            extra = 8 * m + (ws if same else d32 + max(ws - out, 0))
+        _report("fastkto backward workspace", extra)
 
     return like(hidden, need_hidden), like(weight, need_weight), like(bias, need_bias)
 

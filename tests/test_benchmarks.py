@@ -307,7 +307,8 @@ def test_memory_model_gpu_column_is_the_plans_buffers():
     n, v, ws = roofline.plan(roofline.Shape(8192, 5120, 152064), tiled.DEFAULT_WORKSPACE_MIB["cuda"])
     assert memory_model.DEFAULT_GPU_WORKSPACE_MIB == tiled.DEFAULT_WORKSPACE_MIB["cuda"]
     assert 0 < ws <= 128 * 2**20 and n >= 2048 and v >= 2048
-    assert got == ws + 8192 * 5120 * 6 + 64 * 8192
+    # the workspace (tile loop) and the bf16 hidden gradient (made after the loop) never coexist
+    assert got == 8192 * 5120 * 4 + max(ws, 8192 * 5120 * 2) + 64 * 8192
 
 
 # ------------------------------------------------------------------------------------------------ roofline
