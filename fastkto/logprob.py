@@ -277,10 +277,11 @@ def _logprobs(hidden, weight, labels, *, bias, ignore_index, temperature, softca
         check_labels(checks, flat, ignore_index, vocab_total)
         (scored,) = checks.run()
     valid = None
-    if scored < 0 and not _dynamic_shapes_traced():
-        # no count on the host (compiling, or fake tensors): every row is scored, the ignored ones with a stand-in
-        # label and masked out (output 0, gradient 0). Static shapes: no graph break, no sync, CUDA-graph safe;
-        # the price is the head's work on the ignored rows (prompts, padding)
+    if scored < 0 and torch.compiler.is_compiling() and not _dynamic_shapes_traced():
+        # no count on the host while compiling: every row is scored, the ignored ones with a stand-in label and
+        # masked out (output 0, gradient 0). Static shapes: no graph break, no sync, CUDA-graph safe; the price is
+        # the head's work on the ignored rows (prompts, padding) and a zeroed copy of the hidden states. (Fake
+        # tensors outside a trace go to the operator, whose fake implementation counts every row as scored.)
         valid = flat != ignore_index
         flat, scored = torch.where(valid, flat, vocab_offset), flat.numel()
         # a prompt or padding row may hold inf / NaN (fully masked attention, fp16 overflow): zeroed, its gradient

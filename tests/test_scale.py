@@ -67,7 +67,7 @@ def test_fake_paths_report_the_workspace_of_the_planned_path():
     cuda = scale.head_only(n, v, d, impl="triton", target="cuda")
     outputs = 4 * n * d + v * d * 2  # fp32 hidden gradient + weight gradient, the most the outputs hold
     ws = ops.workspace_plan_bytes("backward", "triton", "cuda", n, v, d, torch.bfloat16)
-    assert 64 << 20 < ws <= 128 << 20
+    assert (1 << 20) < ws <= 128 << 20  # one token chunk: no fp32 dW chunk buffer (the direct dW write)
     assert cuda["peak"] >= outputs + ws - (1 << 20)
     cpu = scale.head_only(n, v, d, impl="torch", target="cpu")
     assert cpu["peak"] != cuda["peak"]
