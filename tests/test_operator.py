@@ -2,8 +2,8 @@
 
 * ``torch.library.opcheck`` checks the registration (schema, fake implementation, autograd) of both operators.
 * Every public entry point compiles in one graph (``fullgraph=True`` raises on any graph break) and equals eager:
-  ``aot_eager`` checks the traced autograd graph exactly (the same operators run), Inductor (a C++ compiler is on
-  this machine and CI's) within float32 rounding of its fused element-wise code.
+  ``aot_eager`` and Inductor (a C++ compiler is on this machine and CI's) within float32 rounding (compiled calls
+  score every row and mask the ignored ones, so their tiles and summation order differ from eager's).
 * Under ``FakeTensorMode`` a Qwen2.5-32B head (N=8192, D=5120, V=152064, bf16) runs forward and backward in well
   under a second: the fake implementations never run the tile loop.
 * A host-sync counter (every read of a tensor's value on the host: ``item``, ``tolist``, ``bool``, ``nonzero``,
@@ -22,7 +22,7 @@ import fastkto
 from fastkto import ops
 from fastkto.loss import DPOLoss, KTOLoss
 from fastkto.packing import cu_seqlens_from_lengths
-from reference import make_head
+from reference import GRAD_TOL, assert_grads_close, make_head
 
 _SYNCING = {"aten._local_scalar_dense.default", "aten.nonzero.default", "aten.masked_select.default",
             "aten.equal.default", "aten.is_nonzero.default"}
@@ -131,6 +131,13 @@ def _entry(name, hidden, labels, weight, bias):
     return fns[name]
 
 
+def _assert_same_within_rounding(got, want):
+    """Compiled against eager: compiled calls score every row (masked) where eager ones skip the ignored rows, so
+    the tiles, and so float32's summation order, differ: each result within GRAD_TOL of its largest entry."""
+    for g, e in zip(got, want, strict=True):
+        assert_grads_close(g, e.double(), tol=GRAD_TOL)
+
+
 def _value_and_grads(fn, hidden, weight, bias):
     h, w, b = _leaves(hidden, weight, bias)
     out = fn(h, w, b)
@@ -176,8 +183,7 @@ def test_entry_points_compile_in_one_graph_and_equal_eager(name, seed):
     want = _value_and_grads(fn, hidden, weight, bias)
     torch._dynamo.reset()
     got = _value_and_grads(torch.compile(fn, fullgraph=True, backend="aot_eager"), hidden, weight, bias)
-    for g, e in zip(got, want, strict=True):
-        torch.testing.assert_close(g, e, rtol=1e-6, atol=1e-6)  # the same operators run: rounding only
+    _assert_same_within_rounding(got, want)
 
 
 @pytest.mark.slow
@@ -198,8 +204,7 @@ def test_compiled_calls_compact_scored_rows_when_dynamic_shapes_are_captured(nam
     finally:
         ops.compact_rows = real
     assert seen and all(s == -1 for s in seen), seen  # the operator counted the rows itself, in the graph
-    for g, e in zip(got, want, strict=True):
-        torch.testing.assert_close(g, e, rtol=1e-6, atol=1e-6)
+    _assert_same_within_rounding(got, want)
 
 
 @pytest.mark.slow
@@ -225,8 +230,7 @@ def test_entry_points_compile_with_dynamic_shapes(name, seed):
     want = _value_and_grads(fn, hidden, weight, bias)
     torch._dynamo.reset()
     got = _value_and_grads(torch.compile(fn, fullgraph=True, dynamic=True, backend="aot_eager"), hidden, weight, bias)
-    for g, e in zip(got, want, strict=True):
-        torch.testing.assert_close(g, e, rtol=1e-6, atol=1e-6)
+    _assert_same_within_rounding(got, want)
 
 
 @pytest.mark.slow
@@ -240,9 +244,8 @@ def test_compiled_calls_keep_non_finite_ignored_rows_out_of_the_gradients(seed):
     want = _value_and_grads(fn, hidden, weight, bias)
     torch._dynamo.reset()
     got = _value_and_grads(torch.compile(fn, fullgraph=True, backend="aot_eager"), hidden, weight, bias)
-    for g, e in zip(got, want, strict=True):
-        assert torch.isfinite(g).all()
-        torch.testing.assert_close(g, e, rtol=1e-6, atol=1e-6)
+    assert all(torch.isfinite(g).all() for g in got)
+    _assert_same_within_rounding(got, want)
 
 
 @pytest.mark.slow
