@@ -9,7 +9,8 @@
 #      Liger, CCE) in its own process, on random and on realistic-entropy inputs; registers / spills; each step
 #      guarded and measured.json rewritten after each one)
 #   4. the tile-configuration sweep (forward and dz kernels' configurations)    sweep.log, sweep/measured.json
-#   5. the Triton-path tests of tests/test_logprob.py tests/test_loss.py         pytest_device.log / .xml
+#   5. the Triton-path tests of tests/test_logprob.py tests/test_loss.py, FSDP1 (tests/test_fsdp1_cuda.py)
+#                                                                                pytest_device.log / .xml
 #      (-k DEVICE_K; in parallel when pytest-xdist is there: the JIT compilations dominate)
 #   6. the compile checks, with the suite's one cuda-marked test (test_compile)  pytest_compile.log / .xml
 #   6b. the training stack: CUDA's count of host syncs in a KTOLoss call (1 forward, 0 backward), an Inductor
@@ -46,7 +47,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # model's measurement runs first, since it is what the first GPU run is for; it writes after every step.
 T_ROOF=${T_ROOF:-190} T_SWEEP=${T_SWEEP:-45} T_DEVICE=${T_DEVICE:-80}
 T_COMPILE=${T_COMPILE:-40} T_STACK=${T_STACK:-50} T_BENCH=${T_BENCH:-35} TOTAL_S=${TOTAL_S:-470}
-DEVICE_TESTS=${DEVICE_TESTS:-"tests/test_logprob.py tests/test_loss.py"}
+DEVICE_TESTS=${DEVICE_TESTS:-"tests/test_logprob.py tests/test_loss.py tests/test_fsdp1_cuda.py"}
 # the device tests that exercise the Triton path (the rest of those files also runs on the CPU in CI)
 DEVICE_K=${DEVICE_K:-"triton or cuda or backend or kernel or bitwise or determin"}
 START=$SECONDS
