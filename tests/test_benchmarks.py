@@ -478,6 +478,17 @@ def test_realistic_inputs_match_the_entropy_random_ones_do_not():
     assert logp.mean() > -5.0
 
 
+def test_realistic_inputs_vary_the_likely_tokens_by_position():
+    """A real model's likely tokens change with the context, so few 128 x 128 probability blocks lie entirely below
+    2^-12 (SmolLM2 on hh-rlhf: 4.9%); the same entropy with the same likely tokens everywhere (spread 0, the first
+    H200 run's inputs) leaves half of them below here, and Cut Cross-Entropy's filter would skip those."""
+    shape = roofline.Shape(256, 64, 16384, None)
+    *_, context = roofline.realistic_inputs(shape, "cpu", torch.float32)
+    *_, frequency_only = roofline.realistic_inputs(shape, "cpu", torch.float32, spread=0.0)
+    assert abs(context["entropy_nats"] - roofline.REAL_ENTROPY) < 0.05
+    assert context["blocks_below_2^-12"] < 0.1 < 0.4 < frequency_only["blocks_below_2^-12"]
+
+
 def _gpu_check(tmp_path, env):
     out = tmp_path / "gc"
     proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), str(out), "--dry-run"],
