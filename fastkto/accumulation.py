@@ -81,7 +81,8 @@ class KLWindow:
             acc_sum = torch.zeros((), dtype=torch.float64, device=device)
         else:
             acc_sum = self._sum
-        stats = torch.stack([acc_sum, torch.tensor(float(self._count), dtype=acc_sum.dtype, device=acc_sum.device)])
+        # a fill on the device: torch.tensor would copy from the host and wait for the stream
+        stats = torch.stack([acc_sum, torch.full((), float(self._count), dtype=acc_sum.dtype, device=acc_sum.device)])
         if process_group is not None:
             _dist.all_reduce_sum(stats, process_group)
         return (stats[0] / stats[1].clamp(min=1.0)).clamp(min=0.0).float()

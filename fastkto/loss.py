@@ -293,7 +293,8 @@ def kto_kl(policy_kl_logps: torch.Tensor, ref_kl_logps: torch.Tensor, process_gr
         diff = policy_kl_logps.detach() - ref_kl_logps.detach()
         # sum in float64 (float32 on MPS, which has no float64) so that large batches lose nothing before dividing
         acc = torch.float32 if diff.device.type == "mps" else torch.float64
-        stats = torch.stack([diff.sum(dtype=acc), torch.tensor(float(diff.shape[0]), dtype=acc, device=diff.device)])
+        # torch.full, not torch.tensor: a host value copied to a GPU waits for its stream (a host sync)
+        stats = torch.stack([diff.sum(dtype=acc), torch.full((), float(diff.shape[0]), dtype=acc, device=diff.device)])
         if process_group is not None:
             _dist.all_reduce_sum(stats, process_group)
         z0 = (stats[0] / stats[1].clamp(min=1.0)).clamp(min=0.0)
@@ -359,9 +360,10 @@ def kto_loss(
             raise TypeError(f"kl must be a number, a one-element tensor or None, got {type(kl).__name__}")
         if isinstance(kl, torch.Tensor) and kl.numel() != 1:
             raise ValueError(f"kl must hold one value (z0), got shape {tuple(kl.shape)}")
-        # a Python float goes straight to the loss dtype (torch.as_tensor would round it to float32 first)
-        z0 = kl.detach().reshape(()) if isinstance(kl, torch.Tensor) else torch.tensor(float(kl), dtype=ratio.dtype)
-        z0 = z0.to(device=ratio.device, dtype=ratio.dtype)
+        # a Python float goes straight to the loss dtype (torch.as_tensor would round it to float32 first), made on
+        # the device by a fill (a copy from the host would wait for the stream)
+        z0 = (kl.detach().reshape(()).to(device=ratio.device, dtype=ratio.dtype) if isinstance(kl, torch.Tensor)
+              else torch.full((), float(kl), dtype=ratio.dtype, device=ratio.device))
 
     # apo_zero_unpaired is the kto formula with z0 = 0 (it takes no kl). sigma(-x) stands for 1 - sigma(x): the
     # same value without cancellation when sigma(x) is close to 1.

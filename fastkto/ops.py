@@ -46,7 +46,7 @@ def implementation(name: str) -> ModuleType:
 def compact_rows(labels: torch.Tensor, ignore_index: int, scored: int) -> torch.Tensor | None:
     """The (M,) int64 indices of the labels other than ``ignore_index``, or None when all N are scored.
 
-    ``scored`` is M when the caller knows it (no host sync: ``nonzero_static``), or -1 (read here: one sync)."""
+    ``scored`` is M when the caller knows it (no host sync), or -1 (read here: one sync)."""
     n = labels.shape[0]
     if scored == n:
         return None
@@ -56,7 +56,18 @@ def compact_rows(labels: torch.Tensor, ignore_index: int, scored: int) -> torch.
     if scored < 0:
         rows = valid.nonzero().squeeze(1)
         return None if rows.shape[0] == n else rows
-    return torch.nonzero_static(valid, size=scored).squeeze(1)
+    return _indices_of(valid, scored)
+
+
+def _indices_of(valid: torch.Tensor, count: int) -> torch.Tensor:
+    """``valid.nonzero()`` (count,) in order, given its count, without a host sync: each valid position goes to
+    its rank among the valid ones (a cumulative sum), the others to a spare slot past the end, which is dropped.
+    Sync-free by construction, which ``torch.nonzero_static`` may not be on CUDA: the first H200 run counted four
+    host syncs in a KTOLoss forward where the value checks make one (benchmarks/results/h200/)."""
+    n = valid.shape[0]
+    slot = torch.where(valid, valid.cumsum(0) - 1, count)
+    out = torch.zeros(count + 1, dtype=torch.long, device=valid.device)
+    return out.scatter_(0, slot, torch.arange(n, device=valid.device))[:count]
 
 
 def forward_compute(hidden, weight, bias, labels, rows, vocab_offset, impl, opts, combine=None):

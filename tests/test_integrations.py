@@ -318,6 +318,49 @@ def test_zero3_partitioned_head_runs_inside_its_module_hooks(seed):
         T.LMHead(module.weight).logprobs(hidden, labels)
 
 
+class _RootWrapper(torch.nn.Module):
+    """A ``.module`` wrapper that, like FSDP1's root, starts its backward from a hook on its forward's outputs."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+        self.pre_backward_calls = 0
+
+    def forward(self, **kwargs):
+        out = self.module(**kwargs)
+        if out.logits.requires_grad:
+            out.logits.register_hook(self._pre_backward)
+        return out
+
+    def _pre_backward(self, grad):
+        self.pre_backward_calls += 1
+        return grad
+
+
+def test_fsdp1_root_output_joins_the_backward(monkeypatch, seed):
+    """FSDP1 (recognised by type, though it forwards ``config`` to its module) is run, not unwrapped, and the
+    root's forward outputs join the backward through a zero gradient, so its pre-backward hooks fire once; the
+    gradients are those of the model alone. On CUDA, tests/test_fsdp1_cuda.py runs the real FSDP1."""
+    model = tiny("llama_tied")
+    wrapper = _RootWrapper(model)
+    monkeypatch.setattr(T, "_is_fsdp1", lambda m: m is wrapper)
+    assert T.unwrap_model(wrapper) is model and T._wrappers(wrapper) == ["_RootWrapper"]
+    ids, mask, labels = padded_batch()
+    params = list(model.parameters())
+    want = torch.autograd.grad(T.get_lm_head(model).sequence_logps(T.hidden_states(model, ids, mask)[:, :-1],
+                                                                   labels).sum(), params)
+    hidden = T.hidden_states(wrapper, ids, mask)[:, :-1]
+    assert wrapper.pre_backward_calls == 0
+    got = torch.autograd.grad(T.get_lm_head(wrapper).sequence_logps(hidden, labels).sum(), params)
+    assert wrapper.pre_backward_calls == 1
+    assert_grads_close(got, want)
+    with torch.no_grad():  # no graph: nothing joined
+        T.hidden_states(wrapper, ids, mask)
+    monkeypatch.setattr(T, "_is_fsdp1", lambda m: False)
+    T.get_lm_head(wrapper).sequence_logps(T.hidden_states(wrapper, ids, mask)[:, :-1], labels).sum().backward()
+    assert wrapper.pre_backward_calls == 1, "without the join the root's hook never fires (the test can fail)"
+
+
 def test_module_forward_swap_restores_an_instance_forward():
     """Wrappers (accelerate's hooks) set ``module.forward`` on the instance: it must survive fastkto's call."""
     module = torch.nn.Identity()

@@ -125,7 +125,32 @@ def _is_module_wrapper(model: torch.nn.Module) -> bool:
     # a DeepSpeed engine forwards unknown attributes (config, ...) to its module: recognise it by type
     deepspeed = sys.modules.get("deepspeed")
     engine = getattr(deepspeed, "DeepSpeedEngine", None) if deepspeed is not None else None
-    return (isinstance(engine, type) and isinstance(model, engine)) or not hasattr(model, "config")
+    # FSDP1 forwards unknown attributes (config, ...) to its module too
+    return (isinstance(engine, type) and isinstance(model, engine)) or _is_fsdp1(model) or not hasattr(model, "config")
+
+
+def _is_fsdp1(model: torch.nn.Module) -> bool:
+    """``FullyShardedDataParallel`` (FSDP1), recognised by type without importing torch.distributed."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    cls = getattr(fsdp, "FullyShardedDataParallel", None) if fsdp is not None else None
+    return isinstance(cls, type) and isinstance(model, cls)
+
+
+class _AfterRootOutput(torch.autograd.Function):
+    """Returns ``hidden`` as is; its backward also hands ``root_output`` (the head's (B, 0, V) logits) a zero
+    gradient, which costs nothing. FSDP1 starts its backward from hooks on the root's forward outputs (it then
+    marks the root's parameters as in backward and queues the callback that waits for the gradient reductions);
+    the loss reaches the model through the backbone's output, not the root's, so without this those hooks would
+    never fire and the root's post-backward hook would find its parameters still in forward."""
+
+    @staticmethod
+    def forward(ctx, hidden, root_output):
+        ctx.root_shape = root_output.shape
+        return hidden.view_as(hidden)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, grad.new_zeros(ctx.root_shape)
 
 
 def _wrappers(model: torch.nn.Module) -> list[str]:
@@ -550,7 +575,7 @@ def _run_capturing(model: torch.nn.Module, inner: torch.nn.Module, backbone: tor
                            "calls them?): not supported")
     capture.active, capture.outputs = True, []
     try:
-        model(**kwargs, logits_to_keep=torch.empty(0, dtype=torch.long, device=device))
+        root_output = model(**kwargs, logits_to_keep=torch.empty(0, dtype=torch.long, device=device))
         outputs = capture.outputs
     finally:
         capture.active, capture.outputs = False, []
@@ -569,7 +594,12 @@ def _run_capturing(model: torch.nn.Module, inner: torch.nn.Module, backbone: tor
             "output from the wrapper's call. Run the model without the wrapper, or (a compiled model traced before "
             "fastkto's hook existed) call torch._dynamo.reset() first"
         )
-    return outputs[0]
+    out = outputs[0]
+    logits = getattr(root_output, "logits", None)
+    if (_is_fsdp1(model) and isinstance(logits, torch.Tensor) and logits.requires_grad
+            and isinstance(getattr(out, "last_hidden_state", None), torch.Tensor)):
+        out.last_hidden_state = _AfterRootOutput.apply(out.last_hidden_state, logits)
+    return out
 
 
 # ------------------------------------------------------------------------------------------ varlen SDPA attention
