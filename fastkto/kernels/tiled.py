@@ -169,13 +169,17 @@ class CallShape:
     need_weight: bool
     need_bias: bool
     fused_accumulate: bool  # the device has the fp32-accumulating 16-bit addmm
+    stats: int = 0  # the forward's token statistics level (``stats.py``)
+    entropy_grad: bool = False  # the backward's tiles carry the entropy's gradient
 
 
 def workspace_buffers(n: int, v: int, call: CallShape, maker: TileMaker, backward: bool = True) -> dict:
     """{name: (numel, dtype)} of every temporary a tile loop with (n, v) tiles allocates (``backward=False``: the
     PyTorch forward's subset)."""
     d, g = call.dim, call.gemm_dtype
-    bufs = dict(maker.scratch(n, v, g, call.softcap, backward))
+    extra = call.entropy_grad if backward else call.stats > 0
+    bufs = dict(maker.scratch(n, v, g, call.softcap, backward, extra) if extra else
+                maker.scratch(n, v, g, call.softcap, backward))
     if backward:
         dz = maker.dz_dtype(call.input_dtype, g)
         bufs["dz"] = (n * dz_row_stride(v, call.device_type), dz)
@@ -317,14 +321,16 @@ class Workspace:
         return self.bufs[name][: math.prod(shape)].view(*shape)
 
 
-def call_shape(hidden, weight, bias, rows, labels, softcap, need_weight=True, need_bias=True) -> CallShape:
+def call_shape(hidden, weight, bias, rows, labels, softcap, need_weight=True, need_bias=True, stats=0,
+               entropy_grad=False) -> CallShape:
     dev = hidden.device
     g = gemm_dtype(hidden.dtype, dev)
     return CallShape(
         tokens=labels.shape[0], vocab=weight.shape[0], dim=weight.shape[1], input_dtype=hidden.dtype,
         gemm_dtype=g, device_type=dev.type, gathered=rows is not None, hidden_strided=hidden.stride(-1) != 1,
         weight_strided=weight.stride(-1) != 1, softcap=softcap is not None, need_weight=need_weight,
-        need_bias=need_bias and bias is not None, fused_accumulate=fp32_gemm_support(dev.type)[1],
+        need_bias=need_bias and bias is not None, fused_accumulate=fp32_gemm_support(dev.type)[1], stats=stats,
+        entropy_grad=entropy_grad,
     )
 
 
@@ -344,9 +350,10 @@ def operand_rows(src: torch.Tensor, rows: torch.Tensor | None, r0: int, r1: int,
 
 
 def backward_workspace(maker, hidden, weight, bias, rows, labels, softcap, need_weight, need_bias,
-                       workspace_bytes=None, size_by_budget=False, tile=None) -> Workspace:
+                       workspace_bytes=None, size_by_budget=False, tile=None, entropy_grad=False) -> Workspace:
     """The planned, allocated workspace of one backward call (``logprob_bwd`` documents the arguments)."""
-    call = call_shape(hidden, weight, bias, rows, labels, softcap, need_weight, need_bias)
+    call = call_shape(hidden, weight, bias, rows, labels, softcap, need_weight, need_bias,
+                      entropy_grad=entropy_grad)
     budget = default_workspace_bytes(hidden.device) if workspace_bytes is None else workspace_bytes
     if tile is None:
         plan = plan_tiles(call, maker, budget, size_by_budget)
@@ -380,8 +387,11 @@ def logprob_bwd(
     on_step: Callable[[str], None] | None = None,
     out: tuple | None = None,
     workspace: Workspace | None = None,
+    grad_entropy: torch.Tensor | None = None,
+    entropy: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """Gradients of sum_i grad_i * log p_i, recomputing each logits tile once (see the module docstring).
+    """Gradients of sum_i grad_i * log p_i (+ grad_entropy_i * H_i), recomputing each logits tile once (see the
+    module docstring); the entropy's term joins the same dz tile, so it costs no extra pass.
 
     Args:
         maker: the implementation's tile maker.
@@ -401,6 +411,9 @@ def logprob_bwd(
             a vocabulary shard's rows of the whole gradients (``torch_chunked``'s CPU threads).
         workspace: a ``Workspace`` made for this call by ``backward_workspace`` (the CPU threads get theirs from the
             calling thread); by default the loop makes its own.
+        grad_entropy, entropy: (M,) float32 upstream gradient of each scored row's entropy and the entropy itself
+            (from the forward's statistics), or None: dz_j gains -grad_entropy p_j (log p_j + H) before the chain
+            rule (see ``torch_chunked``).
 
     Returns:
         grad_hidden: (M, D) float32, compact (row i belongs to hidden row ``rows[i]``), or None.
@@ -414,8 +427,9 @@ def logprob_bwd(
         return (torch.zeros(m_tokens, dim, device=dev) if need_hidden else None,
                 torch.zeros_like(weight) if need_weight else None,
                 torch.zeros_like(bias) if need_bias else None)
+    ent = None if grad_entropy is None else (grad_entropy, entropy)
     ws = workspace or backward_workspace(maker, hidden, weight, bias, rows, labels, softcap, need_weight, need_bias,
-                                         workspace_bytes, size_by_budget, tile)
+                                         workspace_bytes, size_by_budget, tile, entropy_grad=ent is not None)
     n_plan, v_plan = ws.tile
     n_chunk, v_chunk = min(n_plan, m_tokens), v_plan
     inv_temp = 1.0 / temperature
@@ -444,7 +458,11 @@ def logprob_bwd(
             h = h_once if single else operand_rows(hidden, rows, n0, n1, ws, "h", "h_src")
             dz = ws.view("dz", n1 - n0, dz_row_stride(v1 - v0, dev.type))[:, : v1 - v0]
             mark("dz")
-            maker.make_dz(h, w, b, labels[n0:n1], v0, lse[n0:n1], grad[n0:n1], softcap, inv_temp, dz, ws)
+            if ent is None:
+                maker.make_dz(h, w, b, labels[n0:n1], v0, lse[n0:n1], grad[n0:n1], softcap, inv_temp, dz, ws)
+            else:
+                maker.make_dz(h, w, b, labels[n0:n1], v0, lse[n0:n1], grad[n0:n1], softcap, inv_temp, dz, ws,
+                              ent=(ent[0][n0:n1], ent[1][n0:n1]))
             if ws.has("dz_gemm"):
                 dz = ws.view("dz_gemm", n1 - n0, v1 - v0).copy_(dz)
             if need_hidden:
