@@ -72,9 +72,12 @@ def _tile_logits(
         h = tl.load(h_ptrs + offs_d[None, :], mask=n_mask[:, None] & d_mask[None, :], other=0.0)
         w = tl.load(w_ptrs + offs_d[:, None], mask=d_mask[:, None] & v_mask[None, :], other=0.0)
         if UPCAST:
-            h = h.to(tl.float32)
-            w = w.to(tl.float32)
-        acc = tl.dot(h, w, acc, input_precision=PRECISION)
+            # the interpreter's tl.dot is a BLAS call whose rounding depends on an element's row and column within
+            # the tile; a broadcast product summed over D in order rounds every element alike, as a GPU's MMA
+            # does, so that interpreted results are as batch-invariant as compiled ones
+            acc += tl.sum(h.to(tl.float32)[:, :, None] * w.to(tl.float32)[None, :, :], axis=1)
+        else:
+            acc = tl.dot(h, w, acc, input_precision=PRECISION)
     if HAS_BIAS:
         acc += tl.load(B + offs_v, mask=v_mask, other=0.0).to(tl.float32)[None, :]
     if HAS_SOFTCAP:

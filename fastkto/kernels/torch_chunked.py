@@ -160,6 +160,12 @@ def logprob_fwd(
     from . import stats as st
 
     st.n_partials(stats)
+    small = tiled.pad_small_call(hidden, rows, labels)
+    if small is not None:  # a few tokens on the CPU: rounded as in a large call (``tiled.MIN_CPU_ROWS``)
+        h_pad, _, y_pad, m = small
+        part = logprob_fwd(h_pad, weight, bias, None, y_pad, softcap=softcap, temperature=temperature,
+                           workspace_bytes=workspace_bytes, stats=stats)
+        return tuple(t[:m] for t in part)
     m_tokens = labels.shape[0]
     budget = default_workspace_bytes(hidden.device) if workspace_bytes is None else workspace_bytes
     call = tiled.call_shape(hidden, weight, bias, rows, labels, softcap, stats=stats)
@@ -284,6 +290,14 @@ def logprob_bwd(
         grad_hidden: (M, D) float32, compact (row i belongs to hidden row ``rows[i]``), or None.
         grad_weight: (V, D) in weight's dtype, or None.  grad_bias: (V,) in bias's dtype, or None.
     """
+    small = tiled.pad_small_call(hidden, rows, labels, lse, grad, grad_entropy, entropy)
+    if small is not None:  # a few tokens on the CPU: rounded as in a large call (``tiled.MIN_CPU_ROWS``)
+        h_pad, _, y_pad, lse_pad, g_pad, ge_pad, ent_pad, m = small
+        d_hidden, d_weight, d_bias = logprob_bwd(
+            h_pad, weight, bias, None, y_pad, lse_pad, g_pad, softcap=softcap, temperature=temperature,
+            need_hidden=need_hidden, need_weight=need_weight, need_bias=need_bias, workspace_bytes=workspace_bytes,
+            tile=tile, grad_entropy=ge_pad, entropy=ent_pad)
+        return None if d_hidden is None else d_hidden[:m], d_weight, d_bias
     # on the CPU the buffers are sized by the budget, not the call: memory stays flat as batches change
     opts = dict(softcap=softcap, temperature=temperature, need_hidden=need_hidden, need_weight=need_weight,
                 need_bias=need_bias, size_by_budget=hidden.device.type == "cpu", tile=tile,
