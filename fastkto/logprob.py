@@ -295,9 +295,12 @@ def token_stats(
     max-shifted form: the entropy as log s - a / s with s = sum exp(z - m), a = sum exp(z - m)(z - m), two terms
     >= 0). Batch invariance: on one device and path, with the same options, workspace budget and (CPU) thread
     count, a token's outputs do not depend on the other tokens of the call (the vocabulary's split and chunk
-    boundaries and the order in which partial results combine depend on V and the options only); nor does its row
-    of the hidden states' gradient. The weight's gradient is a sum over tokens, so it depends on the batch: it is
-    deterministic (bitwise reproducible for the same batch), not batch-invariant.
+    boundaries and the order in which partial results combine depend on V and the options only; CPU calls of
+    fewer than 16 tokens are padded, since the CPU's BLAS rounds small products differently); nor does its row of
+    the hidden states' gradient (on CUDA this also needs cuBLAS to round a row of the chunk's dH GEMM alike for
+    every row count: checked by the GPU tests, not guaranteed by fastkto). The weight's gradient is a sum over
+    tokens, so it depends on the batch: it is deterministic (bitwise reproducible for the same batch), not
+    batch-invariant.
     """
     from .kernels import stats as st
 

@@ -85,10 +85,14 @@ def test_token_stats_match_float64(backend, softcap, temperature, seed):
         assert got[name].dtype == torch.float32
         assert (got[name][~scored] == 0).all(), name
         torch.testing.assert_close(got[name][scored].double(), want[name][scored], rtol=0, atol=FWD_ATOL, msg=name)
-    # the log-probs are fused_logprobs', bitwise
+    # the log-probs are fused_logprobs': bitwise, except that compiled statistics kernels walk the vocabulary in
+    # half-width tiles (``fused_logprob._STATS_CONFIGS``), another summation order
     plain = fastkto.fused_logprobs(hidden, weight, labels, bias=bias, softcap=softcap, temperature=temperature,
                                    backend=backend)
-    assert torch.equal(got["log_probs"], plain)
+    if backend == "triton" and not INTERPRET:
+        torch.testing.assert_close(got["log_probs"], plain, rtol=0, atol=FWD_ATOL)
+    else:
+        assert torch.equal(got["log_probs"], plain)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -224,13 +228,10 @@ def test_packed_and_padded_batches_give_the_same_token_stats(seed):
         assert torch.equal(packed[name].reshape(-1), padded[name][keep]), name
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("workspace_bytes", [None, 1 << 17], ids=["default-budget", "small-budget"])
-def test_outputs_are_bitwise_batch_invariant(backend, workspace_bytes, seed):
-    """A token's log-prob, statistics and row of the hidden gradient are bitwise the same whatever other tokens
-    share the call, and in whatever order: random subsets (1 token up to all) in random orders of one pool, some
-    tokens ignored. The weight's gradient sums over the batch, so it is only deterministic (checked by a repeat)."""
-    hidden, weight, bias, labels = _inputs(70, 32, 700, ignored=0.15)
+def _invariance_runs(backend, workspace_bytes, sizes_seed_pool=70):
+    """(full call's outputs, [(subset indices, subset call's outputs)]): random subsets (1 token up to all) in
+    random orders of one pool, some tokens ignored; outputs = (fields, d_hidden, d_weight)."""
+    hidden, weight, bias, labels = _inputs(sizes_seed_pool, 32, 700, ignored=0.15)
     g_ent = torch.randn(labels.shape, device=DEVICE)
 
     def run(idx):
@@ -242,15 +243,26 @@ def test_outputs_are_bitwise_batch_invariant(backend, workspace_bytes, seed):
         return {k: v.detach() for k, v in got.items()}, h.grad, w.grad
 
     everything = torch.arange(labels.shape[0], device=DEVICE)
-    full, d_full, dw_full = run(everything)
+    full = run(everything)
     sizes = [1, 3, 17] + torch.randint(2, labels.shape[0] + 1, (3,)).tolist()
+    subsets = []
     for n in sizes:
         idx = torch.randperm(labels.shape[0], device=DEVICE)[:n]
-        got, d_hidden, _ = run(idx)
+        subsets.append((idx, run(idx)))
+    return full, subsets, run(everything)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("workspace_bytes", [None, 1 << 17], ids=["default-budget", "small-budget"])
+def test_outputs_are_bitwise_batch_invariant(backend, workspace_bytes, seed):
+    """A token's log-prob, statistics and row of the hidden gradient are bitwise the same whatever other tokens
+    share the call, and in whatever order. The weight's gradient sums over the batch, so it is only deterministic
+    (checked by a repeat)."""
+    (full, d_full, dw_full), subsets, (_, _, dw_again) = _invariance_runs(backend, workspace_bytes)
+    for idx, (got, d_hidden, _) in subsets:
         for name in FIELDS:
-            assert torch.equal(got[name], full[name][idx]), (n, name)
-        assert torch.equal(d_hidden, d_full[idx]), n
-    _, _, dw_again = run(everything)
+            assert torch.equal(got[name], full[name][idx]), (idx.numel(), name)
+        assert torch.equal(d_hidden, d_full[idx]), (idx.numel(), (d_hidden - d_full[idx]).abs().max().item())
     assert torch.equal(dw_again, dw_full)
 
 

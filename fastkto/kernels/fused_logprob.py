@@ -152,24 +152,32 @@ def _logprob_fwd_kernel(
         v_mask = offs_v < v_end
         z, t = _tile_logits(H, W, B, rows, n_mask, offs_v, v_mask, D, stride_h, stride_w, softcap, inv_temp,
                             HAS_BIAS, HAS_SOFTCAP, UPCAST, PRECISION, BLOCK_N, BLOCK_V, BLOCK_D)
-        z = tl.where(v_mask[None, :], z, float("-inf"))
+        if STATS == 0:
+            z = tl.where(v_mask[None, :], z, float("-inf"))
+        else:
+            # a finite stand-in for -inf (exp gives 0 all the same), so that exp(z - m) (z - m) is 0, not NaN
+            z = tl.where(v_mask[None, :], z, -3.0e38)
         hit = (offs_v[None, :] == labels[:, None]) & v_mask[None, :]
         t_i += tl.sum(tl.where(hit, z, 0.0), axis=1)
-        tile_max = tl.max(z, axis=1)
+        if STATS >= 2:
+            # the max with the lowest column holding it (one reduction); a later tile takes over only with a
+            # strictly larger max, so r is torch.argmax's first maximum
+            tile_max, first = tl.max(z, axis=1, return_indices=True, return_indices_tie_break_left=True)
+            r_i = tl.where(tile_max > m_i, (v0 + first).to(tl.float32), r_i)
+            u_i += tl.sum(tl.where(v_mask[None, :], z, 0.0), axis=1)
+        else:
+            tile_max = tl.max(z, axis=1)
         m_new = tl.maximum(m_i, tile_max)
         alpha = tl.exp(m_i - m_new)
-        e = tl.exp(z - m_new[:, None])  # 0 in the masked columns
         if STATS >= 1:
+            zs = z - m_new[:, None]
+            e = tl.exp(zs)  # 0 in the masked columns
             # a at the new max: alpha (a + (m_old - m_new) s); the shift is 0 before the first tile (s = 0)
-            zs = tl.where(v_mask[None, :], z - m_new[:, None], 0.0)
             a_i = alpha * (a_i + tl.where(s_i > 0, m_i - m_new, 0.0) * s_i) + tl.sum(e * zs, axis=1)
-        if STATS >= 2:
-            q_i = q_i * (alpha * alpha) + tl.sum(e * e, axis=1)
-            u_i += tl.sum(tl.where(v_mask[None, :], z, 0.0), axis=1)
-            # the lowest column holding the tile's max; a later tile takes over only with a strictly larger max
-            cols = v0 + tl.arange(0, BLOCK_V)
-            first = tl.min(tl.where(z == tile_max[:, None], cols[None, :], 2147483647), axis=1)
-            r_i = tl.where(tile_max > m_i, first.to(tl.float32), r_i)
+            if STATS >= 2:
+                q_i = q_i * (alpha * alpha) + tl.sum(e * e, axis=1)
+        else:
+            e = tl.exp(z - m_new[:, None])  # 0 in the masked columns
         s_i = s_i * alpha + tl.sum(e, axis=1)
         m_i = m_new
     out = pid_s.to(tl.int64) * M + offs_n
@@ -254,6 +262,17 @@ _GPU_CONFIGS = {
     ("dz", "16"): KernelConfig(128, 128, 64, 8, 3),
     ("dz", "32"): KernelConfig(64, 64, 16, 8, 3),
 }
+# The token-statistics variants (forward STATS 1 / 2, dz with ENT_GRAD) hold more per-tile state (exp(z - m) beside
+# z, the arg-max's indices, the entropy term): at the plain shapes ptxas spilled them (forward STATS 2: 16-216 B
+# stack frames on sm_80 and sm_90, at 255 registers; dz ENT_GRAD with a soft-cap: 24 B on sm_80; found by
+# ``compile_check --stats``). Half-width vocabulary tiles halve the fp32 tile each thread holds; the split
+# columns stay multiples of the plain tile, so the splits are the same.
+_STATS_CONFIGS = {
+    ("fwd", "16"): KernelConfig(128, 64, 64, 8, 3),
+    ("fwd", "32"): KernelConfig(64, 32, 16, 8, 3),
+    ("dz", "16"): KernelConfig(128, 64, 64, 8, 3),
+    ("dz", "32"): KernelConfig(64, 32, 16, 8, 3),
+}
 # Small tiles under the interpreter: tests then cover many tiles and ragged edges on small shapes. 16 is the
 # smallest shape tl.dot accepts on a GPU; keep it so the interpreter runs what a GPU would compile.
 _INTERPRET_CONFIG = KernelConfig(16, 32, 16, 4, 1)
@@ -266,10 +285,16 @@ def gpu_configs() -> dict[tuple[str, str], KernelConfig]:
     return dict(_GPU_CONFIGS)
 
 
-def select_config(kernel: str, dtype: torch.dtype) -> KernelConfig:
+def stats_configs() -> dict[tuple[str, str], KernelConfig]:
+    """The configurations of the token-statistics variants (``_STATS_CONFIGS``); the compile checks read this."""
+    return dict(_STATS_CONFIGS)
+
+
+def select_config(kernel: str, dtype: torch.dtype, stats: bool = False) -> KernelConfig:
+    """The launch configuration of ``kernel`` for ``dtype``; ``stats``: a token-statistics variant."""
     if INTERPRET:
         return _INTERPRET_CONFIG
-    return _GPU_CONFIGS[(kernel, "32" if dtype == torch.float32 else "16")]
+    return (_STATS_CONFIGS if stats else _GPU_CONFIGS)[(kernel, "32" if dtype == torch.float32 else "16")]
 
 
 def fp32_matmul_allows_tf32() -> bool:
@@ -324,7 +349,7 @@ def _common(kernel, dtype, bias, rows, softcap, temperature, cfg=None, stats=0, 
     """(constexprs and launch options, softcap argument, 1 / temperature) of a launch, as the dispatch makes it
     (the compile checks call this too, so that they compile what is launched). ``stats``: the forward's statistics
     level (``stats.py``); ``ent_grad``: the dz kernel's entropy-gradient term."""
-    cfg = cfg or select_config(kernel, dtype)
+    cfg = cfg or select_config(kernel, dtype, stats=bool(stats) or bool(ent_grad))
     meta = dict(
         HAS_BIAS=bias is not None,
         HAS_SOFTCAP=softcap is not None,
@@ -383,10 +408,12 @@ def logprob_fwd(
     rows = None if rows is None else rows.contiguous()
     labels = labels.contiguous()
     budget = default_workspace_bytes(dev) if workspace_bytes is None else workspace_bytes
-    cfg = select_config("fwd", hidden.dtype)
-    cols = _split_columns(vocab, vocab_splits(vocab, cfg.BLOCK_V) if splits is None else splits, cfg.BLOCK_V)
+    cfg = select_config("fwd", hidden.dtype, stats=stats > 0)
+    # the splits follow the plain configuration's tile width at every level (a multiple of the stats tiles')
+    plain = select_config("fwd", hidden.dtype)
+    cols = _split_columns(vocab, vocab_splits(vocab, plain.BLOCK_V) if splits is None else splits, plain.BLOCK_V)
     n_splits = triton.cdiv(vocab, cols)
-    group = _token_group(m_tokens, n_splits, k, budget, cfg.BLOCK_N)
+    group = _token_group(m_tokens, n_splits, k, budget, max(cfg.BLOCK_N, plain.BLOCK_N))
     meta, softcap_arg, inv_temp = _common("fwd", hidden.dtype, bias, rows, softcap, temperature, stats=stats)
     out = [torch.empty(m_tokens, device=dev, dtype=torch.float32) for _ in range(k)]
     for r0 in range(0, m_tokens, group):
