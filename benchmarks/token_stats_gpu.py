@@ -28,6 +28,11 @@ from fastkto.kernels import fused_logprob as fl
 
 
 def _time_ms(fn, repeats=5):
+    if not torch.cuda.is_available():  # the CPU dry run (--dry-run): wall clock
+        fn()
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e3
     fn()
     torch.cuda.synchronize()
     times = []
@@ -57,7 +62,7 @@ def _kernels():
 
 
 def run(tokens, dim, vocab, softcap=30.0):
-    dev = torch.device("cuda")
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
     hidden = (torch.randn(tokens, dim, device=dev) * 0.5).to(torch.bfloat16)
     weight = (torch.randn(vocab, dim, device=dev) * 0.05).to(torch.bfloat16)
@@ -114,8 +119,14 @@ def main(argv=None):
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--dim", type=int, default=2304)
     parser.add_argument("--vocab", type=int, default=128256)
+    parser.add_argument("--dry-run", action="store_true", help="without CUDA: a tiny shape on the CPU path")
     args = parser.parse_args(argv)
-    result = {"torch": torch.__version__, "device": torch.cuda.get_device_name(),
+    if args.dry_run:
+        args.tokens, args.dim, args.vocab = 256, 64, 1000
+    elif not torch.cuda.is_available():
+        parser.error("needs CUDA (or --dry-run)")
+    result = {"torch": torch.__version__,
+              "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (dry run)",
               "triton": __import__("triton").__version__}
     result["rows"] = [run(args.tokens, args.dim, args.vocab)]
     result["kernels"] = _kernels()
