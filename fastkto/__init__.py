@@ -2,12 +2,14 @@
 
 from .data import shift_labels
 from .labels import completion_logps
-from .logprob import fused_logprobs, sequence_logps
+from .logprob import TOKEN_FIELDS, fused_logprobs, sequence_logps, token_stats
 from .loss import DPOLoss, KTOLoss, dpo_loss, kto_kl, kto_loss, suggest_kto_weights
 
 __version__ = "0.1.0"
 __all__ = [
     "fused_logprobs",
+    "token_stats",
+    "TOKEN_FIELDS",
     "sequence_logps",
     "shift_labels",
     "completion_logps",

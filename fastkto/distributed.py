@@ -13,6 +13,8 @@ which is what FSDP2 (and DDP) give every other parameter. See ``gather_sharded``
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 
@@ -86,15 +88,26 @@ def vocab_shard_layout(
     return offset, sum(row[0] for row in table)
 
 
-def combine_vocab_parallel(row_max, sum_exp, target, group):
-    """Merge per-shard (max, sum of exp, target logit) into global ones: all-reduce MAX, then one SUM."""
+def combine_vocab_parallel(row_max, sum_exp, target, *extra, group):
+    """Merge per-shard (max, sum of exp, target logit) into global ones: all-reduce MAX, then one SUM. ``extra``:
+    the token statistics' partials (``kernels.stats``: a; or a, q, u and the arg-max as a row of the whole
+    vocabulary), rescaled to the global max like the sum of exp and summed in the same all-reduce; the arg-max is
+    the lowest among the shards that hold the global max (one MIN all-reduce)."""
+    from .kernels import stats as st
+
     global_max = row_max.clone()
     dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=group)
     # a shard with no vocabulary rows has max -inf and sum 0; keep it at 0 instead of exp(-inf - -inf) = nan
-    scale = torch.where(torch.isneginf(row_max), 0.0, torch.exp(row_max - global_max))
-    sums = torch.stack([sum_exp * scale, target])
+    scaled = st.rescale((row_max, sum_exp, target, *extra), global_max)
+    summed = scaled[:5] if len(scaled) > 3 else scaled
+    sums = torch.stack(list(summed))
     dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
-    return global_max, sums[0], sums[1]
+    out = [global_max, *sums.unbind(0)]
+    if len(extra) > 1:
+        arg = torch.where(row_max == global_max, extra[3], math.inf)
+        dist.all_reduce(arg, op=dist.ReduceOp.MIN, group=group)
+        out.append(arg)
+    return tuple(out)
 
 
 def all_reduce_sum(tensor: torch.Tensor, group) -> torch.Tensor:

@@ -19,7 +19,7 @@ from . import distributed as _dist
 from . import ops, packing
 from .value_checks import ValueChecks, host_reads_allowed
 
-__all__ = ["fused_logprobs", "sequence_logps", "BACKENDS", "triton_available", "resolve_backend"]
+__all__ = ["fused_logprobs", "token_stats", "TOKEN_FIELDS", "sequence_logps", "BACKENDS", "triton_available", "resolve_backend"]
 
 BACKENDS = ("auto", "triton", "torch")
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -140,35 +140,48 @@ def _autocast(hidden, weight, bias):
 class _FusedLogprob(torch.autograd.Function):
     """The primitive for vocab-parallel heads and sharded (DTensor) weights, whose collectives and re-gathers do not
     fit an operator's schema: the compute of ``fastkto.ops`` around them. (N, D) hidden, (V, D) weight -> (N,)
-    float32 log-probabilities of the scored rows, 0 elsewhere."""
+    float32 log-probabilities of the scored rows, 0 elsewhere; with ``stats`` > 0 a tuple: the log-probabilities
+    and the token statistics in ``ops.FIELDS_ORDER`` (those the level computes; entropy differentiable)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, rows, labels, impl, opts, group, vocab_offset, regather):
+    def forward(ctx, hidden, weight, bias, rows, labels, impl, opts, group, vocab_offset, regather, stats=0,
+                vocab_total=None):
         # the implementations choose their own precisions; autocast must not recast their products
         with torch.autocast(hidden.device.type, enabled=False):
             combine = None if group is None else functools.partial(_dist.combine_vocab_parallel, group=group)
-            out, lse, local = ops.forward_compute(hidden, weight, bias, labels, rows, vocab_offset, impl, opts,
-                                                  combine)
+            result = ops.forward_compute(hidden, weight, bias, labels, rows, vocab_offset, impl, opts, combine,
+                                         stats=stats, vocab_total=vocab_total)
+        out, lse, local = result[:3]
+        fields = result[3] if stats else {}
         if regather is not None:  # a gathered DTensor weight / bias is not kept: backward gathers it again
             weight = None if regather.sharded[0] else weight
             bias = None if regather.sharded[1] else bias
-        ctx.save_for_backward(hidden, weight, bias, rows, local, lse)
+        entropy = fields.get("entropy")
+        ctx.save_for_backward(hidden, weight, bias, rows, local, lse, entropy)
         ctx.impl, ctx.opts, ctx.group, ctx.regather = impl, opts, group, regather
-        return out
+        if not stats:
+            return out
+        ctx.set_materialize_grads(False)  # an output without a gradient adds no term to the tiles
+        others = [fields[name] for name in ops.FIELDS_ORDER[1:] if name in fields]
+        ctx.mark_non_differentiable(*others)
+        return (out, entropy, *others)
 
     @staticmethod
-    def backward(ctx, grad_out):
-        hidden, weight, bias, rows, local, lse = ctx.saved_tensors
+    def backward(ctx, grad_out, *grad_fields):
+        hidden, weight, bias, rows, local, lse, entropy = ctx.saved_tensors
         if ctx.regather is not None:
             full_w, full_b = ctx.regather()
             weight = weight if full_w is None else full_w
             bias = bias if full_b is None else full_b
+        grad_entropy = grad_fields[0] if grad_fields else None
+        if grad_out is None and grad_entropy is None:
+            return (None,) * 12
         # every shard's vocabulary contributes to each hidden state's gradient
         reduce = None if ctx.group is None else functools.partial(_dist.all_reduce_sum, group=ctx.group)
-        with torch.autocast(grad_out.device.type, enabled=False):
+        with torch.autocast(hidden.device.type, enabled=False):
             grads = ops.backward_compute(grad_out, hidden, weight, bias, rows, local, lse, ctx.needs_input_grad[:3],
-                                         ctx.impl, ctx.opts, reduce)
-        return *grads, None, None, None, None, None, None, None
+                                         ctx.impl, ctx.opts, reduce, grad_entropy=grad_entropy, entropy=entropy)
+        return *grads, None, None, None, None, None, None, None, None, None
 
 
 def check_labels(checks: ValueChecks, flat: torch.Tensor, ignore_index: int, vocab: int, name: str = "labels") -> int:
@@ -238,10 +251,83 @@ def fused_logprobs(
                      softcap=softcap, backend=backend, process_group=process_group, workspace_bytes=workspace_bytes)
 
 
+TOKEN_FIELDS = ("log_probs", "entropy", "mean_logits", "is_top1", "log_sum_sq_probs")
+
+
+def token_stats(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    fields=("log_probs", "entropy"),
+    *,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    backend: str = "auto",
+    process_group=None,
+    workspace_bytes: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """Per-token log-probabilities and statistics of the whole distribution, from one pass through the head.
+
+    ``fused_logprobs``' forward, whose online log-sum-exp also carries the sums the statistics need (see
+    ``fastkto.kernels.stats``); the logits are never materialized, forward or backward. With z the transformed
+    logits (bias, soft-cap, temperature) of a token and p = softmax(z) over the whole vocabulary (all shards of a
+    vocab-parallel head):
+
+    - ``log_probs``: log p[label] (as ``fused_logprobs``), float32, differentiable.
+    - ``entropy``: -sum p log p, float32, differentiable: its gradient joins the log-probs' in the same backward
+      tiles (dz = g (onehot - p) - g_H p (z - E_p[z]), then the soft-cap / temperature chain rule), no extra pass.
+    - ``mean_logits``: the mean of z over the vocabulary, float32, no gradient.
+    - ``is_top1``: whether the label is the arg-max of z, bool, no gradient; ties go to the lowest index (as
+      ``torch.argmax``, and TRL).
+    - ``log_sum_sq_probs``: log sum p^2, float32, no gradient.
+
+    Args: as ``fused_logprobs``, and
+        fields: names from ``TOKEN_FIELDS`` to return (any order; "log_probs" is always computed). Asking only for
+            "entropy" uses a cheaper kernel variant than asking for any of the other three.
+
+    Returns:
+        {name: tensor of labels' shape} for each requested field; 0 (False for ``is_top1``) at ``ignore_index``
+        positions, whose gradients are exactly zero.
+
+    Contract. Each field is within float32 rounding of a float64 reference (the sums are taken in float32 in
+    max-shifted form: the entropy as log s - a / s with s = sum exp(z - m), a = sum exp(z - m)(z - m), two terms
+    >= 0). Batch invariance: on one device and path, with the same options, workspace budget and (CPU) thread
+    count, a token's outputs do not depend on the other tokens of the call (the vocabulary's split and chunk
+    boundaries and the order in which partial results combine depend on V and the options only; CPU calls of
+    fewer than 16 tokens are padded, since the CPU's BLAS rounds small products differently); nor does its row of
+    the hidden states' gradient (on CUDA this also needs cuBLAS to round a row of the chunk's dH GEMM alike for
+    every row count: checked by the GPU tests, not guaranteed by fastkto). The weight's gradient is a sum over
+    tokens, so it depends on the batch: it is deterministic (bitwise reproducible for the same batch), not
+    batch-invariant.
+    """
+    from .kernels import stats as st
+
+    if isinstance(fields, str):
+        fields = (fields,)
+    fields = tuple(fields)
+    for name in fields:
+        if name not in TOKEN_FIELDS:
+            raise ValueError(f"fields must name entries of {TOKEN_FIELDS}, got {name!r}")
+    level = st.level_for(fields)
+    if level == 0:
+        out = _logprobs(hidden, weight, labels, bias=bias, ignore_index=ignore_index, temperature=temperature,
+                        softcap=softcap, backend=backend, process_group=process_group,
+                        workspace_bytes=workspace_bytes)
+        return {"log_probs": out}
+    out, stats = _logprobs(hidden, weight, labels, bias=bias, ignore_index=ignore_index, temperature=temperature,
+                           softcap=softcap, backend=backend, process_group=process_group,
+                           workspace_bytes=workspace_bytes, stats=level)
+    stats["log_probs"] = out
+    return {name: stats[name] for name in fields}
+
+
 def _logprobs(hidden, weight, labels, *, bias, ignore_index, temperature, softcap, backend, process_group,
-              workspace_bytes, scored: int | None = None):
+              workspace_bytes, scored: int | None = None, stats: int = 0):
     """``fused_logprobs``; ``scored`` is the number of labels other than ignore_index when the caller has already
-    checked the labels' values (``ValueChecks``; -1: not read), None to check them here."""
+    checked the labels' values (``ValueChecks``; -1: not read), None to check them here. ``stats`` > 0 (a
+    ``kernels.stats`` level): returns (log-probs, {field: tensor of labels' shape}) instead."""
     hidden, weight, bias = _autocast(hidden, weight, bias)
 
     def checked_locally():
@@ -287,17 +373,35 @@ def _logprobs(hidden, weight, labels, *, bias, ignore_index, temperature, softca
         # a prompt or padding row may hold inf / NaN (fully masked attention, fp16 overflow): zeroed, its gradient
         # terms are 0 x finite, so the weight's gradient stays clean, as in eager mode where the row is skipped
         hidden2d = torch.where(valid[:, None], hidden2d, 0.0)
+    fields = {}
     if process_group is None and regather is None:
-        out = torch.ops.fastkto.logprobs(hidden2d, weight, bias, flat, ignore_index, scored, softcap,
-                                         float(temperature), budget, impl_name)[0]
+        if stats:
+            res = torch.ops.fastkto.token_stats(hidden2d, weight, bias, flat, ignore_index, scored, softcap,
+                                                float(temperature), budget, impl_name, stats)
+            out = res[0]
+            every = dict(zip(ops.FIELDS_ORDER, res[1:5]))
+            fields = {name: every[name] for name in _level_fields(stats)}
+        else:
+            out = torch.ops.fastkto.logprobs(hidden2d, weight, bias, flat, ignore_index, scored, softcap,
+                                             float(temperature), budget, impl_name)[0]
     else:
         opts = {"softcap": softcap, "temperature": float(temperature), "workspace_bytes": budget}
         rows = ops.compact_rows(flat, ignore_index, scored)
-        out = _FusedLogprob.apply(hidden2d, weight, bias, rows, flat, ops.implementation(impl_name), opts,
-                                  process_group, vocab_offset, regather)
+        res = _FusedLogprob.apply(hidden2d, weight, bias, rows, flat, ops.implementation(impl_name), opts,
+                                  process_group, vocab_offset, regather, stats, vocab_total)
+        out = res[0] if stats else res
+        if stats:
+            fields = dict(zip(_level_fields(stats), res[1:]))
     if valid is not None:
         out = torch.where(valid, out, 0.0)
-    return out.reshape(labels.shape)
+        fields = {name: torch.where(valid, t, False if t.dtype == torch.bool else 0.0) for name, t in fields.items()}
+    if not stats:
+        return out.reshape(labels.shape)
+    return out.reshape(labels.shape), {name: t.reshape(labels.shape) for name, t in fields.items()}
+
+
+def _level_fields(stats: int) -> tuple[str, ...]:
+    return ("entropy",) if stats == 1 else ops.FIELDS_ORDER
 
 
 def _dynamic_shapes_traced() -> bool:

@@ -70,40 +70,83 @@ def _indices_of(valid: torch.Tensor, count: int) -> torch.Tensor:
     return out.scatter_(0, slot, torch.arange(n, device=valid.device))[:count]
 
 
-def forward_compute(hidden, weight, bias, labels, rows, vocab_offset, impl, opts, combine=None):
-    """(out (N,) float32 log-probs, 0 on unscored rows; lse (M,) float32; local (M,) int64 labels - vocab_offset)
+def forward_compute(hidden, weight, bias, labels, rows, vocab_offset, impl, opts, combine=None, stats=0,
+                    vocab_total=None):
+    """(out (N,) float32 log-probs, 0 on unscored rows; lse (M,) float32; local (M,) int64 labels - vocab_offset),
+    and with ``stats`` > 0 (``kernels.stats`` levels) a fourth item: {field: (N,) tensor} of the token statistics
+    (float32, ``is_top1`` bool; 0 / False on unscored rows).
 
-    ``combine`` merges the (row_max, sum_exp, target) statistics of vocabulary shards (vocab-parallel), or None."""
+    ``combine`` merges the partial statistics of vocabulary shards (vocab-parallel), or None; ``vocab_total`` is
+    the whole vocabulary's size (default: weight's rows), the denominator of ``mean_logits``."""
+    from .kernels import stats as st
+
     kept = labels if rows is None else labels.index_select(0, rows)
     local = kept - vocab_offset if vocab_offset else kept
+    n = hidden.shape[0]
+    vocab_total = weight.shape[0] if vocab_total is None else vocab_total
     if not kept.numel():
         empty = torch.zeros(0, device=hidden.device, dtype=torch.float32)
-        return torch.zeros(hidden.shape[0], device=hidden.device, dtype=torch.float32), empty, local
+        out = torch.zeros(n, device=hidden.device, dtype=torch.float32)
+        if not stats:
+            return out, empty, local
+        return out, empty, local, _scatter_fields(_empty_fields(stats, 0, hidden.device), rows, n)
     if _simulating(hidden):
-        row_max, sum_exp, target = _fake_forward(hidden, weight, bias, rows, local, impl, opts)
+        part = _fake_forward(hidden, weight, bias, rows, local, impl, opts, stats)
     else:
-        row_max, sum_exp, target = impl.logprob_fwd(hidden, weight, bias, rows, local, **opts)
+        part = impl.logprob_fwd(hidden, weight, bias, rows, local, **opts, **({"stats": stats} if stats else {}))
     if combine is not None:
-        row_max, sum_exp, target = combine(row_max, sum_exp, target)
-    lse = row_max + torch.log(sum_exp)
-    logp = target - lse
+        if stats >= 2 and vocab_offset:  # the arg-max as a row of the whole vocabulary
+            part = (*part[:6], part[6] + vocab_offset)
+        part = combine(*part)
+    elif stats >= 2 and vocab_offset:
+        part = (*part[:6], part[6] + vocab_offset)
+    logp, lse, fields = st.finish(part, kept, vocab_total)
     if rows is None:
-        return logp, lse, local
-    out = torch.zeros(hidden.shape[0], device=hidden.device, dtype=torch.float32)
-    return out.index_copy_(0, rows, logp), lse, local
+        return (logp, lse, local) if not stats else (logp, lse, local, fields)
+    out = torch.zeros(n, device=hidden.device, dtype=torch.float32).index_copy_(0, rows, logp)
+    if not stats:
+        return out, lse, local
+    return out, lse, local, _scatter_fields(fields, rows, n)
 
 
-def backward_compute(grad_out, hidden, weight, bias, rows, local, lse, needs, impl, opts, reduce_hidden=None):
+def _empty_fields(stats, m, device) -> dict:
+    names = ("entropy",) if stats == 1 else FIELDS_ORDER
+    return {name: torch.zeros(m, device=device, dtype=torch.bool if name == "is_top1" else torch.float32)
+            for name in names}
+
+
+def _scatter_fields(fields: dict, rows, n: int) -> dict:
+    if rows is None:
+        return fields
+    return {name: torch.zeros(n, device=t.device, dtype=t.dtype).index_copy_(0, rows, t) for name, t in fields.items()}
+
+
+# the token statistics in the operators' output order
+FIELDS_ORDER = ("entropy", "mean_logits", "is_top1", "log_sum_sq_probs")
+
+
+def backward_compute(grad_out, hidden, weight, bias, rows, local, lse, needs, impl, opts, reduce_hidden=None,
+                     grad_entropy=None, entropy=None):
     """(d_hidden (N, D) in hidden's dtype, d_weight, d_bias), each None where ``needs`` says so.
 
-    ``reduce_hidden`` sums the compact fp32 hidden gradient over vocabulary shards (vocab-parallel), or None."""
+    ``reduce_hidden`` sums the compact fp32 hidden gradient over vocabulary shards (vocab-parallel), or None.
+    ``grad_entropy`` / ``entropy``: (N,) upstream gradient of the entropy field and the field itself, or None;
+    their term joins the log-prob's in the same tiles. ``grad_out`` may be None when only the entropy has one."""
     need_h, need_w, need_b = needs
-    grad = grad_out.float()
-    grad = grad if rows is None else grad.index_select(0, rows)
+    m = lse.shape[0]
+    grad = torch.zeros(m, device=lse.device) if grad_out is None else grad_out.float()
+    if grad_out is not None and rows is not None:
+        grad = grad.index_select(0, rows)
+    ent = {}
+    if grad_entropy is not None:
+        g_ent, h_ent = grad_entropy.float(), entropy.float()
+        if rows is not None:
+            g_ent, h_ent = g_ent.index_select(0, rows), h_ent.index_select(0, rows)
+        ent = {"grad_entropy": g_ent, "entropy": h_ent}
     bwd = _fake_backward if _simulating(hidden) else impl.logprob_bwd
     d_hidden, d_weight, d_bias = bwd(
         hidden, weight, bias, rows, local, lse, grad,
-        need_hidden=need_h, need_weight=need_w, need_bias=need_b, **opts,
+        need_hidden=need_h, need_weight=need_w, need_bias=need_b, **opts, **ent,
         **({"impl": impl} if bwd is _fake_backward else {}),
     )
     if d_hidden is not None:
@@ -202,12 +245,13 @@ def _impl_name(impl) -> str:
 
 def workspace_plan_bytes(direction: str, impl: str, device_type: str, tokens: int, vocab: int, dim: int,
                          dtype: torch.dtype, *, softcap: bool = False, gathered: bool = False, has_bias: bool = False,
-                         need_weight: bool = True, workspace_bytes: int | None = None, sms: int = 132) -> int:
+                         need_weight: bool = True, workspace_bytes: int | None = None, sms: int = 132,
+                         stats: int = 0) -> int:
     """Bytes of the temporaries one real call allocates and frees inside the implementation, from its own plan.
 
-    direction "forward": Triton, the vocabulary splits' statistics (3 x splits x M fp32, the split count by the
-    kernel's rule for ``sms`` SMs) and, with several splits, the merge's two (splits, M) fp32 temporaries; PyTorch,
-    the forward tile buffers. "backward": the tile loop's workspace (``tiled.workspace_buffers`` of the plan
+    direction "forward": Triton, the vocabulary splits' statistics (k x splits x M fp32 for k partials, the split
+    count by the kernel's rule, which depends on V only; ``sms`` is kept for the callers) and, with several
+    splits, the merge's temporaries; PyTorch, the forward tile buffers. ``stats``: the token statistics level. "backward": the tile loop's workspace (``tiled.workspace_buffers`` of the plan
     ``tiled.plan_tiles`` makes), on the CPU for each worker thread, with the workers' (M, D) fp32 partials.
     ``tokens`` is M (scored rows); the per-token vectors and the outputs are not included. Assumes CUDA has the
     fp32-accumulating 16-bit GEMMs (recent torch), as ``benchmarks/roofline.py`` does."""
@@ -221,14 +265,7 @@ def workspace_plan_bytes(direction: str, impl: str, device_type: str, tokens: in
         from .kernels import fused_logprob as fl
 
         if direction == "forward":
-            cfg = fl._GPU_CONFIGS[("fwd", "32" if dtype == torch.float32 else "16")]
-            n_tiles = -(-m // cfg.BLOCK_N)
-            occupancy = -(-2 * sms // n_tiles)
-            l2 = -(-sms * cfg.BLOCK_N * dim * dtype.itemsize // fl._L2_H_BYTES)
-            splits = max(1, min(max(occupancy, l2), -(-vocab // (4 * cfg.BLOCK_V)), max(1, budget // (20 * m))))
-            cols = -(-(-(-vocab // splits)) // cfg.BLOCK_V) * cfg.BLOCK_V
-            n_splits = -(-vocab // cols)
-            return 12 * n_splits * m + (8 * n_splits * m if n_splits > 1 else 0)
+            return fl.forward_buffer_bytes(m, vocab, dtype, budget, stats, gpu=True)
         maker = dataclasses.replace(fl.TILES, align=fl.GPU_ALIGN)
         call = tiled.CallShape(m, vocab, dim, dtype, dtype, "cuda", gathered, False, False, softcap, need_weight,
                                has_bias, True)
@@ -244,8 +281,17 @@ def workspace_plan_bytes(direction: str, impl: str, device_type: str, tokens: in
     else:
         gemm, fused = dtype, True
     call = tiled.CallShape(m, vocab, dim, dtype, gemm, device_type, gathered, False, False, softcap, need_weight,
-                           has_bias, fused)
+                           has_bias, fused, stats=stats if direction == "forward" else 0)
     by_budget = device_type == "cpu"
+    if direction == "forward":  # the forward's shards do not depend on the tokens, nor split the budget by them
+        workers = tc._forward_workers(call)
+        shards = tc._shards(vocab, workers) if workers > 1 else [(0, vocab)]
+        total = 0
+        for v0, v1 in shards:
+            shard = dataclasses.replace(call, vocab=v1 - v0)
+            plan = tiled.plan_tiles(shard, tc.TILES, budget // workers, by_budget)
+            total += _buffers(tiled.workspace_buffers(*plan, shard, tc.TILES, backward=False))
+        return total
     workers = tc._cpu_workers(call, budget)
     shards = tc._shards(vocab, workers) if workers > 1 else [(0, vocab)]
     per_worker = tc._per_worker_budget(call, budget, workers) if workers > 1 else budget
@@ -263,25 +309,27 @@ def _buffers(bufs: dict) -> int:
     return tiled.buffers_nbytes({k: v for k, v in bufs.items() if k != tiled.VECTORS})  # VECTORS: room, not a buffer
 
 
-def _plan(direction, hidden, weight, bias, m, impl, opts, need_weight=True) -> int:
+def _plan(direction, hidden, weight, bias, m, impl, opts, need_weight=True, stats=0) -> int:
     device_type, name, sms = _target(hidden.device, _impl_name(impl))
     return workspace_plan_bytes(direction, name, device_type, m, weight.shape[0], weight.shape[1], hidden.dtype,
                                 softcap=opts["softcap"] is not None, gathered=m != hidden.shape[0],
                                 has_bias=bias is not None, need_weight=need_weight,
-                                workspace_bytes=opts["workspace_bytes"], sms=sms)
+                                workspace_bytes=opts["workspace_bytes"], sms=sms, stats=stats)
 
 
-def _fake_forward(hidden, weight, bias, rows, local, impl, opts):
-    """``impl.logprob_fwd`` on fake tensors: its (row_max, sum_exp, target) without the loop; the workspace is
-    reported."""
+def _fake_forward(hidden, weight, bias, rows, local, impl, opts, stats=0):
+    """``impl.logprob_fwd`` on fake tensors: its partial statistics (row_max, sum_exp, target, ...) without the
+    loop; the workspace is reported."""
+    from .kernels import stats as st
+
     m = local.shape[0]
     if _TRANSIENT_HOOKS:
-        _report("fastkto forward workspace", _plan("forward", hidden, weight, bias, m, impl, opts))
-    return tuple(hidden.new_empty(m, dtype=torch.float32) for _ in range(3))
+        _report("fastkto forward workspace", _plan("forward", hidden, weight, bias, m, impl, opts, stats=stats))
+    return tuple(hidden.new_empty(m, dtype=torch.float32) for _ in range(st.n_partials(stats)))
 
 
 def _fake_backward(hidden, weight, bias, rows, local, lse, grad, *, need_hidden, need_weight, need_bias, impl,
-                   softcap, temperature, workspace_bytes):
+                   softcap, temperature, workspace_bytes, grad_entropy=None, entropy=None):
     """``impl.logprob_bwd`` on fake tensors: its outputs (the (M, D) fp32 hidden gradient, the weight and bias
     gradients) without the loop; the workspace is reported while they exist, as in the real loop."""
     m = local.shape[0]
@@ -323,7 +371,7 @@ def logprobs(
 
 
 @logprobs.register_fake
-def _(hidden, weight, bias, labels, ignore_index, scored, softcap, temperature, workspace_bytes, impl):
+def _logprobs_fake(hidden, weight, bias, labels, ignore_index, scored, softcap, temperature, workspace_bytes, impl):
     n = hidden.shape[0]
     if scored == n:
         m, n_rows = n, 0
@@ -375,8 +423,8 @@ def logprobs_backward(
 
 
 @logprobs_backward.register_fake
-def _(grad_out, hidden, weight, bias, labels, rows, lse, softcap, temperature, workspace_bytes, impl, need_hidden,
-      need_weight, need_bias):
+def _logprobs_backward_fake(grad_out, hidden, weight, bias, labels, rows, lse, softcap, temperature, workspace_bytes,
+                            impl, need_hidden, need_weight, need_bias):
     def like(t, needed):
         return t.new_empty(t.shape) if needed and t is not None else hidden.new_empty(0)
 
@@ -415,3 +463,114 @@ def _backward(ctx, grad_out, _grad_lse, _grad_rows):
 
 
 torch.library.register_autograd("fastkto::logprobs", _backward, setup_context=_setup_context)
+
+
+# ------------------------------------------------------------------------------ the operators with token statistics
+@torch.library.custom_op("fastkto::token_stats", mutates_args=())
+def token_stats(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    ignore_index: int,
+    scored: int,
+    softcap: float | None,
+    temperature: float,
+    workspace_bytes: int | None,
+    impl: str,
+    stats: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``logprobs`` with the token statistics of the same pass (``kernels.stats``): hidden (N, D), weight (V, D),
+    bias (V,) or None, labels (N,) int64, ``stats`` 1 (entropy) or 2 (every field) ->
+    (out (N,) float32 log-probs, entropy (N,) float32, mean_logits (N,) float32, is_top1 (N,) bool,
+    log_sum_sq_probs (N,) float32, lse, rows); fields are 0 / False where ignored, and a field the level does not
+    compute is an empty (0,) tensor; lse and rows as ``logprobs``'."""
+    with torch.autocast(hidden.device.type, enabled=False):
+        rows = compact_rows(labels, ignore_index, scored)
+        out, lse, _, fields = forward_compute(hidden, weight, bias, labels, rows, 0, implementation(impl),
+                                              _opts(softcap, temperature, workspace_bytes), stats=stats)
+    values = tuple(fields[name] if name in fields else
+                   hidden.new_zeros(0, dtype=torch.bool if name == "is_top1" else torch.float32)
+                   for name in FIELDS_ORDER)
+    if rows is None:
+        if scored < 0:
+            return out, *values, lse, torch.arange(labels.shape[0], device=labels.device)
+        rows = labels.new_zeros(0, dtype=torch.int64)
+    return out, *values, lse, rows
+
+
+@token_stats.register_fake
+def _(hidden, weight, bias, labels, ignore_index, scored, softcap, temperature, workspace_bytes, impl, stats):
+    out, lse, rows = _logprobs_fake(hidden, weight, bias, labels, ignore_index, scored, softcap, temperature,
+                                    workspace_bytes, impl)
+    n = hidden.shape[0]
+    values = tuple(hidden.new_empty(n if (stats >= 2 or name == "entropy") else 0,
+                                    dtype=torch.bool if name == "is_top1" else torch.float32)
+                   for name in FIELDS_ORDER)
+    return out, *values, lse, rows
+
+
+@torch.library.custom_op("fastkto::token_stats_backward", mutates_args=())
+def token_stats_backward(
+    grad_out: torch.Tensor,
+    grad_entropy: torch.Tensor,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    rows: torch.Tensor,
+    lse: torch.Tensor,
+    entropy: torch.Tensor,
+    softcap: float | None,
+    temperature: float,
+    workspace_bytes: int | None,
+    impl: str,
+    need_hidden: bool,
+    need_weight: bool,
+    need_bias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of sum_i grad_out_i out_i + grad_entropy_i entropy_i from ``token_stats``' saved (rows, lse) and
+    entropy (N,), in one pass of the backward's tiles. ``grad_out`` / ``grad_entropy``: (N,) float32, or an empty
+    (0,) tensor for an output without a gradient. Returns (d_hidden, d_weight, d_bias) as ``logprobs_backward``."""
+    all_rows = rows.numel() == 0 and lse.shape[0] == hidden.shape[0]
+    kept_rows = None if all_rows else rows
+    local = labels if kept_rows is None else labels.index_select(0, kept_rows)
+    has_ent = grad_entropy.numel() > 0
+    with torch.autocast(hidden.device.type, enabled=False):
+        grads = backward_compute(grad_out if grad_out.numel() else None, hidden, weight, bias, kept_rows, local, lse,
+                                 (need_hidden, need_weight, need_bias and bias is not None),
+                                 implementation(impl), _opts(softcap, temperature, workspace_bytes),
+                                 grad_entropy=grad_entropy if has_ent else None, entropy=entropy if has_ent else None)
+    return tuple(hidden.new_empty(0) if g is None else g.contiguous() for g in grads)
+
+
+@token_stats_backward.register_fake
+def _(grad_out, grad_entropy, hidden, weight, bias, labels, rows, lse, entropy, softcap, temperature,
+      workspace_bytes, impl, need_hidden, need_weight, need_bias):
+    return _logprobs_backward_fake(grad_out, hidden, weight, bias, labels, rows, lse, softcap, temperature,
+                                   workspace_bytes, impl, need_hidden, need_weight, need_bias)
+
+
+def _stats_setup_context(ctx, inputs, output):
+    hidden, weight, bias, labels, _, _, softcap, temperature, workspace_bytes, impl, _ = inputs
+    entropy, lse, rows = output[1], output[5], output[6]
+    ctx.save_for_backward(hidden, weight, bias, labels, rows, lse, entropy)
+    ctx.options = (softcap, temperature, workspace_bytes, impl)
+
+
+def _stats_backward(ctx, grad_out, grad_entropy, *_):
+    hidden, weight, bias, labels, rows, lse, entropy = ctx.saved_tensors
+    need_h, need_w, need_b = ctx.needs_input_grad[:3]
+    if (grad_out is None and grad_entropy is None) or not (need_h or need_w or need_b):
+        return (None,) * 11
+    none = hidden.new_zeros(0, dtype=torch.float32)
+    if grad_entropy is not None and grad_entropy.numel() == 0:
+        grad_entropy = None  # the level computed no entropy
+    d_hidden, d_weight, d_bias = torch.ops.fastkto.token_stats_backward(
+        none if grad_out is None else grad_out, none if grad_entropy is None else grad_entropy, hidden, weight, bias,
+        labels, rows, lse, entropy, *ctx.options, need_h, need_w, need_b and bias is not None,
+    )
+    return (d_hidden if need_h else None, d_weight if need_w else None, d_bias if need_b else None) + (None,) * 8
+
+
+torch.library.register_autograd("fastkto::token_stats", _stats_backward, setup_context=_stats_setup_context)

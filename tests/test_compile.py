@@ -277,3 +277,28 @@ def test_fp32_precision_follows_the_new_torch_api(monkeypatch, setting, tf32):
             assert fl._precision(torch.float32) == want
     finally:
         torch.set_float32_matmul_precision(previous)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The token-statistics variants (fastkto.token_stats): their own tile shapes, compiled without spills
+
+
+def test_token_statistics_variants_compile_without_spills():
+    """The heaviest statistics variants (forward STATS 2 and dz ENT_GRAD, every switch on, bf16) for both targets;
+    ``python -m fastkto.kernels.compile_check --stats`` compiles the whole matrix
+    (``benchmarks/results/compile/compile_report_stats.md``)."""
+    todo = [c for c in cc.stats_cases() if c.dtype == "bf16" and c.variant in ("bias+rows+softcap+stats2",
+                                                                              "bias+softcap+entgrad")]
+    assert len(todo) == 4
+    for r in cc.run_checks(todo, jobs=2):
+        assert not cc.problems(r), (r.case.label, cc.problems(r))
+        assert r.registers < cc.MAX_REGISTERS, (r.case.label, r.registers)
+
+
+def test_statistics_matrix_covers_every_launchable_variant():
+    matrix = cc.stats_cases()
+    assert len({c.label for c in matrix}) == len(matrix)
+    assert {(c.kernel, cc.DTYPES[c.dtype][1]) for c in matrix} == set(fl.stats_configs())
+    for c in matrix:
+        sw = dict(c.switches)
+        assert (sw.get("stats") in (1, 2)) if c.kernel == "fwd" else sw.get("ent_grad") is True

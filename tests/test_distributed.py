@@ -276,6 +276,54 @@ def test_vocab_parallel_matches_unsharded(cluster, seed, backend, sizes, use_bia
     torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)  # every rank returns the same log-probs
 
 
+def _vocab_parallel_stats(rank, world, seed, backend, sizes, softcap):
+    """fastkto.token_stats over vocabulary slices: every field equals the unsharded float64 one (the statistics'
+    partials combine across ranks like the log-sum-exp), and the entropy's gradient joins the log-prob's."""
+    gen = torch.Generator().manual_seed(seed)
+    vocab = sum(sizes)
+    hidden, weight, labels, bias = _inputs(gen, (3, 7), 24, vocab, bias=True)
+    g_lp, g_ent = torch.randn(labels.shape, generator=gen), torch.randn(labels.shape, generator=gen)
+    lo, hi = _offsets(sizes)[rank], _offsets(sizes)[rank] + sizes[rank]
+
+    ref_h, ref_w, ref_b = leaf64(hidden), leaf64(weight), leaf64(bias)
+    z = ref_h @ ref_w.T + ref_b
+    z = z if softcap is None else softcap * torch.tanh(z / softcap)
+    z = z / 0.8
+    logp = torch.log_softmax(z, -1)
+    scored = labels != -100
+    want = {"log_probs": logp.gather(-1, labels.clamp(min=0)[..., None])[..., 0],
+            "entropy": -(logp.exp() * logp).sum(-1), "mean_logits": z.mean(-1),
+            "is_top1": z.argmax(-1) == labels,
+            "log_sum_sq_probs": torch.logsumexp(2 * z, -1) - 2 * torch.logsumexp(z, -1)}
+    ((want["log_probs"] * g_lp.double() + want["entropy"] * g_ent.double()) * scored).sum().backward()
+
+    h = hidden.clone().requires_grad_()
+    w = weight[lo:hi].clone().requires_grad_()
+    got = fastkto.token_stats(h, w, labels, fastkto.TOKEN_FIELDS, bias=bias[lo:hi], softcap=softcap,
+                              temperature=0.8, backend=backend, process_group=_STATE["group"],
+                              workspace_bytes=12 * 1024)
+    for name, value in got.items():
+        if name == "is_top1":
+            assert torch.equal(value, want[name] & scored), name
+        else:
+            err = (value.double() - want[name].detach()).abs()[scored].max().item()
+            assert err <= ATOL_VALUE, f"{name}: max error {err:.2e}"
+            assert torch.all(value[~scored] == 0), name
+    (got["log_probs"] * g_lp + got["entropy"] * g_ent).sum().backward()
+    _check_grad("hidden (summed over ranks)", h.grad, ref_h.grad)
+    if hi > lo:
+        _check_grad("weight slice", w.grad, ref_w.grad[lo:hi])
+    return {name: value.detach() for name, value in got.items()}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("sizes, softcap", [((52, 51), None), ((103, 0), 4.0)], ids=["52+51", "103+0-softcap"])
+def test_vocab_parallel_token_stats_match_unsharded(cluster, seed, backend, sizes, softcap):
+    outs = cluster.run(_vocab_parallel_stats, seed, backend, sizes, softcap)
+    for name in fastkto.TOKEN_FIELDS:  # every rank returns the same fields
+        assert torch.equal(outs[0][name], outs[1][name]), name
+
+
 def _tp_dtensor_local_slice(rank, world, seed):
     """torch tensor parallelism (a ColwiseParallel head is a Shard(0) DTensor): its local slice with the mesh's
     group is a vocab-parallel head; the DTensor gets the full gradient (the ranks share the data: no averaging)."""

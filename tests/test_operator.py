@@ -435,16 +435,29 @@ def test_a_compiled_fast_trainer_step_has_no_graph_break(loss):
     assert row["graphs"] >= 1
 
 
-def test_the_metric_fields_operator_passes_opcheck(seed):
-    """fastkto::token_metrics (the TRL adapter's entropy, mean_logits, is_top1 and log_sum_sq_probs) and its
-    entropy gradient: schema, fake implementation and autograd registration."""
-    pytest.importorskip("trl")
-    import fastkto.integrations.trl  # noqa: F401  (registers the operator)
-
+def test_the_token_stats_operators_pass_opcheck(seed):
+    """fastkto::token_stats (log-probs with the entropy, mean_logits, is_top1 and log_sum_sq_probs of the same pass,
+    which the TRL adapter uses) and its backward with the entropy's gradient: schema, fake implementation and
+    autograd registration, at both statistics levels, with and without scored-row compaction."""
     hidden, labels, weight, bias = _batch()
     h2, flat = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
-    mask = flat != -100
-    for b, softcap, fields in ((bias, None, (True, True, True, True)), (None, 5.0, (True, False, True, False))):
+    n_scored = int((flat != -100).sum())
+    for b, softcap, level, scored in ((bias, None, 2, n_scored), (None, 5.0, 1, -1), (bias, 5.0, 2, flat.numel())):
+        y = flat if scored != flat.numel() else torch.randint(0, weight.shape[0], flat.shape)
         args = (h2.clone().requires_grad_(), weight.clone().requires_grad_(),
-                None if b is None else b.clone().requires_grad_(), flat, mask, softcap, 0.8, 5, *fields)
-        torch.library.opcheck(torch.ops.fastkto.token_metrics.default, args)
+                None if b is None else b.clone().requires_grad_(), y, -100, scored, softcap, 0.8, None, "torch", level)
+        torch.library.opcheck(torch.ops.fastkto.token_stats.default, args)
+
+
+@pytest.mark.parametrize("fields", [("log_probs", "entropy"), ("entropy", "is_top1", "mean_logits")])
+def test_token_stats_compile_in_one_graph_and_equal_eager(fields, seed):
+    hidden, labels, weight, bias = _batch()
+
+    def fn(h, w, b):
+        got = fastkto.token_stats(h, w, labels, fields, bias=b, softcap=5.0, backend="torch")
+        return sum(t.float().sum() for t in got.values()) + got["entropy"].sum()
+
+    eager = _value_and_grads(fn, hidden, weight, bias)
+    compiled = _value_and_grads(torch.compile(fn, fullgraph=True, backend="aot_eager"), hidden, weight, bias)
+    for a, b in zip(eager, compiled):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)

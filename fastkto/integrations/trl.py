@@ -21,19 +21,19 @@ Precision: the head's matmul inputs are the head's dtype, or the autocast dtype 
 with ``cast_lm_head_to_fp32``; fastkto then accumulates in float32 (TRL's own head multiplies in bf16 in its
 backward under autocast, so bf16 runs agree with TRL's to bf16 precision, float32 runs to float32 rounding).
 
-The metric fields TRL asks for on the policy (``entropy``, ``mean_logits``, ``is_top1``, ``log_sum_sq_probs``)
-need the whole distribution of each scored token: they are computed in row chunks whose logits fit
-``metrics_workspace_bytes`` (default 64 MiB), which costs one extra no-grad pass through the head. ``entropy`` is
-computed in max-shifted form (a sum of non-negative terms, so float32 loses nothing to cancellation) and, like TRL's, is
-differentiable: its backward recomputes each chunk's logits (nothing of size tokens x vocabulary is kept); KTO and
-DPO log it detached, so that backward never runs there. MoE models: the router auxiliary loss is computed as TRL's
+The metric fields TRL asks for (``entropy``, ``mean_logits``, ``is_top1``, ``log_sum_sq_probs``) need the whole
+distribution of each scored token: they come from the same pass through the head as the log-probs
+(``fastkto.token_stats``: the forward's online log-sum-exp carries their sums), on the policy and the reference
+alike, so a forward costs one pass (2 N D V flops) and a forward + backward four. ``entropy`` is computed in
+max-shifted form (a sum of non-negative terms, so float32 loses nothing to cancellation) and, like TRL's, is
+differentiable: its gradient joins the log-probs' in the same backward tiles (KTO and DPO log it detached, so
+there it costs nothing). MoE models: the router auxiliary loss is computed as TRL's
 head computes it (transformers' ``load_balancing_loss_func`` on the backbone's router logits, returned as
 ``aux_loss`` and added to ``loss`` with the config's ``router_aux_loss_coef``). PEFT prompt learning (prompt tuning,
 p-tuning) works: PEFT prepends its virtual tokens and then calls the base model, where this head sits.
 
 Not supported, and refused: an adapter on the LM head; casting a ZeRO-3 partitioned head to another dtype
-(``cast_lm_head_to_fp32``; see ``fastkto.integrations.transformers``); a gradient through ``entropy`` with a ZeRO-3
-partitioned head (raised in that backward, the only place it is known to be needed).
+(``cast_lm_head_to_fp32``; see ``fastkto.integrations.transformers``).
 """
 
 from __future__ import annotations
@@ -54,13 +54,14 @@ except ImportError as err:  # pragma: no cover - exercised only without trl
     raise ImportError("fastkto.integrations.trl needs TRL >= 1.16: pip install 'trl>=1.16'") from err
 
 from ..packing import pack_padded
-from .transformers import _backbone_module, _is_partitioned, _unwrap, backbone_outputs, get_lm_head, use_varlen_sdpa
+from .transformers import (_as_module_forward, _backbone_module, _is_partitioned, _unwrap, backbone_outputs, get_lm_head,
+                           use_varlen_sdpa)
 
-__all__ = ["add_fastkto_lm_head", "FastKTOTrainer", "FastDPOTrainer", "METRIC_FIELDS"]
+__all__ = ["add_fastkto_lm_head", "head_token_stats", "FastKTOTrainer", "FastDPOTrainer", "METRIC_FIELDS"]
 
 METRIC_FIELDS = ("entropy", "mean_logits", "is_top1", "log_sum_sq_probs")
 _MARK = "_fastkto_lm_head"
-_METRICS_WORKSPACE = 64 << 20
+_METRICS_WORKSPACE = 64 << 20  # accepted for compatibility: the fields now come from the log-prob pass
 
 
 def _entropy(z: torch.Tensor) -> torch.Tensor:
@@ -77,192 +78,37 @@ def _entropy(z: torch.Tensor) -> torch.Tensor:
     return total.log() - (e * shifted).sum(-1) / total
 
 
-def _chunk_rows(head, workspace_bytes: int) -> int:
-    vocab = head.weight.ds_shape[0] if _is_partitioned(head.weight) else head.weight.shape[0]
-    return max(1, workspace_bytes // (3 * 4 * vocab))  # logits, probabilities and one temporary, fp32
+def head_token_stats(head, hidden: torch.Tensor, labels: torch.Tensor, fields: tuple[str, ...]) -> dict:
+    """``fastkto.token_stats`` through an ``LMHead``: {field: tensor of labels' shape} from one pass through the head
+    (log-probs and entropy differentiable). A DeepSpeed ZeRO-3 partitioned head runs inside its module's hooks,
+    as ``LMHead.logprobs`` does, so that its weight is gathered there and its gradient reduce-scattered."""
+    from ..logprob import token_stats
+
+    hidden = hidden if hidden.dtype == head.weight.dtype else hidden.to(head.weight.dtype)
+    if _is_partitioned(head.weight) or _is_partitioned(head.bias):
+        if head.module is None:
+            raise ValueError("the LM head's weight is DeepSpeed ZeRO-3 partitioned and this LMHead has no module to "
+                             "gather it with: build it with get_lm_head(model)")
+        module = head.module
+
+        def run(h):  # a tuple, which the module hooks know how to walk
+            got = token_stats(h, module.weight, labels, fields, bias=None if head.bias is None else module.bias,
+                              softcap=head.softcap, temperature=head.temperature)
+            return tuple(got[name] for name in fields)
+
+        return dict(zip(fields, _as_module_forward(module, run, hidden), strict=True))
+    return token_stats(hidden, head.weight, labels, fields, bias=head.bias, softcap=head.softcap,
+                       temperature=head.temperature)
 
 
-def _entropy_rows(rows, head, chunk):
-    """(M, D) rows -> (M,) float32 entropies under ``head``, ``chunk`` rows of logits at a time, without grad."""
-    with torch.no_grad():
-        parts = [_entropy(head.logits(rows[s : s + chunk])) for s in range(0, rows.shape[0], chunk)]
-    return torch.cat(parts) if parts else rows.new_zeros(0, dtype=torch.float32)
-
-
-def _entropy_rows_backward(rows, weight, bias, head, chunk, grad, need):
-    """Gradients of sum(grad * entropy(rows)) w.r.t. (rows, weight, bias) (None where ``need`` says so), each chunk's
-    logits recomputed: nothing of size M x V is kept. With z the transformed logits (soft-cap c, temperature T) and
-    p = softmax(z), H = -sum p log p:
-
-        dH/dz_j = -p_j (log p_j + H)        da_j = dH/dz_j (1 - tanh^2(a_j / c)) / T    (a = h.W^T + b)
-
-    then dh = da @ W, dW = da^T @ h, db = sum da, in float32 (written out rather than taken from autograd, which
-    an operator's implementation runs below)."""
-    need_h, need_w, need_b = need
-    w32 = weight.float()
-    d_rows = torch.zeros(rows.shape, dtype=torch.float32, device=rows.device) if need_h else None
-    d_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-    d_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b and bias is not None else None
-    for s in range(0, rows.shape[0], chunk):
-        h = rows[s : s + chunk].float()
-        a = h @ w32.T
-        if bias is not None:
-            a = a + bias.float()
-        t = None if head.softcap is None else torch.tanh(a / head.softcap)
-        z = (a if t is None else head.softcap * t) / head.temperature
-        logp = torch.log_softmax(z, dim=-1)
-        p = logp.exp()
-        entropy = -(p * logp).sum(-1, keepdim=True)
-        da = p * (logp + entropy) * (-grad[s : s + chunk].float()[:, None] / head.temperature)
-        if t is not None:
-            da = da * (1 - t * t)
-        if d_rows is not None:
-            d_rows[s : s + chunk] = da @ w32
-        if d_weight is not None:
-            d_weight.addmm_(da.T, h)
-        if d_bias is not None:
-            d_bias += da.sum(0)
-    return [None if g is None else g.to(t.dtype) for g, t in zip((d_rows, d_weight, d_bias), (rows, weight, bias),
-                                                                  strict=True)]
-
-
-class _PartitionedEntropy(torch.autograd.Function):
-    """The entropy field with a DeepSpeed ZeRO-3 partitioned head (whose logits gather the weight through the
-    head module's hooks, which an operator cannot run): forward only."""
-
-    @staticmethod
-    def forward(ctx, rows, weight, bias, head, chunk):
-        return _entropy_rows(rows, head, chunk)
-
-    @staticmethod
-    def backward(ctx, grad):
-        raise NotImplementedError(
-            "a gradient through fastkto's entropy field with a DeepSpeed ZeRO-3 partitioned LM head is not "
-            "supported (KTO and DPO log the entropy detached and never need it)"
-        )
-
-
-def _metric_fields(head, hidden, labels, mask, fields, workspace_bytes):
-    """Per-token metric fields (mask's shape, zero where masked) from the full distribution, in row chunks.
-    ``entropy`` is differentiable (through hidden and the head); the other fields carry no gradient. One operator
-    (``fastkto::token_metrics``), so that torch.compile sees one node and no data-dependent shape."""
+def _metric_fields(head, hidden, labels, mask, fields, workspace_bytes=None):
+    """The per-token metric fields (labels' shape, zero where ``labels`` is -100) of ``fields``, from the log-prob
+    pass's statistics (``head_token_stats``); ``entropy`` is differentiable. ``mask`` and ``workspace_bytes`` are
+    kept for callers of the earlier chunked metric pass: the mask is ``labels != -100``, and the pass's buffers are
+    fastkto's workspace."""
     if not fields:
         return {}
-    chunk = _chunk_rows(head, workspace_bytes)
-    if _is_partitioned(head.weight) or _is_partitioned(head.bias):
-        return _masked_fields(head, hidden, labels, mask, fields, chunk)
-    flat = torch.ops.fastkto.token_metrics(
-        hidden.reshape(-1, hidden.shape[-1]), head.weight, head.bias, labels.reshape(-1), mask.reshape(-1),
-        head.softcap, float(head.temperature), chunk, *(name in fields for name in METRIC_FIELDS))
-    return {name: t.reshape(mask.shape) for name, t in zip(METRIC_FIELDS, flat, strict=True) if name in fields}
-
-
-def _masked_fields(head, hidden, labels, mask, fields, chunk):
-    """``_metric_fields`` on the scored rows only (compacted by ``mask``), eagerly."""
-    out = {
-        name: torch.zeros(mask.shape, device=hidden.device, dtype=torch.bool if name == "is_top1" else torch.float32)
-        for name in fields
-    }
-    if not bool(mask.any()):
-        return out
-    if "entropy" in fields:
-        # masked_scatter keeps the graph to the scattered rows (and so to hidden, weight and bias)
-        if _is_partitioned(head.weight) or _is_partitioned(head.bias):
-            entropy = _PartitionedEntropy.apply(hidden[mask], head.weight, head.bias, head, chunk)
-        else:
-            entropy = _entropy_rows(hidden[mask], head, chunk)
-        out["entropy"] = out["entropy"].masked_scatter(mask, entropy)
-    others = tuple(name for name in fields if name != "entropy")
-    if not others:
-        return out
-    with torch.no_grad():
-        _no_grad_fields(head, hidden.detach()[mask], labels[mask], mask, others, chunk, out)
-    return out
-
-
-def _no_grad_fields(head, rows, targets, mask, fields, chunk, out):
-    parts = {name: [] for name in fields}
-    for start in range(0, rows.shape[0], chunk):
-        z = head.logits(rows[start : start + chunk])
-        lse = torch.logsumexp(z, dim=-1)
-        if "mean_logits" in fields:
-            parts["mean_logits"].append(z.mean(-1))
-        if "is_top1" in fields:  # argmax returns the first maximum, as TRL counts ties
-            parts["is_top1"].append(z.argmax(-1) == targets[start : start + chunk])
-        if "log_sum_sq_probs" in fields:
-            parts["log_sum_sq_probs"].append(torch.logsumexp(2 * z, dim=-1) - 2 * lse)
-    for name in fields:
-        out[name][mask] = torch.cat(parts[name])
-
-# ------------------------------------------------------------------------------------- the metric fields' operator
-@torch.library.custom_op("fastkto::token_metrics", mutates_args=())
-def _token_metrics(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
-                   mask: torch.Tensor, softcap: float | None, temperature: float, chunk: int, entropy: bool,
-                   mean_logits: bool, is_top1: bool, log_sum_sq_probs: bool
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """hidden (N, D), weight (V, D), bias, labels (N,), mask (N,) bool -> the ``METRIC_FIELDS`` (N,) each (is_top1
-    bool, the others float32), zero where masked; a field not asked for is an empty (0,) tensor."""
-    from .transformers import LMHead
-
-    head = LMHead(weight=weight, bias=bias, softcap=softcap, temperature=temperature)
-    wanted = tuple(name for name, on in zip(METRIC_FIELDS, (entropy, mean_logits, is_top1, log_sum_sq_probs),
-                                            strict=True) if on)
-    with torch.autocast(hidden.device.type, enabled=False):
-        out = _masked_fields(head, hidden, labels, mask, wanted, chunk)
-    return tuple(out[name] if name in out else
-                 hidden.new_zeros(0, dtype=torch.bool if name == "is_top1" else torch.float32) for name in METRIC_FIELDS)
-
-
-@_token_metrics.register_fake
-def _(hidden, weight, bias, labels, mask, softcap, temperature, chunk, entropy, mean_logits, is_top1,
-      log_sum_sq_probs):
-    n = hidden.shape[0]
-    return tuple(hidden.new_empty(n if on else 0, dtype=torch.bool if name == "is_top1" else torch.float32)
-                 for name, on in zip(METRIC_FIELDS, (entropy, mean_logits, is_top1, log_sum_sq_probs), strict=True))
-
-
-@torch.library.custom_op("fastkto::token_entropy_backward", mutates_args=())
-def _token_entropy_backward(grad: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                            mask: torch.Tensor, softcap: float | None, temperature: float, chunk: int,
-                            need_hidden: bool, need_weight: bool, need_bias: bool
-                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of sum(grad * entropy) (the masked rows' entropies) w.r.t. (hidden (N, D), weight, bias), in their
-    dtypes; one not needed is an empty (0,) tensor."""
-    from .transformers import LMHead
-
-    head = LMHead(weight=weight, bias=bias, softcap=softcap, temperature=temperature)
-    with torch.autocast(hidden.device.type, enabled=False):
-        d_rows, d_weight, d_bias = _entropy_rows_backward(hidden[mask], weight, bias, head, chunk, grad[mask].float(),
-                                                          (need_hidden, need_weight, need_bias and bias is not None))
-    d_hidden = None if d_rows is None else hidden.new_zeros(hidden.shape).index_put_((mask,), d_rows)
-    return tuple(hidden.new_zeros(0) if g is None else g.contiguous() for g in (d_hidden, d_weight, d_bias))
-
-
-@_token_entropy_backward.register_fake
-def _(grad, hidden, weight, bias, mask, softcap, temperature, chunk, need_hidden, need_weight, need_bias):
-    def like(t, on):
-        return t.new_empty(t.shape) if on and t is not None else hidden.new_empty(0)
-
-    return like(hidden, need_hidden), like(weight, need_weight), like(bias, need_bias)
-
-
-def _metrics_setup_context(ctx, inputs, output):
-    hidden, weight, bias, _, mask, softcap, temperature, chunk, *_ = inputs
-    ctx.save_for_backward(hidden, weight, bias, mask)
-    ctx.options = (softcap, temperature, chunk)
-
-
-def _metrics_backward(ctx, grad_entropy, *_):
-    hidden, weight, bias, mask = ctx.saved_tensors
-    need_h, need_w, need_b = ctx.needs_input_grad[:3]
-    if grad_entropy is None or grad_entropy.numel() == 0 or not (need_h or need_w or need_b):
-        return (None,) * 12
-    grads = torch.ops.fastkto.token_entropy_backward(grad_entropy, hidden, weight, bias, mask, *ctx.options, need_h,
-                                                     need_w, need_b and bias is not None)
-    return tuple(g if n else None for g, n in zip(grads, (need_h, need_w, need_b), strict=True)) + (None,) * 9
-
-
-torch.library.register_autograd("fastkto::token_metrics", _metrics_backward, setup_context=_metrics_setup_context)
+    return head_token_stats(head, hidden, labels, tuple(fields))
 
 
 def add_fastkto_lm_head(
@@ -281,9 +127,9 @@ def add_fastkto_lm_head(
         model: a transformers causal LM (patch it before PEFT wraps it, or pass ``peft_model.get_base_model()``).
         temperature: divides the logits (after the model's own logit transform).
         cast_lm_head_to_fp32: score in float32 (hidden states and head weight upcast), even under autocast.
-        outputs: per-token fields to fill: "log_probs" always, plus any of ``METRIC_FIELDS`` (computed without
-            gradient, see the module docstring).
-        metrics_workspace_bytes: logits budget of the metric pass.
+        outputs: per-token fields to fill: "log_probs" always, plus any of ``METRIC_FIELDS``, all from the one
+            pass through the head that computes the log-probs (``fastkto.token_stats``; see the module docstring).
+        metrics_workspace_bytes: accepted for compatibility with the earlier separate metric pass; unused.
         padding_free: run the backbone on the batch's rows packed into one sequence (the padding removed,
             ``fastkto.integrations.transformers.backbone_outputs``: position ids restarting per row, attention kept
             within each row), then put the hidden states back in the padded layout for the head, so every output
@@ -355,8 +201,11 @@ def add_fastkto_lm_head(
         hidden, labels = hidden.to(head.weight.device, dtype), labels.to(head.weight.device)
         mask = labels != -100
         with torch.autocast(device, enabled=False):
-            log_probs = head.logprobs(hidden, labels)
-            metrics = _metric_fields(head, hidden, labels, mask, metric_names, metrics_workspace_bytes)
+            if metric_names:  # one pass through the head: the log-probs and every requested field
+                metrics = head_token_stats(head, hidden, labels, ("log_probs", *metric_names))
+                log_probs = metrics.pop("log_probs")
+            else:
+                log_probs, metrics = head.logprobs(hidden, labels), {}
         count = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
         loss = -log_probs.sum() / count
         aux_loss = None

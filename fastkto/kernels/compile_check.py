@@ -62,7 +62,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-__all__ = ["Case", "Result", "cases", "compile_case", "run_checks", "problems", "expected_mma", "parse_res_usage",
+__all__ = ["Case", "Result", "cases", "stats_cases", "compile_case", "run_checks", "problems", "expected_mma", "parse_res_usage",
            "tensor_core_ops", "format_table", "summary", "main", "KERNELS", "DTYPES", "TARGETS", "SHARED_LIMIT",
            "MAX_REGISTERS"]
 
@@ -76,10 +76,10 @@ DTYPES = {"bf16": ("bf16", "16", "bfloat16"), "fp16": ("fp16", "16", "float16"),
 _MATMUL_PRECISION = {"ieee": "highest", "tf32": "high"}
 KERNELS = {"fwd": "_logprob_fwd_kernel", "dz": "_logprob_dz_kernel"}
 # Runtime (non-constexpr) arguments by name; the pointers are typed in _arg_types
-_INT_ARGS = {"M", "V", "D", "stride_h", "stride_w", "cols_per_split", "stride_dz", "v_offset"}
+_INT_ARGS = {"M", "V", "D", "stride_h", "stride_w", "cols_per_split", "stride_dz", "v_offset", "stat_stride"}
 _ALIGNED_INTS = {"D", "stride_h", "stride_w", "cols_per_split", "stride_dz", "v_offset"}
 _FLOAT_ARGS = {"softcap", "inv_temp"}
-_FP32_PTRS = {"MAX_OUT", "SUM_OUT", "TGT_OUT", "LSE", "GRAD"}
+_FP32_PTRS = {"MAX_OUT", "SUM_OUT", "TGT_OUT", "STAT_OUT", "LSE", "GRAD", "GRAD_ENT", "ENT"}
 
 
 @dataclass(frozen=True)
@@ -132,9 +132,25 @@ def _switch_sets(kernel: str) -> list[dict[str, bool]]:
     return out
 
 
-def _variant_name(kernel: str, sw: dict[str, bool]) -> str:
-    """E.g. "bias+softcap", "none"."""
+def _stats_switch_sets(kernel: str) -> list[dict]:
+    """The token-statistics variants (``fused_logprob``: the forward's STATS levels 1 and 2, the dz kernel's
+    ENT_GRAD) over every switch combination the dispatch can launch."""
+    out = []
+    for sw in _switch_sets(kernel):
+        if kernel == "fwd":
+            out += [dict(sw, stats=level) for level in (1, 2)]
+        else:
+            out.append(dict(sw, ent_grad=True))
+    return out
+
+
+def _variant_name(kernel: str, sw: dict) -> str:
+    """E.g. "bias+softcap", "none", "softcap+stats2", "entgrad"."""
     parts = [k.removeprefix("has_") for k in ("has_bias", "has_rows", "has_softcap") if sw[k]]
+    if sw.get("stats"):
+        parts.append(f"stats{sw['stats']}")
+    if sw.get("ent_grad"):
+        parts.append("entgrad")
     return "+".join(parts) or "none"
 
 
@@ -156,6 +172,23 @@ def cases(exhaustive: bool = False) -> list[Case]:
             for precision in (("ieee", "tf32") if dtype == "fp32" else ("ieee",)):
                 for target in TARGETS:
                     for sw in _switch_sets(kernel):
+                        if dtype == "fp16" and not exhaustive and not _is_extreme(kernel, sw):
+                            continue
+                        out.append(Case(kernel, dtype, precision, target, _variant_name(kernel, sw),
+                                        tuple(sorted(sw.items()))))
+    return out
+
+
+def stats_cases(exhaustive: bool = False) -> list[Case]:
+    """The token-statistics variants' matrix (``fastkto.token_stats``): the forward at STATS 1 and 2 and the dz
+    kernel with ENT_GRAD, kept apart from ``cases()`` (the plain kernels' matrix, whose reports are kept per Triton
+    version). bf16 and fp32 (IEEE, tf32) get every switch combination, fp16 the extremes unless ``exhaustive``."""
+    out = []
+    for kernel in KERNELS:
+        for dtype in DTYPES:
+            for precision in (("ieee", "tf32") if dtype == "fp32" else ("ieee",)):
+                for target in TARGETS:
+                    for sw in _stats_switch_sets(kernel):
                         if dtype == "fp16" and not exhaustive and not _is_extreme(kernel, sw):
                             continue
                         out.append(Case(kernel, dtype, precision, target, _variant_name(kernel, sw),
@@ -190,13 +223,15 @@ def _launch_meta(case: Case):
         raise RuntimeError("compile checks need compiled kernels: import Triton without TRITON_INTERPRET=1")
     sw = dict(case.switches)
     dtype = getattr(torch, DTYPES[case.dtype][2])
-    cfg = fl.KernelConfig(*case.config) if case.config else fl.select_config(case.kernel, dtype)
+    stats_variant = bool(sw.get("stats")) or bool(sw.get("ent_grad"))
+    cfg = fl.KernelConfig(*case.config) if case.config else fl.select_config(case.kernel, dtype, stats=stats_variant)
     x = torch.empty(0, dtype=dtype, device="meta")
     previous = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision(_MATMUL_PRECISION[case.precision])
     try:
         meta, _, _ = fl._common(case.kernel, dtype, x if sw["has_bias"] else None, x if sw["has_rows"] else None,
-                                30.0 if sw["has_softcap"] else None, 1.0, cfg)
+                                30.0 if sw["has_softcap"] else None, 1.0, cfg, stats=sw.get("stats", 0),
+                                ent_grad=sw.get("ent_grad", False))
     finally:
         torch.set_float32_matmul_precision(previous)
     options = {"num_warps": meta.pop("num_warps"), "num_stages": meta.pop("num_stages")}
@@ -469,6 +504,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="write the raw results here (JSON)")
     parser.add_argument("--jobs", type=int, default=None, help="compile in this many processes (default: CPUs, <= 8)")
     parser.add_argument("--exhaustive", action="store_true", help="every switch combination for fp16 too")
+    parser.add_argument("--stats", action="store_true",
+                        help="the token-statistics variants (stats_cases) instead of the plain kernels' matrix")
     parser.add_argument("--only", action="append", default=[], metavar="TEXT",
                         help="keep the cases whose label (e.g. dz-bf16-sm90-bias+softcap) contains TEXT; repeatable")
     parser.add_argument("--config", action="append", default=[], type=_parse_config, metavar="K/W=N,V,D,WARPS,STAGES",
@@ -483,7 +520,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         configs = dict(args.config)
         todo = [replace(c, config=configs.get(f"{c.kernel}/{DTYPES[c.dtype][1]}"), maxnreg=args.maxnreg)
-                for c in cases(args.exhaustive) if not args.only or any(t in c.label for t in args.only)]
+                for c in (stats_cases if args.stats else cases)(args.exhaustive)
+                if not args.only or any(t in c.label for t in args.only)]
     start = time.perf_counter()
     results = run_checks(todo, args.jobs)
     seconds = time.perf_counter() - start

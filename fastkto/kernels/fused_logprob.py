@@ -72,9 +72,12 @@ def _tile_logits(
         h = tl.load(h_ptrs + offs_d[None, :], mask=n_mask[:, None] & d_mask[None, :], other=0.0)
         w = tl.load(w_ptrs + offs_d[:, None], mask=d_mask[:, None] & v_mask[None, :], other=0.0)
         if UPCAST:
-            h = h.to(tl.float32)
-            w = w.to(tl.float32)
-        acc = tl.dot(h, w, acc, input_precision=PRECISION)
+            # the interpreter's tl.dot is a BLAS call whose rounding depends on an element's row and column within
+            # the tile; a broadcast product summed over D in order rounds every element alike, as a GPU's MMA
+            # does, so that interpreted results are as batch-invariant as compiled ones
+            acc += tl.sum(h.to(tl.float32)[:, :, None] * w.to(tl.float32)[None, :, :], axis=1)
+        else:
+            acc = tl.dot(h, w, acc, input_precision=PRECISION)
     if HAS_BIAS:
         acc += tl.load(B + offs_v, mask=v_mask, other=0.0).to(tl.float32)[None, :]
     if HAS_SOFTCAP:
@@ -87,12 +90,18 @@ def _tile_logits(
 
 
 @triton.jit
-def _tile_dlogits(z, t, lse, g, labels, offs_v, n_mask, v_mask, inv_temp, HAS_SOFTCAP: tl.constexpr):
-    # d(g log p(y)) / da = g (onehot - exp(z - lse)) / T (1 - t^2); zero outside the valid rows and columns so that
-    # padding rows (whose exp could overflow) never reach the gradient products
-    p = tl.exp(z - lse[:, None])
+def _tile_dlogits(z, t, lse, g, g_ent, ent, labels, offs_v, n_mask, v_mask, inv_temp, HAS_SOFTCAP: tl.constexpr,
+                  ENT_GRAD: tl.constexpr):
+    # d(g log p(y) + g_H H) / da = (g (onehot - p) - g_H p (log p + H)) / T (1 - t^2), p = exp(z - lse) (with
+    # ENT_GRAD; H the entropy, log p + H = z - E_p[z]); zero outside the valid rows and columns so that padding rows
+    # (whose exp could overflow) never reach the gradient products
+    logp = z - lse[:, None]
+    p = tl.exp(logp)
     onehot = (offs_v[None, :] == labels[:, None]).to(tl.float32)
-    dz = g[:, None] * (onehot - p) * inv_temp
+    if ENT_GRAD:
+        dz = (g[:, None] * (onehot - p) - g_ent[:, None] * p * (logp + ent[:, None])) * inv_temp
+    else:
+        dz = g[:, None] * (onehot - p) * inv_temp
     if HAS_SOFTCAP:
         dz = dz * (1.0 - t * t)
     return tl.where(n_mask[:, None] & v_mask[None, :], dz, 0.0)
@@ -112,13 +121,17 @@ def _token_tile(ROWS, LABELS, n0, M, HAS_ROWS: tl.constexpr, BLOCK_N: tl.constex
 
 @triton.jit
 def _logprob_fwd_kernel(
-    H, W, B, ROWS, LABELS, MAX_OUT, SUM_OUT, TGT_OUT,
-    M, V, D, stride_h, stride_w, cols_per_split, softcap, inv_temp,
+    H, W, B, ROWS, LABELS, MAX_OUT, SUM_OUT, TGT_OUT, STAT_OUT,
+    M, V, D, stride_h, stride_w, cols_per_split, stat_stride, softcap, inv_temp,
     HAS_BIAS: tl.constexpr, HAS_ROWS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr, STATS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     # splits vary fastest: the programs on the GPU at one time cover few token tiles, whose H tiles (re-read for
-    # every vocabulary tile) then stay in L2, and each W tile is read by all of them at about the same time
+    # every vocabulary tile) then stay in L2, and each W tile is read by all of them at about the same time.
+    # STATS (``stats.py``): 0 the log-sum-exp and target only; 1 also a = sum exp(z - m) (z - m) (entropy);
+    # 2 also q = sum exp(2 (z - m)), u = sum z and the first arg-max r. Separate compilations, so the plain
+    # kernel keeps its registers.
     n_splits = tl.cdiv(V, cols_per_split)
     pid_n = tl.program_id(0) // n_splits
     pid_s = tl.program_id(0) % n_splits
@@ -126,6 +139,12 @@ def _logprob_fwd_kernel(
     m_i = tl.full((BLOCK_N,), float("-inf"), tl.float32)
     s_i = tl.zeros((BLOCK_N,), tl.float32)
     t_i = tl.zeros((BLOCK_N,), tl.float32)
+    if STATS >= 1:
+        a_i = tl.zeros((BLOCK_N,), tl.float32)
+    if STATS >= 2:
+        q_i = tl.zeros((BLOCK_N,), tl.float32)
+        u_i = tl.zeros((BLOCK_N,), tl.float32)
+        r_i = tl.zeros((BLOCK_N,), tl.float32)
     v_begin = pid_s * cols_per_split
     v_end = tl.minimum(v_begin + cols_per_split, V)
     for v0 in range(v_begin, v_end, BLOCK_V):
@@ -133,24 +152,52 @@ def _logprob_fwd_kernel(
         v_mask = offs_v < v_end
         z, t = _tile_logits(H, W, B, rows, n_mask, offs_v, v_mask, D, stride_h, stride_w, softcap, inv_temp,
                             HAS_BIAS, HAS_SOFTCAP, UPCAST, PRECISION, BLOCK_N, BLOCK_V, BLOCK_D)
-        z = tl.where(v_mask[None, :], z, float("-inf"))
+        if STATS == 0:
+            z = tl.where(v_mask[None, :], z, float("-inf"))
+        else:
+            # a finite stand-in for -inf (exp gives 0 all the same), so that exp(z - m) (z - m) is 0, not NaN
+            z = tl.where(v_mask[None, :], z, -3.0e38)
         hit = (offs_v[None, :] == labels[:, None]) & v_mask[None, :]
         t_i += tl.sum(tl.where(hit, z, 0.0), axis=1)
-        m_new = tl.maximum(m_i, tl.max(z, axis=1))
-        s_i = s_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
+        if STATS >= 2:
+            # the max with the lowest column holding it (one reduction); a later tile takes over only with a
+            # strictly larger max, so r is torch.argmax's first maximum
+            tile_max, first = tl.max(z, axis=1, return_indices=True, return_indices_tie_break_left=True)
+            r_i = tl.where(tile_max > m_i, (v0 + first).to(tl.float32), r_i)
+            u_i += tl.sum(tl.where(v_mask[None, :], z, 0.0), axis=1)
+        else:
+            tile_max = tl.max(z, axis=1)
+        m_new = tl.maximum(m_i, tile_max)
+        alpha = tl.exp(m_i - m_new)
+        if STATS >= 1:
+            zs = z - m_new[:, None]
+            e = tl.exp(zs)  # 0 in the masked columns
+            # a at the new max: alpha (a + (m_old - m_new) s); the shift is 0 before the first tile (s = 0)
+            a_i = alpha * (a_i + tl.where(s_i > 0, m_i - m_new, 0.0) * s_i) + tl.sum(e * zs, axis=1)
+            if STATS >= 2:
+                q_i = q_i * (alpha * alpha) + tl.sum(e * e, axis=1)
+        else:
+            e = tl.exp(z - m_new[:, None])  # 0 in the masked columns
+        s_i = s_i * alpha + tl.sum(e, axis=1)
         m_i = m_new
     out = pid_s.to(tl.int64) * M + offs_n
     tl.store(MAX_OUT + out, m_i, mask=n_mask)
     tl.store(SUM_OUT + out, s_i, mask=n_mask)
     tl.store(TGT_OUT + out, t_i, mask=n_mask)
+    if STATS >= 1:
+        tl.store(STAT_OUT + out, a_i, mask=n_mask)
+    if STATS >= 2:
+        tl.store(STAT_OUT + stat_stride + out, q_i, mask=n_mask)
+        tl.store(STAT_OUT + 2 * stat_stride + out, u_i, mask=n_mask)
+        tl.store(STAT_OUT + 3 * stat_stride + out, r_i, mask=n_mask)
 
 
 @triton.jit
 def _logprob_dz_kernel(
-    H, W, B, LABELS, LSE, GRAD, DZ,
+    H, W, B, LABELS, LSE, GRAD, GRAD_ENT, ENT, DZ,
     M, V, D, stride_h, stride_w, stride_dz, v_offset, softcap, inv_temp,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_N: tl.constexpr,
+    ENT_GRAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_N: tl.constexpr,
 ):
     # One (BLOCK_N, BLOCK_V) piece of a backward tile: recompute the logits on chip, write dz in DZ's dtype.
     # Programs run in groups of GROUP_N token tiles that sweep the vocabulary tiles together, so the programs on
@@ -165,12 +212,19 @@ def _logprob_dz_kernel(
     offs_n, n_mask, rows, labels = _token_tile(LABELS, LABELS, pid_n * BLOCK_N, M, False, BLOCK_N)
     lse = tl.load(LSE + offs_n, mask=n_mask, other=0.0)
     g = tl.load(GRAD + offs_n, mask=n_mask, other=0.0)
+    if ENT_GRAD:  # the entropy's upstream gradient and the entropy itself (from the forward)
+        g_ent = tl.load(GRAD_ENT + offs_n, mask=n_mask, other=0.0)
+        ent = tl.load(ENT + offs_n, mask=n_mask, other=0.0)
+    else:
+        g_ent = g
+        ent = g
     offs_v = (pid_v * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
     v_mask = offs_v < V
     z, t = _tile_logits(H, W, B, rows, n_mask, offs_v, v_mask, D, stride_h, stride_w, softcap, inv_temp,
                         HAS_BIAS, HAS_SOFTCAP, UPCAST, PRECISION, BLOCK_N, BLOCK_V, BLOCK_D)
     # labels are rows of the whole weight (shard); this chunk starts at row v_offset
-    dz = _tile_dlogits(z, t, lse, g, labels - v_offset, offs_v, n_mask, v_mask, inv_temp, HAS_SOFTCAP)
+    dz = _tile_dlogits(z, t, lse, g, g_ent, ent, labels - v_offset, offs_v, n_mask, v_mask, inv_temp, HAS_SOFTCAP,
+                       ENT_GRAD)
     if UPCAST:
         if DZ.dtype.element_ty == tl.bfloat16:
             # the interpreter truncates fp32 -> bf16 (a GPU rounds to nearest even): round here as the GPU does,
@@ -208,6 +262,17 @@ _GPU_CONFIGS = {
     ("dz", "16"): KernelConfig(128, 128, 64, 8, 3),
     ("dz", "32"): KernelConfig(64, 64, 16, 8, 3),
 }
+# The token-statistics variants (forward STATS 1 / 2, dz with ENT_GRAD) hold more per-tile state (exp(z - m) beside
+# z, the arg-max's indices, the entropy term): at the plain shapes ptxas spilled them (forward STATS 2: 16-216 B
+# stack frames on sm_80 and sm_90, at 255 registers; dz ENT_GRAD with a soft-cap: 24 B on sm_80; found by
+# ``compile_check --stats``). Half-width vocabulary tiles halve the fp32 tile each thread holds; the split
+# columns stay multiples of the plain tile, so the splits are the same.
+_STATS_CONFIGS = {
+    ("fwd", "16"): KernelConfig(128, 64, 64, 8, 3),
+    ("fwd", "32"): KernelConfig(64, 32, 16, 8, 3),
+    ("dz", "16"): KernelConfig(128, 64, 64, 8, 3),
+    ("dz", "32"): KernelConfig(64, 32, 16, 8, 3),
+}
 # Small tiles under the interpreter: tests then cover many tiles and ragged edges on small shapes. 16 is the
 # smallest shape tl.dot accepts on a GPU; keep it so the interpreter runs what a GPU would compile.
 _INTERPRET_CONFIG = KernelConfig(16, 32, 16, 4, 1)
@@ -220,10 +285,16 @@ def gpu_configs() -> dict[tuple[str, str], KernelConfig]:
     return dict(_GPU_CONFIGS)
 
 
-def select_config(kernel: str, dtype: torch.dtype) -> KernelConfig:
+def stats_configs() -> dict[tuple[str, str], KernelConfig]:
+    """The configurations of the token-statistics variants (``_STATS_CONFIGS``); the compile checks read this."""
+    return dict(_STATS_CONFIGS)
+
+
+def select_config(kernel: str, dtype: torch.dtype, stats: bool = False) -> KernelConfig:
+    """The launch configuration of ``kernel`` for ``dtype``; ``stats``: a token-statistics variant."""
     if INTERPRET:
         return _INTERPRET_CONFIG
-    return _GPU_CONFIGS[(kernel, "32" if dtype == torch.float32 else "16")]
+    return (_STATS_CONFIGS if stats else _GPU_CONFIGS)[(kernel, "32" if dtype == torch.float32 else "16")]
 
 
 def fp32_matmul_allows_tf32() -> bool:
@@ -261,25 +332,24 @@ def _split_columns(vocab: int, splits: int, block_v: int) -> int:
     return triton.cdiv(triton.cdiv(vocab, max(splits, 1)), block_v) * block_v
 
 
-# L2 bytes the resident programs' H tiles may take (an H200 has 50 MB; the W tiles and dz / outputs share it)
-_L2_H_BYTES = 16 << 20
+# Vocabulary splits of the forward: a function of V (and the tile width) only, never of the token count or the
+# SM count, so that a token's statistics merge the same partial sums in the same order whatever else is in the
+# call (batch invariance), on any GPU. 16 splits keep the waves full from a thousand tokens up (N = 8192 with
+# 128-row tiles: 1024 programs, 7.8 waves on 132 SMs, 97 % fill; the old N- and SM-dependent rule gave 81 %) while
+# the 132 programs resident at one time span about 8 token tiles, which share each W tile in L2.
+_VOCAB_SPLITS = 16
 
 
-def _auto_splits(n_tiles: int, vocab: int, block_v: int, device: torch.device, max_splits: int,
-                 h_tile_bytes: int) -> int:
-    """Vocabulary splits: enough to give every SM about two programs (few tokens), and enough that the token tiles
-    resident at one time (SMs / splits of them, one program per SM) keep their H tiles within ``_L2_H_BYTES``
-    (many tokens); at least 4 vocabulary tiles per split."""
-    sms = _num_sms(device)
-    occupancy = triton.cdiv(2 * sms, n_tiles)
-    l2 = triton.cdiv(sms * h_tile_bytes, _L2_H_BYTES)
-    return max(1, min(max(occupancy, l2), triton.cdiv(vocab, 4 * block_v), max_splits))
+def vocab_splits(vocab: int, block_v: int) -> int:
+    """The forward's vocabulary splits: ``_VOCAB_SPLITS``, fewer when V has fewer than 4 tiles per split."""
+    return max(1, min(_VOCAB_SPLITS, triton.cdiv(vocab, 4 * block_v)))
 
 
-def _common(kernel, dtype, bias, rows, softcap, temperature, cfg=None):
+def _common(kernel, dtype, bias, rows, softcap, temperature, cfg=None, stats=0, ent_grad=False):
     """(constexprs and launch options, softcap argument, 1 / temperature) of a launch, as the dispatch makes it
-    (the compile checks call this too, so that they compile what is launched)."""
-    cfg = cfg or select_config(kernel, dtype)
+    (the compile checks call this too, so that they compile what is launched). ``stats``: the forward's statistics
+    level (``stats.py``); ``ent_grad``: the dz kernel's entropy-gradient term."""
+    cfg = cfg or select_config(kernel, dtype, stats=bool(stats) or bool(ent_grad))
     meta = dict(
         HAS_BIAS=bias is not None,
         HAS_SOFTCAP=softcap is not None,
@@ -293,8 +363,10 @@ def _common(kernel, dtype, bias, rows, softcap, temperature, cfg=None):
     )
     if kernel == "fwd":
         meta["HAS_ROWS"] = rows is not None
+        meta["STATS"] = int(stats)
     else:
         meta["GROUP_N"] = _DZ_GROUP
+        meta["ENT_GRAD"] = bool(ent_grad)
     return meta, (float(softcap) if softcap is not None else 1.0), 1.0 / float(temperature)
 
 
@@ -309,19 +381,26 @@ def logprob_fwd(
     temperature: float = 1.0,
     workspace_bytes: int | None = None,
     splits: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Triton version of ``torch_chunked.logprob_fwd``: same arguments and (row_max, sum_exp, target_logit).
+    stats: int = 0,
+) -> tuple[torch.Tensor, ...]:
+    """Triton version of ``torch_chunked.logprob_fwd``: same arguments and partial statistics (row_max, sum_exp,
+    target_logit, and with ``stats`` > 0 the extra partials of ``stats.py``).
 
-    The logits tiles never leave the chip; the only buffers are the vocabulary splits' statistics, 3 x splits x M
-    floats, within ``workspace_bytes``. ``splits`` forces the number of splits (tests); by default it follows the
-    SM count and the L2 (``_auto_splits``). Hidden or weight rows that are not unit-stride along D are copied once.
+    The logits tiles never leave the chip; the only buffers are the vocabulary splits' statistics, (3 + extra) x
+    splits x rows floats; when that exceeds ``workspace_bytes`` the tokens are launched in groups (a token's
+    result does not depend on its group). ``splits`` forces the number of splits (tests); by default it depends
+    on V only (``vocab_splits``). Hidden or weight rows that are not unit-stride along D are copied once.
     """
+    from . import stats as st
+
     m_tokens = labels.shape[0]
     vocab, dim = weight.shape
     dev = hidden.device
+    k = st.n_partials(stats)
+    if stats >= 2 and vocab >= st.MAX_ARG_VOCAB:
+        raise ValueError(f"token statistics need a vocabulary (shard) below {st.MAX_ARG_VOCAB} rows, got {vocab}")
     if m_tokens == 0 or vocab == 0:
-        return (torch.full((m_tokens,), float("-inf"), device=dev), torch.zeros(m_tokens, device=dev),
-                torch.zeros(m_tokens, device=dev))
+        return st.empty(m_tokens, stats, dev)
     # the kernel reads rows with unit stride along D (64-bit offsets for the rest) and vectors with unit stride
     hidden = hidden if hidden.stride(1) == 1 else hidden.contiguous()
     weight = weight if weight.stride(1) == 1 else weight.contiguous()
@@ -329,43 +408,80 @@ def logprob_fwd(
     rows = None if rows is None else rows.contiguous()
     labels = labels.contiguous()
     budget = default_workspace_bytes(dev) if workspace_bytes is None else workspace_bytes
-    cfg = select_config("fwd", hidden.dtype)
-    n_tiles = triton.cdiv(m_tokens, cfg.BLOCK_N)
-    if splits is None:
-        # each split adds 3 floats per token (more than one split also needs the merge's 2 temporaries of M)
-        splits = _auto_splits(n_tiles, vocab, cfg.BLOCK_V, dev, max_splits=max(1, budget // (20 * m_tokens)),
-                              h_tile_bytes=cfg.BLOCK_N * dim * hidden.element_size())
-    cols = _split_columns(vocab, splits, cfg.BLOCK_V)
+    cfg = select_config("fwd", hidden.dtype, stats=stats > 0)
+    # the splits follow the plain configuration's tile width at every level (a multiple of the stats tiles')
+    plain = select_config("fwd", hidden.dtype)
+    cols = _split_columns(vocab, vocab_splits(vocab, plain.BLOCK_V) if splits is None else splits, plain.BLOCK_V)
     n_splits = triton.cdiv(vocab, cols)
-    part = torch.empty(3, n_splits, m_tokens, device=dev, dtype=torch.float32)
-    meta, softcap_arg, inv_temp = _common("fwd", hidden.dtype, bias, rows, softcap, temperature)
-    # any valid pointer stands in for a tensor that a constexpr switch leaves unread
-    _logprob_fwd_kernel[(n_tiles * n_splits,)](
-        hidden, weight, hidden if bias is None else bias, labels if rows is None else rows, labels,
-        part[0], part[1], part[2],
-        m_tokens, vocab, dim, hidden.stride(0), weight.stride(0), cols, softcap_arg, inv_temp, **meta,
-    )
-    if n_splits == 1:
-        return part[0, 0], part[1, 0], part[2, 0]
-    # merge the splits' statistics in a fixed order: deterministic
-    row_max = part[0].amax(dim=0)
-    sum_exp = (part[1] * torch.exp(part[0] - row_max)).sum(dim=0)
-    return row_max, sum_exp, part[2].sum(dim=0)
+    group = _token_group(m_tokens, n_splits, k, budget, max(cfg.BLOCK_N, plain.BLOCK_N))
+    meta, softcap_arg, inv_temp = _common("fwd", hidden.dtype, bias, rows, softcap, temperature, stats=stats)
+    out = [torch.empty(m_tokens, device=dev, dtype=torch.float32) for _ in range(k)]
+    for r0 in range(0, m_tokens, group):
+        r1 = min(r0 + group, m_tokens)
+        m = r1 - r0
+        part = torch.empty(k, n_splits, m, device=dev, dtype=torch.float32)
+        h = hidden if rows is not None else hidden[r0:r1]
+        n_tiles = triton.cdiv(m, cfg.BLOCK_N)
+        # any valid pointer stands in for a tensor that a constexpr switch leaves unread
+        _logprob_fwd_kernel[(n_tiles * n_splits,)](
+            h, weight, h if bias is None else bias, labels[r0:r1] if rows is None else rows[r0:r1],
+            labels[r0:r1], part[0], part[1], part[2], part[3] if k > 3 else part[0],
+            m, vocab, dim, h.stride(0), weight.stride(0), cols, n_splits * m, softcap_arg, inv_temp, **meta,
+        )
+        if n_splits == 1:
+            merged = tuple(part[:, 0])
+        else:  # merge the splits' statistics in a fixed order, element-wise per token: deterministic, batch-invariant
+            merged = st.merge([tuple(part[:, i]) for i in range(n_splits)])
+        if group >= m_tokens:
+            return tuple(merged)
+        for dst, src in zip(out, merged):
+            dst[r0:r1] = src
+    return tuple(out)
 
 
-def make_dz(h, w, b, labels, v0, lse, g, softcap, inv_temp, out, ws) -> None:
+def _per_token_bytes(n_splits: int, k: int) -> int:
+    """Forward buffer bytes per token: k partials per split and, with several splits, the merge's temporaries (a
+    running total per partial, the new max, the scale and the shift)."""
+    return 4 * (k * n_splits + ((k + 3) if n_splits > 1 else 0))
+
+
+def _token_group(m_tokens: int, n_splits: int, k: int, budget: int, block_n: int) -> int:
+    """Tokens per forward launch: all of them when their buffers fit ``budget``, else a multiple of the tile."""
+    per_token = _per_token_bytes(n_splits, k)
+    if per_token * m_tokens <= budget:
+        return m_tokens
+    return max(block_n, budget // per_token // block_n * block_n)
+
+
+def forward_buffer_bytes(m_tokens: int, vocab: int, dtype: torch.dtype, budget: int, stats: int = 0,
+                         gpu: bool = False) -> int:
+    """Bytes of the buffers one forward call allocates (the memory simulation's count): the splits' partials and
+    the merge's temporaries for the tokens of one launch group. ``gpu``: the GPU's tile shapes (not the
+    interpreter's)."""
+    from . import stats as st
+
+    cfg = _GPU_CONFIGS[("fwd", "32" if dtype == torch.float32 else "16")] if gpu else select_config("fwd", dtype)
+    k = st.n_partials(stats)
+    n_splits = triton.cdiv(vocab, _split_columns(vocab, vocab_splits(vocab, cfg.BLOCK_V), cfg.BLOCK_V))
+    group = _token_group(m_tokens, n_splits, k, budget, cfg.BLOCK_N)
+    return _per_token_bytes(n_splits, k) * min(group, m_tokens)
+
+
+def make_dz(h, w, b, labels, v0, lse, g, softcap, inv_temp, out, ws, ent=None) -> None:
     """The Triton tile maker: dz of tokens h (n, D) against vocabulary rows w (v, D) into ``out`` (n, v), rounded to
-    out's dtype; one launch over (BLOCK_N, BLOCK_V) pieces (see ``tiled.TileMaker`` for the arguments)."""
+    out's dtype; one launch over (BLOCK_N, BLOCK_V) pieces (see ``tiled.TileMaker`` for the arguments; ``ent``:
+    (entropy's upstream gradient, entropy), each (n,) float32, or None)."""
     n, v = out.shape
-    meta, softcap_arg, _ = _common("dz", h.dtype, b, None, softcap, 1.0)
+    meta, softcap_arg, _ = _common("dz", h.dtype, b, None, softcap, 1.0, ent_grad=ent is not None)
     grid = (triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(v, meta["BLOCK_V"]),)
+    g_ent, entropy = (g, g) if ent is None else ent
     _logprob_dz_kernel[grid](
-        h, w, h if b is None else b, labels, lse, g, out,
+        h, w, h if b is None else b, labels, lse, g, g_ent, entropy, out,
         n, v, h.shape[1], h.stride(0), w.stride(0), out.stride(0), v0, softcap_arg, inv_temp, **meta,
     )
 
 
-def _scratch(n, v, gemm_dtype, softcap, backward):
+def _scratch(n, v, gemm_dtype, softcap, backward, extra=False):
     return {}  # the logits stay on chip
 
 
@@ -394,6 +510,8 @@ def logprob_bwd(
     workspace_bytes: int | None = None,
     tile: tuple[int, int] | None = None,
     on_step=None,
+    grad_entropy: torch.Tensor | None = None,
+    entropy: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Triton version of ``torch_chunked.logprob_bwd``: the shared tile loop (``tiled.logprob_bwd``) with the fused
     dz kernel; same arguments and (grad_hidden fp32 compact, grad_weight, grad_bias). ``tile`` forces the tile
@@ -404,4 +522,6 @@ def logprob_bwd(
         TILES, hidden, weight, bias, rows, labels.contiguous(), lse.float().contiguous(), grad.float().contiguous(),
         softcap=softcap, temperature=temperature, need_hidden=need_hidden, need_weight=need_weight,
         need_bias=need_bias, workspace_bytes=workspace_bytes, tile=tile, on_step=on_step,
+        grad_entropy=None if grad_entropy is None else grad_entropy.float().contiguous(),
+        entropy=None if entropy is None else entropy.float().contiguous(),
     )

@@ -169,13 +169,17 @@ class CallShape:
     need_weight: bool
     need_bias: bool
     fused_accumulate: bool  # the device has the fp32-accumulating 16-bit addmm
+    stats: int = 0  # the forward's token statistics level (``stats.py``)
+    entropy_grad: bool = False  # the backward's tiles carry the entropy's gradient
 
 
 def workspace_buffers(n: int, v: int, call: CallShape, maker: TileMaker, backward: bool = True) -> dict:
     """{name: (numel, dtype)} of every temporary a tile loop with (n, v) tiles allocates (``backward=False``: the
     PyTorch forward's subset)."""
     d, g = call.dim, call.gemm_dtype
-    bufs = dict(maker.scratch(n, v, g, call.softcap, backward))
+    extra = call.entropy_grad if backward else call.stats > 0
+    bufs = dict(maker.scratch(n, v, g, call.softcap, backward, extra) if extra else
+                maker.scratch(n, v, g, call.softcap, backward))
     if backward:
         dz = maker.dz_dtype(call.input_dtype, g)
         bufs["dz"] = (n * dz_row_stride(v, call.device_type), dz)
@@ -248,6 +252,22 @@ def plan_tiles(call: CallShape, maker: TileMaker, budget: int, size_by_budget: b
 
 @functools.lru_cache(maxsize=256)
 def _plan_tiles(call: CallShape, maker: TileMaker, budget: int, size_by_budget: bool) -> tuple[int, int]:
+    """(token rows, vocabulary rows) per tile. The vocabulary chunk comes from the shape without its tokens
+    (``_joint_plan`` for unboundedly many tokens, every row gathered, no per-token reserve): it depends on V, D,
+    the dtypes, the options and the budget, never on the batch, so that the chunks' boundaries, and the order in
+    which a token's sums over the vocabulary are taken, are the same whatever other tokens share the call (batch
+    invariance). The token rows are then the most that fit beside it (capped by the call's tokens unless
+    ``size_by_budget``). Only a budget too small to hold one token row of that chunk beside the call's per-token
+    vectors falls back to the joint plan of the call itself."""
+    _, v = _joint_plan(dataclasses.replace(call, tokens=1 << 40, gathered=True), maker, budget, True, reserve=False)
+    n, v_fit = _joint_plan(call, maker, budget, size_by_budget, only_v=v)
+    if v_fit != v:
+        return _joint_plan(call, maker, budget, size_by_budget)
+    return n, v
+
+
+def _joint_plan(call: CallShape, maker: TileMaker, budget: int, size_by_budget: bool,
+                only_v: int | None = None, reserve: bool = True) -> tuple[int, int]:
     """(token rows, vocabulary rows) per tile: the shape whose buffers fit ``budget`` and which minimizes the
     accumulators' memory traffic, proportional to the chunk counts ceil(M / n) / M + ceil(V / v) / V (dH[n]
     crosses memory once per vocabulary chunk, dW_v once per token chunk); then evened out so that no chunk is short.
@@ -255,6 +275,8 @@ def _plan_tiles(call: CallShape, maker: TileMaker, budget: int, size_by_budget: 
     ``size_by_budget``: plan as if the call had unboundedly many tokens, so that the buffers are the same whatever
     the batch (the CPU's flat memory); otherwise the plan is capped by the call's tokens (smaller buffers for short
     calls, and a wider vocabulary chunk when tokens are few). A budget too small for a 1 x 1 tile still gets one.
+    ``only_v``: the vocabulary rows are given (already evened out); only the token rows are planned.
+    ``reserve``: set aside the call's per-token vectors first (off for the token-free vocabulary plan).
     """
     align_n, align_v = maker.align
     tokens = 1 << 40 if size_by_budget else max(call.tokens, 1)
@@ -264,7 +286,8 @@ def _plan_tiles(call: CallShape, maker: TileMaker, budget: int, size_by_budget: 
         max_elements, cap_v = maker.cpu_tile
         max_v = min(max_v, cap_v)
 
-    budget = max(budget - PER_TOKEN_BYTES * call.tokens, 1)  # the call's per-token vectors come first
+    if reserve:
+        budget = max(budget - PER_TOKEN_BYTES * call.tokens, 1)  # the call's per-token vectors come first
 
     def fits(n, v):
         return buffers_nbytes(workspace_buffers(n, v, call, maker)) <= budget
@@ -278,7 +301,7 @@ def _plan_tiles(call: CallShape, maker: TileMaker, budget: int, size_by_budget: 
         return size if even >= size else min(size, -(-even // align) * align)
 
     best, best_cost = (1, 1), math.inf
-    for v in _candidates(max_v, align_v):
+    for v in ([only_v] if only_v is not None else _candidates(max_v, align_v)):
         hi = tokens if max_elements is None else max(1, min(tokens, max_elements // v))
         if not fits(1, v):
             break  # larger v only needs more
@@ -298,7 +321,7 @@ def _plan_tiles(call: CallShape, maker: TileMaker, budget: int, size_by_budget: 
     n, v = best
     if not size_by_budget:
         n = balanced(tokens, n, align_n)
-    return n, balanced(call.vocab, v, align_v)
+    return n, (v if only_v is not None else balanced(call.vocab, v, align_v))
 
 
 class Workspace:
@@ -317,14 +340,16 @@ class Workspace:
         return self.bufs[name][: math.prod(shape)].view(*shape)
 
 
-def call_shape(hidden, weight, bias, rows, labels, softcap, need_weight=True, need_bias=True) -> CallShape:
+def call_shape(hidden, weight, bias, rows, labels, softcap, need_weight=True, need_bias=True, stats=0,
+               entropy_grad=False) -> CallShape:
     dev = hidden.device
     g = gemm_dtype(hidden.dtype, dev)
     return CallShape(
         tokens=labels.shape[0], vocab=weight.shape[0], dim=weight.shape[1], input_dtype=hidden.dtype,
         gemm_dtype=g, device_type=dev.type, gathered=rows is not None, hidden_strided=hidden.stride(-1) != 1,
         weight_strided=weight.stride(-1) != 1, softcap=softcap is not None, need_weight=need_weight,
-        need_bias=need_bias and bias is not None, fused_accumulate=fp32_gemm_support(dev.type)[1],
+        need_bias=need_bias and bias is not None, fused_accumulate=fp32_gemm_support(dev.type)[1], stats=stats,
+        entropy_grad=entropy_grad,
     )
 
 
@@ -344,15 +369,39 @@ def operand_rows(src: torch.Tensor, rows: torch.Tensor | None, r0: int, r1: int,
 
 
 def backward_workspace(maker, hidden, weight, bias, rows, labels, softcap, need_weight, need_bias,
-                       workspace_bytes=None, size_by_budget=False, tile=None) -> Workspace:
+                       workspace_bytes=None, size_by_budget=False, tile=None, entropy_grad=False) -> Workspace:
     """The planned, allocated workspace of one backward call (``logprob_bwd`` documents the arguments)."""
-    call = call_shape(hidden, weight, bias, rows, labels, softcap, need_weight, need_bias)
+    call = call_shape(hidden, weight, bias, rows, labels, softcap, need_weight, need_bias,
+                      entropy_grad=entropy_grad)
     budget = default_workspace_bytes(hidden.device) if workspace_bytes is None else workspace_bytes
     if tile is None:
         plan = plan_tiles(call, maker, budget, size_by_budget)
     else:
         plan = (min(tile[0], labels.shape[0]), min(tile[1], weight.shape[0]))
     return Workspace(workspace_buffers(*plan, call, maker), hidden.device, tile=plan)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Small calls on the CPU
+
+# The CPU's BLAS (MKL) multiplies a product of fewer rows with other kernels, which round differently: a token's
+# logits and hidden gradient would then depend on how many tokens share the call. Calls of fewer rows are padded
+# to this many (zero hidden rows, no label, zero gradient), whose products round as a large call's rows do.
+MIN_CPU_ROWS = 16
+
+
+def pad_small_call(hidden, rows, labels, *vectors):
+    """(hidden, rows, labels, *vectors, m) of a CPU call of m < ``MIN_CPU_ROWS`` scored tokens padded to that many
+    (hidden compacted: rows None; padded labels -1, vectors 0), or None when no padding is needed."""
+    m = labels.shape[0]
+    if hidden.device.type != "cpu" or m == 0 or m >= MIN_CPU_ROWS:
+        return None
+    pad = MIN_CPU_ROWS - m
+    kept = hidden if rows is None else hidden.index_select(0, rows)
+    padded_hidden = torch.cat([kept, kept.new_zeros(pad, kept.shape[1])])
+    padded_labels = torch.cat([labels, labels.new_full((pad,), -1)])
+    padded = [None if v is None else torch.cat([v, v.new_zeros(pad)]) for v in vectors]
+    return (padded_hidden, None, padded_labels, *padded, m)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -380,8 +429,11 @@ def logprob_bwd(
     on_step: Callable[[str], None] | None = None,
     out: tuple | None = None,
     workspace: Workspace | None = None,
+    grad_entropy: torch.Tensor | None = None,
+    entropy: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """Gradients of sum_i grad_i * log p_i, recomputing each logits tile once (see the module docstring).
+    """Gradients of sum_i grad_i * log p_i (+ grad_entropy_i * H_i), recomputing each logits tile once (see the
+    module docstring); the entropy's term joins the same dz tile, so it costs no extra pass.
 
     Args:
         maker: the implementation's tile maker.
@@ -401,11 +453,25 @@ def logprob_bwd(
             a vocabulary shard's rows of the whole gradients (``torch_chunked``'s CPU threads).
         workspace: a ``Workspace`` made for this call by ``backward_workspace`` (the CPU threads get theirs from the
             calling thread); by default the loop makes its own.
+        grad_entropy, entropy: (M,) float32 upstream gradient of each scored row's entropy and the entropy itself
+            (from the forward's statistics), or None: dz_j gains -grad_entropy p_j (log p_j + H) before the chain
+            rule (see ``torch_chunked``).
 
     Returns:
         grad_hidden: (M, D) float32, compact (row i belongs to hidden row ``rows[i]``), or None.
         grad_weight: (V, D) in weight's dtype, or None.  grad_bias: (V,) in bias's dtype, or None.
     """
+    if out is None and workspace is None:
+        small = pad_small_call(hidden, rows, labels, lse, grad, grad_entropy, entropy)
+        if small is not None:
+            *args, m = small
+            h_pad, _, y_pad, lse_pad, g_pad, ge_pad, ent_pad = args
+            d_hidden, d_weight, d_bias = logprob_bwd(
+                maker, h_pad, weight, bias, None, y_pad, lse_pad, g_pad, softcap=softcap, temperature=temperature,
+                need_hidden=need_hidden, need_weight=need_weight, need_bias=need_bias,
+                workspace_bytes=workspace_bytes, size_by_budget=size_by_budget, tile=tile, on_step=on_step,
+                grad_entropy=ge_pad, entropy=ent_pad)
+            return None if d_hidden is None else d_hidden[:m], d_weight, d_bias
     m_tokens = labels.shape[0]
     vocab, dim = weight.shape
     dev = hidden.device
@@ -414,8 +480,9 @@ def logprob_bwd(
         return (torch.zeros(m_tokens, dim, device=dev) if need_hidden else None,
                 torch.zeros_like(weight) if need_weight else None,
                 torch.zeros_like(bias) if need_bias else None)
+    ent = None if grad_entropy is None else (grad_entropy, entropy)
     ws = workspace or backward_workspace(maker, hidden, weight, bias, rows, labels, softcap, need_weight, need_bias,
-                                         workspace_bytes, size_by_budget, tile)
+                                         workspace_bytes, size_by_budget, tile, entropy_grad=ent is not None)
     n_plan, v_plan = ws.tile
     n_chunk, v_chunk = min(n_plan, m_tokens), v_plan
     inv_temp = 1.0 / temperature
@@ -444,7 +511,11 @@ def logprob_bwd(
             h = h_once if single else operand_rows(hidden, rows, n0, n1, ws, "h", "h_src")
             dz = ws.view("dz", n1 - n0, dz_row_stride(v1 - v0, dev.type))[:, : v1 - v0]
             mark("dz")
-            maker.make_dz(h, w, b, labels[n0:n1], v0, lse[n0:n1], grad[n0:n1], softcap, inv_temp, dz, ws)
+            if ent is None:
+                maker.make_dz(h, w, b, labels[n0:n1], v0, lse[n0:n1], grad[n0:n1], softcap, inv_temp, dz, ws)
+            else:
+                maker.make_dz(h, w, b, labels[n0:n1], v0, lse[n0:n1], grad[n0:n1], softcap, inv_temp, dz, ws,
+                              ent=(ent[0][n0:n1], ent[1][n0:n1]))
             if ws.has("dz_gemm"):
                 dz = ws.view("dz_gemm", n1 - n0, v1 - v0).copy_(dz)
             if need_hidden:

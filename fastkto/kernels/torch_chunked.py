@@ -86,7 +86,7 @@ def _tile_views(ws, n, v, softcap, z=None):
     return z, (ws.view("t", n, v) if softcap is not None else None)
 
 
-def make_dz(h, w, b, labels, v0, lse, g, softcap, inv_temp, out, ws) -> None:
+def make_dz(h, w, b, labels, v0, lse, g, softcap, inv_temp, out, ws, ent=None) -> None:
     """The PyTorch tile maker: dz of tokens h (n, D) against vocabulary rows w (v, D) into ``out`` (n, v) (see
     ``tiled.TileMaker``). The tile is formed in fp32; ``out`` is the fp32 tile itself, or (16-bit operands) the
     tile rounded once, after the one-hot term is added."""
@@ -98,17 +98,25 @@ def make_dz(h, w, b, labels, v0, lse, g, softcap, inv_temp, out, ws) -> None:
     local = local.clamp(0, v - 1)[:, None]
     gt = g * inv_temp
     onehot = torch.where(in_tile, gt, 0.0)  # g k_y / T at the label's column, zero where the label is elsewhere
+    coef = None
+    if ent is not None:
+        # with the entropy's gradient g_H: dz_j = k_j / T (g 1[j = y] - p_j (g + g_H (log p_j + H))), z = log p here
+        g_ent, entropy = ent
+        coef = ws.view("e", n, v)
+        torch.add(z, entropy[:, None], out=coef).mul_(g_ent[:, None]).add_(g[:, None]).mul_(-inv_temp)
     p = z.exp_()
     if t is not None:
         onehot = onehot * (1 - t.gather(1, local).squeeze(1) ** 2)
         p.addcmul_(p, t.square_(), value=-1.0)  # p_j k_j
-    p.mul_(gt.neg()[:, None]).scatter_add_(1, local, onehot[:, None])
+    p.mul_(gt.neg()[:, None] if coef is None else coef).scatter_add_(1, local, onehot[:, None])
     if out is not p:
         out.copy_(p)
 
 
-def _scratch(n, v, gemm_dtype, softcap, backward):
+def _scratch(n, v, gemm_dtype, softcap, backward, extra=False):
     bufs = {}
+    if extra:  # token statistics (forward) or the entropy's gradient (backward): one more fp32 tile
+        bufs["e"] = (n * v, torch.float32)
     if not backward or gemm_dtype != torch.float32:  # with fp32 operands the backward forms dz in place
         bufs["z"] = (n * v, torch.float32)
     if softcap:
@@ -130,7 +138,8 @@ def logprob_fwd(
     softcap: float | None = None,
     temperature: float = 1.0,
     workspace_bytes: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    stats: int = 0,
+) -> tuple[torch.Tensor, ...]:
     """Online log-sum-exp statistics and target logits of this weight's vocabulary rows.
 
     Args:
@@ -141,47 +150,68 @@ def logprob_fwd(
             adds no target logit (its vocabulary entry lives on another shard).
         softcap, temperature: the logits transform (see module docstring).
         workspace_bytes: the temporaries' budget; ``default_workspace_bytes(device)`` when None.
+        stats: which token statistics to carry along (``kernels.stats``: 0 none, 1 entropy, 2 all).
 
     Returns:
         (row_max, sum_exp, target_logit), each (M,) float32: lse = row_max + log(sum_exp) over these V rows,
-        and z_y where the label is in [0, V), else 0.
+        and z_y where the label is in [0, V), else 0; with ``stats`` > 0 followed by the extra partial sums of
+        ``kernels.stats`` (a; and q, u, the first arg-max as a float row index).
     """
+    from . import stats as st
+
+    st.n_partials(stats)
+    small = tiled.pad_small_call(hidden, rows, labels)
+    if small is not None:  # a few tokens on the CPU: rounded as in a large call (``tiled.MIN_CPU_ROWS``)
+        h_pad, _, y_pad, m = small
+        part = logprob_fwd(h_pad, weight, bias, None, y_pad, softcap=softcap, temperature=temperature,
+                           workspace_bytes=workspace_bytes, stats=stats)
+        return tuple(t[:m] for t in part)
     m_tokens = labels.shape[0]
     budget = default_workspace_bytes(hidden.device) if workspace_bytes is None else workspace_bytes
-    call = tiled.call_shape(hidden, weight, bias, rows, labels, softcap)
-    workers = _cpu_workers(call, budget) if m_tokens else 1
+    call = tiled.call_shape(hidden, weight, bias, rows, labels, softcap, stats=stats)
+    workers = _forward_workers(call) if m_tokens else 1
     if workers == 1:
-        return _forward(hidden, weight, bias, rows, labels, softcap, temperature, budget)
-    per_worker = _per_worker_budget(call, budget, workers)
+        return _forward(hidden, weight, bias, rows, labels, softcap, temperature, budget, stats=stats)
+    per_worker = budget // workers
     shards = _shards(call.vocab, workers)
     # what a shard needs is allocated here, on the calling thread, where allocation tracking sees it
     args = [(weight[v0:v1], None if bias is None else bias[v0:v1], labels - v0) for v0, v1 in shards]
-    spaces = [_forward_workspace(hidden, w, b, rows, y, softcap, per_worker) for w, b, y in args]
+    spaces = [_forward_workspace(hidden, w, b, rows, y, softcap, per_worker, stats) for w, b, y in args]
     parts = _on_threads(workers, lambda i, v0, v1: _forward(
-        hidden, *args[i][:2], rows, args[i][2], softcap, temperature, per_worker, spaces[i]), shards)
-    # merge the shards' statistics in shard order: deterministic
-    row_max = torch.stack([p[0] for p in parts]).amax(dim=0)
-    sum_exp = sum(p[1] * torch.exp(p[0] - row_max) for p in parts)
-    return row_max, sum_exp, sum(p[2] for p in parts)
+        hidden, *args[i][:2], rows, args[i][2], softcap, temperature, per_worker, spaces[i], stats), shards)
+    if stats >= 2:  # the shards' arg-max as rows of this weight
+        parts = [(*p[:6], p[6] + v0) for p, (v0, _) in zip(parts, shards)]
+    # merge the shards' statistics in shard order, element-wise per token: deterministic and batch-invariant
+    return st.merge(parts)
 
 
-def _forward_workspace(hidden, weight, bias, rows, labels, softcap, budget) -> tiled.Workspace:
-    call = tiled.call_shape(hidden, weight, bias, rows, labels, softcap)
+def _forward_workers(call: tiled.CallShape) -> int:
+    """Worker threads (vocabulary shards) of a CPU forward: torch's thread count, capped by the vocabulary's
+    chunks. Unlike the backward's, it does not depend on the token count (the forward keeps no (M, D) partial), so
+    that the shards, and how a token's statistics merge, are the same whatever the batch."""
+    if call.device_type != "cpu":
+        return 1
+    return max(1, min(torch.get_num_threads(), -(-call.vocab // _CPU_TILE[1])))
+
+
+def _forward_workspace(hidden, weight, bias, rows, labels, softcap, budget, stats=0) -> tiled.Workspace:
+    call = tiled.call_shape(hidden, weight, bias, rows, labels, softcap, stats=stats)
     plan = tiled.plan_tiles(call, TILES, budget, size_by_budget=hidden.device.type == "cpu")
     return tiled.Workspace(tiled.workspace_buffers(*plan, call, TILES, backward=False), hidden.device, tile=plan)
 
 
-def _forward(hidden, weight, bias, rows, labels, softcap, temperature, budget, ws=None):
-    """The forward's tile loop over these vocabulary rows, on the calling thread."""
+def _forward(hidden, weight, bias, rows, labels, softcap, temperature, budget, ws=None, stats=0):
+    """The forward's tile loop over these vocabulary rows, on the calling thread (``logprob_fwd``'s partials)."""
+    from . import stats as st
+
     m_tokens = labels.shape[0]
     vocab, dim = weight.shape
     dev = hidden.device
-    row_max = torch.full((m_tokens,), -math.inf, device=dev, dtype=torch.float32)
-    sum_exp = torch.zeros(m_tokens, device=dev, dtype=torch.float32)
-    target = torch.zeros(m_tokens, device=dev, dtype=torch.float32)
+    part = st.empty(m_tokens, stats, dev)
+    row_max, sum_exp, target = part[:3]
     if m_tokens == 0 or vocab == 0:
-        return row_max, sum_exp, target
-    ws = ws or _forward_workspace(hidden, weight, bias, rows, labels, softcap, budget)
+        return part
+    ws = ws or _forward_workspace(hidden, weight, bias, rows, labels, softcap, budget, stats)
     n_plan, v_chunk = ws.tile
     n_chunk = min(n_plan, m_tokens)
     inv_temp = 1.0 / temperature
@@ -200,10 +230,38 @@ def _forward(hidden, weight, bias, rows, labels, softcap, temperature, budget, w
             picked = z.gather(1, local.clamp(0, v1 - v0 - 1)[:, None]).squeeze(1)
             target[n0:n1] += torch.where(in_tile, picked, 0.0)
             m_old = row_max[n0:n1]
-            m_new = torch.maximum(m_old, z.amax(dim=1))
+            tile_max = z.amax(dim=1)
+            m_new = torch.maximum(m_old, tile_max)
+            if stats:
+                _fold_stats(part, n0, n1, v0, z, tile_max, m_old, m_new, ws, stats)
+                row_max[n0:n1] = m_new
+                continue
             sum_exp[n0:n1] = sum_exp[n0:n1] * torch.exp(m_old - m_new) + z.sub_(m_new[:, None]).exp_().sum(dim=1)
             row_max[n0:n1] = m_new
-    return row_max, sum_exp, target
+    return part
+
+
+def _fold_stats(part, n0, n1, v0, z, tile_max, m_old, m_new, ws, stats) -> None:
+    """Fold one (n, v) logits tile ``z`` (overwritten) into the running statistics of rows n0:n1 (``stats.py``:
+    sum exp, a = sum exp(z - m) (z - m); with ``stats`` 2 also q, u and the first arg-max), as the Triton kernel
+    does per tile."""
+    sum_exp = part[1]
+    alpha = torch.exp(m_old - m_new)
+    s_old = sum_exp[n0:n1]
+    if stats >= 2:
+        part[5][n0:n1] += z.sum(dim=1)
+        # argmax returns the first maximum; a later tile takes over only with a strictly larger max
+        first = z.argmax(dim=1).to(torch.float32) + v0
+        part[4][n0:n1] = part[4][n0:n1] * (alpha * alpha)
+        part[6][n0:n1] = torch.where(tile_max > m_old, first, part[6][n0:n1])
+    e = ws.view("e", *z.shape)
+    torch.exp(z.sub_(m_new[:, None]), out=e)  # z - m <= 0 and its exponential
+    shift = torch.where(s_old > 0, (m_old - m_new) * s_old, 0.0)
+    a_tile = z.mul_(e).sum(dim=1)
+    part[3][n0:n1] = alpha * (part[3][n0:n1] + shift) + a_tile
+    sum_exp[n0:n1] = s_old * alpha + e.sum(dim=1)
+    if stats >= 2:
+        part[4][n0:n1] += e.square_().sum(dim=1)
 
 
 def logprob_bwd(
@@ -222,20 +280,33 @@ def logprob_bwd(
     need_bias: bool = True,
     workspace_bytes: int | None = None,
     tile: tuple[int, int] | None = None,
+    grad_entropy: torch.Tensor | None = None,
+    entropy: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """Gradients of sum_i grad_i * log p_i: the shared tile loop (``tiled.logprob_bwd``, which documents the
-    arguments) with this module's tile maker.
+    """Gradients of sum_i grad_i * log p_i (+ grad_entropy_i * H_i): the shared tile loop (``tiled.logprob_bwd``,
+    which documents the arguments) with this module's tile maker.
 
     Returns:
         grad_hidden: (M, D) float32, compact (row i belongs to hidden row ``rows[i]``), or None.
         grad_weight: (V, D) in weight's dtype, or None.  grad_bias: (V,) in bias's dtype, or None.
     """
+    small = tiled.pad_small_call(hidden, rows, labels, lse, grad, grad_entropy, entropy)
+    if small is not None:  # a few tokens on the CPU: rounded as in a large call (``tiled.MIN_CPU_ROWS``)
+        h_pad, _, y_pad, lse_pad, g_pad, ge_pad, ent_pad, m = small
+        d_hidden, d_weight, d_bias = logprob_bwd(
+            h_pad, weight, bias, None, y_pad, lse_pad, g_pad, softcap=softcap, temperature=temperature,
+            need_hidden=need_hidden, need_weight=need_weight, need_bias=need_bias, workspace_bytes=workspace_bytes,
+            tile=tile, grad_entropy=ge_pad, entropy=ent_pad)
+        return None if d_hidden is None else d_hidden[:m], d_weight, d_bias
     # on the CPU the buffers are sized by the budget, not the call: memory stays flat as batches change
     opts = dict(softcap=softcap, temperature=temperature, need_hidden=need_hidden, need_weight=need_weight,
-                need_bias=need_bias, size_by_budget=hidden.device.type == "cpu", tile=tile)
+                need_bias=need_bias, size_by_budget=hidden.device.type == "cpu", tile=tile,
+                grad_entropy=grad_entropy, entropy=entropy)
+    ent_grad = grad_entropy is not None
     m_tokens = labels.shape[0]
     budget = default_workspace_bytes(hidden.device) if workspace_bytes is None else workspace_bytes
-    call = tiled.call_shape(hidden, weight, bias, rows, labels, softcap, need_weight, need_bias)
+    call = tiled.call_shape(hidden, weight, bias, rows, labels, softcap, need_weight, need_bias,
+                            entropy_grad=ent_grad)
     workers = _cpu_workers(call, budget) if m_tokens and tile is None else 1
     if workers == 1:
         return tiled.logprob_bwd(TILES, hidden, weight, bias, rows, labels, lse, grad, workspace_bytes=budget, **opts)
@@ -251,7 +322,7 @@ def logprob_bwd(
     # every buffer a shard uses is allocated here, on the calling thread, where allocation tracking sees it
     args = [(weight[v0:v1], None if bias is None else bias[v0:v1], labels - v0) for v0, v1 in shards]
     spaces = [tiled.backward_workspace(TILES, hidden, w, b, rows, y, softcap, need_weight, need_bias, per_worker,
-                                       size_by_budget=True) for w, b, y in args]
+                                       size_by_budget=True, entropy_grad=ent_grad) for w, b, y in args]
 
     def shard(i, v0, v1):
         out = (None if d_hidden is None else (d_hidden if i == 0 else partial[i - 1]),
