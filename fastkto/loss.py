@@ -369,9 +369,10 @@ def kto_loss(
     # same value without cancellation when sigma(x) is close to 1.
     shifted = beta * (ratio - z0)
     per_example = torch.where(desirable, torch.sigmoid(-shifted), torch.sigmoid(shifted))
-    weights = torch.where(
-        desirable, per_example.new_tensor(desirable_weight), per_example.new_tensor(undesirable_weight)
-    )
+    # fills, not new_tensor: a host value copied to the GPU waits for the stream (the H200 run's stack check
+    # found these two syncs)
+    weights = torch.where(desirable, torch.full_like(per_example, float(desirable_weight)),
+                          torch.full_like(per_example, float(undesirable_weight)))
     losses = weights * per_example
     loss = losses.mean()
 

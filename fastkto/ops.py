@@ -56,18 +56,9 @@ def compact_rows(labels: torch.Tensor, ignore_index: int, scored: int) -> torch.
     if scored < 0:
         rows = valid.nonzero().squeeze(1)
         return None if rows.shape[0] == n else rows
-    return _indices_of(valid, scored)
-
-
-def _indices_of(valid: torch.Tensor, count: int) -> torch.Tensor:
-    """``valid.nonzero()`` (count,) in order, given its count, without a host sync: each valid position goes to
-    its rank among the valid ones (a cumulative sum), the others to a spare slot past the end, which is dropped.
-    Sync-free by construction, which ``torch.nonzero_static`` may not be on CUDA: the first H200 run counted four
-    host syncs in a KTOLoss forward where the value checks make one (benchmarks/results/h200/)."""
-    n = valid.shape[0]
-    slot = torch.where(valid, valid.cumsum(0) - 1, count)
-    out = torch.zeros(count + 1, dtype=torch.long, device=valid.device)
-    return out.scatter_(0, slot, torch.arange(n, device=valid.device))[:count]
+    # sync-free given its size: the H200 runs' sync counts and stacks place every sync elsewhere
+    # (benchmarks/results/h200/)
+    return torch.nonzero_static(valid, size=scored).squeeze(1)
 
 
 def forward_compute(hidden, weight, bias, labels, rows, vocab_offset, impl, opts, combine=None, stats=0,
