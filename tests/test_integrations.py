@@ -723,7 +723,7 @@ def test_fast_head_returns_every_field_trl_returns_with_its_gradients(seed):
     labels[:, :3] = -100
     kw = dict(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True, output_router_logits=True)
     a, b = theirs(**kw), ours(**kw)
-    for key, value in a.items():
+    for key in a.keys():
         assert b.get(key) is not None, f"{key} is None in fastkto's output but not in TRL's"
     torch.testing.assert_close(b.aux_loss, a.aux_loss, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(b.loss, a.loss, rtol=0, atol=LOGP_ATOL)
