@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+from torch import Tensor
 
 from . import labels as _labels
 from . import packing
@@ -37,6 +39,9 @@ from .loss import (
     kto_loss,
 )
 from .value_checks import ValueChecks, host_reads_allowed
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 __all__ = ["KTOLoss", "DPOLoss"]
 
@@ -345,9 +350,12 @@ class KTOLoss(_PreferenceLoss):
         self.beta, self.loss_type = beta, loss_type
         self.desirable_weight, self.undesirable_weight = desirable_weight, undesirable_weight
 
-    def forward(self, policy_hidden, weight, labels, desirable, *, ref_hidden=None, ref_weight=None, ref_logps=None,
-                kl_hidden=None, kl_labels=None, kl_ref_hidden=None, kl_ref_logps=None, kl=None, bias=None,
-                ref_bias=None, kl_process_group=None, cu_seqlens=None, kl_cu_seqlens=None) -> KTOOutput:
+    def forward(self, policy_hidden: Tensor, weight: Tensor, labels: Tensor, desirable: Tensor, *,
+                ref_hidden: Tensor | None = None, ref_weight: Tensor | None = None, ref_logps: Tensor | None = None,
+                kl_hidden: Tensor | None = None, kl_labels: Tensor | None = None, kl_ref_hidden: Tensor | None = None,
+                kl_ref_logps: Tensor | None = None, kl: float | Tensor | None = None, bias: Tensor | None = None,
+                ref_bias: Tensor | None = None, kl_process_group: ProcessGroup | None = None,
+                cu_seqlens: Tensor | None = None, kl_cu_seqlens: Tensor | None = None) -> KTOOutput:
         batch = _check_batch(policy_hidden, labels, cu_seqlens)
         _check_head_pass("policy_hidden", policy_hidden, "weight", weight, "bias", bias)
         with _layout_errors_first(batch):
@@ -433,8 +441,10 @@ class DPOLoss(_PreferenceLoss):
             return DPO_LOSSES[self.loss_type].averages_log_probs
         return self.average_log_prob
 
-    def forward(self, policy_hidden, weight, labels, *, ref_hidden=None, ref_weight=None, ref_logps=None,
-                bias=None, ref_bias=None, bco_delta=0.0, cu_seqlens=None) -> DPOOutput:
+    def forward(self, policy_hidden: Tensor, weight: Tensor, labels: Tensor, *, ref_hidden: Tensor | None = None,
+                ref_weight: Tensor | None = None, ref_logps: Tensor | None = None, bias: Tensor | None = None,
+                ref_bias: Tensor | None = None, bco_delta: float | Tensor = 0.0,
+                cu_seqlens: Tensor | None = None) -> DPOOutput:
         batch = _check_batch(policy_hidden, labels, cu_seqlens)
         _check_head_pass("policy_hidden", policy_hidden, "weight", weight, "bias", bias)
         with _layout_errors_first(batch):
