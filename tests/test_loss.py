@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 from collections import defaultdict
 from types import SimpleNamespace
 
@@ -265,7 +264,7 @@ def test_kto_kl_clamps_and_detaches(seed):
     assert not out.kl.requires_grad
 
 
-def test_kto_kl_weighted_across_ranks():
+def test_kto_kl_weighted_across_ranks(tmp_path):
     """Two gloo processes with 1 and 3 KL pairs: z0 is the mean over all 4 pairs (not the mean of the two rank
     means); a negative global mean is clamped; a rank with no pair still takes part."""
     torch.manual_seed(int.from_bytes(os.urandom(4), "little"))
@@ -274,12 +273,11 @@ def test_kto_kl_weighted_across_ranks():
     neg = (torch.full((2,), -1.0, dtype=torch.float64), torch.zeros(2, dtype=torch.float64))
     empty = (torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.float64))
     payload = {0: [a, neg, empty], 1: [b, neg, (torch.tensor([1.5], dtype=torch.float64), torch.zeros(1))]}
-    with socket.socket() as s:  # a free port for the rendezvous
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    # a file rendezvous: no port to probe, which another program on a shared machine could take before rank 0 binds it
+    init = f"file://{tmp_path / 'rendezvous'}"
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
-    procs = [ctx.Process(target=_kl_worker, args=(rank, 2, port, payload[rank], queue)) for rank in range(2)]
+    procs = [ctx.Process(target=_kl_worker, args=(rank, 2, init, payload[rank], queue)) for rank in range(2)]
     for p in procs:
         p.start()
     for p in procs:
@@ -294,8 +292,8 @@ def test_kto_kl_weighted_across_ranks():
         assert with_empty == pytest.approx(1.5, abs=TOL64)
 
 
-def _kl_worker(rank, world, port, cases, queue):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+def _kl_worker(rank, world, init, cases, queue):
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
         values = [float(L.kto_kl(p, r, process_group=dist.group.WORLD)) for p, r in cases]
         queue.put((rank, values))
