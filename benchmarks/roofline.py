@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import sys
 import time
@@ -438,7 +437,7 @@ def _peer_worker(args) -> int:
     return 0
 
 
-def measure(shape: Shape, budget_mib: float, methods: list[str], device=None, dtype=None, repeats=3,
+def measure(shape: Shape, budget_mib: float, methods: list[str], device=None, dtype=None, repeats=3,  # noqa: C901
             sink=None, isolate_peers: bool = False, peer_timeout: float = 150,
             input_kinds=("random", "realistic"), cost_model: bool = True) -> dict:
     """Every measurement of one shape; a step or method that fails or cannot run is recorded, not raised.
@@ -697,7 +696,7 @@ def sweep(shapes: list[Shape], device, dtype, repeats=3, sink=None, configs=None
                     if kernel == "fwd":
                         fwd = fl.logprob_fwd(a, b, None, None, labels, softcap=shape.softcap)
                         row["ms"] = clock.time_ms(lambda: fl.logprob_fwd(
-                            a, b, None, None, labels, softcap=shape.softcap), repeats)
+                            a, b, None, None, labels, softcap=shape.softcap), repeats)  # noqa: F821 (del a, b below)
                         if cfg == cfgs[0]:
                             lse = fwd[0] + fwd[1].log()
                     else:
@@ -707,7 +706,8 @@ def sweep(shapes: list[Shape], device, dtype, repeats=3, sink=None, configs=None
                             lse = fwd[0] + fwd[1].log()
                             fl._GPU_CONFIGS[(kernel, width)] = fl.KernelConfig(*cfg)
                         row["backward_ms"] = clock.time_ms(lambda: fl.logprob_bwd(
-                            a, b, None, None, labels, lse, grad, softcap=shape.softcap, need_bias=False), repeats)
+                            a, b, None, None, labels, lse, grad, softcap=shape.softcap, need_bias=False),  # noqa: F821
+                            repeats)
                 except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory: recorded
                     row["error"] = f"{type(exc).__name__}: {exc}"[:300]
                 finally:

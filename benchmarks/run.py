@@ -109,7 +109,7 @@ def machine_info(device: torch.device) -> dict:
 
 # ------------------------------------------------------------------------------------------------ jobs
 
-def plan_jobs(args, device: torch.device, profile: dict) -> tuple[list[dict], list[dict]]:
+def plan_jobs(args, device: torch.device, profile: dict) -> tuple[list[dict], list[dict]]:  # noqa: C901 - planning to split (issue 24)
     """(jobs to run, skipped methods with their reasons). A job is a worker spec."""
     base = {"dtype": args.dtype or profile["dtype"], "device": str(device), "seed": args.seed, "allocator": True}
 
@@ -309,7 +309,7 @@ def targets(rows: list[dict], device: torch.device, busy: int = 0) -> list[dict]
     return out
 
 
-def print_report(console, rows, skipped, target_rows, machine):
+def print_report(console, rows, skipped, target_rows, machine):  # noqa: C901 - to move to a report module (issue 24)
     from rich.table import Table
 
     groups = []

@@ -143,10 +143,9 @@ def _register_attention() -> None:
 
 def build(cfg, mesh, *, checkpointing: bool, trainable: bool = True):
     """The model on fake tensors, ``fully_shard`` per layer, the backbone, the head (untied) and the root."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     from transformers import AutoModelForCausalLM
-
-    from torch._subclasses.fake_tensor import unset_fake_temporarily
 
     _register_attention()
     # built and sharded on the meta device outside the fake mode (transformers' constructors make real scalar
@@ -733,7 +732,7 @@ def report(curves: list[dict], out_dir) -> str:
     lines += ["", "Every simulated point (GB = 1e9 bytes per GPU, before the overhead):", "",
               "| model | head | tokens per GPU | peak | phase of the peak | params | grads | optimizer | FSDP buffers "
               "| activations | loss head |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for (model, world), cs in by_model.items():
+    for (model, _world), cs in by_model.items():
         for c in cs:
             for p in c["points"]:
                 b = p["breakdown_gb"]

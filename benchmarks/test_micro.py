@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from benchmarks import peers
-from benchmarks.workloads import HeadShape, SHAPES, _primitive_fn, make_weight, primitive_inputs
+from benchmarks.workloads import SHAPES, HeadShape, _primitive_fn, make_weight, primitive_inputs
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32

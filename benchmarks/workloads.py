@@ -18,8 +18,8 @@ masking    "none": every position scored; "real": the prompt / completion / padd
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 

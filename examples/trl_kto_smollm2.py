@@ -23,9 +23,9 @@ import argparse
 import copy
 import importlib.util
 import json
+import os
 import random
 import sys
-import os
 import tempfile
 import time
 from pathlib import Path

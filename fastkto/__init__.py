@@ -3,7 +3,8 @@
 from .data import shift_labels
 from .labels import completion_logps
 from .logprob import TOKEN_FIELDS, fused_logprobs, sequence_logps, token_stats
-from .loss import DPOLoss, KTOLoss, dpo_loss, kto_kl, kto_loss, suggest_kto_weights
+from .loss import dpo_loss, kto_kl, kto_loss, suggest_kto_weights
+from .modules import DPOLoss, KTOLoss
 
 __version__ = "0.1.0"
 __all__ = [

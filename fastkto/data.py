@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from . import packing
+from ._checks import check_count, check_int
 
 __all__ = [
     "HUMAN",
@@ -367,8 +368,7 @@ def shift_labels(input_ids: torch.Tensor, completion_mask: torch.Tensor, *, igno
     if not isinstance(completion_mask, torch.Tensor) or tuple(completion_mask.shape) != tuple(input_ids.shape):
         got = tuple(completion_mask.shape) if isinstance(completion_mask, torch.Tensor) else type(completion_mask)
         raise ValueError(f"completion_mask must have input_ids' shape {tuple(input_ids.shape)}, got {got}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    check_int("ignore_index", ignore_index)
     labels = torch.full(input_ids.shape, ignore_index, dtype=torch.long, device=input_ids.device)
     scored = completion_mask[:, 1:].to(device=input_ids.device) != 0
     labels[:, :-1] = torch.where(scored, input_ids[:, 1:].long(), ignore_index)
@@ -376,13 +376,6 @@ def shift_labels(input_ids: torch.Tensor, completion_mask: torch.Tensor, *, igno
 
 
 # ------------------------------------------------------------------------------------------------------- collation
-def _check_length(name: str, value) -> None:
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int or None, got {value!r}")
-
-
 @dataclass
 class _Truncation:
     """Shared sequence building: truncation, the shift, padding."""
@@ -398,9 +391,9 @@ class _Truncation:
             hint = (" (the tokenizer has no pad token: pass pad_token_id=tokenizer.eos_token_id; padded positions "
                     "are masked out of attention and labels, so EOS is safe)") if self.pad_token_id is None else ""
             raise TypeError(f"pad_token_id must be an int, got {self.pad_token_id!r}{hint}")
-        _check_length("max_length", self.max_length)
-        _check_length("max_prompt_length", self.max_prompt_length)
-        _check_length("pad_to_multiple_of", self.pad_to_multiple_of)
+        check_count("max_length", self.max_length, optional=True)
+        check_count("max_prompt_length", self.max_prompt_length, optional=True)
+        check_count("pad_to_multiple_of", self.pad_to_multiple_of, optional=True)
         if self.max_length is not None and self.max_length < 2:
             raise ValueError(
                 f"max_length must be >= 2 (one prompt token and one completion token), got {self.max_length}"
@@ -576,9 +569,8 @@ class TokenBudgetSampler(torch.utils.data.Sampler):
     def __init__(self, lengths: Sequence[int], max_tokens: int, *, shuffle: bool = True, seed: int = 0,
                  min_rows: int = 1, drop_last: bool = False):
         lengths = [int(n) for n in lengths]
-        for name, value in (("max_tokens", max_tokens), ("min_rows", min_rows)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        check_count("max_tokens", max_tokens)
+        check_count("min_rows", min_rows)
         if any(n < 1 for n in lengths):
             raise ValueError("lengths must all be >= 1 (an example takes at least one token)")
         if len(lengths) < min_rows:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from ._checks import shape_of
 from .value_checks import ValueChecks, host_reads_allowed
 
 __all__ = [
@@ -28,10 +29,6 @@ __all__ = [
 ]
 
 _INT_DTYPES = (torch.int32, torch.int64)
-
-
-def _shape(t) -> str:
-    return str(tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__
 
 
 def check_cu_seqlens(cu_seqlens, total: int, *, device: torch.device | None = None, name: str = "cu_seqlens",
@@ -68,7 +65,7 @@ def cu_seqlens_lengths(cu_seqlens, total: int, *, device: torch.device | None = 
         raise TypeError(f"{name} must be int32 or int64 (flash-attention's cu_seqlens), got {cu_seqlens.dtype}")
     if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 1:
         raise ValueError(f"{name} must have shape (S + 1,): 0, then the running total of the S sequence lengths; "
-                         f"got {_shape(cu_seqlens)}")
+                         f"got {shape_of(cu_seqlens)}")
     if device is not None and cu_seqlens.device != torch.device(device):
         raise ValueError(f"{name} is on {cu_seqlens.device} but {tokens_name} is on {device}: move it there "
                          f"({name}.to({str(device)!r}))")
@@ -116,7 +113,7 @@ def cu_seqlens_from_lengths(lengths, *, device: torch.device | str | None = None
     """(S + 1,) cu_seqlens of sequences of the given lengths (a list of ints or an integer tensor)."""
     lengths = torch.as_tensor(lengths, device=device)
     if lengths.dtype.is_floating_point or lengths.dtype == torch.bool or lengths.dim() != 1:
-        raise ValueError(f"lengths must be a 1-d sequence of ints, got {_shape(lengths)} {lengths.dtype}")
+        raise ValueError(f"lengths must be a 1-d sequence of ints, got {shape_of(lengths)} {lengths.dtype}")
     if bool((lengths < 0).any()):
         raise ValueError("lengths must be >= 0")
     out = torch.zeros(lengths.shape[0] + 1, dtype=dtype, device=lengths.device)
@@ -137,12 +134,12 @@ def cu_seqlens_from_position_ids(position_ids: torch.Tensor, *, dtype: torch.dty
     """
     if not isinstance(position_ids, torch.Tensor) or position_ids.dtype.is_floating_point \
             or position_ids.dtype == torch.bool:
-        raise TypeError(f"position_ids must be an integer tensor, got {_shape(position_ids)}")
+        raise TypeError(f"position_ids must be an integer tensor, got {shape_of(position_ids)}")
     if position_ids.dim() == 2 and position_ids.shape[0] == 1:
         position_ids = position_ids[0]
     if position_ids.dim() != 1:
         raise ValueError(f"position_ids of a packed batch must have shape (T_total,) or (1, T_total), got "
-                         f"{_shape(position_ids)}")
+                         f"{shape_of(position_ids)}")
     pos = position_ids.long()
     if pos.numel() == 0:
         return torch.zeros(1, dtype=dtype, device=pos.device)
@@ -213,14 +210,14 @@ def pack_padded(attention_mask: torch.Tensor, *tensors: torch.Tensor):
         Labels shifted within the padded rows (``fastkto.shift_labels``) stay aligned: no shift crosses a row.
     """
     if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
-        raise ValueError(f"attention_mask must be a (B, T) tensor, got {_shape(attention_mask)}")
+        raise ValueError(f"attention_mask must be a (B, T) tensor, got {shape_of(attention_mask)}")
     keep = attention_mask != 0
     lengths = keep.sum(1)
     if not bool((keep == _padded_mask(lengths, keep.shape[1])).all()):
         raise ValueError("attention_mask must be right-padded (each row's ones first, then zeros) to be packed")
     for i, t in enumerate(tensors):
         if not isinstance(t, torch.Tensor) or tuple(t.shape[:2]) != tuple(keep.shape):
-            raise ValueError(f"tensor {i} must have attention_mask's (B, T) = {tuple(keep.shape)}, got {_shape(t)}")
+            raise ValueError(f"tensor {i} must have attention_mask's (B, T) = {tuple(keep.shape)}, got {shape_of(t)}")
     cu = cu_seqlens_from_lengths(lengths)
     pos = position_ids_from_cu_seqlens(cu)[None]
     return (cu, pos, *(t[keep][None] for t in tensors))

@@ -25,10 +25,10 @@ def host_reads_allowed(*tensors) -> bool:
 class ValueChecks:
     """Checks on tensor values, gathered from every pass of a call and read with one host sync.
 
-    ``add(facts, ok, message, read)`` registers 0-d integer tensors (``facts``), a 0-d bool tensor that is True when they
-    pass (``ok``; asserted on the device with ``message`` while Dynamo traces; None for a check that only warns) and ``read(values)``, which raises the
-    check's named error or returns what the caller needs from the values (None where they were not read). ``run``
-    makes the one sync and returns the ``read`` results in order.
+    ``add(facts, ok, message, read)`` registers 0-d integer tensors (``facts``), a 0-d bool tensor that is True when
+    they pass (``ok``; asserted on the device with ``message`` while Dynamo traces; None for a check that only warns)
+    and ``read(values)``, which raises the check's named error or returns what the caller needs from the values (None
+    where they were not read). ``run`` makes the one sync and returns the ``read`` results in order.
     """
 
     def __init__(self, *tensors):

@@ -34,3 +34,41 @@ def seed():
     value = int.from_bytes(os.urandom(4), "little")
     torch.manual_seed(value)
     return value
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _each_gguf_file_parsed_once():
+    """Two pure, read-only steps of loading a GGUF model dominate the suite's SmolLM2 loads on 2 cores, and
+    transformers repeats them on every load: parsing the file's header (``gguf.GGUFReader``: about 300k fields, the
+    tokenizer's vocabulary and merges; twice per model, for the config and the weights, and once per tokenizer) and
+    building the GGUF tensor-name map (``gguf.get_tensor_name_map``: once per submodule, 397 times for SmolLM2, all
+    equal). Within this process each is made once per file (keyed by path and modification time) or per
+    (architecture, layers) and reused, read-only (the reader memory-maps the file). Every load still runs all of
+    transformers' conversion, dequantization and weight loading. Subprocesses load as usual."""
+    try:
+        import gguf
+    except ImportError:
+        yield
+        return
+    original_reader, original_name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    readers: dict = {}
+    name_maps: dict = {}
+
+    def reader(path, mode="r"):
+        if mode != "r":
+            return original_reader(path, mode)
+        key = (os.path.realpath(path), os.stat(path).st_mtime_ns)
+        if key not in readers:
+            readers[key] = original_reader(path, mode)
+        return readers[key]
+
+    def name_map(arch, n_blocks):
+        if (arch, n_blocks) not in name_maps:
+            name_maps[arch, n_blocks] = original_name_map(arch, n_blocks)
+        return name_maps[arch, n_blocks]
+
+    gguf.GGUFReader, gguf.get_tensor_name_map = reader, name_map
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = original_reader, original_name_map

@@ -373,44 +373,41 @@ def test_module_forward_swap_restores_an_instance_forward():
     assert vars(module)["forward"] is wrapper
 
 
-def _zero3_trl_run(which: str, tmp_path) -> list[dict]:
-    """Two processes (gloo on 127.0.0.1) training with ``which`` under DeepSpeed ZeRO-3; rank 0's log history."""
+def _zero3_trl_runs(tmp_path, *which: str) -> list[list[dict]]:
+    """Two processes (gloo on 127.0.0.1) training with each of ``which`` in turn under DeepSpeed ZeRO-3; rank 0's log
+    history of each. One pair of processes for all runs: starting one costs more than a run."""
     import json
     import os
-    import socket
     import subprocess
     import sys
     from pathlib import Path
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     root = Path(__file__).resolve().parent.parent
-    out = tmp_path / f"{which}.json"
+    out = tmp_path / "zero3"
     procs = []
     for rank in range(2):
         env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2",
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
-        procs.append(subprocess.Popen([sys.executable, "-m", "tests.zero3_trl_worker", which, str(out)], cwd=root,
-                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+               "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen([sys.executable, "-m", "tests.zero3_trl_worker", str(tmp_path / "port"),
+                                       str(out), *which], cwd=root, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
     logs = []
     for p in procs:
         try:
-            logs.append(p.communicate(timeout=240)[0])
+            logs.append(p.communicate(timeout=300)[0])
         except subprocess.TimeoutExpired:
             for q in procs:
                 q.kill()
             raise
     assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
-    return json.loads(out.read_text())
+    return [json.loads(Path(f"{out}.{name}.json").read_text()) for name in which]
 
 
 def test_trl_kto_trainer_under_deepspeed_zero3_matches_trl(tmp_path):
     """FastKTOTrainer and TRL's KTOTrainer, each on 2 processes with every parameter ZeRO-3 partitioned (the LM head
     included), log the same losses, rewards, log-probs and gradient norms over two steps."""
     pytest.importorskip("deepspeed", reason="deepspeed is installed by scripts/setup.sh (CI); optional elsewhere")
-    theirs = _zero3_trl_run("trl", tmp_path)
-    ours = _zero3_trl_run("fastkto", tmp_path)
+    theirs, ours = _zero3_trl_runs(tmp_path, "trl", "fastkto")
     steps = [m for m in ours if "loss" in m]
     assert len(steps) == 2 and steps[1]["rewards/margins"] != 0, "the second step must see the first one's update"
     # float32 on both sides; the heads differ in summation order only (as in test_trl_trainer_parity)
@@ -769,7 +766,7 @@ def test_fast_head_returns_every_field_trl_returns_with_its_gradients(seed):
     labels[:, :3] = -100
     kw = dict(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True, output_router_logits=True)
     a, b = theirs(**kw), ours(**kw)
-    for key, value in a.items():
+    for key in a.keys():
         assert b.get(key) is not None, f"{key} is None in fastkto's output but not in TRL's"
     torch.testing.assert_close(b.aux_loss, a.aux_loss, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(b.loss, a.loss, rtol=0, atol=LOGP_ATOL)

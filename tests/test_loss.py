@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 from collections import defaultdict
 from types import SimpleNamespace
 
@@ -25,6 +24,7 @@ import torch.multiprocessing as mp
 
 import fastkto
 from fastkto import loss as L
+from fastkto import modules as M
 from tests.conftest import HAS_CUDA, INTERPRET
 from tests.reference import assert_grads_close, leaf64, make_head, reference_sequence_logps
 
@@ -92,9 +92,33 @@ def random_logps(n, *, requires_grad=False):
     return policy.requires_grad_(requires_grad), ref
 
 
-DPO_CASES = [(kind, 0.0) for kind in L.DPO_LOSS_TYPES if kind != "exo_pair"] + [
+# every row of the table at eps = 0 unless it needs eps > 0, and every type that reads eps at eps > 0
+DPO_CASES = [(kind, 0.0) for kind, row in L.DPO_LOSSES.items() if row.label_smoothing != "required"] + [
     ("sigmoid", 0.1), ("robust", 0.2), ("exo_pair", 1e-3), ("exo_pair", 0.3)
 ]
+
+
+def test_dpo_table_rows_are_documented_tested_and_their_flags_enforced():
+    """Each DPO_LOSSES row documents its formula (in dpo_loss's docstring too), has a case in DPO_CASES (and an eps > 0
+    case when it reads label_smoothing), and its flags are what dpo_loss enforces."""
+    x = [torch.randn(3, dtype=torch.float64) for _ in range(4)]
+    assert L.DPO_LOSS_TYPES == tuple(L.DPO_LOSSES)
+    for kind, row in L.DPO_LOSSES.items():
+        assert row.per_pair.__doc__ and f"        {kind} " in L.dpo_loss.__doc__, kind
+        eps_cases = {eps for k, eps in DPO_CASES if k == kind}
+        assert eps_cases and (row.label_smoothing == "no" or max(eps_cases) > 0), kind
+        if row.label_smoothing == "no":
+            with pytest.raises(ValueError, match=f"loss_type='{kind}' would ignore label_smoothing"):
+                L.dpo_loss(*x, loss_type=kind, label_smoothing=0.1)
+        if row.label_smoothing == "required":
+            with pytest.raises(ValueError, match="needs label_smoothing > 0"):
+                L.dpo_loss(*x, loss_type=kind)
+        if not row.uses_bco_delta:
+            with pytest.raises(ValueError, match="bco_delta is used only by"):
+                L.dpo_loss(*x, loss_type=kind, label_smoothing=0.1 if row.label_smoothing == "required" else 0.0,
+                           bco_delta=0.5)
+        average = L.DPOLoss(loss_type=kind, label_smoothing=0.1 if row.label_smoothing == "required" else 0.0)
+        assert average._average() is row.averages_log_probs
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -107,7 +131,7 @@ def test_dpo_loss_matches_formula(kind, eps, seed):
     pc, rc = random_logps(pairs, requires_grad=True)
     pr, rr = random_logps(pairs, requires_grad=True)
     beta = float(torch.empty(()).uniform_(0.05, 0.5))
-    delta = 0.3 if kind == "bco_pair" else 0.0
+    delta = 0.3 if L.DPO_LOSSES[kind].uses_bco_delta else 0.0
     out = L.dpo_loss(pc, pr, rc, rr, beta=beta, loss_type=kind, label_smoothing=eps, bco_delta=delta)
     want = dpo_formula(kind, pc, pr, rc, rr, beta, eps, delta=delta)
     torch.testing.assert_close(out.losses, want.detach(), rtol=TOL64, atol=TOL64)
@@ -240,7 +264,7 @@ def test_kto_kl_clamps_and_detaches(seed):
     assert not out.kl.requires_grad
 
 
-def test_kto_kl_weighted_across_ranks():
+def test_kto_kl_weighted_across_ranks(tmp_path):
     """Two gloo processes with 1 and 3 KL pairs: z0 is the mean over all 4 pairs (not the mean of the two rank
     means); a negative global mean is clamped; a rank with no pair still takes part."""
     torch.manual_seed(int.from_bytes(os.urandom(4), "little"))
@@ -249,12 +273,11 @@ def test_kto_kl_weighted_across_ranks():
     neg = (torch.full((2,), -1.0, dtype=torch.float64), torch.zeros(2, dtype=torch.float64))
     empty = (torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.float64))
     payload = {0: [a, neg, empty], 1: [b, neg, (torch.tensor([1.5], dtype=torch.float64), torch.zeros(1))]}
-    with socket.socket() as s:  # a free port for the rendezvous
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    # a file rendezvous: no port to probe, which another program on a shared machine could take before rank 0 binds it
+    init = f"file://{tmp_path / 'rendezvous'}"
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
-    procs = [ctx.Process(target=_kl_worker, args=(rank, 2, port, payload[rank], queue)) for rank in range(2)]
+    procs = [ctx.Process(target=_kl_worker, args=(rank, 2, init, payload[rank], queue)) for rank in range(2)]
     for p in procs:
         p.start()
     for p in procs:
@@ -269,8 +292,8 @@ def test_kto_kl_weighted_across_ranks():
         assert with_empty == pytest.approx(1.5, abs=TOL64)
 
 
-def _kl_worker(rank, world, port, cases, queue):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+def _kl_worker(rank, world, init, cases, queue):
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
         values = [float(L.kto_kl(p, r, process_group=dist.group.WORLD)) for p, r in cases]
         queue.put((rank, values))
@@ -579,8 +602,8 @@ def test_reference_and_kl_passes_save_nothing_and_reuse(seed, monkeypatch):
     assert all(t.grad is None for t in others)
 
     calls = []
-    real = L._sequence_logps
-    monkeypatch.setattr(L, "_sequence_logps", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = M._sequence_logps  # the modules' one entry into the primitive
+    monkeypatch.setattr(M, "_sequence_logps", lambda *a, **k: calls.append(1) or real(*a, **k))
     h = hidden.clone().requires_grad_()
     out = loss_fn(h, weight, labels, desirable, ref_hidden=h, kl_hidden=kl_hidden, kl_labels=kl_labels,
                   kl_ref_hidden=kl_hidden)

@@ -4,8 +4,8 @@ tokens against the padded layout and float64 references, the packed collators an
 Tolerances. Per-token log-probs are float32 (each ~1e-6 relative), a sequence sums <= 9 of them (magnitude ~10):
 per-sequence values agree with the float64 reference to ATOL = 5e-5, losses (scaled by beta <= 0.5) likewise, and
 gradients to GRAD_TOL = 1e-4 (tests/reference.py) of the largest reference entry (float32 rounding of accumulated
-sums). Packed and padded layouts of the same float32 rows are compared bitwise where the same numbers go through the same reduction
-(``segment_sums`` against a padded batch's row sums), otherwise to float32 rounding.
+sums). Packed and padded layouts of the same float32 rows are compared bitwise where the same numbers go through the
+same reduction (``segment_sums`` against a padded batch's row sums), otherwise to float32 rounding.
 """
 
 from __future__ import annotations

