@@ -101,10 +101,7 @@ def _forward_splits(shape: Shape) -> int:
     """The forward's vocabulary splits on a 132-SM GPU, by the kernel's own rule."""
     _, fl = _tiles()
     cfg = fl._GPU_CONFIGS[("fwd", "16")]
-    n_tiles = -(-shape.N // cfg.BLOCK_N)
-    occupancy = -(-2 * SMS // n_tiles)
-    l2 = -(-SMS * cfg.BLOCK_N * shape.D * BF16 // fl._L2_H_BYTES)
-    return max(1, min(max(occupancy, l2), -(-shape.V // (4 * cfg.BLOCK_V))))
+    return fl.vocab_splits(shape.V, cfg.BLOCK_V)  # V only: the same splits for any N and any GPU
 
 
 def steps(shape: Shape, budget_mib: float = 128) -> list[dict]:
@@ -500,8 +497,7 @@ def measure(shape: Shape, budget_mib: float, methods: list[str], device=None, dt
         mm, addmm = tiled.fp32_gemm_support(device.type)
         cfg = fl.select_config("fwd", dtype)
         n_tiles = -(-shape.N // cfg.BLOCK_N)
-        splits = fl._auto_splits(n_tiles, shape.V, cfg.BLOCK_V, device, max(1, budget // (20 * shape.N)),
-                                 cfg.BLOCK_N * shape.D * a.element_size())
+        splits = fl.vocab_splits(shape.V, cfg.BLOCK_V)
         result["plan"] = {
             "tile": [n, v], "token_chunks": -(-shape.N // n), "vocab_chunks": -(-shape.V // v),
             "workspace_mib": ws / 2**20, "buffers": sorted(tiled.workspace_buffers(n, v, call, fl.TILES)),

@@ -298,7 +298,9 @@ def token_stats(
     boundaries and the order in which partial results combine depend on V and the options only; CPU calls of
     fewer than 16 tokens are padded, since the CPU's BLAS rounds small products differently); nor does its row of
     the hidden states' gradient (on CUDA this also needs cuBLAS to round a row of the chunk's dH GEMM alike for
-    every row count: checked by the GPU tests, not guaranteed by fastkto). The weight's gradient is a sum over
+    every row count: checked by the GPU tests, not guaranteed by fastkto; on the CPU, for calls so large that the
+    backward's worker threads' (M, D) partial gradients no longer fit the budget, fewer vocabulary shards are
+    used, and the rows then differ in rounding from a smaller call's). The weight's gradient is a sum over
     tokens, so it depends on the batch: it is deterministic (bitwise reproducible for the same batch), not
     batch-invariant.
     """
