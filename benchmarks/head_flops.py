@@ -20,7 +20,6 @@ pairs, the reference, evaluation); (2) one ``FastKTOTrainer`` training step (pol
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import platform
 

@@ -454,7 +454,6 @@ def measure(shape: Shape, budget_mib: float, methods: list[str], device=None, dt
     from fastkto.kernels import fused_logprob as fl
     from fastkto.kernels import tiled
 
-    from . import peers
 
     device = torch.device(device or "cuda")
     dtype = dtype or torch.bfloat16

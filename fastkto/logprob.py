@@ -17,9 +17,10 @@ import torch
 
 from . import distributed as _dist
 from . import ops, packing
-from .value_checks import ValueChecks, host_reads_allowed
+from .value_checks import ValueChecks
 
-__all__ = ["fused_logprobs", "token_stats", "TOKEN_FIELDS", "sequence_logps", "BACKENDS", "triton_available", "resolve_backend"]
+__all__ = ["fused_logprobs", "token_stats", "TOKEN_FIELDS", "sequence_logps", "BACKENDS", "triton_available",
+           "resolve_backend"]
 
 BACKENDS = ("auto", "triton", "torch")
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -70,7 +71,7 @@ def _check_number(name: str, value, *, optional: bool = False) -> None:
         raise ValueError(f"{name} must be a finite number > 0, got {value}")
 
 
-def _check_inputs(hidden, weight, labels, bias, ignore_index, temperature, softcap) -> None:
+def _check_inputs(hidden, weight, labels, bias, ignore_index, temperature, softcap) -> None:  # noqa: C901 - a list
     for name, t in (("hidden", hidden), ("weight", weight), ("labels", labels)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -293,14 +294,15 @@ def token_stats(
 
     Contract. Each field is within float32 rounding of a float64 reference (the sums are taken in float32 in
     max-shifted form: the entropy as log s - a / s with s = sum exp(z - m), a = sum exp(z - m)(z - m), two terms
-    >= 0). Batch invariance: on one device and path, with the same options, workspace budget and (CPU) thread
-    count, a token's outputs do not depend on the other tokens of the call (the vocabulary's split and chunk
-    boundaries and the order in which partial results combine depend on V and the options only; CPU calls of
-    fewer than 16 tokens are padded, since the CPU's BLAS rounds small products differently); nor does its row of
-    the hidden states' gradient (on CUDA this also needs cuBLAS to round a row of the chunk's dH GEMM alike for
-    every row count: checked by the GPU tests, not guaranteed by fastkto; on the CPU, for calls so large that the
-    backward's worker threads' (M, D) partial gradients no longer fit the budget, fewer vocabulary shards are
-    used, and the rows then differ in rounding from a smaller call's). The weight's gradient is a sum over
+    >= 0). Batch invariance: with the same options, workspace budget and (CPU) thread count, a token's outputs
+    do not depend on the other tokens of the call on the CPU (both paths) and on CUDA's Triton path (the
+    vocabulary's split and chunk boundaries and the order in which partial results combine depend on V and the
+    options only; CPU calls of fewer than 16 tokens are padded, since the CPU's BLAS rounds small products
+    differently). On CUDA's PyTorch path they do not hold (cuBLAS computes the logits and picks its kernel by the
+    row count). A token's row of the hidden states' gradient is batch-invariant on the CPU (except for calls so
+    large that the backward's worker threads' (M, D) partial gradients no longer fit the budget: fewer vocabulary
+    shards are then used); on CUDA it is not, since its product is cuBLAS's: on an H200 rows computed 37 at a time
+    differed from the same rows in a call of 8192 by one bf16 rounding (benchmarks/results/h200/, run 2). The weight's gradient is a sum over
     tokens, so it depends on the batch: it is deterministic (bitwise reproducible for the same batch), not
     batch-invariant.
     """

@@ -242,8 +242,9 @@ def workspace_plan_bytes(direction: str, impl: str, device_type: str, tokens: in
 
     direction "forward": Triton, the vocabulary splits' statistics (k x splits x M fp32 for k partials, the split
     count by the kernel's rule, which depends on V only; ``sms`` is kept for the callers) and, with several
-    splits, the merge's temporaries; PyTorch, the forward tile buffers. ``stats``: the token statistics level. "backward": the tile loop's workspace (``tiled.workspace_buffers`` of the plan
-    ``tiled.plan_tiles`` makes), on the CPU for each worker thread, with the workers' (M, D) fp32 partials.
+    splits, the merge's temporaries; PyTorch, the forward tile buffers. ``stats``: the token statistics level.
+    "backward": the tile loop's workspace (``tiled.workspace_buffers`` of the plan ``tiled.plan_tiles`` makes),
+    on the CPU for each worker thread, with the workers' (M, D) fp32 partials.
     ``tokens`` is M (scored rows); the per-token vectors and the outputs are not included. Assumes CUDA has the
     fp32-accumulating 16-bit GEMMs (recent torch), as ``benchmarks/roofline.py`` does."""
     from .kernels import tiled

@@ -25,9 +25,8 @@ def test_adapter_head_costs_one_pass_per_call():
 
 
 def test_the_counter_sees_products_inside_operators():
-    from benchmarks.head_flops import HeadFlops
-
     import fastkto
+    from benchmarks.head_flops import HeadFlops
 
     h, w = torch.randn(24, 16, requires_grad=True), torch.randn(40, 16, requires_grad=True)
     y = torch.randint(0, 40, (24,))

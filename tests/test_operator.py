@@ -16,13 +16,13 @@ import shutil
 
 import pytest
 import torch
+from reference import GRAD_TOL, assert_grads_close, make_head
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastkto
 from fastkto import ops
 from fastkto.loss import DPOLoss, KTOLoss
 from fastkto.packing import cu_seqlens_from_lengths
-from reference import GRAD_TOL, assert_grads_close, make_head
 
 # lift_fresh: a tensor made from host values (torch.tensor, new_tensor, as_tensor); on a GPU that is a copy from
 # the host, which waits for the stream (the H200 run found two such syncs in kto_loss that this counter missed)
@@ -156,7 +156,8 @@ def test_operators_pass_opcheck(seed):
     n_scored = int((flat != -100).sum())
     all_ignored = torch.full_like(flat, -100)
     column_major = h2.T.contiguous().T  # a permuted layout: the gradients come back contiguous, as the fake says
-    cases = [(h2, flat, n_scored, bias), (h2, flat, -1, None), (h2, torch.randint(0, 50, flat.shape), flat.numel(), bias),
+    cases = [(h2, flat, n_scored, bias), (h2, flat, -1, None),
+             (h2, torch.randint(0, 50, flat.shape), flat.numel(), bias),
              (h2, all_ignored, 0, bias), (h2[:0], flat[:0], 0, bias), (column_major, flat, n_scored, None),
              (column_major, torch.randint(0, 50, flat.shape), flat.numel(), bias)]
     for h, y, scored, b in cases:

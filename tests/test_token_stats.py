@@ -257,12 +257,24 @@ def _invariance_runs(backend, workspace_bytes, sizes_seed_pool=70):
 def test_outputs_are_bitwise_batch_invariant(backend, workspace_bytes, seed):
     """A token's log-prob, statistics and row of the hidden gradient are bitwise the same whatever other tokens
     share the call, and in whatever order. The weight's gradient sums over the batch, so it is only deterministic
-    (checked by a repeat)."""
+    (checked by a repeat). On CUDA the contract is narrower (an H200 showed it: benchmarks/results/h200/ run 2):
+    the Triton forward's fields are bitwise, the hidden gradient's rows (cuBLAS's dH GEMM) within its rounding,
+    and the PyTorch path (cuBLAS logits) within rounding throughout."""
     (full, d_full, dw_full), subsets, (_, _, dw_again) = _invariance_runs(backend, workspace_bytes)
+    cuda = torch.device(DEVICE).type == "cuda"
+    fields_bitwise, rows_bitwise = not cuda or backend == "triton", not cuda
     for idx, (got, d_hidden, _) in subsets:
         for name in FIELDS:
-            assert torch.equal(got[name], full[name][idx]), (idx.numel(), name)
-        assert torch.equal(d_hidden, d_full[idx]), (idx.numel(), (d_hidden - d_full[idx]).abs().max().item())
+            if fields_bitwise:
+                assert torch.equal(got[name], full[name][idx]), (idx.numel(), name)
+            elif got[name].dtype != torch.bool:  # (a near-tie's top-1 may flip with the logits' rounding)
+                torch.testing.assert_close(got[name], full[name][idx], rtol=1e-5, atol=1e-5, msg=name)
+        if rows_bitwise:
+            assert torch.equal(d_hidden, d_full[idx]), (idx.numel(), (d_hidden - d_full[idx]).abs().max().item())
+        else:  # one rounding of the gradient's dtype, relative to the row's largest entry
+            scale = d_full[idx].abs().amax(-1, keepdim=True).float()
+            err = ((d_hidden - d_full[idx]).abs().float() / scale).max().item()
+            assert err <= 2 * torch.finfo(d_hidden.dtype).eps, (idx.numel(), err)
     assert torch.equal(dw_again, dw_full)
 
 

@@ -54,8 +54,15 @@ except ImportError as err:  # pragma: no cover - exercised only without trl
     raise ImportError("fastkto.integrations.trl needs TRL >= 1.16: pip install 'trl>=1.16'") from err
 
 from ..packing import pack_padded
-from .transformers import (_as_module_forward, _backbone_module, _is_partitioned, _unwrap, backbone_outputs, get_lm_head,
-                           use_varlen_sdpa)
+from .transformers import (
+    _as_module_forward,
+    _backbone_module,
+    _is_partitioned,
+    _unwrap,
+    backbone_outputs,
+    get_lm_head,
+    use_varlen_sdpa,
+)
 
 __all__ = ["add_fastkto_lm_head", "head_token_stats", "FastKTOTrainer", "FastDPOTrainer", "METRIC_FIELDS"]
 
@@ -111,7 +118,7 @@ def _metric_fields(head, hidden, labels, mask, fields, workspace_bytes=None):
     return head_token_stats(head, hidden, labels, tuple(fields))
 
 
-def add_fastkto_lm_head(
+def add_fastkto_lm_head(  # noqa: C901 - one installer per field set; issue 24 names its closure for a split
     model: torch.nn.Module,
     temperature: float = 1.0,
     cast_lm_head_to_fp32: bool = False,
@@ -262,7 +269,7 @@ def _router_aux_loss(model, text_config, backbone_out, attention_mask):
         )
     num_experts = getattr(text_config, "num_experts", None)
     if num_experts is None:  # gpt-oss names it num_local_experts (transformers < 5.6 had no alias)
-        num_experts = getattr(text_config, "num_local_experts", None) or getattr(model, "num_experts")
+        num_experts = getattr(text_config, "num_local_experts", None) or model.num_experts
     return load_balancing_loss_func(router_logits, num_experts, text_config.num_experts_per_tok, attention_mask)
 
 

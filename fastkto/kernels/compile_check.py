@@ -62,9 +62,9 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-__all__ = ["Case", "Result", "cases", "stats_cases", "compile_case", "run_checks", "problems", "expected_mma", "parse_res_usage",
-           "tensor_core_ops", "format_table", "summary", "main", "KERNELS", "DTYPES", "TARGETS", "SHARED_LIMIT",
-           "MAX_REGISTERS"]
+__all__ = ["Case", "Result", "cases", "stats_cases", "compile_case", "run_checks", "problems", "expected_mma",
+           "parse_res_usage", "tensor_core_ops", "format_table", "summary", "main", "KERNELS", "DTYPES", "TARGETS",
+           "SHARED_LIMIT", "MAX_REGISTERS"]
 
 TARGETS = (80, 90)
 # the largest shared memory one block may opt in to (cudaFuncAttributeMaxDynamicSharedMemorySize), in bytes

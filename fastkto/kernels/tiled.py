@@ -32,12 +32,12 @@ bitwise reproducible on one device), so repeated runs agree bitwise.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
-import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -70,7 +70,7 @@ def default_workspace_bytes(device: torch.device | str = "cpu") -> int:
 # fp32-accumulating GEMMs
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def fp32_gemm_support(device_type: str) -> tuple[bool, bool]:
     """(16-bit mm with an fp32 output, addmm accumulating 16-bit products into an fp32 input) on this device type.
 
@@ -408,7 +408,7 @@ def pad_small_call(hidden, rows, labels, *vectors):
 # The loop
 
 
-def logprob_bwd(
+def logprob_bwd(  # noqa: C901 - the one tile loop: its branches are the documented buffer choices
     maker: TileMaker,
     hidden: torch.Tensor,
     weight: torch.Tensor,

@@ -30,7 +30,6 @@ Nothing of size tokens x vocabulary is ever allocated: the workspace is bounded 
 
 from __future__ import annotations
 
-import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
