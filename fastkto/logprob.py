@@ -303,8 +303,8 @@ def token_stats(
     large that the backward's worker threads' (M, D) partial gradients no longer fit the budget: fewer vocabulary
     shards are then used); on CUDA it is not, since its product is cuBLAS's: on an H200 rows computed 37 at a time
     differed from the same rows in a call of 8192 by one bf16 rounding (benchmarks/results/h200/, run 2).
-    The weight's gradient is a sum over tokens, so it depends on the batch: it is deterministic (bitwise reproducible for the same batch), not
-    batch-invariant.
+    The weight's gradient is a sum over tokens, so it depends on the batch: it is deterministic (bitwise
+    reproducible for the same batch), not batch-invariant.
     """
     from .kernels import stats as st
 
