@@ -491,7 +491,8 @@ def summarize(out: Path) -> dict:
         for name, rows in seeds.items():
             evals = [r for r in rows if "eval/rewards/margins" in r]
             last = evals[-1]
-            per_seed[name] = {"step": last["step"], **{k: last[k] for k in EVAL_KEYS},
+            latest = {k: next((r[k] for r in reversed(evals) if k in r), None) for k in EVAL_KEYS}
+            per_seed[name] = {"step": last["step"], **latest,
                               "train_kl_mean": _mean([r.get("train/kl") for r in rows if r["step"] > 0]),
                               "tokens_seen": rows[-1].get("tokens_seen"),
                               "step_seconds_median": _median([r["step_seconds"] for r in rows if r["step"] > 0])}
@@ -516,6 +517,8 @@ def _median(xs):
     return xs[len(xs) // 2] if xs else None
 
 
+SHORT = {"dpo": "DPO", "kto": "KTO", "kto_z0_zero": "KTO z0=0", "kto_imbalanced_weighted": "KTO 10% D\nweighted",
+         "kto_imbalanced_unweighted": "KTO 10% D\nunweighted"}
 COLORS = {"dpo": "tab:blue", "kto": "tab:orange", "kto_z0_zero": "tab:green",
           "kto_imbalanced_weighted": "tab:red", "kto_imbalanced_unweighted": "tab:purple"}
 
@@ -559,7 +562,50 @@ def plot(out: Path) -> list[Path]:
     curves_png = out / "curves.png"
     fig.savefig(curves_png, dpi=100)
     plt.close(fig)
-    return [curves_png]
+
+    # the final evaluation of every seed, one dot per seed, the mean as a bar
+    summary = summarize(out)
+    keys = [("eval/rewards/accuracies", "pair accuracy"), ("eval/rewards/margins", "reward margin"),
+            ("eval/kl_heldout", "KL(pi || pi_ref)"), ("eval/eos_logratio", "EOS log-ratio")]
+    fig, axes = plt.subplots(1, len(keys), figsize=(18, 4.2), constrained_layout=True)
+    arms = list(summary)
+    for ax, (key, title) in zip(axes, keys):
+        for x, arm in enumerate(arms):
+            vals = [v[key] for v in summary[arm]["seeds"].values() if v.get(key) is not None]
+            if not vals:
+                continue
+            ax.bar(x, sum(vals) / len(vals), color=COLORS[arm], alpha=0.5)
+            ax.plot([x] * len(vals), vals, "k.", ms=7)
+        ax.set_xticks(range(len(arms)), [SHORT.get(a, a) for a in arms], fontsize=8)
+        ax.axhline(0.5 if "accuracies" in key else 0.0, color="gray", lw=0.5)
+        ax.set_title(title)
+    steps = max(v["step"] for s in summary.values() for v in s["seeds"].values())
+    fig.suptitle(f"held-out values at the last evaluation (step {steps}): bar = mean over seeds, dots = seeds")
+    final_png = out / "final.png"
+    fig.savefig(final_png, dpi=100)
+    plt.close(fig)
+    return [curves_png, final_png]
+
+
+def table(out: Path) -> str:
+    """Markdown table of the last evaluation per arm: mean over seeds [min, max]; written to OUT/summary.md."""
+    summary = summarize(out)
+    keys = [("eval/rewards/accuracies", "accuracy", 3), ("eval/rewards/margins", "margin", 3),
+            ("eval/logratio_chosen", "logratio chosen", 2), ("eval/logratio_rejected", "logratio rejected", 2),
+            ("eval/kl_heldout", "KL", 3), ("eval/eos_logratio", "EOS logratio", 3), ("eval/gen_len", "gen len", 1),
+            ("eval/gen_capped", "capped", 2), ("train_kl_mean", "mean z0 (train)", 3)]
+    lines = ["| arm | seeds | step | " + " | ".join(k[1] for k in keys) + " |",
+             "|---|---:|---:|" + "---:|" * len(keys)]
+    for arm, s in summary.items():
+        step = min(v["step"] for v in s["seeds"].values())
+        cells = []
+        for key, _, nd in keys:
+            st = s["stats"].get(key)
+            cells.append("-" if st is None else f"{st['mean']:+.{nd}f} [{st['min']:+.{nd}f}, {st['max']:+.{nd}f}]")
+        lines.append(f"| {arm} | {len(s['seeds'])} | {step} | " + " | ".join(cells) + " |")
+    text = "\n".join(lines) + "\n"
+    (out / "summary.md").write_text(text)
+    return text
 
 
 # ---------------------------------------------------------------------------------------------------------- main
@@ -567,9 +613,9 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     out = Path(args.out)
     if args.plot_only:
-        summary = summarize(out)
         plot(out)
-        return summary
+        print(table(out))
+        return summarize(out)
     torch.set_num_threads(args.threads)
     torch.use_deterministic_algorithms(True)
     out.mkdir(parents=True, exist_ok=True)
@@ -630,6 +676,7 @@ def main(argv=None) -> dict:
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     summary = summarize(out)
     plot(out)
+    table(out)
     print(json.dumps({arm: {k: round(v["mean"], 4) for k, v in s["stats"].items()} for arm, s in summary.items()},
                      indent=1))
     print(f"total {time.time() - t0:.0f} s; logs in {out}")
