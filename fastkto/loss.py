@@ -557,18 +557,26 @@ def dpo_loss(
         )
 
 
-def suggest_kto_weights(n_desirable: int, n_undesirable: int, *, ratio: float = 1.0) -> tuple[float, float]:
+KTO_WEIGHT_RULES = {"early": 4.0 / 3.0, "later": 1.5}
+
+
+def suggest_kto_weights(n_desirable: int, n_undesirable: int, *, ratio: float = 1.0,
+                        rule: str = "early") -> tuple[float, float]:
     """Class weights (desirable_weight, undesirable_weight) for imbalanced KTO data.
 
-    The KTO paper (Eq. 8, as TRL cites it) recommends lambda_D n_D / (lambda_U n_U) in [1, 4/3]: the desirable side's
-    total weight should match, or slightly exceed, the undesirable side's. This returns weights meeting
-    lambda_D n_D / (lambda_U n_U) = ``ratio`` exactly, keeping the larger class at weight 1 and up-weighting the
-    smaller one (so a balanced dataset with ratio=1 gives (1.0, 1.0), TRL's defaults). E.g. 1,000 desirable and
-    10,000 undesirable examples give (10.0, 1.0); with ratio=4/3, (13.33, 1.0).
+    The KTO paper's imbalance rule (Eq. 8) asks that the desirable side's total weight match, or slightly exceed,
+    the undesirable side's: lambda_D n_D / (lambda_U n_U) in [1, c]. The upper end c changed between versions of
+    the paper: ``rule="early"`` (the default) follows the early text, c = 4/3, which is the range TRL's KTO docs
+    quote; ``rule="later"`` follows the later versions, c = 3/2. The two agree on ``ratio`` in [1, 4/3], so the
+    version only matters for a ratio above 4/3. This returns weights meeting lambda_D n_D / (lambda_U n_U) =
+    ``ratio`` exactly, keeping the larger class at weight 1 and up-weighting the smaller one (so a balanced dataset
+    with ratio=1 gives (1.0, 1.0), TRL's defaults). E.g. 1,000 desirable and 10,000 undesirable examples give
+    (10.0, 1.0); with ratio=4/3, (13.33, 1.0); with ratio=3/2 and rule="later", (15.0, 1.0).
 
     Args:
         n_desirable, n_undesirable: counts of desirable / undesirable examples in the training set (ints >= 1).
-        ratio: the target lambda_D n_D / (lambda_U n_U), in [1, 4/3].
+        ratio: the target lambda_D n_D / (lambda_U n_U), in [1, 4/3] ("early") or [1, 3/2] ("later").
+        rule: which version of the paper's range to check ``ratio`` against: "early" or "later".
 
     Returns:
         (desirable_weight, undesirable_weight) as floats, to pass to ``kto_loss`` / ``KTOLoss``.
@@ -578,9 +586,13 @@ def suggest_kto_weights(n_desirable: int, n_undesirable: int, *, ratio: float = 
             raise TypeError(f"{name} must be an int count, got {type(value).__name__}")
         if value < 1:
             raise ValueError(f"{name} must be >= 1 (a class with no example needs no weight), got {value}")
+    if rule not in KTO_WEIGHT_RULES:
+        raise ValueError(f"rule must be 'early' (ratio in [1, 4/3]) or 'later' (ratio in [1, 3/2]), got {rule!r}")
     ratio = check_positive("ratio", ratio)
-    if not 1.0 <= ratio <= 4.0 / 3.0 + 1e-12:
-        raise ValueError(f"ratio must lie in [1, 4/3] (the KTO paper's range), got {ratio}")
+    upper = KTO_WEIGHT_RULES[rule]
+    if not 1.0 <= ratio <= upper + 1e-12:
+        bound = "4/3" if rule == "early" else "3/2"
+        raise ValueError(f"ratio must lie in [1, {bound}] (the KTO paper's {rule} range), got {ratio}")
     if n_desirable <= n_undesirable * ratio:
         return ratio * n_undesirable / n_desirable, 1.0
     return 1.0, n_desirable / (ratio * n_undesirable)

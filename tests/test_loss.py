@@ -317,6 +317,20 @@ def test_suggest_kto_weights():
         L.suggest_kto_weights(10.0, 3)
 
 
+def test_suggest_kto_weights_paper_versions():
+    """The early rule (ratio in [1, 4/3], TRL's docs) is the default; the later one (ratio in [1, 3/2]) on request."""
+    with pytest.raises(ValueError, match=r"\[1, 4/3\].*early"):
+        L.suggest_kto_weights(1000, 10000, ratio=1.5)
+    assert L.suggest_kto_weights(1000, 10000, ratio=1.5, rule="later") == pytest.approx((15.0, 1.0), rel=1e-12)
+    assert L.suggest_kto_weights(10000, 1000, ratio=1.5, rule="later") == pytest.approx((1.0, 10 / 1.5), rel=1e-12)
+    for ratio in (1.0, 1.25, 4 / 3):  # the versions agree where their ranges overlap
+        assert L.suggest_kto_weights(7, 30, ratio=ratio, rule="later") == L.suggest_kto_weights(7, 30, ratio=ratio)
+    with pytest.raises(ValueError, match=r"\[1, 3/2\].*later"):
+        L.suggest_kto_weights(7, 30, ratio=1.6, rule="later")
+    with pytest.raises(ValueError, match="rule"):
+        L.suggest_kto_weights(7, 30, rule="v2")
+
+
 try:
     from hypothesis import given, settings
     from hypothesis import strategies as st
