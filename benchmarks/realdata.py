@@ -186,6 +186,16 @@ def split_summary(split: dict, batch: int = 8, n_batches: int = 200, seed: int =
     }
 
 
+def blocks_below(p: torch.Tensor, threshold: float = 2 ** -12, block: int = 128) -> float | None:
+    """The share of the full ``block`` x ``block`` blocks of probabilities ``p`` (N, V) whose entries all lie below
+    ``threshold``: what Cut Cross-Entropy's gradient filter skips. None when ``p`` holds no full block."""
+    r, c = p.shape[0] // block * block, p.shape[1] // block * block
+    if not (r and c):
+        return None
+    block_max = p[:r, :c].reshape(r // block, block, c // block, block).amax(dim=(1, 3))
+    return float((block_max < threshold).float().mean())
+
+
 def softmax_stats(n_pairs: int = 40, positions: int = 1024, max_tokens: int = 256) -> dict:
     """What a trained model's next-token softmax looks like on this data (SmolLM2-135M-Instruct, fp32, the first
     ``n_pairs`` pairs' prompt + chosen completion, at most ``max_tokens`` tokens each, the first ``positions``
@@ -207,12 +217,9 @@ def softmax_stats(n_pairs: int = 40, positions: int = 1024, max_tokens: int = 25
     z = torch.cat(logits)[:positions]
     logp = torch.log_softmax(z, -1)
     p = logp.exp()
-    r, c = p.shape[0] // 128 * 128, p.shape[1] // 128 * 128
-    block_max = p[:r, :c].reshape(r // 128, 128, c // 128, 128).amax(dim=(1, 3))
     above = (p > 2 ** -12).sum(-1).float()
     return {"positions": int(z.shape[0]), "vocab": int(z.shape[1]), "entropy_nats": float(-(p * logp).sum(-1).mean()),
-            "tokens_above_2^-12_median": float(above.median()), "blocks_below_2^-12": float((block_max < 2 ** -12)
-                                                                                             .float().mean())}
+            "tokens_above_2^-12_median": float(above.median()), "blocks_below_2^-12": blocks_below(p)}
 
 
 if __name__ == "__main__":

@@ -301,6 +301,8 @@ def realistic_inputs(shape: Shape, device, dtype, seed=0, entropy=REAL_ENTROPY, 
     achieved entropy and the share of 128 x 128 probability blocks whose largest entry is below 2^-12."""
     import torch
 
+    from .realdata import blocks_below
+
     g = torch.Generator().manual_seed(seed + 1)
     u = torch.randn(shape.D, generator=g)
     u /= u.norm()
@@ -324,7 +326,7 @@ def realistic_inputs(shape: Shape, device, dtype, seed=0, entropy=REAL_ENTROPY, 
     hidden = (base * hi).to(dtype)
     labels = torch.empty(shape.N, dtype=torch.long, device=device)
     gen = torch.Generator(device=device).manual_seed(seed)
-    blocks_low = blocks = 0
+    below = None
     step = max(1, min(shape.N, (1 << 28) // max(shape.V, 1)))  # about 1 GiB of fp32 probabilities at a time
     for n0 in range(0, shape.N, step):
         z = hidden[n0:n0 + step].float() @ w_dev.float().T
@@ -333,14 +335,11 @@ def realistic_inputs(shape: Shape, device, dtype, seed=0, entropy=REAL_ENTROPY, 
         p = torch.softmax(z, -1)
         labels[n0:n0 + step] = torch.multinomial(p, 1, generator=gen)[:, 0]
         if n0 == 0:  # CCE's filter criterion on the first chunk's full 128 x 128 blocks
-            r, c = p.shape[0] // 128 * 128, p.shape[1] // 128 * 128
-            if r and c:
-                bmax = p[:r, :c].reshape(r // 128, 128, c // 128, 128).amax(dim=(1, 3))
-                blocks, blocks_low = bmax.numel(), int((bmax < 2 ** -12).sum())
+            below = blocks_below(p)
         del z, p
     grad = torch.randn(shape.N, generator=torch.Generator().manual_seed(seed)).to(device)
     stats = {"entropy_nats": _entropy(hidden, w_dev, shape.softcap), "scale": hi,
-             "blocks_below_2^-12": blocks_low / blocks if blocks else None}
+             "blocks_below_2^-12": below}
     return hidden.requires_grad_(), w_dev.requires_grad_(), labels, grad, stats
 
 
