@@ -48,7 +48,9 @@ print(statistics.median(times), fastkto.__file__)
 
 
 def _time(checkout: str, tokens: int, repeats: int) -> float:
-    env = {**os.environ, "PYTHONPATH": str(Path(checkout).resolve())}
+    root = Path(checkout).resolve()
+    # a src/ layout checkout (since the move) or a flat one (older commits)
+    env = {**os.environ, "PYTHONPATH": str(root / "src" if (root / "src" / "fastkto").is_dir() else root)}
     # run from elsewhere: "python -c" puts the working directory (a checkout, maybe) first on sys.path
     out = subprocess.run([sys.executable, "-c", _CHILD, str(tokens), str(repeats)], env=env, check=True, cwd="/",
                          capture_output=True, text=True).stdout.split()

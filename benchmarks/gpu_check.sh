@@ -43,7 +43,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 # fastkto and benchmarks from this checkout, without installing it
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$PWD/src:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # seconds per step, sized on the first H200 run (benchmarks/results/h200/run1: the cost model's steps and the
 # in-process methods took about 25 s a shape, each peer about a minute a shape, the sweep 29 s, the device tests
 # 41 s with 8 workers, the stack check 26 s). Planned: env 10 + wheels 5 + roofline 100 + peers 150 + sweep 40

@@ -10,6 +10,6 @@ cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv-floor}
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q -r scripts/floor-requirements.txt
-TRITON_INTERPRET=0 PYTHONPATH="$PWD" "$VENV/bin/python" -m pytest -q -p no:cacheprovider "$@" \
+TRITON_INTERPRET=0 PYTHONPATH="$PWD/src:$PWD" "$VENV/bin/python" -m pytest -q -p no:cacheprovider "$@" \
     tests/test_logprob.py tests/test_memory.py tests/test_properties.py tests/test_validation.py tests/test_loss.py \
     tests/test_compile.py

@@ -1,5 +1,5 @@
 """Compile checks: every Triton kernel, in every configuration and switch combination the dispatch can launch,
-compiled for sm_80 and sm_90 on a machine without a GPU (``fastkto/kernels/compile_check.py`` does the work and
+compiled for sm_80 and sm_90 on a machine without a GPU (``src/fastkto/kernels/compile_check.py`` does the work and
 documents the checks), with tests that the checks catch what they claim to catch and that the kept report is
 current. One test (marked ``cuda``) confirms on a GPU that a launch runs exactly the PTX the offline check compiled.
 

@@ -843,7 +843,8 @@ def test_example_script_defaults_suit_a_first_run(tmp_path):
 
     root = Path(__file__).resolve().parents[1]
     script = root / "examples" / "train.py"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path), "PYTHONPATH": str(root)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path),
+           "PYTHONPATH": os.pathsep.join((str(root / "src"), str(root)))}
     help_text = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, env=env,
                                check=True).stdout
     options = [line.split()[0] for line in help_text.splitlines() if line.strip().startswith("--")]

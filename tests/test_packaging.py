@@ -96,3 +96,27 @@ def test_python_floor_is_the_tested_one():
     """CI runs Python 3.11 (the README's set-up); 3.10 was declared but never run."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert _version(project["requires-python"])[:2] == (3, 11)
+
+
+def test_a_clone_folder_named_fastkto_does_not_shadow_the_package(tmp_path):
+    """A script beside a clone of this repository (a folder named ``fastkto``) imports the package, not the clone.
+
+    With the flat layout the clone folder (no ``__init__.py`` at its top) was imported as a namespace package ahead
+    of the editable install's finder, and ``fastkto.shift_labels`` raised AttributeError; the ``src/`` layout puts
+    the package one level down, where a folder named after it cannot be mistaken for it.
+    """
+    import os
+    import subprocess
+    import sys
+
+    clone = tmp_path / "fastkto"
+    (clone / "src").mkdir(parents=True)
+    (clone / "README.md").write_text("a clone\n")
+    script = tmp_path / "train.py"
+    script.write_text("import fastkto\nprint(fastkto.shift_labels.__module__, fastkto.__file__)\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert str(clone) not in out.stdout
+    assert Path(out.stdout.split()[-1]).name == "__init__.py"
+    assert (ROOT / "src" / "fastkto" / "__init__.py").is_file() and not (ROOT / "fastkto").exists()

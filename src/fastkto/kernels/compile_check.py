@@ -419,7 +419,7 @@ def _report(results: list[Result], command: str, seconds: float) -> str:
         f"{SHARED_LIMIT[80]} B (163 KiB), sm_90 {SHARED_LIMIT[90]} B (227 KiB). Registers, local memory and stack "
         "come from `cuobjdump -res-usage` (from Triton's wheel); tensor-core instructions are counted in the PTX "
         "(a count of instructions in the unrolled code, not of executions). IEEE fp32 products have no tensor-core "
-        "instruction, so those rows expect none. `fastkto/kernels/compile_check.py` documents the checks and the "
+        "instruction, so those rows expect none. `src/fastkto/kernels/compile_check.py` documents the checks and the "
         "choice of variants.",
         "",
         "## Summary",
