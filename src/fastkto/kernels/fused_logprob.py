@@ -78,6 +78,12 @@ def _tile_logits(
             acc += tl.sum(h.to(tl.float32)[:, :, None] * w.to(tl.float32)[None, :, :], axis=1)
         else:
             acc = tl.dot(h, w, acc, input_precision=PRECISION)
+    return transform(acc, B, offs_v, v_mask, softcap, inv_temp, HAS_BIAS, HAS_SOFTCAP)
+
+
+@triton.jit
+def transform(acc, B, offs_v, v_mask, softcap, inv_temp, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+    # raw logits a (fp32 tile) -> z = c tanh((a + b) / c) / T, and t = tanh((a + b) / c) for the backward
     if HAS_BIAS:
         acc += tl.load(B + offs_v, mask=v_mask, other=0.0).to(tl.float32)[None, :]
     if HAS_SOFTCAP:
@@ -105,6 +111,41 @@ def _tile_dlogits(z, t, lse, g, g_ent, ent, labels, offs_v, n_mask, v_mask, inv_
     if HAS_SOFTCAP:
         dz = dz * (1.0 - t * t)
     return tl.where(n_mask[:, None] & v_mask[None, :], dz, 0.0)
+
+
+@triton.jit
+def fold(z, offs_v, v_mask, v0, labels, m_i, s_i, t_i, a_i, q_i, u_i, r_i, STATS: tl.constexpr):
+    # fold one (BLOCK_N, BLOCK_V) logits tile into the rows' running statistics (``stats.py``): max m, sum exp(z - m)
+    # s, target logit t; STATS 1: a = sum exp(z - m) (z - m); STATS 2: q = sum exp(2 (z - m)), u = sum z and the
+    # first arg-max r (a float column index). ``v0``: the tile's first column as a row of the weight (shard).
+    if STATS == 0:
+        z = tl.where(v_mask[None, :], z, float("-inf"))
+    else:
+        # a finite stand-in for -inf (exp gives 0 all the same), so that exp(z - m) (z - m) is 0, not NaN
+        z = tl.where(v_mask[None, :], z, -3.0e38)
+    hit = (offs_v[None, :] == labels[:, None]) & v_mask[None, :]
+    t_i += tl.sum(tl.where(hit, z, 0.0), axis=1)
+    if STATS >= 2:
+        # the max with the lowest column holding it (one reduction); a later tile takes over only with a strictly
+        # larger max, so r is torch.argmax's first maximum
+        tile_max, first = tl.max(z, axis=1, return_indices=True, return_indices_tie_break_left=True)
+        r_i = tl.where(tile_max > m_i, (v0 + first).to(tl.float32), r_i)
+        u_i += tl.sum(tl.where(v_mask[None, :], z, 0.0), axis=1)
+    else:
+        tile_max = tl.max(z, axis=1)
+    m_new = tl.maximum(m_i, tile_max)
+    alpha = tl.exp(m_i - m_new)
+    if STATS >= 1:
+        zs = z - m_new[:, None]
+        e = tl.exp(zs)  # 0 in the masked columns
+        # a at the new max: alpha (a + (m_old - m_new) s); the shift is 0 before the first tile (s = 0)
+        a_i = alpha * (a_i + tl.where(s_i > 0, m_i - m_new, 0.0) * s_i) + tl.sum(e * zs, axis=1)
+        if STATS >= 2:
+            q_i = q_i * (alpha * alpha) + tl.sum(e * e, axis=1)
+    else:
+        e = tl.exp(z - m_new[:, None])  # 0 in the masked columns
+    s_i = s_i * alpha + tl.sum(e, axis=1)
+    return m_new, s_i, t_i, a_i, q_i, u_i, r_i
 
 
 @triton.jit
@@ -139,12 +180,11 @@ def _logprob_fwd_kernel(
     m_i = tl.full((BLOCK_N,), float("-inf"), tl.float32)
     s_i = tl.zeros((BLOCK_N,), tl.float32)
     t_i = tl.zeros((BLOCK_N,), tl.float32)
-    if STATS >= 1:
-        a_i = tl.zeros((BLOCK_N,), tl.float32)
-    if STATS >= 2:
-        q_i = tl.zeros((BLOCK_N,), tl.float32)
-        u_i = tl.zeros((BLOCK_N,), tl.float32)
-        r_i = tl.zeros((BLOCK_N,), tl.float32)
+    # the statistics' sums exist at every level (unused ones are compiled away), so that ``fold`` has one signature
+    a_i = tl.zeros((BLOCK_N,), tl.float32)
+    q_i = tl.zeros((BLOCK_N,), tl.float32)
+    u_i = tl.zeros((BLOCK_N,), tl.float32)
+    r_i = tl.zeros((BLOCK_N,), tl.float32)
     v_begin = pid_s * cols_per_split
     v_end = tl.minimum(v_begin + cols_per_split, V)
     for v0 in range(v_begin, v_end, BLOCK_V):
@@ -152,34 +192,8 @@ def _logprob_fwd_kernel(
         v_mask = offs_v < v_end
         z, t = _tile_logits(H, W, B, rows, n_mask, offs_v, v_mask, D, stride_h, stride_w, softcap, inv_temp,
                             HAS_BIAS, HAS_SOFTCAP, UPCAST, PRECISION, BLOCK_N, BLOCK_V, BLOCK_D)
-        if STATS == 0:
-            z = tl.where(v_mask[None, :], z, float("-inf"))
-        else:
-            # a finite stand-in for -inf (exp gives 0 all the same), so that exp(z - m) (z - m) is 0, not NaN
-            z = tl.where(v_mask[None, :], z, -3.0e38)
-        hit = (offs_v[None, :] == labels[:, None]) & v_mask[None, :]
-        t_i += tl.sum(tl.where(hit, z, 0.0), axis=1)
-        if STATS >= 2:
-            # the max with the lowest column holding it (one reduction); a later tile takes over only with a
-            # strictly larger max, so r is torch.argmax's first maximum
-            tile_max, first = tl.max(z, axis=1, return_indices=True, return_indices_tie_break_left=True)
-            r_i = tl.where(tile_max > m_i, (v0 + first).to(tl.float32), r_i)
-            u_i += tl.sum(tl.where(v_mask[None, :], z, 0.0), axis=1)
-        else:
-            tile_max = tl.max(z, axis=1)
-        m_new = tl.maximum(m_i, tile_max)
-        alpha = tl.exp(m_i - m_new)
-        if STATS >= 1:
-            zs = z - m_new[:, None]
-            e = tl.exp(zs)  # 0 in the masked columns
-            # a at the new max: alpha (a + (m_old - m_new) s); the shift is 0 before the first tile (s = 0)
-            a_i = alpha * (a_i + tl.where(s_i > 0, m_i - m_new, 0.0) * s_i) + tl.sum(e * zs, axis=1)
-            if STATS >= 2:
-                q_i = q_i * (alpha * alpha) + tl.sum(e * e, axis=1)
-        else:
-            e = tl.exp(z - m_new[:, None])  # 0 in the masked columns
-        s_i = s_i * alpha + tl.sum(e, axis=1)
-        m_i = m_new
+        m_i, s_i, t_i, a_i, q_i, u_i, r_i = fold(z, offs_v, v_mask, v0, labels, m_i, s_i, t_i, a_i, q_i, u_i, r_i,
+                                                 STATS)
     out = pid_s.to(tl.int64) * M + offs_n
     tl.store(MAX_OUT + out, m_i, mask=n_mask)
     tl.store(SUM_OUT + out, s_i, mask=n_mask)
@@ -225,15 +239,20 @@ def _logprob_dz_kernel(
     # labels are rows of the whole weight (shard); this chunk starts at row v_offset
     dz = _tile_dlogits(z, t, lse, g, g_ent, ent, labels - v_offset, offs_v, n_mask, v_mask, inv_temp, HAS_SOFTCAP,
                        ENT_GRAD)
+    store_rounded(DZ + rows[:, None] * stride_dz + offs_v[None, :], dz, n_mask[:, None] & v_mask[None, :], UPCAST)
+
+
+@triton.jit
+def store_rounded(ptrs, x, mask, UPCAST: tl.constexpr):
+    # store an fp32 tile in the pointers' dtype, rounded to nearest even
     if UPCAST:
-        if DZ.dtype.element_ty == tl.bfloat16:
+        if ptrs.dtype.element_ty == tl.bfloat16:
             # the interpreter truncates fp32 -> bf16 (a GPU rounds to nearest even): round here as the GPU does,
             # so that interpreted results carry the GPU's rounding error, not twice it
-            bits = dz.to(tl.uint32, bitcast=True)
+            bits = x.to(tl.uint32, bitcast=True)
             bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-            dz = bits.to(tl.float32, bitcast=True)
-    tl.store(DZ + rows[:, None] * stride_dz + offs_v[None, :], dz.to(DZ.dtype.element_ty),
-             mask=n_mask[:, None] & v_mask[None, :])
+            x = bits.to(tl.float32, bitcast=True)
+    tl.store(ptrs, x.to(ptrs.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------------------------
