@@ -264,6 +264,17 @@ def _triton_fill(programs: int, ctas: int, r: Rates) -> float:
     return wave_fill(programs, SMS * (ctas if r.triton_waves == 2 else 1))
 
 
+def _l2_note(main: float, cfg, r: Rates) -> str:
+    """The L2 roof of a Triton tile: the main loop's rate and the L2 bandwidth it streams at."""
+    fpb = _tile_flop_per_byte(cfg)
+    rate = main * TFLOPS
+    capped = bool(r.l2_tbs) and fpb * r.l2_tbs * 1e12 < rate
+    if capped:
+        rate = fpb * r.l2_tbs * 1e12
+    return (f"main loop {rate / 1e12:.0f} TFLOP/s = {rate / fpb / 1e12:.1f} TB/s from L2 at {fpb:.0f} FLOP/B"
+            + (" (the L2 roof)" if capped else ""))
+
+
 def _triton_ms(flops: float, tiles: int, launches: list[tuple[int, int]], main: float, epilogue_us: float,
                ctas: int, tile_flop_per_byte: float, r: Rates) -> float:
     """Compute time (ms) of a Triton kernel's launches: main loops at min(main x 790, L2 roof), an epilogue per
@@ -316,7 +327,8 @@ def steps(shape: Shape, budget_mib: float = 128, scenario: str = "optimistic", g
                 hbm_bytes=M * D * BF16 + fwd_waves * V * D * BF16 + 12 * M * splits,
                 note=f"{splits} vocabulary splits: {tiles_n * splits} programs, "
                      f"{_triton_fill(tiles_n * splits, r.fwd_ctas_per_sm, r):.0%} wave fill; "
-                     f"{fwd_waves} wave(s) of resident token tiles")]
+                     f"{fwd_waves} wave(s) of resident token tiles; "
+                     + _l2_note(r.fwd_main_softcap if softcap else r.fwd_main, cfg_f, r))]
 
     # recompute: one launch per (n x v) tile, a program per 128 x 128 piece
     w_chunk = v * D * BF16
@@ -330,7 +342,8 @@ def steps(shape: Shape, budget_mib: float = 128, scenario: str = "optimistic", g
         t / _triton_fill(p, r.dz_ctas_per_sm, r) for p, t in dz_launches)
     out.append(dict(step="recompute dz (Triton)", flops=gemm, compute_ms=dz_ms, kernels=tn * tv,
                     hbm_bytes=tv * M * D * BF16 + tn * w_reads * V * D * BF16 + M * V * BF16,
-                    note=f"{tn} x {tv} tiles of {n} x {v}; dz bf16; {dz_fill:.0%} wave fill"))
+                    note=f"{tn} x {tv} tiles of {n} x {v}; dz bf16; {dz_fill:.0%} wave fill; "
+                         + _l2_note(r.dz_main_softcap if softcap else r.dz_main, cfg_z, r)))
 
     # the GEMMs, launch by launch: (flops, output rows, output cols, C bytes in the GEMM, bytes of a fallback add_)
     acc_c, acc_add = (8, 0) if fused else (4, 12)  # fallback: product to ``prod`` (4), add_ reads 2, writes 1
