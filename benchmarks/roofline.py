@@ -275,10 +275,10 @@ def _l2_note(main: float, cfg, r: Rates) -> str:
             + (" (the L2 roof)" if capped else ""))
 
 
-def _triton_ms(flops: float, tiles: int, launches: list[tuple[int, int]], main: float, epilogue_us: float,
-               ctas: int, tile_flop_per_byte: float, r: Rates) -> float:
-    """Compute time (ms) of a Triton kernel's launches: main loops at min(main x 790, L2 roof), an epilogue per
-    tile, each launch (programs, tiles) in waves; ``tiles`` 128 x 128 tiles in all."""
+def _triton_ms(flops: float, launches: list[tuple[int, int]], main: float, epilogue_us: float, ctas: int,
+               tile_flop_per_byte: float, r: Rates) -> float:
+    """Compute time (ms) of a Triton kernel's launches, each (programs, 128 x 128 tiles): the main loops at
+    min(main x 790, L2 roof) and an epilogue per tile, each launch stretched by its waves' fill."""
     rate = main * TFLOPS
     if r.l2_tbs:
         rate = min(rate, tile_flop_per_byte * r.l2_tbs * 1e12)
@@ -318,7 +318,7 @@ def steps(shape: Shape, budget_mib: float = 128, scenario: str = "optimistic", g
     resident_tiles = max(1, SMS // splits)
     fwd_waves = _cdiv(tiles_n, resident_tiles)
     fwd_tiles = tiles_n * _cdiv(V, cfg_f.BLOCK_V)
-    fwd_ms = _triton_ms(gemm, fwd_tiles, [(tiles_n * splits, fwd_tiles)],
+    fwd_ms = _triton_ms(gemm, [(tiles_n * splits, fwd_tiles)],
                         r.fwd_main_softcap if softcap else r.fwd_main,
                         r.fwd_epilogue_softcap_us if softcap else r.fwd_epilogue_us, r.fwd_ctas_per_sm,
                         _tile_flop_per_byte(cfg_f), r)
@@ -334,7 +334,7 @@ def steps(shape: Shape, budget_mib: float = 128, scenario: str = "optimistic", g
     w_chunk = v * D * BF16
     w_reads = 1 if w_chunk <= L2 // 2 else _cdiv(n, 8 * 128)
     dz_launches = [(_cdiv(nc, cfg_z.BLOCK_N) * _cdiv(vc, cfg_z.BLOCK_V),) * 2 for vc in v_chunks for nc in n_chunks]
-    dz_ms = _triton_ms(gemm, sum(t for _, t in dz_launches), dz_launches,
+    dz_ms = _triton_ms(gemm, dz_launches,
                        r.dz_main_softcap if softcap else r.dz_main,
                        r.dz_epilogue_softcap_us if softcap else r.dz_epilogue_us, r.dz_ctas_per_sm,
                        _tile_flop_per_byte(cfg_z), r)
