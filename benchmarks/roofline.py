@@ -1,28 +1,42 @@
-"""A cost model of fastkto's GPU path (Triton backend, H200), step by step, to hold against a GPU run.
+"""A cost model of fastkto's GPU path (Triton backend, H200), step by step, in three scenarios (optimistic,
+central, pessimistic), to hold against a GPU run.
 
-    python -m benchmarks.roofline                                  # the three reference shapes
-    python -m benchmarks.roofline --shape 8192,4096,128256 --softcap 30 --budget-mib 128
-    python -m benchmarks.roofline --json                           # the same as JSON rows
+    python -m benchmarks.roofline                                  # the three reference shapes, every scenario
+    python -m benchmarks.roofline --scenario central --shape 8192,4096,128256 --softcap 30 --budget-mib 128
+    python -m benchmarks.roofline --scored 2048 --shape 8192,2304,256000 --softcap 30   # a masked call
+    python -m benchmarks.roofline --gemm-path fallback             # torch without the fp32-accumulating addmm
+    python -m benchmarks.roofline --rates                          # the rate table: each rate and its source
+    python -m benchmarks.roofline --compare benchmarks/results/h200/run2/roofline_measured.json
+    python -m benchmarks.roofline --json                           # the same as JSON rows, each with its scenario
     python -m benchmarks.roofline --measure --out DIR              # on CUDA: every step timed next to its prediction
 
 The plan is fastkto's own: the tile shape comes from ``fastkto.kernels.tiled.plan_tiles`` with the GPU kernel's
-block alignment, so the model follows the code. A call of N scored tokens, hidden size D, vocabulary V, bf16
-inputs, a trainable head (dH and dW), runs these steps:
+block alignment, so the model follows the code. A call of N hidden rows, M of them scored (M = N unless
+``--scored``), hidden size D, vocabulary V, bf16 inputs, a trainable head (dH and dW), runs these steps:
 
-    forward    _logprob_fwd_kernel      2NDV flops: logits tiles on chip, online log-sum-exp
-    recompute  _logprob_dz_kernel       2NDV flops, once per (n x v) tile: dz written in bf16 (2 bytes a logit)
-    dH GEMM    dH[n] += dz @ W_v        2NDV flops, cuBLAS, fp32 accumulation into the (N, D) fp32 gradient
-    dW GEMM    dW_v += dz.T @ H_n       2NDV flops, cuBLAS, fp32 accumulation into the (v, D) chunk accumulator
-    epilogue   the gradients' casts     dW chunks fp32 -> bf16, dH fp32 -> bf16: bytes only
+    forward    _logprob_fwd_kernel      2MDV flops: logits tiles on chip, online log-sum-exp; the splits' merge
+    recompute  _logprob_dz_kernel       2MDV flops, once per (n x v) tile: dz written in bf16 (2 bytes a logit)
+    dH GEMM    dH[n] += dz @ W_v        2MDV flops, cuBLAS, fp32 accumulation into the (M, D) fp32 gradient
+    dW GEMM    dW_v += dz.T @ H_n       2MDV flops, cuBLAS, fp32 accumulation into the (v, D) chunk accumulator
+                                        (one token chunk: written straight into the bf16 weight gradient)
+    epilogue   casts and gathers        dW chunks fp32 -> bf16, dH fp32 -> bf16 (scattered when masked), the
+                                        scored rows of H gathered (masked calls): bytes only
+    sustained  the whole call           what back-to-back calls cost beyond their steps timed one at a time
 
-Each step's time is max(flops / (efficiency x 790 TFLOP/s), bytes / (0.875 x 4.8 TB/s)): the stated peak rates
-of an H200 (bf16 dense tensor cores, HBM3e), times what a kernel of that kind reaches. The efficiencies are
-assumptions, not measurements: they are the numbers a GPU run checks first.
+The three scenarios differ only in their rates (``RATE_TABLE``: one row per rate, its optimistic, central and
+pessimistic value and where it comes from, measured or assumed; the next GPU run replaces assumptions there):
 
-    cuBLAS GEMMs of thousands of rows a side        0.80  (published H100 / H200 bf16 GEMM rates: 600-750 TF/s)
-    Triton wgmma kernels with an fp32 epilogue      0.60  (the forward and dz kernels; 0.52 with a soft-cap,
-                                                           whose tanh costs MUFU time in the epilogue)
-    HBM                                             0.875 (4.2 of 4.8 TB/s in streaming kernels)
+- optimistic: the model as written before any GPU ran it. Each step max(flops / rate, bytes / bandwidth): cuBLAS
+  at 0.80 and the Triton kernels at 0.60 (0.52 with a soft-cap) of 790 TFLOP/s, every byte hidden under the
+  products, every wave full.
+- central: the rates that explain the H200's run 2. A Triton launch: its programs' main loops (capped by the L2
+  roof of the 128 x 128 x 64 tile: 64 FLOP per byte streamed from L2) plus an epilogue per 128 x 128 tile that
+  nothing overlaps, in waves of SMs x CTAs-per-SM programs (the last wave's fill counts). A cuBLAS GEMM: 790
+  TFLOP/s in waves of output tiles (the best fill of three tile shapes, as cuBLAS picks its kernel), plus its fp32
+  accumulator's read-modify-write (or the first tile's write) at HBM speed, not hidden. A gap per kernel
+  boundary; the whole call a few percent above its steps timed one at a time.
+- pessimistic: a bound on the same structure: slower main loops and epilogues, the L2 at the lowest bandwidth a
+  measurement allows, the worst fill of the three cuBLAS tile shapes, slower HBM, longer gaps.
 
 HBM bytes, with the reuse each kernel's launch order is designed for (L2 50 MB):
 - forward: H is read once (splits vary fastest, so the resident programs' H tiles fit L2); W once per wave of
@@ -30,7 +44,10 @@ HBM bytes, with the reuse each kernel's launch order is designed for (L2 50 MB):
 - recompute: per tile, the H chunk once and the W chunk once per group of 8 token tiles (the kernel's grouped
   order) when it does not fit half the L2, else once; dz written once.
 - GEMMs: dz read once each; the other operand once per tile; the fp32 accumulator read and written once per tile
-  (written only, on its first tile).
+  (written only, on its first tile). Without ``addmm(..., out_dtype=fp32)`` (``--gemm-path fallback``) each
+  accumulating GEMM writes its product to an fp32 ``prod`` buffer of the workspace and a separate ``add_`` reads
+  it and the accumulator and writes the sum: 16 bytes an element instead of 8, one more kernel, and the plan's
+  tiles shrink to make room for ``prod``.
 ``--measure`` on a GPU times the same steps (CUDA events around each step of the real loop, ``on_step``) and the
 whole call, the cuBLAS bf16 matmul floor, the peers, the bitwise repeat, peak memory and the kernels' registers.
 """
@@ -45,14 +62,104 @@ import sys
 import time
 from pathlib import Path
 
-__all__ = ["Shape", "SHAPES", "RATES", "plan", "steps", "rows", "main"]
+__all__ = ["Shape", "SHAPES", "RATES", "RATE_TABLE", "SCENARIOS", "Rates", "scenario_rates", "plan", "steps",
+           "peak_bytes", "rows", "measured_steps", "main"]
 
-TFLOPS = 790e12  # H200 bf16 dense tensor-core peak
-HBM = 4.8e12  # H200 HBM3e bytes/s
+TFLOPS = 790e12  # measured: cuBLAS bf16 8192^3 on the H200 (the datasheet says 989 dense); the unit of every rate
+HBM = 4.8e12  # H200 HBM3e bytes/s (datasheet)
+# the optimistic scenario's efficiencies, as first written (fractions of TFLOPS and HBM)
 RATES = {"cublas": 0.80, "triton": 0.60, "triton_softcap": 0.52, "hbm": 0.875}
 SMS = 132
 L2 = 50 * 2**20
 BF16 = 2
+SCENARIOS = ("optimistic", "central", "pessimistic")
+# cuBLAS output tile shapes whose wave fill the central (best of them) and pessimistic (worst) scenarios take
+CUBLAS_TILES = ((128, 128), (128, 256), (256, 128))
+
+# name: (optimistic, central, pessimistic, unit, source). "run 2": benchmarks/results/h200/run2 (fastkto at 8ab057c,
+# whose kernels and plan are today's), N x D x V = 16384 x 2048 x 248320, Gemma-2-2B's 8192 x 2304 x 256000 with a
+# soft-cap of 30, Llama-3-8B's 8192 x 4096 x 128256.
+RATE_TABLE = {
+    "hbm_tbs": (4.2, 4.2, 3.9, "TB/s",
+                "assumed 0.875 x the 4.8 TB/s datasheet; measured on the H200: 4.3 TB/s device-to-device copy"),
+    "l2_tbs": (0.0, 10.0, 7.6, "TB/s",
+               "L2 -> SM bandwidth (0: no L2 roof); a Triton kernel's main loop is capped at 64 FLOP/B (its "
+               "128 x 128 x 64 tile) x this. Measured lower bound 7.6: run 2's dz kernel at Llama-3-8B ran at "
+               "486 TFLOP/s, every operand byte from L2. Central 10 assumed (the fitted dz loop below needs 9.0)"),
+    "fwd_main": (0.60, 0.58, 0.54, "x 790",
+                 "forward kernel's main loop at 1 CTA per SM (latency-bound: 3 stages, no second CTA). Central: "
+                 "fitted to run 2's forward at 16384 x 2048 and Llama-3-8B, with the epilogue below"),
+    "fwd_main_softcap": (0.52, 0.58, 0.54, "x 790", "the same loop (the soft-cap costs in the epilogue)"),
+    "fwd_epilogue_us": (0.0, 1.5, 1.8, "us / tile",
+                        "exposed epilogue per 128 x 128 tile (online max, exp, sums), SM time. Central: fitted "
+                        "with fwd_main (1.49)"),
+    "fwd_epilogue_softcap_us": (0.0, 2.5, 2.9, "us / tile",
+                                "the same with tanh. Central: fitted to run 2's Gemma-2 forward (2.47)"),
+    "fwd_ctas_per_sm": (1, 1, 1, "CTAs", "measured: 224-232 registers x 256 threads, 96 KiB shared (runs 1, 2)"),
+    "dz_main": (0.60, 0.73, 0.62, "x 790",
+                "dz kernel's main loop at 2 CTAs per SM (one CTA's loads hide the other's latency). Central: "
+                "fitted to run 2's dz at 16384 x 2048 and Llama-3-8B, with the epilogue below (0.727)"),
+    "dz_main_softcap": (0.52, 0.73, 0.62, "x 790", "the same loop"),
+    "dz_epilogue_us": (0.0, 3.1, 3.5, "us / tile",
+                       "exposed cost per program (pipeline fill, dz formula, the 32 KiB store), SM time. Central: "
+                       "fitted with dz_main (3.13)"),
+    "dz_epilogue_softcap_us": (0.0, 3.9, 4.4, "us / tile", "with tanh. Central: fitted to run 2's Gemma-2 dz (3.90)"),
+    "dz_ctas_per_sm": (2, 2, 2, "CTAs", "measured: 128 registers x 256 threads, 96 KiB shared (runs 1, 2)"),
+    "cublas": (0.80, 1.00, 0.95, "x 790",
+               "GEMM main loop. Central: 790 TFLOP/s, the measured 8192^3 rate (not fitted: with the fill and "
+               "the exposed accumulator below it gives run 2's six gradient GEMMs within 4 %); pessimistic: 0.95 "
+               "(the lowest square-matmul rate measured, 769 on random data, rounded down)"),
+    "cublas_fill": ("none", "best", "worst", "",
+                    "wave fill of the GEMMs' output tiles on 132 SMs, best or worst of 128x128, 128x256, 256x128: "
+                    "cuBLAS picks its kernel, so it is not known (run 2 fits the best)"),
+    "rmw_exposed": (0.0, 1.0, 1.0, "share",
+                    "the GEMMs' C traffic (fp32 accumulator read + write, or the first tile's write) added to "
+                    "their time, at hbm_tbs. Central: inferred from run 2, whose dH GEMMs took 790 TFLOP/s plus all of "
+                    "it (within 4 %); max(compute, bytes) would make them 9-15 % faster than measured"),
+    "triton_waves": (0, 1, 2, "",
+                     "wave quantization of every Triton launch, the last wave's fill counting: 1 in waves of one "
+                     "program per SM (programs / SMs: a program alone on an SM runs at the SM's rate), 2 of one "
+                     "per CTA slot (programs / (SMs x CTAs per SM)), 0 none. Assumed (run 2 cannot tell them apart "
+                     "for the forward, at 1 CTA per SM; for dz, 1 fits)"),
+    "launch_us": (0.0, 3.0, 5.0, "us",
+                  "GPU gap per kernel boundary (no programmatic dependent launch); assumed"),
+    "sustained": (0.0, 0.025, 0.045, "share",
+                  "the whole call over the sum of its steps timed one at a time. Measured: run 2's calls ran "
+                  "3.5 / 3.5 / 0.6 % above their steps, its whole backwards 4.7 / 3.2 / 2.7 % above theirs "
+                  "(cause not isolated: clocks under sustained load, or host gaps)"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Rates:
+    """One scenario's column of ``RATE_TABLE``."""
+
+    hbm_tbs: float
+    l2_tbs: float
+    fwd_main: float
+    fwd_main_softcap: float
+    fwd_epilogue_us: float
+    fwd_epilogue_softcap_us: float
+    fwd_ctas_per_sm: int
+    dz_main: float
+    dz_main_softcap: float
+    dz_epilogue_us: float
+    dz_epilogue_softcap_us: float
+    dz_ctas_per_sm: int
+    cublas: float
+    cublas_fill: str
+    rmw_exposed: float
+    triton_waves: int
+    launch_us: float
+    sustained: float
+
+
+def scenario_rates(scenario: str) -> Rates:
+    """The ``Rates`` of ``scenario`` (one of ``SCENARIOS``)."""
+    if scenario not in SCENARIOS:
+        raise ValueError(f"scenario must be one of {SCENARIOS}, got {scenario!r}")
+    i = SCENARIOS.index(scenario)
+    return Rates(**{name: row[i] for name, row in RATE_TABLE.items()})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,10 +169,19 @@ class Shape:
     V: int
     softcap: float | None = None
     name: str = ""
+    scored: int | None = None  # M, the scored rows of a masked call (gathered through ``rows``); None: all N
 
     @property
     def key(self) -> str:
         return f"{self.N},{self.D},{self.V}"
+
+    @property
+    def M(self) -> int:
+        return self.N if self.scored is None else self.scored
+
+    @property
+    def gathered(self) -> bool:
+        return self.scored is not None and self.scored < self.N
 
 
 SHAPES = [
@@ -84,15 +200,26 @@ def _tiles():
     return dataclasses.replace(fl.TILES, align=fl.GPU_ALIGN), fl
 
 
-def plan(shape: Shape, budget_mib: float) -> tuple[int, int, int]:
-    """(token rows n, vocabulary rows v, workspace bytes) of fastkto's backward plan for this shape on a GPU."""
+def _call(shape: Shape, fused: bool = True):
     import torch
 
     from fastkto.kernels import tiled
 
+    return tiled.CallShape(tokens=shape.M, vocab=shape.V, dim=shape.D, input_dtype=torch.bfloat16,
+                           gemm_dtype=torch.bfloat16, device_type="cuda", gathered=shape.gathered,
+                           hidden_strided=False, weight_strided=False, softcap=shape.softcap is not None,
+                           need_weight=True, need_bias=False, fused_accumulate=fused)
+
+
+def plan(shape: Shape, budget_mib: float, gemm_path: str = "fused") -> tuple[int, int, int]:
+    """(token rows n, vocabulary rows v, workspace bytes) of fastkto's backward plan for this shape on a GPU;
+    ``gemm_path`` "fallback": torch without the fp32-accumulating ``addmm`` (a ``prod`` buffer in the workspace)."""
+    from fastkto.kernels import tiled
+
+    if gemm_path not in ("fused", "fallback"):
+        raise ValueError(f"gemm_path must be 'fused' or 'fallback', got {gemm_path!r}")
     tiles, _ = _tiles()
-    call = tiled.CallShape(shape.N, shape.V, shape.D, torch.bfloat16, torch.bfloat16, "cuda", False, False, False,
-                           shape.softcap is not None, True, False, True)
+    call = _call(shape, gemm_path == "fused")
     n, v = tiled.plan_tiles(call, tiles, int(budget_mib * 2**20), False)
     return n, v, tiled.buffers_nbytes(tiled.workspace_buffers(n, v, call, tiles))
 
@@ -104,85 +231,276 @@ def _forward_splits(shape: Shape) -> int:
     return fl.vocab_splits(shape.V, cfg.BLOCK_V)  # V only: the same splits for any N and any GPU
 
 
-def steps(shape: Shape, budget_mib: float = 128) -> list[dict]:
-    """The model's steps for one shape: dicts with step, flops, hbm_bytes, predicted_ms, rate (and notes)."""
-    N, D, V = shape.N, shape.D, shape.V
-    n, v, ws_bytes = plan(shape, budget_mib)
-    tn, tv = -(-N // n), -(-V // v)  # token chunks, vocabulary chunks
-    gemm = 2.0 * N * D * V
-    tri = RATES["triton_softcap"] if shape.softcap else RATES["triton"]
-    splits = _forward_splits(shape)
+def _chunks(total: int, size: int) -> list[int]:
+    """The sizes of ``total`` rows cut into chunks of ``size`` (the last one short)."""
+    return [min(size, total - i) for i in range(0, total, size)]
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def wave_fill(programs: int, slots: int) -> float:
+    """The share of ``slots`` (SMs x CTAs per SM) busy over the waves of a launch of ``programs`` equal programs:
+    programs / (ceil(programs / slots) x slots); 1.0 is every wave full."""
+    if programs <= 0:
+        return 1.0
+    return programs / (_cdiv(programs, slots) * slots)
+
+
+def gemm_fill(m: int, n: int, how: str) -> float:
+    """Wave fill of an (m x n)-output GEMM on the SMs: 1 for "none", else the best or worst over
+    ``CUBLAS_TILES``."""
+    if how == "none":
+        return 1.0
+    fills = [wave_fill(_cdiv(m, a) * _cdiv(n, b), SMS) for a, b in CUBLAS_TILES]
+    return max(fills) if how == "best" else min(fills)
+
+
+def _triton_fill(programs: int, ctas: int, r: Rates) -> float:
+    """The wave fill of a Triton launch under ``r.triton_waves`` (see ``RATE_TABLE``)."""
+    if not r.triton_waves:
+        return 1.0
+    return wave_fill(programs, SMS * (ctas if r.triton_waves == 2 else 1))
+
+
+def _l2_note(main: float, cfg, r: Rates) -> str:
+    """The L2 roof of a Triton tile: the main loop's rate and the L2 bandwidth it streams at."""
+    fpb = _tile_flop_per_byte(cfg)
+    rate = main * TFLOPS
+    capped = bool(r.l2_tbs) and fpb * r.l2_tbs * 1e12 < rate
+    if capped:
+        rate = fpb * r.l2_tbs * 1e12
+    return (f"main loop {rate / 1e12:.0f} TFLOP/s = {rate / fpb / 1e12:.1f} TB/s from L2 at {fpb:.0f} FLOP/B"
+            + (" (the L2 roof)" if capped else ""))
+
+
+def _triton_ms(flops: float, launches: list[tuple[int, int]], main: float, epilogue_us: float, ctas: int,
+               tile_flop_per_byte: float, r: Rates) -> float:
+    """Compute time (ms) of a Triton kernel's launches, each (programs, 128 x 128 tiles): the main loops at
+    min(main x 790, L2 roof) and an epilogue per tile, each launch stretched by its waves' fill."""
+    rate = main * TFLOPS
+    if r.l2_tbs:
+        rate = min(rate, tile_flop_per_byte * r.l2_tbs * 1e12)
+    total = sum(t for _, t in launches) or 1
+    ms = 0.0
+    for programs, t in launches:  # each launch's share of the work, stretched by its last wave
+        work = (flops * t / total) / rate + t * epilogue_us * 1e-6 / SMS
+        ms += 1e3 * work / _triton_fill(programs, ctas, r)
+    return ms
+
+
+def steps(shape: Shape, budget_mib: float = 128, scenario: str = "optimistic", gemm_path: str = "fused",
+          tile: tuple[int, int] | None = None, splits: int | None = None) -> list[dict]:
+    """The model's steps for one shape in one scenario: dicts with step, flops, hbm_bytes, predicted_ms, bound,
+    note (and the last, "total"). ``gemm_path`` "fallback": torch without the fp32-accumulating ``addmm``.
+    ``tile`` (token rows, vocabulary rows) and ``splits`` override the plan and the forward's splits (to model a
+    run made with another plan)."""
+    r = scenario_rates(scenario)
+    M, D, V = shape.M, shape.D, shape.V
+    n, v, _ = plan(shape, budget_mib, gemm_path)
+    if tile is not None:
+        n, v = tile
+    n, v = min(n, M), min(v, V)
+    n_chunks, v_chunks = _chunks(M, n), _chunks(V, v)
+    tn, tv = len(n_chunks), len(v_chunks)
+    gemm = 2.0 * M * D * V
+    softcap = shape.softcap is not None
+    hbm = r.hbm_tbs * 1e12
+    _, fl = _tiles()
+    cfg_f, cfg_z = fl.gpu_configs()[("fwd", "16")], fl.gpu_configs()[("dz", "16")]
+    splits = splits or _forward_splits(shape)
+    fused = gemm_path == "fused"
+    direct = tn == 1  # one token chunk: the dW GEMM writes the bf16 weight gradient (tiled.direct_dw)
+
+    # forward: one launch of token tiles x splits programs, then the splits' merge (8 small kernels a split)
+    tiles_n = _cdiv(M, cfg_f.BLOCK_N)
     resident_tiles = max(1, SMS // splits)
-    fwd_waves = -(-(-(-N // 128)) // resident_tiles)
+    fwd_waves = _cdiv(tiles_n, resident_tiles)
+    fwd_tiles = tiles_n * _cdiv(V, cfg_f.BLOCK_V)
+    fwd_ms = _triton_ms(gemm, [(tiles_n * splits, fwd_tiles)],
+                        r.fwd_main_softcap if softcap else r.fwd_main,
+                        r.fwd_epilogue_softcap_us if softcap else r.fwd_epilogue_us, r.fwd_ctas_per_sm,
+                        _tile_flop_per_byte(cfg_f), r)
+    merge_kernels = 8 * splits - 2 if splits > 1 else 0
+    out = [dict(step="forward (Triton)", flops=gemm, compute_ms=fwd_ms, kernels=1 + merge_kernels,
+                hbm_bytes=M * D * BF16 + fwd_waves * V * D * BF16 + 12 * M * splits,
+                note=f"{splits} vocabulary splits: {tiles_n * splits} programs, "
+                     f"{_triton_fill(tiles_n * splits, r.fwd_ctas_per_sm, r):.0%} wave fill; "
+                     f"{fwd_waves} wave(s) of resident token tiles; "
+                     + _l2_note(r.fwd_main_softcap if softcap else r.fwd_main, cfg_f, r))]
+
+    # recompute: one launch per (n x v) tile, a program per 128 x 128 piece
     w_chunk = v * D * BF16
-    w_reads = 1 if w_chunk <= L2 // 2 else -(-n // (8 * 128))
-    out = [
-        dict(step="forward (Triton)", flops=gemm, rate=tri,
-             hbm_bytes=N * D * BF16 + fwd_waves * V * D * BF16 + 12 * N * splits,
-             note=f"{splits} vocabulary splits, {fwd_waves} wave(s) of resident token tiles"),
-        dict(step="recompute dz (Triton)", flops=gemm, rate=tri,
-             hbm_bytes=tv * N * D * BF16 + tn * w_reads * V * D * BF16 + N * V * BF16,
-             note=f"{tn} x {tv} tiles of {n} x {v}; dz bf16"),
-        dict(step="dH += dz @ W (cuBLAS)", flops=gemm, rate=RATES["cublas"],
-             hbm_bytes=N * V * BF16 + tn * V * D * BF16 + (8 * tv - 4) * N * D,
-             note="fp32 accumulator read + written once per vocabulary chunk"),
-        dict(step="dW += dz.T @ H (cuBLAS)", flops=gemm, rate=RATES["cublas"],
-             hbm_bytes=N * V * BF16 + tv * N * D * BF16 + ((8 * tn - 4) * V * D if tn > 1 else BF16 * V * D),
-             note="fp32 chunk accumulator read + written once per token chunk" if tn > 1 else
-                  "one token chunk: written straight into the bf16 weight gradient"),
-        dict(step="epilogue (casts)", flops=0.0, rate=RATES["cublas"],
-             hbm_bytes=((4 + 2) * V * D if tn > 1 else 0) + (4 + 2) * N * D,
-             note="dW chunks and dH to bf16" if tn > 1 else "dH to bf16"),
-    ]
+    w_reads = 1 if w_chunk <= L2 // 2 else _cdiv(n, 8 * 128)
+    dz_launches = [(_cdiv(nc, cfg_z.BLOCK_N) * _cdiv(vc, cfg_z.BLOCK_V),) * 2 for vc in v_chunks for nc in n_chunks]
+    dz_ms = _triton_ms(gemm, dz_launches,
+                       r.dz_main_softcap if softcap else r.dz_main,
+                       r.dz_epilogue_softcap_us if softcap else r.dz_epilogue_us, r.dz_ctas_per_sm,
+                       _tile_flop_per_byte(cfg_z), r)
+    dz_fill = sum(t for _, t in dz_launches) / sum(
+        t / _triton_fill(p, r.dz_ctas_per_sm, r) for p, t in dz_launches)
+    out.append(dict(step="recompute dz (Triton)", flops=gemm, compute_ms=dz_ms, kernels=tn * tv,
+                    hbm_bytes=tv * M * D * BF16 + tn * w_reads * V * D * BF16 + M * V * BF16,
+                    note=f"{tn} x {tv} tiles of {n} x {v}; dz bf16; {dz_fill:.0%} wave fill; "
+                         + _l2_note(r.dz_main_softcap if softcap else r.dz_main, cfg_z, r)))
+
+    # the GEMMs, launch by launch: (flops, output rows, output cols, C bytes in the GEMM, bytes of a fallback add_)
+    acc_c, acc_add = (8, 0) if fused else (4, 12)  # fallback: product to ``prod`` (4), add_ reads 2, writes 1
+    dh = [(2.0 * nc * vc * D, nc, D, (4 if i == 0 else acc_c) * nc * D, (0 if i == 0 else acc_add) * nc * D)
+          for i, vc in enumerate(v_chunks) for nc in n_chunks]
+    dw = [(2.0 * nc * vc * D, vc, D, (BF16 if direct else 4 if j == 0 else acc_c) * vc * D,
+           (0 if direct or j == 0 else acc_add) * vc * D)
+          for vc in v_chunks for j, nc in enumerate(n_chunks)]
+    for name, launches, operands, note in (
+            ("dH += dz @ W (cuBLAS)", dh, M * V * BF16 + tn * V * D * BF16,
+             "fp32 accumulator read + written once per vocabulary chunk"),
+            ("dW += dz.T @ H (cuBLAS)", dw, M * V * BF16 + tv * M * D * BF16,
+             "one token chunk: written straight into the bf16 weight gradient" if direct else
+             "fp32 chunk accumulator read + written once per token chunk")):
+        compute = sum(1e3 * f / (r.cublas * TFLOPS * gemm_fill(a, b, r.cublas_fill)) for f, a, b, _, _ in launches)
+        c_bytes = sum(c for *_, c, _ in launches)
+        add_bytes = sum(x for *_, x in launches)
+        fill = 1e3 * gemm / (r.cublas * TFLOPS) / compute
+        out.append(dict(step=name, flops=gemm, compute_ms=compute, c_bytes=c_bytes, add_bytes=add_bytes,
+                        kernels=len(launches) + sum(1 for *_, x in launches if x),
+                        hbm_bytes=operands + c_bytes + add_bytes,
+                        note=note + ("" if fused else "; fallback: product to an fp32 buffer, then add_")
+                        + (f"; {fill:.0%} wave fill" if r.cublas_fill != "none" else "")))
+
+    # casts (the dW chunks when they are fp32, dH to bf16 or scattered into the zeroed bf16 gradient of a masked
+    # call) and, for a masked call, the scored rows of H gathered (once, or per tile with several token chunks)
+    cast = (4 + 2) * V * D if not direct else 0
+    dh_cast = (4 + 2) * M * D if not shape.gathered else BF16 * shape.N * D + 10 * M * D
+    gathers = (1 if direct else tn * tv) if shape.gathered else 0
+    out.append(dict(step="epilogue (casts)", flops=0.0, compute_ms=0.0,
+                    kernels=(tv if not direct else 0) + 1 + gathers,
+                    hbm_bytes=cast + dh_cast + (0 if not gathers else (1 if direct else tv) * 4 * M * D),
+                    note=("dW chunks and dH to bf16" if not direct else "dH to bf16")
+                    + (f"; masked: {gathers} gather(s) of the scored H rows, dH scattered" if shape.gathered else "")))
+
     for s in out:
-        s["predicted_ms"] = 1e3 * max(s["flops"] / (s["rate"] * TFLOPS), s["hbm_bytes"] / (RATES["hbm"] * HBM))
-        s["bound"] = "compute" if s["flops"] / (s["rate"] * TFLOPS) >= s["hbm_bytes"] / (RATES["hbm"] * HBM) \
-            else "memory"
+        exposed = r.rmw_exposed * s.get("c_bytes", 0) + s.get("add_bytes", 0)  # never under the products
+        mem_ms = 1e3 * (s["hbm_bytes"] - exposed) / hbm
+        s["predicted_ms"] = max(s["compute_ms"], mem_ms) + 1e3 * exposed / hbm + 1e-3 * s["kernels"] * r.launch_us
+        s["bound"] = "compute" if s["compute_ms"] >= mem_ms else "memory"
+        for k in ("compute_ms", "c_bytes", "add_bytes", "kernels"):
+            s.pop(k, None)
+    steps_ms = sum(s["predicted_ms"] for s in out)
+    out.append(dict(step="sustained (whole call)", flops=0.0, hbm_bytes=0, predicted_ms=r.sustained * steps_ms,
+                    bound="", note=f"{r.sustained:.1%} over the steps timed one at a time"))
     total_ms = sum(s["predicted_ms"] for s in out)
-    out.append(dict(step="total", flops=4 * gemm, hbm_bytes=sum(s["hbm_bytes"] for s in out), rate=None,
+    out.append(dict(step="total", flops=4 * gemm, hbm_bytes=sum(s["hbm_bytes"] for s in out),
                     predicted_ms=total_ms, bound="",
                     note=f"{4 * gemm / (total_ms / 1e3) / TFLOPS:.0%} of 790 TFLOP/s on 8NDV; target <= "
                          f"{4 * gemm / (TARGET_FRACTION * TFLOPS) * 1e3:.0f} ms"))
+    for s in out:
+        s["scenario"] = scenario
     return out
 
 
-def peak_bytes(shape: Shape, budget_mib: float = 128) -> dict:
-    """Predicted memory beyond the inputs for forward + backward: the bf16 weight gradient and the fp32 hidden
-    gradient, plus the larger of the workspace and the bf16 hidden gradient (the cast of the fp32 one, allocated
-    after the loop frees the workspace: they never coexist)."""
-    n, v, ws = plan(shape, budget_mib)
-    grads = BF16 * (shape.V * shape.D + shape.N * shape.D)
-    dh32 = 4 * shape.N * shape.D
-    return {"gradients": grads, "dh_fp32": dh32, "workspace": ws,
-            "peak": BF16 * shape.V * shape.D + dh32 + max(ws, BF16 * shape.N * shape.D) + 16 * shape.N}
+def _tile_flop_per_byte(cfg) -> float:
+    """FLOP per byte a 16-bit (BLOCK_N x BLOCK_V x BLOCK_D) tile streams from L2 per k-step: 2 BN BV BD flops over
+    (BN + BV) BD x 2 bytes = BN BV / (BN + BV); 64 for 128 x 128."""
+    return cfg.BLOCK_N * cfg.BLOCK_V / (cfg.BLOCK_N + cfg.BLOCK_V)
 
 
-def rows(shapes: list[Shape], budget_mib: float) -> list[dict]:
-    """The JSON rows: one per (shape, step), with keys shape, step, flops, hbm_bytes, predicted_ms."""
+def peak_bytes(shape: Shape, budget_mib: float = 128, gemm_path: str = "fused") -> dict:
+    """Predicted memory beyond the inputs for forward + backward. Outside the workspace budget: the bf16 weight
+    gradient, the (M, D) fp32 hidden gradient and the per-token vectors. Inside it, at different times: the
+    workspace (the tile loop) and then the bf16 hidden gradient (the cast of the fp32 one, made after the loop
+    frees the workspace; for a masked call the zeroed (N, D) gradient plus one cast chunk): the peak takes the
+    larger of the two, never their sum."""
+    from fastkto.kernels import tiled
+
+    _, _, ws = plan(shape, budget_mib, gemm_path)
+    M, N, D, V = shape.M, shape.N, shape.D, shape.V
+    dh_cast = BF16 * N * D + (min(int(budget_mib * 2**20), BF16 * M * D) if shape.gathered else 0)
+    out = {"weight_grad": BF16 * V * D, "dh_fp32": 4 * M * D, "per_token": tiled.PER_TOKEN_BYTES * M,
+           "workspace": ws, "dh_cast": dh_cast}
+    out["outside_budget"] = out["weight_grad"] + out["dh_fp32"] + out["per_token"]
+    out["peak"] = out["outside_budget"] + max(ws, dh_cast)
+    # the floor with fp32 accumulation of dH: the two bf16 gradients' outputs and the fp32 accumulator, for any
+    # workspace (the bf16 hidden gradient is the larger of the two in-budget terms at a small budget)
+    out["floor_fp32_dh"] = out["outside_budget"] + dh_cast
+    return out
+
+
+def rows(shapes: list[Shape], budget_mib: float, scenarios=SCENARIOS, gemm_path: str = "fused") -> list[dict]:
+    """The JSON rows: one per (scenario, shape, step), with keys scenario, shape, step, flops, hbm_bytes,
+    predicted_ms."""
     out = []
-    for shape in shapes:
-        for s in steps(shape, budget_mib):
-            out.append({"shape": shape.key, "step": s["step"], "flops": s["flops"], "hbm_bytes": s["hbm_bytes"],
-                        "predicted_ms": s["predicted_ms"]})
+    for scenario in scenarios:
+        for shape in shapes:
+            for s in steps(shape, budget_mib, scenario, gemm_path):
+                out.append({"scenario": scenario, "shape": shape.key, "step": s["step"], "flops": s["flops"],
+                            "hbm_bytes": s["hbm_bytes"], "predicted_ms": s["predicted_ms"]})
     return out
 
 
-def _print_model(shapes: list[Shape], budget_mib: float) -> None:
-    print(f"H200 model: {TFLOPS / 1e12:.0f} TFLOP/s bf16, {HBM / 1e12:.1f} TB/s HBM; efficiencies {RATES}; "
-          f"workspace {budget_mib:g} MiB")
+def _print_rates() -> None:
+    print(f"Rates (fractions 'x 790' are of {TFLOPS / 1e12:.0f} TFLOP/s, the measured cuBLAS bf16 8192^3 rate)")
+    print(f"  {'rate':<24} {'optimistic':>10} {'central':>9} {'pessim.':>9}  {'unit':<9} source")
+    for name, (*vals, unit, source) in RATE_TABLE.items():
+        print(f"  {name:<24} " + " ".join(f"{v!s:>{w}}" for v, w in zip(vals, (10, 9, 9))) + f"  {unit:<9} {source}")
+
+
+def _print_model(shapes: list[Shape], budget_mib: float, scenarios=SCENARIOS, gemm_path: str = "fused") -> None:
+    print(f"H200 model, {', '.join(scenarios)} (rates: --rates); workspace {budget_mib:g} MiB; GEMM path "
+          f"{gemm_path}")
     for shape in shapes:
-        n, v, ws = plan(shape, budget_mib)
+        n, v, ws = plan(shape, budget_mib, gemm_path)
         print(f"\n{shape.name or shape.key}  (N={shape.N}, D={shape.D}, V={shape.V}"
+              f"{f', M={shape.M} scored (gathered)' if shape.gathered else ''}"
               f"{f', soft-cap {shape.softcap:g}' if shape.softcap else ''}): tiles {n} x {v}, "
               f"workspace {ws / 2**20:.0f} MiB")
-        print(f"  {'step':<26} {'GFLOP':>9} {'HBM GB':>8} {'ms':>8}  bound    note")
-        for s in steps(shape, budget_mib):
+        by = {sc: steps(shape, budget_mib, sc, gemm_path) for sc in scenarios}
+        first = by[scenarios[0]]
+        print(f"  {'step':<26} {'GFLOP':>9} {'HBM GB':>8} " + " ".join(f"{sc[:11]:>11}" for sc in scenarios)
+              + "  (ms)  note (" + scenarios[-1] + ")")
+        for i, s in enumerate(first):
             print(f"  {s['step']:<26} {s['flops'] / 1e9:>9.0f} {s['hbm_bytes'] / 1e9:>8.2f} "
-                  f"{s['predicted_ms']:>8.2f}  {s['bound']:<8} {s['note']}")
-        mem = peak_bytes(shape, budget_mib)
-        print(f"  peak beyond the inputs: {mem['peak'] / 2**20:.0f} MiB = bf16 gradients "
-              f"{mem['gradients'] / 2**20:.0f} + fp32 dH {mem['dh_fp32'] / 2**20:.0f} + workspace "
-              f"{mem['workspace'] / 2**20:.0f} MiB")
+                  + " ".join(f"{by[sc][i]['predicted_ms']:>11.2f}" for sc in scenarios)
+                  + f"        {by[scenarios[-1]][i]['note']}")
+        mem = peak_bytes(shape, budget_mib, gemm_path)
+        mib = {k: val / 2**20 for k, val in mem.items()}
+        print(f"  peak beyond the inputs: {mib['peak']:.0f} MiB = outside the budget {mib['outside_budget']:.0f} "
+              f"(bf16 dW {mib['weight_grad']:.0f} + fp32 dH {mib['dh_fp32']:.0f} + per-token "
+              f"{mib['per_token']:.1f}) + max(workspace {mib['workspace']:.0f}, bf16 dH {mib['dh_cast']:.0f}); "
+              f"floor with fp32 dH {mib['floor_fp32_dh']:.0f} MiB")
+
+
+def measured_steps(path) -> dict:
+    """{shape key: {step: ms, "total": the whole call's ms}} of a ``--measure`` report (measured.json): the steps
+    timed one at a time and fastkto-triton's forward + backward on random inputs."""
+    report = json.loads(Path(path).read_text())
+    out = {}
+    for r in report.get("measured") or []:
+        got = dict(r.get("steps") or {})
+        whole = ((r.get("methods") or {}).get("fastkto-triton") or {}).get("random")
+        if whole:
+            got["total"] = whole["ms"]
+        out[r["shape"]] = got
+    return out
+
+
+def _print_compare(shapes: list[Shape], budget_mib: float, path, gemm_path: str = "fused") -> None:
+    """Each scenario's prediction next to what a ``--measure`` report measured, step by step."""
+    measured = measured_steps(path)
+    nan = float("nan")
+    for shape in shapes:
+        got = measured.get(shape.key)
+        if got is None:
+            print(f"\n{shape.name or shape.key}: not in {path}")
+            continue
+        by = {sc: {s["step"]: s["predicted_ms"] for s in steps(shape, budget_mib, sc, gemm_path)}
+              for sc in SCENARIOS}
+        print(f"\n{shape.name or shape.key}  (ms; measured: {path})")
+        print(f"  {'step':<26} {'measured':>9} " + " ".join(f"{sc:>11}" for sc in SCENARIOS) + "  central/measured")
+        for step in [k for k in by["central"] if k in got]:
+            ratio = f"{by['central'][step] / got[step] - 1:+.1%}" if got[step] else ""
+            print(f"  {step:<26} {got[step]:>9.2f} " + " ".join(f"{by[sc].get(step, nan):>11.2f}" for sc in SCENARIOS)
+                  + f"  {ratio}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -723,7 +1041,11 @@ def _print_measured(shapes: list[Shape], results: list[dict], budget_mib: float)
     a result is there: a partial result prints what it has)."""
     nan = float("nan")
     for shape, r in zip(shapes, results):
-        model = {s["step"]: s["predicted_ms"] for s in steps(shape, budget_mib)}
+        try:
+            by = {sc: {s["step"]: s["predicted_ms"] for s in steps(shape, budget_mib, sc)} for sc in SCENARIOS}
+        except Exception as exc:  # noqa: BLE001 - the measurements print without the model
+            print(f"  the model failed: {type(exc).__name__}: {exc}")
+            by = {sc: {} for sc in SCENARIOS}
         print(f"\n{r.get('name') or r['shape']}: cuBLAS bf16 matmul {r.get('matmul_floor_ms', nan):.2f} ms "
               f"({r.get('matmul_tflops', nan):.0f} TFLOP/s); bitwise repeat: {r.get('bitwise_repeat')}")
         if "plan" in r:
@@ -731,11 +1053,12 @@ def _print_measured(shapes: list[Shape], results: list[dict], budget_mib: float)
             print(f"  plan: tiles {p['tile'][0]} x {p['tile'][1]} ({p['token_chunks']} x {p['vocab_chunks']}), "
                   f"workspace {p['workspace_mib']:.0f} MiB, forward {p['forward_splits']} splits "
                   f"({p['forward_programs']} programs on {p['sms']} SMs); GEMM path: {p['gemm_path']}")
-        print(f"  {'step':<26} {'predicted ms':>12} {'measured ms':>12}")
+        print(f"  {'step':<26} {'measured ms':>12} " + " ".join(f"{sc:>11}" for sc in SCENARIOS))
         for step, ms in r["steps"].items():
-            print(f"  {step:<26} {model.get(step, nan):>12.2f} {ms:>12.2f}")
+            print(f"  {step:<26} {ms:>12.2f} " + " ".join(f"{by[sc].get(step, nan):>11.2f}" for sc in SCENARIOS))
         if r["steps"]:
-            print(f"  {'total':<26} {model['total']:>12.2f} {sum(r['steps'].values()):>12.2f}")
+            print(f"  {'total (sum of the steps)':<26} {sum(r['steps'].values()):>12.2f} "
+                  + " ".join(f"{by[sc].get('total', nan):>11.2f}" for sc in SCENARIOS))
         if "backward_ms" in r:
             print(f"  backward, whole: {r['backward_ms']:.2f} ms at {budget_mib:g} MiB; by budget: "
                   + ", ".join(f"{mib:g} MiB {ms:.2f} ms"
@@ -867,6 +1190,14 @@ def main(argv=None) -> int:
     p.add_argument("--budget-mib", type=float, default=None, help="workspace budget (default: fastkto's CUDA "
                    "default)")
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
+    p.add_argument("--scenario", choices=(*SCENARIOS, "all"), default="all", help="the model's scenario(s)")
+    p.add_argument("--gemm-path", choices=("fused", "fallback"), default="fused",
+                   help="fallback: torch without addmm(fp32 acc, bf16, bf16, out_dtype=fp32)")
+    p.add_argument("--scored", type=int, default=None,
+                   help="a masked call: M scored rows of each --shape's N (gathered hidden states)")
+    p.add_argument("--rates", action="store_true", help="print the rate table and each rate's source")
+    p.add_argument("--compare", type=Path, default=None, metavar="MEASURED_JSON",
+                   help="each scenario next to a --measure report's steps")
     p.add_argument("--measure", action="store_true", help="time every step and the methods (CUDA; --device cpu "
                    "under TRITON_INTERPRET=1 for tests of the measurement itself)")
     p.add_argument("--methods", default="fastkto-triton,fastkto-torch,naive,trl,liger,cce")
@@ -888,13 +1219,24 @@ def main(argv=None) -> int:
 
     budget = args.budget_mib or tiled.DEFAULT_WORKSPACE_MIB["cuda"]
     shapes = [dataclasses.replace(s, softcap=args.softcap) for s in args.shape] if args.shape else SHAPES
+    if args.scored is not None:
+        if not all(0 < args.scored <= s.N for s in shapes):
+            p.error(f"--scored must be in 1..N of every shape, got {args.scored}")
+        shapes = [dataclasses.replace(s, scored=args.scored) for s in shapes]
     if args.peer_worker:
         return _peer_worker(args)
+    scenarios = SCENARIOS if args.scenario == "all" else (args.scenario,)
+    if args.rates:
+        _print_rates()
+        return 0
+    if args.compare:
+        _print_compare(shapes, budget, args.compare, args.gemm_path)
+        return 0
     if not args.measure:
         if args.json:
-            print(json.dumps(rows(shapes, budget), indent=1))
+            print(json.dumps(rows(shapes, budget, scenarios, args.gemm_path), indent=1))
         else:
-            _print_model(shapes, budget)
+            _print_model(shapes, budget, scenarios, args.gemm_path)
         return 0
     import torch
 
