@@ -306,7 +306,6 @@ def steps(shape: Shape, budget_mib: float = 128, scenario: str = "optimistic", g
     tn, tv = len(n_chunks), len(v_chunks)
     gemm = 2.0 * M * D * V
     softcap = shape.softcap is not None
-    hbm = r.hbm_tbs * 1e12
     _, fl = _tiles()
     cfg_f, cfg_z = fl.gpu_configs()[("fwd", "16")], fl.gpu_configs()[("dz", "16")]
     splits = splits or _forward_splits(shape)
@@ -380,12 +379,23 @@ def steps(shape: Shape, budget_mib: float = 128, scenario: str = "optimistic", g
                     + (f"; masked: {gathers} gather(s) of the scored H rows, dH scattered" if shape.gathered else "")))
 
     for s in out:
-        exposed = r.rmw_exposed * s.get("c_bytes", 0) + s.get("add_bytes", 0)  # never under the products
-        mem_ms = 1e3 * (s["hbm_bytes"] - exposed) / hbm
-        s["predicted_ms"] = max(s["compute_ms"], mem_ms) + 1e3 * exposed / hbm + 1e-3 * s["kernels"] * r.launch_us
-        s["bound"] = "compute" if s["compute_ms"] >= mem_ms else "memory"
-        for k in ("compute_ms", "c_bytes", "add_bytes", "kernels"):
-            s.pop(k, None)
+        _predict(s, r)
+    return _with_total(out, r, gemm, scenario)
+
+
+def _predict(s: dict, r: Rates) -> None:
+    """A step's predicted_ms and bound from its compute time, bytes and kernels (which it then drops)."""
+    hbm = r.hbm_tbs * 1e12
+    exposed = r.rmw_exposed * s.get("c_bytes", 0) + s.get("add_bytes", 0)  # never under the products
+    mem_ms = 1e3 * (s["hbm_bytes"] - exposed) / hbm
+    s["predicted_ms"] = max(s["compute_ms"], mem_ms) + 1e3 * exposed / hbm + 1e-3 * s["kernels"] * r.launch_us
+    s["bound"] = "compute" if s["compute_ms"] >= mem_ms else "memory"
+    for k in ("compute_ms", "c_bytes", "add_bytes", "kernels"):
+        s.pop(k, None)
+
+
+def _with_total(out: list[dict], r: Rates, gemm: float, scenario: str) -> list[dict]:
+    """``out`` with the sustained-load and total rows added, every row tagged with the scenario."""
     steps_ms = sum(s["predicted_ms"] for s in out)
     out.append(dict(step="sustained (whole call)", flops=0.0, hbm_bytes=0, predicted_ms=r.sustained * steps_ms,
                     bound="", note=f"{r.sustained:.1%} over the steps timed one at a time"))
@@ -399,13 +409,56 @@ def steps(shape: Shape, budget_mib: float = 128, scenario: str = "optimistic", g
     return out
 
 
+def epilogue_plan(shape: Shape, budget_mib: float) -> tuple[int, int, int]:
+    """(token rows, vocabulary rows, workspace bytes) of the cuBLAS-and-epilogue path's plan on a GPU (its blocks
+    hold fp32 raw logits beside the bf16 dz, so they are smaller than the fused path's for the same budget)."""
+    import torch
+
+    from fastkto.kernels import gemm_epilogue as ge
+    from fastkto.kernels import tiled
+
+    maker = dataclasses.replace(ge.TILE_MAKER, align=ge.GPU_ALIGN)
+    call = dataclasses.replace(_call(shape), input_dtype=torch.bfloat16)
+    n, v = tiled.plan_tiles(call, maker, int(budget_mib * 2**20), False)
+    return n, v, tiled.buffers_nbytes(tiled.workspace_buffers(n, v, call, maker))
+
+
+def epilogue_steps(shape: Shape, budget_mib: float = 128, scenario: str = "central") -> list[dict]:
+    """The model of the cuBLAS-and-epilogue path (``kernels/gemm_epilogue.py``, ``backend="cublas"``): per block
+    of its plan, the logits are a cuBLAS GEMM writing fp32 (4 bytes per logit, exposed like every GEMM's C
+    traffic) and a Triton epilogue reading them (the forward's fold: 4 bytes per logit; the backward's dz: 4 read,
+    2 written), memory-bound at ``hbm_tbs``; the gradient GEMMs and casts are the fused path's, with this plan's
+    tiles. No GPU has timed this path: the rows say what the first run should find."""
+    r = scenario_rates(scenario)
+    n, v, _ = epilogue_plan(shape, budget_mib)
+    n, v = min(n, shape.M), min(v, shape.V)
+    blocks = [(nc, vc) for vc in _chunks(shape.V, v) for nc in _chunks(shape.M, n)]
+    logits = shape.M * shape.V
+    gemm = 2.0 * shape.M * shape.D * shape.V
+    gemm_ms = sum(1e3 * 2.0 * nc * vc * shape.D / (r.cublas * TFLOPS * gemm_fill(nc, vc, r.cublas_fill))
+                  for nc, vc in blocks)
+    operands = len(_chunks(shape.V, v)) * shape.M * shape.D * BF16 + shape.V * shape.D * BF16
+    out = []
+    for name, epilogue, epi_bytes in (("forward", "fold", 4), ("recompute", "dz", 6)):
+        out.append(dict(step=f"{name} logits (cuBLAS)", flops=gemm, compute_ms=gemm_ms, c_bytes=4 * logits,
+                        kernels=len(blocks), hbm_bytes=operands + 4 * logits,
+                        note=f"{len(blocks)} blocks of {n} x {v}, fp32 output"))
+        out.append(dict(step=f"{epilogue} epilogue (Triton)", flops=0.0, compute_ms=0.0, kernels=len(blocks),
+                        hbm_bytes=epi_bytes * logits, note=f"{epi_bytes} bytes per logit, memory-bound"))
+    for s in out:
+        _predict(s, r)
+    tail = [s for s in steps(shape, budget_mib, scenario, tile=(n, v))
+            if s["step"].startswith(("dH", "dW", "epilogue (casts)"))]
+    return _with_total(out + tail, r, gemm, scenario)
+
+
 def _tile_flop_per_byte(cfg) -> float:
     """FLOP per byte a 16-bit (BLOCK_N x BLOCK_V x BLOCK_D) tile streams from L2 per k-step: 2 BN BV BD flops over
     (BN + BV) BD x 2 bytes = BN BV / (BN + BV); 64 for 128 x 128."""
     return cfg.BLOCK_N * cfg.BLOCK_V / (cfg.BLOCK_N + cfg.BLOCK_V)
 
 
-def peak_bytes(shape: Shape, budget_mib: float = 128, gemm_path: str = "fused") -> dict:
+def peak_bytes(shape: Shape, budget_mib: float = 128, gemm_path: str = "fused", maker: str = "fused") -> dict:
     """Predicted memory beyond the inputs for forward + backward. Outside the workspace budget: the bf16 weight
     gradient, the (M, D) fp32 hidden gradient and the per-token vectors. Inside it, at different times: the
     workspace (the tile loop) and then the bf16 hidden gradient (the cast of the fp32 one, made after the loop
@@ -413,7 +466,7 @@ def peak_bytes(shape: Shape, budget_mib: float = 128, gemm_path: str = "fused") 
     larger of the two, never their sum."""
     from fastkto.kernels import tiled
 
-    _, _, ws = plan(shape, budget_mib, gemm_path)
+    _, _, ws = epilogue_plan(shape, budget_mib) if maker == "epilogue" else plan(shape, budget_mib, gemm_path)
     M, N, D, V = shape.M, shape.N, shape.D, shape.V
     dh_cast = BF16 * N * D + (min(int(budget_mib * 2**20), BF16 * M * D) if shape.gathered else 0)
     out = {"weight_grad": BF16 * V * D, "dh_fp32": 4 * M * D, "per_token": tiled.PER_TOKEN_BYTES * M,
@@ -426,15 +479,26 @@ def peak_bytes(shape: Shape, budget_mib: float = 128, gemm_path: str = "fused") 
     return out
 
 
-def rows(shapes: list[Shape], budget_mib: float, scenarios=SCENARIOS, gemm_path: str = "fused") -> list[dict]:
+def model_steps(shape: Shape, budget_mib: float, scenario: str, gemm_path: str = "fused",
+                maker: str = "fused") -> list[dict]:
+    """``steps`` for the fused Triton tile maker, ``epilogue_steps`` for ``maker`` "epilogue" (fused GEMMs only)."""
+    if maker == "epilogue":
+        if gemm_path != "fused":
+            raise ValueError("the epilogue tile maker is modelled on the fused GEMM path only")
+        return epilogue_steps(shape, budget_mib, scenario)
+    return steps(shape, budget_mib, scenario, gemm_path)
+
+
+def rows(shapes: list[Shape], budget_mib: float, scenarios=SCENARIOS, gemm_path: str = "fused",
+         maker: str = "fused") -> list[dict]:
     """The JSON rows: one per (scenario, shape, step), with keys scenario, shape, step, flops, hbm_bytes,
-    predicted_ms."""
+    predicted_ms, maker."""
     out = []
     for scenario in scenarios:
         for shape in shapes:
-            for s in steps(shape, budget_mib, scenario, gemm_path):
+            for s in model_steps(shape, budget_mib, scenario, gemm_path, maker):
                 out.append({"scenario": scenario, "shape": shape.key, "step": s["step"], "flops": s["flops"],
-                            "hbm_bytes": s["hbm_bytes"], "predicted_ms": s["predicted_ms"]})
+                            "hbm_bytes": s["hbm_bytes"], "predicted_ms": s["predicted_ms"], "maker": maker})
     return out
 
 
@@ -445,16 +509,17 @@ def _print_rates() -> None:
         print(f"  {name:<24} " + " ".join(f"{v!s:>{w}}" for v, w in zip(vals, (10, 9, 9))) + f"  {unit:<9} {source}")
 
 
-def _print_model(shapes: list[Shape], budget_mib: float, scenarios=SCENARIOS, gemm_path: str = "fused") -> None:
+def _print_model(shapes: list[Shape], budget_mib: float, scenarios=SCENARIOS, gemm_path: str = "fused",
+                 maker: str = "fused") -> None:
     print(f"H200 model, {', '.join(scenarios)} (rates: --rates); workspace {budget_mib:g} MiB; GEMM path "
-          f"{gemm_path}")
+          f"{gemm_path}; tile maker {maker}")
     for shape in shapes:
-        n, v, ws = plan(shape, budget_mib, gemm_path)
+        n, v, ws = epilogue_plan(shape, budget_mib) if maker == "epilogue" else plan(shape, budget_mib, gemm_path)
         print(f"\n{shape.name or shape.key}  (N={shape.N}, D={shape.D}, V={shape.V}"
               f"{f', M={shape.M} scored (gathered)' if shape.gathered else ''}"
               f"{f', soft-cap {shape.softcap:g}' if shape.softcap else ''}): tiles {n} x {v}, "
               f"workspace {ws / 2**20:.0f} MiB")
-        by = {sc: steps(shape, budget_mib, sc, gemm_path) for sc in scenarios}
+        by = {sc: model_steps(shape, budget_mib, sc, gemm_path, maker) for sc in scenarios}
         first = by[scenarios[0]]
         print(f"  {'step':<26} {'GFLOP':>9} {'HBM GB':>8} " + " ".join(f"{sc[:11]:>11}" for sc in scenarios)
               + "  (ms)  note (" + scenarios[-1] + ")")
@@ -462,7 +527,7 @@ def _print_model(shapes: list[Shape], budget_mib: float, scenarios=SCENARIOS, ge
             print(f"  {s['step']:<26} {s['flops'] / 1e9:>9.0f} {s['hbm_bytes'] / 1e9:>8.2f} "
                   + " ".join(f"{by[sc][i]['predicted_ms']:>11.2f}" for sc in scenarios)
                   + f"        {by[scenarios[-1]][i]['note']}")
-        mem = peak_bytes(shape, budget_mib, gemm_path)
+        mem = peak_bytes(shape, budget_mib, gemm_path, maker)
         mib = {k: val / 2**20 for k, val in mem.items()}
         print(f"  peak beyond the inputs: {mib['peak']:.0f} MiB = outside the budget {mib['outside_budget']:.0f} "
               f"(bf16 dW {mib['weight_grad']:.0f} + fp32 dH {mib['dh_fp32']:.0f} + per-token "
@@ -1193,6 +1258,8 @@ def main(argv=None) -> int:
     p.add_argument("--scenario", choices=(*SCENARIOS, "all"), default="all", help="the model's scenario(s)")
     p.add_argument("--gemm-path", choices=("fused", "fallback"), default="fused",
                    help="fallback: torch without addmm(fp32 acc, bf16, bf16, out_dtype=fp32)")
+    p.add_argument("--tile-maker", choices=("fused", "epilogue"), default="fused",
+                   help="epilogue: the cuBLAS logits + Triton epilogue path (backend 'cublas'), not yet timed")
     p.add_argument("--scored", type=int, default=None,
                    help="a masked call: M scored rows of each --shape's N (gathered hidden states)")
     p.add_argument("--rates", action="store_true", help="print the rate table and each rate's source")
@@ -1234,9 +1301,9 @@ def main(argv=None) -> int:
         return 0
     if not args.measure:
         if args.json:
-            print(json.dumps(rows(shapes, budget, scenarios, args.gemm_path), indent=1))
+            print(json.dumps(rows(shapes, budget, scenarios, args.gemm_path, args.tile_maker), indent=1))
         else:
-            _print_model(shapes, budget, scenarios, args.gemm_path)
+            _print_model(shapes, budget, scenarios, args.gemm_path, args.tile_maker)
         return 0
     import torch
 

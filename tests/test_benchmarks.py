@@ -315,7 +315,7 @@ def test_memory_model_gpu_column_is_the_plans_buffers():
 
 def test_roofline_rows_follow_the_plan_and_meet_the_targets():
     out = roofline.rows(roofline.SHAPES, 128)
-    assert all(set(r) == {"scenario", "shape", "step", "flops", "hbm_bytes", "predicted_ms"} for r in out)
+    assert all(set(r) == {"scenario", "shape", "step", "flops", "hbm_bytes", "predicted_ms", "maker"} for r in out)
     targets = {"16384,2048,248320": 141, "8192,2304,256000": 82, "8192,4096,128256": 73}  # 60 % of 790 on 8NDV
     assert {r["shape"] for r in out} == set(targets)
     assert {r["scenario"] for r in out} == set(roofline.SCENARIOS)
@@ -656,3 +656,25 @@ def test_gpu_check_reports_complete_when_every_step_passes(tmp_path):
     proc, out = _gpu_check(tmp_path, {"GPU_CHECK_ONLY": "benchmark"})
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert (out / "summary.txt").read_text().strip().endswith("RESULT: complete")
+
+
+def test_roofline_epilogue_path_by_hand():
+    # the cuBLAS-and-epilogue model (not yet timed): per block, a logits GEMM writing 4 bytes per logit and an
+    # epilogue moving 4 (fold) or 6 (dz) bytes per logit at HBM speed; its gradient GEMMs are the fused model's
+    # with this path's tiles
+    shape = roofline.Shape(4096, 1024, 32768, None)
+    n, v, ws = roofline.epilogue_plan(shape, 128)
+    assert 0 < ws <= 128 * 2**20 and n <= shape.M and v <= shape.V
+    by = {s["step"]: s for s in roofline.epilogue_steps(shape, 128, "central")}
+    r = roofline.scenario_rates("central")
+    logits = shape.M * shape.V
+    assert by["fold epilogue (Triton)"]["hbm_bytes"] == 4 * logits
+    assert by["dz epilogue (Triton)"]["hbm_bytes"] == 6 * logits
+    blocks = -(-shape.M // n) * -(-shape.V // v)
+    want = 1e3 * 4 * logits / (r.hbm_tbs * 1e12) + 1e-3 * blocks * r.launch_us
+    assert by["fold epilogue (Triton)"]["predicted_ms"] == pytest.approx(want)
+    fused = {s["step"]: s for s in roofline.steps(shape, 128, "central", tile=(n, v))}
+    assert by["dH += dz @ W (cuBLAS)"]["predicted_ms"] == fused["dH += dz @ W (cuBLAS)"]["predicted_ms"]
+    total = sum(s["predicted_ms"] for name, s in by.items() if name != "total")
+    assert by["total"]["predicted_ms"] == pytest.approx(total)
+    assert roofline.main(["--json", "--tile-maker", "epilogue", "--shape", "1000,512,32000"]) == 0
