@@ -33,14 +33,11 @@ __all__ = ["implementation", "compact_rows", "forward_compute", "backward_comput
 
 
 def implementation(name: str) -> ModuleType:
-    """The module that makes the tiles: ``"torch"`` (chunked PyTorch) or ``"triton"`` (the kernels)."""
-    if name == "triton":
-        from .kernels import fused_logprob
+    """The module that makes the tiles: a name of ``fastkto.kernels.IMPLEMENTATIONS`` (``"torch"``: chunked PyTorch,
+    ``"triton"``: the kernels)."""
+    from . import kernels
 
-        return fused_logprob
-    from .kernels import torch_chunked
-
-    return torch_chunked
+    return kernels.load(name)
 
 
 def compact_rows(labels: torch.Tensor, ignore_index: int, scored: int) -> torch.Tensor | None:
@@ -201,11 +198,14 @@ def on_fake_transient(hook) -> _Handle:
 
 @contextlib.contextmanager
 def simulate_target(device_type: str = "cuda", impl: str = "triton", sms: int = 132):
-    """Within the block, fake-tensor calls report the temporaries of ``impl`` ("triton" or "torch") on a
-    ``device_type`` device with ``sms`` multiprocessors (the Triton forward's split count follows it), whatever
-    device the fake tensors claim (a simulation on a CPU-only machine plans for the GPU it models)."""
-    if impl not in ("triton", "torch"):
-        raise ValueError(f"impl must be 'triton' or 'torch', got {impl!r}")
+    """Within the block, fake-tensor calls report the temporaries of ``impl`` (a name of
+    ``fastkto.kernels.IMPLEMENTATIONS``: "triton" or "torch") on a ``device_type`` device with ``sms``
+    multiprocessors (the Triton forward's split count follows it), whatever device the fake tensors claim (a
+    simulation on a CPU-only machine plans for the GPU it models)."""
+    from . import kernels
+
+    if impl not in kernels.IMPLEMENTATIONS:
+        raise ValueError(f"impl must be one of {tuple(kernels.IMPLEMENTATIONS)}, got {impl!r}")
     if device_type not in ("cuda", "cpu"):
         raise ValueError(f"device_type must be 'cuda' or 'cpu', got {device_type!r}")
     old, _TARGET[0] = _TARGET[0], (device_type, impl, int(sms))
@@ -231,7 +231,9 @@ def _target(device: torch.device, impl_name: str) -> tuple[str, str, int]:
 
 
 def _impl_name(impl) -> str:
-    return impl if isinstance(impl, str) else ("triton" if impl.__name__.endswith("fused_logprob") else "torch")
+    from . import kernels
+
+    return impl if isinstance(impl, str) else kernels.name_of(impl)
 
 
 def workspace_plan_bytes(direction: str, impl: str, device_type: str, tokens: int, vocab: int, dim: int,
