@@ -260,11 +260,12 @@ def workspace_plan_bytes(direction: str, impl: str, device_type: str, tokens: in
 
         if direction == "forward":
             return fl.forward_buffer_bytes(m, vocab, dtype, budget, stats, gpu=True)
-        maker = dataclasses.replace(fl.TILES, align=fl.GPU_ALIGN)
+        maker = dataclasses.replace(fl.TILE_MAKER, align=fl.GPU_ALIGN)
         call = tiled.CallShape(m, vocab, dim, dtype, dtype, "cuda", gathered, False, False, softcap, need_weight,
                                has_bias, True)
         plan = tiled.plan_tiles(call, maker, budget, False)
         return _buffers(tiled.workspace_buffers(*plan, call, maker))
+    from .kernels import cpu_threads
     from .kernels import torch_chunked as tc
 
     if device_type == "cpu":
@@ -278,22 +279,22 @@ def workspace_plan_bytes(direction: str, impl: str, device_type: str, tokens: in
                            has_bias, fused, stats=stats if direction == "forward" else 0)
     by_budget = device_type == "cpu"
     if direction == "forward":  # the forward's shards do not depend on the tokens, nor split the budget by them
-        workers = tc._forward_workers(call)
-        shards = tc._shards(vocab, workers) if workers > 1 else [(0, vocab)]
+        workers = cpu_threads.forward_workers(call, tc.TILE_MAKER)
+        shards = cpu_threads.shards(vocab, workers, tc.TILE_MAKER) if workers > 1 else [(0, vocab)]
         total = 0
         for v0, v1 in shards:
             shard = dataclasses.replace(call, vocab=v1 - v0)
-            plan = tiled.plan_tiles(shard, tc.TILES, budget // workers, by_budget)
-            total += _buffers(tiled.workspace_buffers(*plan, shard, tc.TILES, backward=False))
+            plan = tiled.plan_tiles(shard, tc.TILE_MAKER, budget // workers, by_budget)
+            total += _buffers(tiled.workspace_buffers(*plan, shard, tc.TILE_MAKER, backward=False))
         return total
-    workers = tc._cpu_workers(call, budget)
-    shards = tc._shards(vocab, workers) if workers > 1 else [(0, vocab)]
-    per_worker = tc._per_worker_budget(call, budget, workers) if workers > 1 else budget
+    workers = cpu_threads.backward_workers(call, budget, tc.TILE_MAKER)
+    shards = cpu_threads.shards(vocab, workers, tc.TILE_MAKER) if workers > 1 else [(0, vocab)]
+    per_worker = cpu_threads.per_worker_budget(call, budget, workers) if workers > 1 else budget
     total = (workers - 1) * m * dim * 4 if direction == "backward" else 0
     for v0, v1 in shards:
         shard = dataclasses.replace(call, vocab=v1 - v0)
-        plan = tiled.plan_tiles(shard, tc.TILES, per_worker, by_budget)
-        total += _buffers(tiled.workspace_buffers(*plan, shard, tc.TILES, backward=direction == "backward"))
+        plan = tiled.plan_tiles(shard, tc.TILE_MAKER, per_worker, by_budget)
+        total += _buffers(tiled.workspace_buffers(*plan, shard, tc.TILE_MAKER, backward=direction == "backward"))
     return total
 
 

@@ -40,7 +40,7 @@ import triton.language as tl
 from . import tiled
 from .tiled import TileMaker, default_workspace_bytes
 
-__all__ = ["logprob_fwd", "logprob_bwd", "make_dz", "TILES", "INTERPRET", "KernelConfig", "gpu_configs",
+__all__ = ["logprob_fwd", "logprob_bwd", "make_dz", "TILE_MAKER", "INTERPRET", "KernelConfig", "gpu_configs",
            "select_config"]
 
 
@@ -489,8 +489,8 @@ def _scratch(n, v, gemm_dtype, softcap, backward, extra=False):
 # fp32 copies: the rounding is the GPU's, only the products' order differs)
 # GPU tile sides are multiples of the 16-bit dz kernel's blocks (the fp32 blocks divide them)
 GPU_ALIGN = (_GPU_CONFIGS[("dz", "16")].BLOCK_N, _GPU_CONFIGS[("dz", "16")].BLOCK_V)
-TILES = TileMaker(make_dz=make_dz, dz_dtype=lambda input_dtype, gemm_dtype: input_dtype, scratch=_scratch,
-                  align=(_INTERPRET_CONFIG.BLOCK_N, _INTERPRET_CONFIG.BLOCK_V) if INTERPRET else GPU_ALIGN)
+TILE_MAKER = TileMaker(make_dz=make_dz, dz_dtype=lambda input_dtype, gemm_dtype: input_dtype, scratch=_scratch,
+                       align=(_INTERPRET_CONFIG.BLOCK_N, _INTERPRET_CONFIG.BLOCK_V) if INTERPRET else GPU_ALIGN)
 
 
 def logprob_bwd(
@@ -513,13 +513,14 @@ def logprob_bwd(
     grad_entropy: torch.Tensor | None = None,
     entropy: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """Triton version of ``torch_chunked.logprob_bwd``: the shared tile loop (``tiled.logprob_bwd``) with the fused
+    """Triton version of ``torch_chunked.logprob_bwd``: the shared tile loop (``tiled.backward_loop``) with the fused
     dz kernel; same arguments and (grad_hidden fp32 compact, grad_weight, grad_bias). ``tile`` forces the tile
     shape (tests); ``on_step`` marks the steps (``benchmarks.roofline``)."""
     # unit-stride vectors for the kernel; the loop gives it unit-stride rows
     bias = None if bias is None else bias.contiguous()
-    return tiled.logprob_bwd(
-        TILES, hidden, weight, bias, rows, labels.contiguous(), lse.float().contiguous(), grad.float().contiguous(),
+    return tiled.backward_loop(
+        TILE_MAKER, hidden, weight, bias, rows, labels.contiguous(), lse.float().contiguous(),
+        grad.float().contiguous(),
         softcap=softcap, temperature=temperature, need_hidden=need_hidden, need_weight=need_weight,
         need_bias=need_bias, workspace_bytes=workspace_bytes, tile=tile, on_step=on_step,
         grad_entropy=None if grad_entropy is None else grad_entropy.float().contiguous(),
