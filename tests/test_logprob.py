@@ -371,6 +371,32 @@ def test_backend_resolution():
         resolve_backend("cuda", torch.device("cpu"), torch.float32)
 
 
+def test_every_registered_implementation_meets_the_contract():
+    """Each row of ``kernels.IMPLEMENTATIONS`` that can be imported here is a module with the contract's names, a
+    ``TileMaker``, and every keyword the callers (``ops.forward_compute`` / ``backward_compute``) pass; the
+    backend names are the table's."""
+    import inspect
+
+    from fastkto import kernels
+    from fastkto.logprob import BACKENDS
+
+    assert BACKENDS == ("auto", *kernels.IMPLEMENTATIONS)
+    contract = {name: set(inspect.signature(getattr(kernels.Implementation, name)).parameters) - {"self"}
+                for name in ("logprob_fwd", "logprob_bwd")}
+    checked = 0
+    for name in kernels.IMPLEMENTATIONS:
+        if not kernels.available(name):
+            continue
+        impl = kernels.load(name)
+        assert kernels.name_of(impl) == name
+        assert isinstance(impl.TILE_MAKER, tiled.TileMaker), name
+        for fn, params in contract.items():
+            missing = params - set(inspect.signature(getattr(impl, fn)).parameters)
+            assert not missing, f"{name}.{fn} lacks {sorted(missing)}"
+        checked += 1
+    assert checked >= 1 and kernels.auto_choice(torch.device("cpu"), torch.float32) == "torch"
+
+
 def test_triton_on_cpu_without_interpreter_subprocess():
     """backend="triton" on CPU tensors without the interpreter: a clear error (checked in a fresh process, since
     this one may interpret)."""
