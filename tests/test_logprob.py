@@ -395,6 +395,9 @@ def test_every_registered_implementation_meets_the_contract():
             assert not missing, f"{name}.{fn} lacks {sorted(missing)}"
         checked += 1
     assert checked >= 1 and kernels.auto_choice(torch.device("cpu"), torch.float32) == "torch"
+    cuda_only = kernels.needs_cuda("x")  # the rule a CUDA-only row names
+    assert cuda_only(torch.device("cuda")) is None
+    assert "backend='x' needs CUDA tensors (got cpu)" in cuda_only(torch.device("cpu"))
 
 
 def test_triton_on_cpu_without_interpreter_subprocess():

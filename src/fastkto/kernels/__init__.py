@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from .tiled import TileMaker
 
 __all__ = ["Implementation", "Registration", "IMPLEMENTATIONS", "available", "load", "name_of", "auto_choice",
-           "unavailable_on"]
+           "unavailable_on", "needs_cuda"]
 
 
 class Implementation(Protocol):
@@ -79,20 +79,29 @@ def _triton_auto(device: torch.device, dtype: torch.dtype) -> bool:
     return device.type == "cuda" and not (dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) < (8, 0))
 
 
-def _triton_unavailable(device: torch.device) -> str | None:
-    if device.type == "cuda":
-        return None
-    from . import fused_logprob  # an import statement, not importlib: Dynamo traces this check
+def needs_cuda(name: str, interpreted: bool = False) -> Callable[[torch.device], str | None]:
+    """An ``unavailable`` rule for implementation ``name``: CUDA tensors only; with ``interpreted`` also any device
+    while Triton's interpreter is on (TRITON_INTERPRET=1 when triton was imported)."""
 
-    if fused_logprob.INTERPRET:
-        return None
-    return (f"backend='triton' needs CUDA tensors (got {device.type}); on the CPU it runs only under Triton's "
-            "interpreter (TRITON_INTERPRET=1 set before triton is imported). Use backend='torch' or 'auto'.")
+    def unavailable(device: torch.device) -> str | None:
+        if device.type == "cuda":
+            return None
+        if not interpreted:
+            return f"backend={name!r} needs CUDA tensors (got {device.type}). Use backend='torch' or 'auto'."
+        from . import fused_logprob  # an import statement, not importlib: Dynamo traces this check
+
+        if fused_logprob.INTERPRET:
+            return None
+        return (f"backend={name!r} needs CUDA tensors (got {device.type}); on the CPU it runs only under Triton's "
+                "interpreter (TRITON_INTERPRET=1 set before triton is imported). Use backend='torch' or 'auto'.")
+
+    return unavailable
 
 
 # name -> implementation, in the order "auto" tries them (the last accepts every tensor)
 IMPLEMENTATIONS: dict[str, Registration] = {
-    "triton": Registration("fused_logprob", requires="triton", auto=_triton_auto, unavailable=_triton_unavailable),
+    "triton": Registration("fused_logprob", requires="triton", auto=_triton_auto,
+                           unavailable=needs_cuda("triton", interpreted=True)),
     "torch": Registration("torch_chunked", auto=lambda device, dtype: True),
 }
 
