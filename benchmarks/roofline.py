@@ -197,7 +197,7 @@ def _tiles():
     """The Triton tile maker as compiled for a GPU (under the interpreter the kernels use smaller blocks)."""
     from fastkto.kernels import fused_logprob as fl
 
-    return dataclasses.replace(fl.TILES, align=fl.GPU_ALIGN), fl
+    return dataclasses.replace(fl.TILE_MAKER, align=fl.GPU_ALIGN), fl
 
 
 def _call(shape: Shape, fused: bool = True):
@@ -873,15 +873,15 @@ def measure(shape: Shape, budget_mib: float, methods: list[str], device=None, dt
 
     def plan():
         call = tiled.call_shape(a, b, None, None, labels, sc, True, False)
-        n, v = tiled.plan_tiles(call, fl.TILES, budget, False)
-        ws = tiled.buffers_nbytes(tiled.workspace_buffers(n, v, call, fl.TILES))
+        n, v = tiled.plan_tiles(call, fl.TILE_MAKER, budget, False)
+        ws = tiled.buffers_nbytes(tiled.workspace_buffers(n, v, call, fl.TILE_MAKER))
         mm, addmm = tiled.fp32_gemm_support(device.type)
         cfg = fl.select_config("fwd", dtype)
         n_tiles = -(-shape.N // cfg.BLOCK_N)
         splits = fl.vocab_splits(shape.V, cfg.BLOCK_V)
         result["plan"] = {
             "tile": [n, v], "token_chunks": -(-shape.N // n), "vocab_chunks": -(-shape.V // v),
-            "workspace_mib": ws / 2**20, "buffers": sorted(tiled.workspace_buffers(n, v, call, fl.TILES)),
+            "workspace_mib": ws / 2**20, "buffers": sorted(tiled.workspace_buffers(n, v, call, fl.TILE_MAKER)),
             "fp32_gemm_support": {"mm_out_dtype": mm, "addmm_fp32_accumulate": addmm},
             "gemm_path": "addmm(fp32 acc, 16-bit, 16-bit, out_dtype=fp32)" if addmm else
                          "fallback: mm(out_dtype=fp32) into a prod buffer, then add_",

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import fastkto
-from fastkto.kernels import tiled, torch_chunked
+from fastkto.kernels import cpu_threads, tiled, torch_chunked
 from tests.conftest import HAS_CUDA, INTERPRET
 from tests.reference import dz_rounding_amplification, leaf64, reference_logprobs, reference_sequence_logps
 
@@ -28,6 +28,7 @@ GRAD_TOL = {torch.float32: 1e-5, torch.bfloat16: 2 * 2**-8, torch.float16: 2 * 2
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(
     not (HAS_CUDA or INTERPRET), reason="Triton needs CUDA or TRITON_INTERPRET=1"))]
+MAKER = torch_chunked.TILE_MAKER
 
 
 def make_inputs(lead, dim, vocab, dtype, *, ignore_frac=0.3, bias=False, device=DEVICE, logit_scale=3.0):
@@ -237,7 +238,7 @@ def test_tiling_does_not_change_results(backend, dtype, seed):
     impl = torch_chunked if backend == "torch" else _triton()
     rows = (labels.view(-1) != -100).nonzero().squeeze(1)
     call = tiled.call_shape(hidden.view(-1, 32), weight, bias, rows, labels.view(-1)[rows], 9.0)
-    n, v = tiled.plan_tiles(call, impl.TILES, 1 << 14, False)
+    n, v = tiled.plan_tiles(call, impl.TILE_MAKER, 1 << 14, False)
     # the small budget really tiles the call (on a GPU the vocabulary chunk, planned without the batch, can be so
     # narrow that the tokens fit whole: 72 x 1 on an H200)
     assert n * v * 8 <= rows.numel() * 300, (n, v)
@@ -262,7 +263,7 @@ def _call(tokens, vocab, dim, dtype, device, *, gathered=False, softcap=False, n
 
 @pytest.mark.parametrize("maker", ["torch", "triton"])
 def test_plan_fits_the_budget(maker):
-    tiles = torch_chunked.TILES if maker == "torch" else _triton().TILES
+    tiles = torch_chunked.TILE_MAKER if maker == "torch" else _triton().TILE_MAKER
     cases = [(8192, 128256, 4096, 64 << 20), (100, 49152, 576, 64 << 20), (4096, 256000, 2304, 1 << 20),
              (5, 7, 3, 1 << 20), (16384, 248320, 2048, 128 << 20), (300, 1000, 8192, 1 << 16)]
     for tokens, vocab, dim, budget in cases:
@@ -283,7 +284,7 @@ def test_plan_gives_gpu_tiles_of_thousands_of_rows():
     # the default CUDA budget at the three shapes the roofline is about: GEMMs of thousands of rows on each side,
     # multiples of the dz kernel's 128-row blocks
     budget = tiled.DEFAULT_WORKSPACE_MIB["cuda"] << 20
-    gpu_tiles = dataclasses.replace(_triton().TILES, align=_triton().GPU_ALIGN)  # as compiled, not interpreted
+    gpu_tiles = dataclasses.replace(_triton().TILE_MAKER, align=_triton().GPU_ALIGN)  # as compiled, not interpreted
     for tokens, vocab, dim in ((16384, 248320, 2048), (8192, 256000, 2304), (8192, 128256, 4096)):
         for gathered in (False, True):
             call = _call(tokens, vocab, dim, torch.bfloat16, "cuda", gathered=gathered)
@@ -370,6 +371,35 @@ def test_backend_resolution():
         resolve_backend("cuda", torch.device("cpu"), torch.float32)
 
 
+def test_every_registered_implementation_meets_the_contract():
+    """Each row of ``kernels.IMPLEMENTATIONS`` that can be imported here is a module with the contract's names, a
+    ``TileMaker``, and every keyword the callers (``ops.forward_compute`` / ``backward_compute``) pass; the
+    backend names are the table's."""
+    import inspect
+
+    from fastkto import kernels
+    from fastkto.logprob import BACKENDS
+
+    assert BACKENDS == ("auto", *kernels.IMPLEMENTATIONS)
+    contract = {name: set(inspect.signature(getattr(kernels.Implementation, name)).parameters) - {"self"}
+                for name in ("logprob_fwd", "logprob_bwd")}
+    checked = 0
+    for name in kernels.IMPLEMENTATIONS:
+        if not kernels.available(name):
+            continue
+        impl = kernels.load(name)
+        assert kernels.name_of(impl) == name
+        assert isinstance(impl.TILE_MAKER, tiled.TileMaker), name
+        for fn, params in contract.items():
+            missing = params - set(inspect.signature(getattr(impl, fn)).parameters)
+            assert not missing, f"{name}.{fn} lacks {sorted(missing)}"
+        checked += 1
+    assert checked >= 1 and kernels.auto_choice(torch.device("cpu"), torch.float32) == "torch"
+    cuda_only = kernels.needs_cuda("x")  # the rule a CUDA-only row names
+    assert cuda_only(torch.device("cuda")) is None
+    assert "backend='x' needs CUDA tensors (got cpu)" in cuda_only(torch.device("cpu"))
+
+
 def test_triton_on_cpu_without_interpreter_subprocess():
     """backend="triton" on CPU tensors without the interpreter: a clear error (checked in a fresh process, since
     this one may interpret)."""
@@ -435,7 +465,7 @@ def test_torch_path_in_its_cuda_form(monkeypatch, accumulate_support, dtype, see
     hidden, weight, labels, bias = make_inputs((3, 21), 24, 333, dtype, bias=True, device="cpu", logit_scale=10.0)
     call = tiled.call_shape(hidden.view(-1, 24), weight, bias, None, labels.view(-1), 12.0)
     assert call.gemm_dtype == dtype  # 16-bit operands, as on a GPU
-    bufs = tiled.workspace_buffers(64, 64, call, torch_chunked.TILES)
+    bufs = tiled.workspace_buffers(64, 64, call, torch_chunked.TILE_MAKER)
     assert "w" not in bufs and bufs["dz"][1] == dtype and bufs["z"][1] == torch.float32
     assert ("prod" in bufs) == (not accumulate_support[1])
     monkeypatch.setenv("FASTKTO_WORKSPACE_MIB", "0.03125")  # 32 KiB: several tiles each way
@@ -454,7 +484,7 @@ def test_cpu_worker_threads_match_one_thread(dtype, seed):
     try:
         hidden, weight, labels, bias = make_inputs((3, 40), 32, 3000, dtype, bias=True)  # 3 vocabulary chunks
         call = tiled.call_shape(hidden.view(-1, 32), weight, bias, None, labels.view(-1), 9.0)
-        assert torch_chunked._cpu_workers(call, torch_chunked.default_workspace_bytes()) == 2
+        assert cpu_threads.backward_workers(call, torch_chunked.default_workspace_bytes(), MAKER) == 2
         runs = []
         for n_threads in (2, 2, 1):
             torch.set_num_threads(n_threads)
@@ -484,19 +514,20 @@ def test_cpu_worker_threads_match_one_thread(dtype, seed):
 
 def test_cpu_workers_follow_threads_and_budget():
     call = _call(1024, 49152, 576, torch.float32, "cpu")
+    workers = cpu_threads.backward_workers
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
-        assert torch_chunked._cpu_workers(call, 64 << 20) == 2
-        assert torch_chunked._cpu_workers(call, 16 << 20) == 1  # no room for a second workspace and dH partial
-        assert torch_chunked._cpu_workers(_call(1024, 1000, 576, torch.float32, "cpu"), 64 << 20) == 1  # 1 chunk
-        assert torch_chunked._cpu_workers(_call(1024, 49152, 576, torch.float32, "cuda"), 64 << 20) == 1
+        assert workers(call, 64 << 20, MAKER) == 2
+        assert workers(call, 16 << 20, MAKER) == 1  # no room for a second workspace and dH partial
+        assert workers(_call(1024, 1000, 576, torch.float32, "cpu"), 64 << 20, MAKER) == 1  # 1 chunk
+        assert workers(_call(1024, 49152, 576, torch.float32, "cuda"), 64 << 20, MAKER) == 1
         torch.set_num_threads(1)
-        assert torch_chunked._cpu_workers(call, 64 << 20) == 1
+        assert workers(call, 64 << 20, MAKER) == 1
     finally:
         torch.set_num_threads(threads)
-    assert torch_chunked._shards(3000, 2) == [(0, 2048), (2048, 3000)]
-    assert torch_chunked._shards(49152, 2) == [(0, 24576), (24576, 49152)]
+    assert cpu_threads.shards(3000, 2, MAKER) == [(0, 2048), (2048, 3000)]
+    assert cpu_threads.shards(49152, 2, MAKER) == [(0, 24576), (24576, 49152)]
 
 
 @pytest.mark.skipif(not (HAS_CUDA or INTERPRET), reason="Triton needs CUDA or TRITON_INTERPRET=1")

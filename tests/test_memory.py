@@ -100,7 +100,7 @@ def test_every_temporary_fits_the_budget(backend, dtype, variant):
 def test_worker_threads_stay_within_the_budget():
     # the CPU's worker threads: a workspace each and an (M, D) hidden-gradient partial each beyond the first, all
     # inside the budget
-    from fastkto.kernels import tiled, torch_chunked
+    from fastkto.kernels import cpu_threads, tiled, torch_chunked
 
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
@@ -110,7 +110,7 @@ def test_worker_threads_stay_within_the_budget():
         weight = torch.randn(vocab, dim, requires_grad=True)
         labels = torch.randint(0, vocab, (tokens,))
         call = tiled.call_shape(hidden, weight, None, None, labels, None)
-        assert torch_chunked._cpu_workers(call, budget) == 2
+        assert cpu_threads.backward_workers(call, budget, torch_chunked.TILE_MAKER) == 2
         gc.collect()
         with track_peak_memory("cpu") as mem:
             out = fastkto.fused_logprobs(hidden, weight, labels, backend="torch", workspace_bytes=budget)
@@ -127,7 +127,7 @@ def test_single_token_chunk_writes_dw_directly_without_an_fp32_chunk_buffer():
     from fastkto.kernels import fused_logprob as fl
     from fastkto.kernels import tiled
 
-    tiles = fl.TILES
+    tiles = fl.TILE_MAKER
     for tokens, vocab, dim in ((8192, 256000, 2304), (8192, 128256, 4096), (300, 5000, 64)):
         call = tiled.CallShape(tokens, vocab, dim, torch.bfloat16, torch.bfloat16, "cuda", False, False, False,
                                False, True, False, True)

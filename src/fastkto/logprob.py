@@ -1,63 +1,50 @@
 """The primitive: per-token log-probabilities of labels under softmax(hidden @ weight.T), without the logits.
 
 This module is the contract. It checks the arguments, keeps only the tokens whose label is not ``ignore_index``
-(prompt and padding tokens cost nothing), picks an implementation (``kernels.fused_logprob`` with Triton, or
-``kernels.torch_chunked`` elsewhere: same arguments, same outputs), merges vocabulary shards for tensor-parallel
-LM heads, and wraps it all in one ``torch.autograd.Function`` whose backward recomputes what it needs. Nothing of
-size tokens x vocabulary is built or saved, forward or backward.
+(prompt and padding tokens cost nothing), picks an implementation from ``fastkto.kernels.IMPLEMENTATIONS`` (the
+Triton kernels of ``kernels.fused_logprob``, or ``kernels.torch_chunked`` elsewhere: same arguments, same
+outputs), merges vocabulary shards for tensor-parallel LM heads, and wraps it all in one
+``torch.autograd.Function`` whose backward recomputes what it needs. Nothing of size tokens x vocabulary is built
+or saved, forward or backward.
 """
 
 from __future__ import annotations
 
 import functools
-import importlib.util
 import math
 
 import torch
 
 from . import distributed as _dist
+from . import kernels as _kernels
 from . import ops, packing
 from .value_checks import ValueChecks
 
 __all__ = ["fused_logprobs", "token_stats", "TOKEN_FIELDS", "sequence_logps", "BACKENDS", "triton_available",
            "resolve_backend"]
 
-BACKENDS = ("auto", "triton", "torch")
+# "auto" and the names of ``fastkto.kernels.IMPLEMENTATIONS`` (Triton, then chunked PyTorch)
+BACKENDS = ("auto", *_kernels.IMPLEMENTATIONS)
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-_triton_found: bool | None = None  # looked up once: Dynamo reads a global, but cannot trace the import machinery
 
 
 def triton_available() -> bool:
     """True when Triton can be imported (it is optional: the PyTorch path needs none)."""
-    global _triton_found
-    if _triton_found is None:
-        _triton_found = importlib.util.find_spec("triton") is not None
-    return _triton_found
+    return _kernels.available("triton")
 
 
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
-    """The implementation ``backend`` means for tensors on ``device``: "triton" or "torch"."""
+    """The implementation ``backend`` means for tensors on ``device``: a name of ``fastkto.kernels.IMPLEMENTATIONS``
+    ("triton" or "torch"). "auto" picks the first that accepts the tensors (Triton for CUDA tensors when installed
+    and, for bfloat16, sm_80 or newer; else PyTorch)."""
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "torch":
-        return "torch"
-    has_triton = triton_available()
     if backend == "auto":
-        if device.type != "cuda" or not has_triton:
-            return "torch"
-        if dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) < (8, 0):
-            return "torch"  # bf16 tensor-core dots need sm_80 or newer
-        return "triton"
-    if not has_triton:
-        raise RuntimeError("backend='triton' needs the triton package; install it or use backend='torch'")
-    if device.type != "cuda" and not ops.implementation("triton").INTERPRET:
-        raise RuntimeError(
-            f"backend='triton' needs CUDA tensors (got {device.type}); on the CPU it runs only under Triton's "
-            "interpreter (TRITON_INTERPRET=1 set before triton is imported). Use backend='torch' or 'auto'."
-        )
-    return "triton"
+        return _kernels.auto_choice(device, dtype)
+    reason = _kernels.unavailable_on(backend, device)
+    if reason is not None:
+        raise RuntimeError(reason)
+    return backend
 
 
 def _check_number(name: str, value, *, optional: bool = False) -> None:

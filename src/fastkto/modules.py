@@ -24,7 +24,7 @@ from torch import Tensor
 from . import labels as _labels
 from . import packing
 from ._checks import check_bool, check_choice, check_int, check_positive, shape_of
-from .logprob import _check_inputs, _sequence_logps, check_sequence_values
+from .logprob import BACKENDS, _check_inputs, _sequence_logps, check_sequence_values
 from .loss import (
     DPO_LOSSES,
     KTO_LOSSES,
@@ -201,7 +201,7 @@ class _PreferenceLoss(torch.nn.Module):
         check_positive("temperature", temperature)
         if softcap is not None:
             check_positive("softcap", softcap)
-        check_choice("backend", backend, ("auto", "triton", "torch"))
+        check_choice("backend", backend, BACKENDS)
         if average_log_prob is not None:
             check_bool("average_log_prob", average_log_prob)
         if workspace_bytes is not None:
@@ -313,7 +313,7 @@ class KTOLoss(_PreferenceLoss):
 
     Constructor: the ``kto_loss`` hyper-parameters (beta, desirable_weight, undesirable_weight, loss_type), and
     the ``sequence_logps`` options used for every pass: ignore_index (label of prompt / padding positions),
-    temperature, softcap, backend ("auto", "triton", "torch"), average_log_prob (False: sum over completion
+    temperature, softcap, backend (``fastkto.logprob.BACKENDS``), average_log_prob (False: sum over completion
     tokens, as TRL; True: the mean), workspace_bytes.
 
     Call: ``loss_fn(policy_hidden, weight, labels, desirable, *, ...) -> KTOOutput``

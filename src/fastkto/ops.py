@@ -33,14 +33,11 @@ __all__ = ["implementation", "compact_rows", "forward_compute", "backward_comput
 
 
 def implementation(name: str) -> ModuleType:
-    """The module that makes the tiles: ``"torch"`` (chunked PyTorch) or ``"triton"`` (the kernels)."""
-    if name == "triton":
-        from .kernels import fused_logprob
+    """The module that makes the tiles: a name of ``fastkto.kernels.IMPLEMENTATIONS`` (``"torch"``: chunked PyTorch,
+    ``"triton"``: the kernels)."""
+    from . import kernels
 
-        return fused_logprob
-    from .kernels import torch_chunked
-
-    return torch_chunked
+    return kernels.load(name)
 
 
 def compact_rows(labels: torch.Tensor, ignore_index: int, scored: int) -> torch.Tensor | None:
@@ -201,11 +198,14 @@ def on_fake_transient(hook) -> _Handle:
 
 @contextlib.contextmanager
 def simulate_target(device_type: str = "cuda", impl: str = "triton", sms: int = 132):
-    """Within the block, fake-tensor calls report the temporaries of ``impl`` ("triton" or "torch") on a
-    ``device_type`` device with ``sms`` multiprocessors (the Triton forward's split count follows it), whatever
-    device the fake tensors claim (a simulation on a CPU-only machine plans for the GPU it models)."""
-    if impl not in ("triton", "torch"):
-        raise ValueError(f"impl must be 'triton' or 'torch', got {impl!r}")
+    """Within the block, fake-tensor calls report the temporaries of ``impl`` (a name of
+    ``fastkto.kernels.IMPLEMENTATIONS``: "triton" or "torch") on a ``device_type`` device with ``sms``
+    multiprocessors (the Triton forward's split count follows it), whatever device the fake tensors claim (a
+    simulation on a CPU-only machine plans for the GPU it models)."""
+    from . import kernels
+
+    if impl not in kernels.IMPLEMENTATIONS:
+        raise ValueError(f"impl must be one of {tuple(kernels.IMPLEMENTATIONS)}, got {impl!r}")
     if device_type not in ("cuda", "cpu"):
         raise ValueError(f"device_type must be 'cuda' or 'cpu', got {device_type!r}")
     old, _TARGET[0] = _TARGET[0], (device_type, impl, int(sms))
@@ -231,7 +231,9 @@ def _target(device: torch.device, impl_name: str) -> tuple[str, str, int]:
 
 
 def _impl_name(impl) -> str:
-    return impl if isinstance(impl, str) else ("triton" if impl.__name__.endswith("fused_logprob") else "torch")
+    from . import kernels
+
+    return impl if isinstance(impl, str) else kernels.name_of(impl)
 
 
 def workspace_plan_bytes(direction: str, impl: str, device_type: str, tokens: int, vocab: int, dim: int,
@@ -258,11 +260,12 @@ def workspace_plan_bytes(direction: str, impl: str, device_type: str, tokens: in
 
         if direction == "forward":
             return fl.forward_buffer_bytes(m, vocab, dtype, budget, stats, gpu=True)
-        maker = dataclasses.replace(fl.TILES, align=fl.GPU_ALIGN)
+        maker = dataclasses.replace(fl.TILE_MAKER, align=fl.GPU_ALIGN)
         call = tiled.CallShape(m, vocab, dim, dtype, dtype, "cuda", gathered, False, False, softcap, need_weight,
                                has_bias, True)
         plan = tiled.plan_tiles(call, maker, budget, False)
         return _buffers(tiled.workspace_buffers(*plan, call, maker))
+    from .kernels import cpu_threads
     from .kernels import torch_chunked as tc
 
     if device_type == "cpu":
@@ -276,22 +279,22 @@ def workspace_plan_bytes(direction: str, impl: str, device_type: str, tokens: in
                            has_bias, fused, stats=stats if direction == "forward" else 0)
     by_budget = device_type == "cpu"
     if direction == "forward":  # the forward's shards do not depend on the tokens, nor split the budget by them
-        workers = tc._forward_workers(call)
-        shards = tc._shards(vocab, workers) if workers > 1 else [(0, vocab)]
+        workers = cpu_threads.forward_workers(call, tc.TILE_MAKER)
+        shards = cpu_threads.shards(vocab, workers, tc.TILE_MAKER) if workers > 1 else [(0, vocab)]
         total = 0
         for v0, v1 in shards:
             shard = dataclasses.replace(call, vocab=v1 - v0)
-            plan = tiled.plan_tiles(shard, tc.TILES, budget // workers, by_budget)
-            total += _buffers(tiled.workspace_buffers(*plan, shard, tc.TILES, backward=False))
+            plan = tiled.plan_tiles(shard, tc.TILE_MAKER, budget // workers, by_budget)
+            total += _buffers(tiled.workspace_buffers(*plan, shard, tc.TILE_MAKER, backward=False))
         return total
-    workers = tc._cpu_workers(call, budget)
-    shards = tc._shards(vocab, workers) if workers > 1 else [(0, vocab)]
-    per_worker = tc._per_worker_budget(call, budget, workers) if workers > 1 else budget
+    workers = cpu_threads.backward_workers(call, budget, tc.TILE_MAKER)
+    shards = cpu_threads.shards(vocab, workers, tc.TILE_MAKER) if workers > 1 else [(0, vocab)]
+    per_worker = cpu_threads.per_worker_budget(call, budget, workers) if workers > 1 else budget
     total = (workers - 1) * m * dim * 4 if direction == "backward" else 0
     for v0, v1 in shards:
         shard = dataclasses.replace(call, vocab=v1 - v0)
-        plan = tiled.plan_tiles(shard, tc.TILES, per_worker, by_budget)
-        total += _buffers(tiled.workspace_buffers(*plan, shard, tc.TILES, backward=direction == "backward"))
+        plan = tiled.plan_tiles(shard, tc.TILE_MAKER, per_worker, by_budget)
+        total += _buffers(tiled.workspace_buffers(*plan, shard, tc.TILE_MAKER, backward=direction == "backward"))
     return total
 
 

@@ -40,8 +40,8 @@ import triton.language as tl
 from . import tiled
 from .tiled import TileMaker, default_workspace_bytes
 
-__all__ = ["logprob_fwd", "logprob_bwd", "make_dz", "TILES", "INTERPRET", "KernelConfig", "gpu_configs",
-           "select_config"]
+__all__ = ["logprob_fwd", "logprob_bwd", "make_dz", "TILE_MAKER", "INTERPRET", "KernelConfig", "gpu_configs",
+           "select_config", "launch_meta"]
 
 
 def _interpreting() -> bool:
@@ -273,7 +273,7 @@ class KernelConfig:
 # smaller tiles, since each operand tile takes twice the shared memory and IEEE fp32 dots use no tensor cores.
 # fp32 uses 8 warps and 16-wide D chunks: IEEE fp32 dots are FMA loops that hold both operand chunks in registers,
 # and with 4 warps and 32-wide chunks ptxas spilled (stack frames of 8 B to 4 KiB on sm_80 and sm_90, found by
-# fastkto.kernels.compile_check); these shapes compile without spills for IEEE and tf32 (wgmma on sm_90).
+# tools/compile_check.py); these shapes compile without spills for IEEE and tf32 (wgmma on sm_90).
 # The dz kernel runs the forward's main loop with a store for an epilogue, so it takes the forward's shapes.
 # The 16-bit forward pipelines 4 stages: on the H200 it was 4.7 / 4.8 / 1.8 % faster than 3 stages at the three
 # reference shapes (benchmarks/results/h200/run3), the best or within 0.3 % of the best of 6 configurations; the dz
@@ -367,10 +367,10 @@ def vocab_splits(vocab: int, block_v: int) -> int:
     return max(1, min(_VOCAB_SPLITS, triton.cdiv(vocab, 4 * block_v)))
 
 
-def _common(kernel, dtype, bias, rows, softcap, temperature, cfg=None, stats=0, ent_grad=False):
+def launch_meta(kernel, dtype, bias, rows, softcap, temperature, cfg=None, stats=0, ent_grad=False):
     """(constexprs and launch options, softcap argument, 1 / temperature) of a launch, as the dispatch makes it
-    (the compile checks call this too, so that they compile what is launched). ``stats``: the forward's statistics
-    level (``stats.py``); ``ent_grad``: the dz kernel's entropy-gradient term."""
+    (``tools/compile_check.py`` calls this too, so that it compiles what is launched). ``stats``: the forward's
+    statistics level (``stats.py``); ``ent_grad``: the dz kernel's entropy-gradient term."""
     cfg = cfg or select_config(kernel, dtype, stats=bool(stats) or bool(ent_grad))
     meta = dict(
         HAS_BIAS=bias is not None,
@@ -436,7 +436,7 @@ def logprob_fwd(
     cols = _split_columns(vocab, vocab_splits(vocab, plain.BLOCK_V) if splits is None else splits, plain.BLOCK_V)
     n_splits = triton.cdiv(vocab, cols)
     group = _token_group(m_tokens, n_splits, k, budget, max(cfg.BLOCK_N, plain.BLOCK_N))
-    meta, softcap_arg, inv_temp = _common("fwd", hidden.dtype, bias, rows, softcap, temperature, stats=stats)
+    meta, softcap_arg, inv_temp = launch_meta("fwd", hidden.dtype, bias, rows, softcap, temperature, stats=stats)
     out = [torch.empty(m_tokens, device=dev, dtype=torch.float32) for _ in range(k)]
     for r0 in range(0, m_tokens, group):
         r1 = min(r0 + group, m_tokens)
@@ -494,7 +494,7 @@ def make_dz(h, w, b, labels, v0, lse, g, softcap, inv_temp, out, ws, ent=None) -
     out's dtype; one launch over (BLOCK_N, BLOCK_V) pieces (see ``tiled.TileMaker`` for the arguments; ``ent``:
     (entropy's upstream gradient, entropy), each (n,) float32, or None)."""
     n, v = out.shape
-    meta, softcap_arg, _ = _common("dz", h.dtype, b, None, softcap, 1.0, ent_grad=ent is not None)
+    meta, softcap_arg, _ = launch_meta("dz", h.dtype, b, None, softcap, 1.0, ent_grad=ent is not None)
     grid = (triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(v, meta["BLOCK_V"]),)
     g_ent, entropy = (g, g) if ent is None else ent
     _logprob_dz_kernel[grid](
@@ -511,8 +511,8 @@ def _scratch(n, v, gemm_dtype, softcap, backward, extra=False):
 # fp32 copies: the rounding is the GPU's, only the products' order differs)
 # GPU tile sides are multiples of the 16-bit dz kernel's blocks (the fp32 blocks divide them)
 GPU_ALIGN = (_GPU_CONFIGS[("dz", "16")].BLOCK_N, _GPU_CONFIGS[("dz", "16")].BLOCK_V)
-TILES = TileMaker(make_dz=make_dz, dz_dtype=lambda input_dtype, gemm_dtype: input_dtype, scratch=_scratch,
-                  align=(_INTERPRET_CONFIG.BLOCK_N, _INTERPRET_CONFIG.BLOCK_V) if INTERPRET else GPU_ALIGN)
+TILE_MAKER = TileMaker(make_dz=make_dz, dz_dtype=lambda input_dtype, gemm_dtype: input_dtype, scratch=_scratch,
+                       align=(_INTERPRET_CONFIG.BLOCK_N, _INTERPRET_CONFIG.BLOCK_V) if INTERPRET else GPU_ALIGN)
 
 
 def logprob_bwd(
@@ -535,13 +535,14 @@ def logprob_bwd(
     grad_entropy: torch.Tensor | None = None,
     entropy: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """Triton version of ``torch_chunked.logprob_bwd``: the shared tile loop (``tiled.logprob_bwd``) with the fused
+    """Triton version of ``torch_chunked.logprob_bwd``: the shared tile loop (``tiled.backward_loop``) with the fused
     dz kernel; same arguments and (grad_hidden fp32 compact, grad_weight, grad_bias). ``tile`` forces the tile
     shape (tests); ``on_step`` marks the steps (``benchmarks.roofline``)."""
     # unit-stride vectors for the kernel; the loop gives it unit-stride rows
     bias = None if bias is None else bias.contiguous()
-    return tiled.logprob_bwd(
-        TILES, hidden, weight, bias, rows, labels.contiguous(), lse.float().contiguous(), grad.float().contiguous(),
+    return tiled.backward_loop(
+        TILE_MAKER, hidden, weight, bias, rows, labels.contiguous(), lse.float().contiguous(),
+        grad.float().contiguous(),
         softcap=softcap, temperature=temperature, need_hidden=need_hidden, need_weight=need_weight,
         need_bias=need_bias, workspace_bytes=workspace_bytes, tile=tile, on_step=on_step,
         grad_entropy=None if grad_entropy is None else grad_entropy.float().contiguous(),

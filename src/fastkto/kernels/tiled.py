@@ -36,13 +36,14 @@ import dataclasses
 import functools
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 
 __all__ = ["TileMaker", "CallShape", "plan_tiles", "workspace_buffers", "Workspace", "matmul_fp32",
-           "fp32_gemm_support", "gemm_dtype", "logprob_bwd", "default_workspace_bytes", "DEFAULT_WORKSPACE_MIB"]
+           "fp32_gemm_support", "gemm_dtype", "backward_loop", "Tile", "tiles", "default_workspace_bytes",
+           "DEFAULT_WORKSPACE_MIB"]
 
 # Default budgets per device type. CPU: 64 MiB holds the measured-fastest cache-sized tiles with room to spare.
 # CUDA: 128 MiB gives tiles of thousands of rows a side (e.g. 6144 x 6144 at D = 2048, about 4096 x 4096 at
@@ -370,7 +371,7 @@ def operand_rows(src: torch.Tensor, rows: torch.Tensor | None, r0: int, r1: int,
 
 def backward_workspace(maker, hidden, weight, bias, rows, labels, softcap, need_weight, need_bias,
                        workspace_bytes=None, size_by_budget=False, tile=None, entropy_grad=False) -> Workspace:
-    """The planned, allocated workspace of one backward call (``logprob_bwd`` documents the arguments)."""
+    """The planned, allocated workspace of one backward call (``backward_loop`` documents the arguments)."""
     call = call_shape(hidden, weight, bias, rows, labels, softcap, need_weight, need_bias,
                       entropy_grad=entropy_grad)
     budget = default_workspace_bytes(hidden.device) if workspace_bytes is None else workspace_bytes
@@ -405,10 +406,51 @@ def pad_small_call(hidden, rows, labels, *vectors):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# The tiles
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One (token chunk, vocabulary chunk) tile: scored rows n0:n1 against vocabulary rows v0:v1, with operands h
+    (n, D) and w (v, D) in the GEMM dtype and the bias chunk b (v,) or None. ``last_n``: the vocabulary chunk's
+    last token chunk (its accumulators are complete after this tile)."""
+
+    n0: int
+    n1: int
+    v0: int
+    v1: int
+    h: torch.Tensor
+    w: torch.Tensor
+    b: torch.Tensor | None
+    last_n: bool
+
+
+def tiles(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rows: torch.Tensor | None,
+          tokens: int, ws: Workspace) -> Iterator[Tile]:
+    """The tiles of one loop over ``weight``'s rows, in the loop's order (vocabulary chunks outermost: the module
+    docstring says why), sized by ``ws.tile``. Operands are made when the loop reaches them, through the
+    workspace (``operand_rows``): w once per vocabulary chunk, h once per tile, or once per call when one token
+    chunk covers every scored row. ``tokens`` (M) > 0 and V > 0."""
+    n_plan, v_chunk = ws.tile
+    n_chunk = min(n_plan, tokens)
+    single = n_chunk >= tokens  # one token chunk: its operand rows are made once, not once per vocabulary chunk
+    h_once = operand_rows(hidden, rows, 0, tokens, ws, "h", "h_src") if single else None
+    vocab = weight.shape[0]
+    for v0 in range(0, vocab, v_chunk):
+        v1 = min(v0 + v_chunk, vocab)
+        w = operand_rows(weight, None, v0, v1, ws, "w")
+        b = None if bias is None else bias[v0:v1]
+        for n0 in range(0, tokens, n_chunk):
+            n1 = min(n0 + n_chunk, tokens)
+            h = h_once if single else operand_rows(hidden, rows, n0, n1, ws, "h", "h_src")
+            yield Tile(n0, n1, v0, v1, h, w, b, n1 == tokens)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # The loop
 
 
-def logprob_bwd(  # noqa: C901 - the one tile loop: its branches are the documented buffer choices
+def backward_loop(
     maker: TileMaker,
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -450,7 +492,7 @@ def logprob_bwd(  # noqa: C901 - the one tile loop: its branches are the documen
         on_step: called with "dz", "dH", "dW" or "other" before each step's work is issued, and "end" after the
             last (``benchmarks.roofline`` records CUDA events there to time the steps).
         out: (grad_hidden, grad_weight, grad_bias) to write into instead of new tensors (None where not needed):
-            a vocabulary shard's rows of the whole gradients (``torch_chunked``'s CPU threads).
+            a vocabulary shard's rows of the whole gradients (``cpu_threads``).
         workspace: a ``Workspace`` made for this call by ``backward_workspace`` (the CPU threads get theirs from the
             calling thread); by default the loop makes its own.
         grad_entropy, entropy: (M,) float32 upstream gradient of each scored row's entropy and the entropy itself
@@ -461,80 +503,78 @@ def logprob_bwd(  # noqa: C901 - the one tile loop: its branches are the documen
         grad_hidden: (M, D) float32, compact (row i belongs to hidden row ``rows[i]``), or None.
         grad_weight: (V, D) in weight's dtype, or None.  grad_bias: (V,) in bias's dtype, or None.
     """
+    opts = dict(softcap=softcap, temperature=temperature, need_hidden=need_hidden, need_weight=need_weight,
+                need_bias=need_bias, workspace_bytes=workspace_bytes, size_by_budget=size_by_budget, tile=tile,
+                on_step=on_step)
     if out is None and workspace is None:
         small = pad_small_call(hidden, rows, labels, lse, grad, grad_entropy, entropy)
-        if small is not None:
-            *args, m = small
-            h_pad, _, y_pad, lse_pad, g_pad, ge_pad, ent_pad = args
-            d_hidden, d_weight, d_bias = logprob_bwd(
-                maker, h_pad, weight, bias, None, y_pad, lse_pad, g_pad, softcap=softcap, temperature=temperature,
-                need_hidden=need_hidden, need_weight=need_weight, need_bias=need_bias,
-                workspace_bytes=workspace_bytes, size_by_budget=size_by_budget, tile=tile, on_step=on_step,
-                grad_entropy=ge_pad, entropy=ent_pad)
+        if small is not None:  # a few tokens on the CPU: rounded as in a large call (``MIN_CPU_ROWS``)
+            h_pad, _, y_pad, lse_pad, g_pad, ge_pad, ent_pad, m = small
+            d_hidden, d_weight, d_bias = backward_loop(maker, h_pad, weight, bias, None, y_pad, lse_pad, g_pad,
+                                                       grad_entropy=ge_pad, entropy=ent_pad, **opts)
             return None if d_hidden is None else d_hidden[:m], d_weight, d_bias
     m_tokens = labels.shape[0]
-    vocab, dim = weight.shape
-    dev = hidden.device
     need_bias = need_bias and bias is not None
-    if m_tokens == 0 or vocab == 0:
-        return (torch.zeros(m_tokens, dim, device=dev) if need_hidden else None,
-                torch.zeros_like(weight) if need_weight else None,
-                torch.zeros_like(bias) if need_bias else None)
+    needs = (need_hidden, need_weight, need_bias)
+    if m_tokens == 0 or weight.shape[0] == 0:
+        return _new_gradients(True, hidden, weight, bias, m_tokens, *needs)
     ent = None if grad_entropy is None else (grad_entropy, entropy)
     ws = workspace or backward_workspace(maker, hidden, weight, bias, rows, labels, softcap, need_weight, need_bias,
                                          workspace_bytes, size_by_budget, tile, entropy_grad=ent is not None)
-    n_plan, v_plan = ws.tile
-    n_chunk, v_chunk = min(n_plan, m_tokens), v_plan
-    inv_temp = 1.0 / temperature
-    mark = on_step or (lambda step: None)
-
     # every gradient element is written by its first tile and added to by the later ones: no zero fill
-    if out is not None:
-        d_hidden, d_weight, d_bias = out
-    else:
-        d_hidden = torch.empty(m_tokens, dim, device=dev, dtype=torch.float32) if need_hidden else None
-        d_weight = torch.empty_like(weight) if need_weight else None
-        d_bias = torch.empty_like(bias) if need_bias else None
-    single = n_chunk >= m_tokens  # one token chunk: its operand rows are made once, not once per vocabulary chunk
-    h_once = operand_rows(hidden, rows, 0, m_tokens, ws, "h", "h_src") if single else None
-    for v0 in range(0, vocab, v_chunk):
-        v1 = min(v0 + v_chunk, vocab)
-        w = operand_rows(weight, None, v0, v1, ws, "w")
-        b = None if bias is None else bias[v0:v1]
-        dw_acc = db_acc = None
-        if need_weight:
-            dw_acc = ws.view("dw", v1 - v0, dim) if ws.has("dw") else d_weight[v0:v1]
-        if need_bias:
-            db_acc = ws.view("db", v1 - v0) if ws.has("db") else d_bias[v0:v1]
-        for n0 in range(0, m_tokens, n_chunk):
-            n1 = min(n0 + n_chunk, m_tokens)
-            h = h_once if single else operand_rows(hidden, rows, n0, n1, ws, "h", "h_src")
-            dz = ws.view("dz", n1 - n0, dz_row_stride(v1 - v0, dev.type))[:, : v1 - v0]
-            mark("dz")
-            if ent is None:
-                maker.make_dz(h, w, b, labels[n0:n1], v0, lse[n0:n1], grad[n0:n1], softcap, inv_temp, dz, ws)
-            else:
-                maker.make_dz(h, w, b, labels[n0:n1], v0, lse[n0:n1], grad[n0:n1], softcap, inv_temp, dz, ws,
-                              ent=(ent[0][n0:n1], ent[1][n0:n1]))
-            if ws.has("dz_gemm"):
-                dz = ws.view("dz_gemm", n1 - n0, v1 - v0).copy_(dz)
-            if need_hidden:
-                mark("dH")
-                prod = ws.view("prod", n1 - n0, dim) if ws.has("prod") else None
-                matmul_fp32(d_hidden[n0:n1], dz, w, accumulate=v0 > 0, prod=prod)
-            if need_weight:
-                mark("dW")
-                prod = ws.view("prod", v1 - v0, dim) if ws.has("prod") else None
-                matmul_fp32(dw_acc, dz.T, h, accumulate=n0 > 0, prod=prod)
-            mark("other")
-            if need_bias:  # db_acc is fp32: the bias's own gradient, or the "db" chunk accumulator
-                if n0 == 0:
-                    torch.sum(dz, 0, dtype=torch.float32, out=db_acc)
-                else:
-                    db_acc.add_(torch.sum(dz, 0, dtype=torch.float32, out=ws.view("db_part", v1 - v0)))
-        if ws.has("dw") and need_weight:
-            d_weight[v0:v1] = dw_acc
-        if ws.has("db") and need_bias:
-            d_bias[v0:v1] = db_acc
+    out = _new_gradients(False, hidden, weight, bias, m_tokens, *needs) if out is None else out
+    mark = on_step or (lambda step: None)
+    step = functools.partial(_tile_products, maker, labels, lse, grad, ent, softcap, 1.0 / temperature, ws, out,
+                             mark)
+    for t in tiles(hidden, weight, bias, rows, m_tokens, ws):
+        step(t)
     mark("end")
-    return d_hidden, d_weight, d_bias
+    return out
+
+
+def _new_gradients(zero: bool, hidden, weight, bias, tokens: int, need_hidden: bool, need_weight: bool,
+                   need_bias: bool) -> tuple:
+    """(grad_hidden (M, D) fp32, grad_weight, grad_bias), None where not needed: zero-filled, or left empty for the
+    loop, which writes every element before it adds to it."""
+    new, like = (torch.zeros, torch.zeros_like) if zero else (torch.empty, torch.empty_like)
+    return (new(tokens, weight.shape[1], device=hidden.device, dtype=torch.float32) if need_hidden else None,
+            like(weight) if need_weight else None, like(bias) if need_bias else None)
+
+
+def _tile_products(maker: TileMaker, labels, lse, grad, ent, softcap, inv_temp, ws: Workspace, out: tuple,
+                   mark: Callable[[str], None], t: Tile) -> None:
+    """One tile's step of the loop: dz from the tile maker, then dH[n] (+)= dz @ W_v, dW_v (+)= dz.T @ H_n and
+    db_v (+)= sum_rows dz into the gradients ``out`` (None where not needed) or the workspace's fp32 chunk
+    accumulators, which the chunk's last tile writes back."""
+    d_hidden, d_weight, d_bias = out
+    n0, n1, v0, v1, h, w = t.n0, t.n1, t.v0, t.v1, t.h, t.w
+    dim = w.shape[1]
+    dz = ws.view("dz", n1 - n0, dz_row_stride(v1 - v0, h.device.type))[:, : v1 - v0]
+    mark("dz")
+    if ent is None:
+        maker.make_dz(h, w, t.b, labels[n0:n1], v0, lse[n0:n1], grad[n0:n1], softcap, inv_temp, dz, ws)
+    else:
+        maker.make_dz(h, w, t.b, labels[n0:n1], v0, lse[n0:n1], grad[n0:n1], softcap, inv_temp, dz, ws,
+                      ent=(ent[0][n0:n1], ent[1][n0:n1]))
+    if ws.has("dz_gemm"):
+        dz = ws.view("dz_gemm", n1 - n0, v1 - v0).copy_(dz)
+    if d_hidden is not None:
+        mark("dH")
+        prod = ws.view("prod", n1 - n0, dim) if ws.has("prod") else None
+        matmul_fp32(d_hidden[n0:n1], dz, w, accumulate=v0 > 0, prod=prod)
+    dw_acc = None if d_weight is None else ws.view("dw", v1 - v0, dim) if ws.has("dw") else d_weight[v0:v1]
+    if dw_acc is not None:
+        mark("dW")
+        prod = ws.view("prod", v1 - v0, dim) if ws.has("prod") else None
+        matmul_fp32(dw_acc, dz.T, h, accumulate=n0 > 0, prod=prod)
+    mark("other")
+    db_acc = None if d_bias is None else ws.view("db", v1 - v0) if ws.has("db") else d_bias[v0:v1]
+    if db_acc is not None:  # fp32: the bias's own gradient, or the "db" chunk accumulator
+        if n0 == 0:
+            torch.sum(dz, 0, dtype=torch.float32, out=db_acc)
+        else:
+            db_acc.add_(torch.sum(dz, 0, dtype=torch.float32, out=ws.view("db_part", v1 - v0)))
+    if t.last_n and ws.has("dw") and dw_acc is not None:
+        d_weight[v0:v1] = dw_acc
+    if t.last_n and ws.has("db") and db_acc is not None:
+        d_bias[v0:v1] = db_acc

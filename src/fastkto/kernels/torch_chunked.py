@@ -1,12 +1,13 @@
 """Per-token log-probabilities in chunked PyTorch: the implementation for every device without Triton.
 
 It computes what the Triton kernels in ``fused_logprob.py`` compute, with the same arguments and outputs. The
-forward walks (vocabulary chunk, token chunk) tiles, folding each logits tile into online log-sum-exp statistics;
-the backward is the shared tile loop of ``tiled.py`` with ``make_dz`` below as its tile maker. Tiles are sized by
-``tiled.plan_tiles`` within the workspace budget, and on the CPU capped at a measured size (``_CPU_TILE``) at
-which the element-wise passes after each matrix product stay cheap. On CUDA the products take the 16-bit inputs
-as they are (tensor cores, fp32 accumulation into an fp32 logits tile: no fp32 copy of the weight); on the CPU,
-which has no such product, 16-bit chunks are converted to fp32 in the workspace.
+forward walks the (vocabulary chunk, token chunk) tiles of ``tiled.tiles``, folding each logits tile into online
+log-sum-exp statistics; the backward is the shared tile loop of ``tiled.py`` with ``make_dz`` below as its tile
+maker. On the CPU both directions run on vocabulary shards, one per worker thread (``cpu_threads.py``). Tiles are
+sized by ``tiled.plan_tiles`` within the workspace budget, and on the CPU capped at a measured size (``_CPU_TILE``)
+at which the element-wise passes after each matrix product stay cheap. On CUDA the products take the 16-bit
+inputs as they are (tensor cores, fp32 accumulation into an fp32 logits tile: no fp32 copy of the weight); on the
+CPU, which has no such product, 16-bit chunks are converted to fp32 in the workspace.
 
 The math, for a token with hidden state h, label y, and the logits transform of ``fastkto.fused_logprobs``:
 
@@ -30,15 +31,12 @@ Nothing of size tokens x vocabulary is ever allocated: the workspace is bounded 
 
 from __future__ import annotations
 
-import threading
-from concurrent.futures import ThreadPoolExecutor
-
 import torch
 
-from . import tiled
+from . import cpu_threads, tiled
 from .tiled import TileMaker, default_workspace_bytes
 
-__all__ = ["logprob_fwd", "logprob_bwd", "make_dz", "TILES", "default_workspace_bytes"]
+__all__ = ["logprob_fwd", "logprob_bwd", "make_dz", "TILE_MAKER", "default_workspace_bytes"]
 
 # CPU tile shape, measured (2-core AMD EPYC, torch 2.13, 2 threads; SmolLM2's head at 256 to 4096 tokens): up to
 # 1024 tokens x 1024 vocabulary rows (4 MiB of fp32) was fastest among 1024-4096 rows x 1-16 MiB tiles. Smaller
@@ -123,8 +121,8 @@ def _scratch(n, v, gemm_dtype, softcap, backward, extra=False):
     return bufs
 
 
-TILES = TileMaker(make_dz=make_dz, dz_dtype=lambda input_dtype, gemm_dtype: gemm_dtype, scratch=_scratch,
-                  align=(16, 16), cpu_tile=_CPU_TILE)
+TILE_MAKER = TileMaker(make_dz=make_dz, dz_dtype=lambda input_dtype, gemm_dtype: gemm_dtype, scratch=_scratch,
+                       align=(16, 16), cpu_tile=_CPU_TILE)
 
 
 def logprob_fwd(
@@ -168,75 +166,56 @@ def logprob_fwd(
     m_tokens = labels.shape[0]
     budget = default_workspace_bytes(hidden.device) if workspace_bytes is None else workspace_bytes
     call = tiled.call_shape(hidden, weight, bias, rows, labels, softcap, stats=stats)
-    workers = _forward_workers(call) if m_tokens else 1
+    workers = cpu_threads.forward_workers(call, TILE_MAKER) if m_tokens else 1
     if workers == 1:
         return _forward(hidden, weight, bias, rows, labels, softcap, temperature, budget, stats=stats)
     per_worker = budget // workers
-    shards = _shards(call.vocab, workers)
-    # what a shard needs is allocated here, on the calling thread, where allocation tracking sees it
-    args = [(weight[v0:v1], None if bias is None else bias[v0:v1], labels - v0) for v0, v1 in shards]
-    spaces = [_forward_workspace(hidden, w, b, rows, y, softcap, per_worker, stats) for w, b, y in args]
-    parts = _on_threads(workers, lambda i, v0, v1: _forward(
-        hidden, *args[i][:2], rows, args[i][2], softcap, temperature, per_worker, spaces[i], stats), shards)
+    parts = cpu_threads.vocab_sharded(
+        weight, bias, labels, workers, TILE_MAKER,
+        lambda w, b, y: _forward_workspace(hidden, w, b, rows, y, softcap, per_worker, stats),
+        lambda sh: _forward(hidden, sh.weight, sh.bias, rows, sh.labels, softcap, temperature, per_worker,
+                            sh.workspace, stats))
     if stats >= 2:  # the shards' arg-max as rows of this weight
-        parts = [(*p[:6], p[6] + v0) for p, (v0, _) in zip(parts, shards)]
+        spans = cpu_threads.shards(call.vocab, workers, TILE_MAKER)
+        parts = [(*p[:6], p[6] + v0) for p, (v0, _) in zip(parts, spans)]
     # merge the shards' statistics in shard order, element-wise per token: deterministic and batch-invariant
     return st.merge(parts)
 
 
-def _forward_workers(call: tiled.CallShape) -> int:
-    """Worker threads (vocabulary shards) of a CPU forward: torch's thread count, capped by the vocabulary's
-    chunks. Unlike the backward's, it does not depend on the token count (the forward keeps no (M, D) partial), so
-    that the shards, and how a token's statistics merge, are the same whatever the batch."""
-    if call.device_type != "cpu":
-        return 1
-    return max(1, min(torch.get_num_threads(), -(-call.vocab // _CPU_TILE[1])))
-
-
 def _forward_workspace(hidden, weight, bias, rows, labels, softcap, budget, stats=0) -> tiled.Workspace:
     call = tiled.call_shape(hidden, weight, bias, rows, labels, softcap, stats=stats)
-    plan = tiled.plan_tiles(call, TILES, budget, size_by_budget=hidden.device.type == "cpu")
-    return tiled.Workspace(tiled.workspace_buffers(*plan, call, TILES, backward=False), hidden.device, tile=plan)
+    plan = tiled.plan_tiles(call, TILE_MAKER, budget, size_by_budget=hidden.device.type == "cpu")
+    return tiled.Workspace(tiled.workspace_buffers(*plan, call, TILE_MAKER, backward=False), hidden.device,
+                           tile=plan)
 
 
 def _forward(hidden, weight, bias, rows, labels, softcap, temperature, budget, ws=None, stats=0):
     """The forward's tile loop over these vocabulary rows, on the calling thread (``logprob_fwd``'s partials)."""
     from . import stats as st
 
-    m_tokens = labels.shape[0]
-    vocab, dim = weight.shape
-    dev = hidden.device
-    part = st.empty(m_tokens, stats, dev)
+    m_tokens, vocab = labels.shape[0], weight.shape[0]
+    part = st.empty(m_tokens, stats, hidden.device)
     row_max, sum_exp, target = part[:3]
     if m_tokens == 0 or vocab == 0:
         return part
     ws = ws or _forward_workspace(hidden, weight, bias, rows, labels, softcap, budget, stats)
-    n_plan, v_chunk = ws.tile
-    n_chunk = min(n_plan, m_tokens)
     inv_temp = 1.0 / temperature
-    single = n_chunk >= m_tokens  # one token chunk: its rows are gathered / converted once
-    h_once = tiled.operand_rows(hidden, rows, 0, m_tokens, ws, "h", "h_src") if single else None
-    for v0 in range(0, vocab, v_chunk):
-        v1 = min(v0 + v_chunk, vocab)
-        w = tiled.operand_rows(weight, None, v0, v1, ws, "w")
-        b = None if bias is None else bias[v0:v1]
-        for n0 in range(0, m_tokens, n_chunk):
-            n1 = min(n0 + n_chunk, m_tokens)
-            h = h_once if single else tiled.operand_rows(hidden, rows, n0, n1, ws, "h", "h_src")
-            z, _ = _tile_logits(h, w, b, softcap, inv_temp, *_tile_views(ws, n1 - n0, v1 - v0, softcap))
-            local = labels[n0:n1] - v0
-            in_tile = (local >= 0) & (local < v1 - v0)
-            picked = z.gather(1, local.clamp(0, v1 - v0 - 1)[:, None]).squeeze(1)
-            target[n0:n1] += torch.where(in_tile, picked, 0.0)
-            m_old = row_max[n0:n1]
-            tile_max = z.amax(dim=1)
-            m_new = torch.maximum(m_old, tile_max)
-            if stats:
-                _fold_stats(part, n0, n1, v0, z, tile_max, m_old, m_new, ws, stats)
-                row_max[n0:n1] = m_new
-                continue
-            sum_exp[n0:n1] = sum_exp[n0:n1] * torch.exp(m_old - m_new) + z.sub_(m_new[:, None]).exp_().sum(dim=1)
+    for t in tiled.tiles(hidden, weight, bias, rows, m_tokens, ws):
+        n0, n1, v0, v1 = t.n0, t.n1, t.v0, t.v1
+        z, _ = _tile_logits(t.h, t.w, t.b, softcap, inv_temp, *_tile_views(ws, n1 - n0, v1 - v0, softcap))
+        local = labels[n0:n1] - v0
+        in_tile = (local >= 0) & (local < v1 - v0)
+        picked = z.gather(1, local.clamp(0, v1 - v0 - 1)[:, None]).squeeze(1)
+        target[n0:n1] += torch.where(in_tile, picked, 0.0)
+        m_old = row_max[n0:n1]
+        tile_max = z.amax(dim=1)
+        m_new = torch.maximum(m_old, tile_max)
+        if stats:
+            _fold_stats(part, n0, n1, v0, z, tile_max, m_old, m_new, ws, stats)
             row_max[n0:n1] = m_new
+            continue
+        sum_exp[n0:n1] = sum_exp[n0:n1] * torch.exp(m_old - m_new) + z.sub_(m_new[:, None]).exp_().sum(dim=1)
+        row_max[n0:n1] = m_new
     return part
 
 
@@ -282,8 +261,9 @@ def logprob_bwd(
     grad_entropy: torch.Tensor | None = None,
     entropy: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """Gradients of sum_i grad_i * log p_i (+ grad_entropy_i * H_i): the shared tile loop (``tiled.logprob_bwd``,
-    which documents the arguments) with this module's tile maker.
+    """Gradients of sum_i grad_i * log p_i (+ grad_entropy_i * H_i): the shared tile loop (``tiled.backward_loop``,
+    which documents the arguments) with this module's tile maker, on the CPU on vocabulary shards
+    (``cpu_threads``).
 
     Returns:
         grad_hidden: (M, D) float32, compact (row i belongs to hidden row ``rows[i]``), or None.
@@ -306,97 +286,36 @@ def logprob_bwd(
     budget = default_workspace_bytes(hidden.device) if workspace_bytes is None else workspace_bytes
     call = tiled.call_shape(hidden, weight, bias, rows, labels, softcap, need_weight, need_bias,
                             entropy_grad=ent_grad)
-    workers = _cpu_workers(call, budget) if m_tokens and tile is None else 1
+    workers = cpu_threads.backward_workers(call, budget, TILE_MAKER) if m_tokens and tile is None else 1
     if workers == 1:
-        return tiled.logprob_bwd(TILES, hidden, weight, bias, rows, labels, lse, grad, workspace_bytes=budget, **opts)
-    need_bias = need_bias and bias is not None
-    dim = weight.shape[1]
-    d_hidden = torch.empty(m_tokens, dim, device=hidden.device) if need_hidden else None
-    # shard 0 accumulates into the gradient itself, the others into their own (M, D), summed in shard order
+        return tiled.backward_loop(TILE_MAKER, hidden, weight, bias, rows, labels, lse, grad, workspace_bytes=budget,
+                                   **opts)
+    return _backward_on_threads(hidden, weight, bias, rows, labels, lse, grad, call, budget, workers, opts)
+
+
+def _backward_on_threads(hidden, weight, bias, rows, labels, lse, grad, call, budget, workers, opts):
+    """``logprob_bwd`` on ``workers`` vocabulary shards (``cpu_threads``): each shard's loop writes its rows of
+    the weight and bias gradients; shard 0 accumulates into the hidden gradient itself, the others into their own
+    (M, D) fp32 partials, summed in shard order."""
+    need_hidden, need_weight = opts["need_hidden"], opts["need_weight"]
+    need_bias = opts["need_bias"] and bias is not None
+    d_hidden = torch.empty(call.tokens, call.dim, device=hidden.device) if need_hidden else None
     partial = [torch.empty_like(d_hidden) for _ in range(workers - 1)] if need_hidden else []
     d_weight = torch.empty_like(weight) if need_weight else None
     d_bias = torch.empty_like(bias) if need_bias else None
-    per_worker = _per_worker_budget(call, budget, workers)
-    shards = _shards(call.vocab, workers)
-    # every buffer a shard uses is allocated here, on the calling thread, where allocation tracking sees it
-    args = [(weight[v0:v1], None if bias is None else bias[v0:v1], labels - v0) for v0, v1 in shards]
-    spaces = [tiled.backward_workspace(TILES, hidden, w, b, rows, y, softcap, need_weight, need_bias, per_worker,
-                                       size_by_budget=True, entropy_grad=ent_grad) for w, b, y in args]
+    per_worker = cpu_threads.per_worker_budget(call, budget, workers)
 
-    def shard(i, v0, v1):
-        out = (None if d_hidden is None else (d_hidden if i == 0 else partial[i - 1]),
-               None if d_weight is None else d_weight[v0:v1], None if d_bias is None else d_bias[v0:v1])
-        tiled.logprob_bwd(TILES, hidden, *args[i][:2], rows, args[i][2], lse, grad, workspace_bytes=per_worker,
-                          out=out, workspace=spaces[i], **opts)
+    def workspace(w, b, y):
+        return tiled.backward_workspace(TILE_MAKER, hidden, w, b, rows, y, opts["softcap"], need_weight, need_bias,
+                                        per_worker, size_by_budget=True, entropy_grad=call.entropy_grad)
 
-    _on_threads(workers, shard, shards)
+    def run(sh: cpu_threads.Shard):
+        out = (None if d_hidden is None else (d_hidden if sh.index == 0 else partial[sh.index - 1]),
+               None if d_weight is None else d_weight[sh.v0:sh.v1], None if d_bias is None else d_bias[sh.v0:sh.v1])
+        tiled.backward_loop(TILE_MAKER, hidden, sh.weight, sh.bias, rows, sh.labels, lse, grad,
+                            workspace_bytes=per_worker, out=out, workspace=sh.workspace, **opts)
+
+    cpu_threads.vocab_sharded(weight, bias, labels, workers, TILE_MAKER, workspace, run)
     for part in partial:
         d_hidden.add_(part)
     return d_hidden, d_weight, d_bias
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# CPU threads: vocabulary shards, one per worker thread
-#
-# Measured on 2 cores with a busy process on one of them (torch.profiler, N=1024, D=576, V=49152): the tile loop's
-# parallel regions slow down 2.6x (7 ms products) to 140x (a 0.1 ms scatter) while a few large GEMMs slow down
-# 1.4x. A parallel region ends when its slowest thread does, and a thread that shares its core with another
-# process is off the CPU for a scheduler slice (milliseconds) at a time; a region of a few milliseconds then waits
-# for it, however little work it has left. Long independent threads do not wait: the scheduler gives each its
-# fair share over hundreds of milliseconds. So on the CPU the loops run on vocabulary shards, one per worker
-# thread, each thread's operations single-threaded (or, with many cores, a few threads each), one join per call.
-# Each shard is the whole tile loop on a slice of the weight, as a vocab-parallel rank would run it: its own
-# workspace, its own (M, D) hidden-gradient partial (shard 0 writes the gradient itself), merged in shard order.
-# The calling thread allocates every buffer (workspaces, partials, outputs, the shards' labels): the profiler's
-# allocation tracking, which fastkto.memory and the benchmarks use on the CPU, follows only the thread it runs on;
-# inside the workers only the tiles' small vectors are allocated (a few words per token row and per vocabulary
-# row of a tile, counted in the plan as ``tiled.VECTORS``).
-
-_MIN_WORKER_BYTES = 16 << 20  # a worker's workspace: the measured-best tile (4 MiB) and its operand buffers
-_POOL: list = [None]
-_POOL_LOCK = threading.Lock()
-
-
-def _cpu_workers(call: tiled.CallShape, budget: int) -> int:
-    """Worker threads for a CPU call: torch's thread count, capped by the vocabulary's chunks and by the budget
-    (each worker needs ``_MIN_WORKER_BYTES`` of workspace, each one beyond the first an (M, D) fp32 partial)."""
-    if call.device_type != "cpu":
-        return 1
-    workers = max(1, min(torch.get_num_threads(), -(-call.vocab // _CPU_TILE[1])))
-    while workers > 1 and (workers - 1) * call.tokens * call.dim * 4 + workers * _MIN_WORKER_BYTES > budget:
-        workers -= 1
-    return workers
-
-
-def _per_worker_budget(call: tiled.CallShape, budget: int, workers: int) -> int:
-    return (budget - (workers - 1) * call.tokens * call.dim * 4) // workers
-
-
-def _shards(vocab: int, workers: int) -> list[tuple[int, int]]:
-    """Contiguous vocabulary ranges, whole chunks of the CPU tile each, as equal as the chunks allow."""
-    chunks = -(-vocab // _CPU_TILE[1])
-    per = -(-chunks // workers) * _CPU_TILE[1]
-    return [(v0, min(v0 + per, vocab)) for v0 in range(0, vocab, per)]
-
-
-def _on_threads(workers: int, fn, shards: list[tuple[int, int]]) -> list:
-    """fn(i, v0, v1) for every shard i on the worker threads, results in shard order. Each worker sets its own thread
-    count for its operations (torch's setting is per thread) and restores the caller's afterwards, so that the
-    process setting is left as it was; gradient mode is off (the caller's autograd Function owns the graph)."""
-    threads = torch.get_num_threads()
-    each = max(1, threads // workers)
-    with _POOL_LOCK:
-        if _POOL[0] is None or _POOL[0]._max_workers < workers:
-            _POOL[0] = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fastkto")
-        pool = _POOL[0]
-
-    def job(i, v0, v1):
-        torch.set_num_threads(each)
-        try:
-            with torch.no_grad():
-                return fn(i, v0, v1)
-        finally:
-            torch.set_num_threads(threads)
-
-    futures = [pool.submit(job, i, v0, v1) for i, (v0, v1) in enumerate(shards)]
-    return [f.result() for f in futures]

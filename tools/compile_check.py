@@ -28,7 +28,7 @@ instructions (the full matrix gave identical registers, shared memory and stack 
 is compiled only for the ends of the range (no switch, every switch): 80 compilations, about a minute of CPU
 with an empty Triton cache, seconds with a warm one. ``--exhaustive`` adds the remaining fp16 combinations (96).
 
-Constexprs come from the dispatch itself (``fused_logprob.select_config`` and ``_common`` on meta tensors), so the
+Constexprs come from the dispatch itself (``fused_logprob.select_config`` and ``launch_meta`` on meta tensors), so the
 check follows the launch code rather than a copy of it. Integer arguments that are multiples of 16 in every real
 model (the hidden size D, the row strides, the columns per split, the dz tile's row stride, which the loop pads to
 16, and the chunk's first vocabulary row) are compiled with Triton's divisibility-by-16 specialization, as a
@@ -37,8 +37,8 @@ unspecialized, as for any M and V that are not multiples of 16.
 
 Commands::
 
-    python -m fastkto.kernels.compile_check --out benchmarks/results/compile/compile_report.md   # the kept table
-    python -m fastkto.kernels.compile_check --only dz-bf16-sm90 --config dz/16=128,128,64,8,3  # try a tile shape
+    python -m tools.compile_check --out benchmarks/results/compile/compile_report.md   # the kept table
+    python -m tools.compile_check --only dz-bf16-sm90 --config dz/16=128,128,64,8,3  # try a tile shape
 
 Kernels are interpreter objects when TRITON_INTERPRET=1 was set before Triton was imported (the CPU test suite),
 so ``run_checks`` then compiles in a child Python with the interpreter switched off.
@@ -217,7 +217,7 @@ def _launch_meta(case: Case):
     tensors, so the check cannot drift from the launch."""
     import torch
 
-    from . import fused_logprob as fl
+    from fastkto.kernels import fused_logprob as fl
 
     if fl.INTERPRET:
         raise RuntimeError("compile checks need compiled kernels: import Triton without TRITON_INTERPRET=1")
@@ -229,7 +229,7 @@ def _launch_meta(case: Case):
     previous = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision(_MATMUL_PRECISION[case.precision])
     try:
-        meta, _, _ = fl._common(case.kernel, dtype, x if sw["has_bias"] else None, x if sw["has_rows"] else None,
+        meta, _, _ = fl.launch_meta(case.kernel, dtype, x if sw["has_bias"] else None, x if sw["has_rows"] else None,
                                 30.0 if sw["has_softcap"] else None, 1.0, cfg, stats=sw.get("stats", 0),
                                 ent_grad=sw.get("ent_grad", False))
     finally:
@@ -419,7 +419,7 @@ def _report(results: list[Result], command: str, seconds: float) -> str:
         f"{SHARED_LIMIT[80]} B (163 KiB), sm_90 {SHARED_LIMIT[90]} B (227 KiB). Registers, local memory and stack "
         "come from `cuobjdump -res-usage` (from Triton's wheel); tensor-core instructions are counted in the PTX "
         "(a count of instructions in the unrolled code, not of executions). IEEE fp32 products have no tensor-core "
-        "instruction, so those rows expect none. `src/fastkto/kernels/compile_check.py` documents the checks and the "
+        "instruction, so those rows expect none. `tools/compile_check.py` documents the checks and the "
         "choice of variants.",
         "",
         "## Summary",
@@ -448,7 +448,7 @@ def run_checks(todo: list[Case] | None = None, jobs: int | None = None) -> list[
     In a process whose kernels are interpreter objects, the work runs in a child Python without TRITON_INTERPRET.
     ``jobs`` compiles in that many processes (default: the CPU count, at most 8).
     """
-    from . import fused_logprob as fl
+    from fastkto.kernels import fused_logprob as fl
 
     todo = cases() if todo is None else list(todo)
     jobs = jobs or min(os.cpu_count() or 1, 8)
@@ -458,10 +458,12 @@ def run_checks(todo: list[Case] | None = None, jobs: int | None = None) -> list[
         src, out = Path(tmp) / "cases.json", Path(tmp) / "results.json"
         src.write_text(json.dumps([asdict(c) for c in todo]))
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        # the child imports this very fastkto, installed or not
-        root = str(Path(__file__).resolve().parents[2])
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
-        cmd = [sys.executable, "-m", "fastkto.kernels.compile_check", "--cases", str(src), "--json", str(out),
+        # the child imports this very fastkto (installed or not: the folder that holds the package, src/ in a
+        # checkout) and this very tools package (the repository root)
+        package_root = str(Path(fl.__file__).resolve().parents[2])
+        repo_root = str(Path(__file__).resolve().parents[1])
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, repo_root, env.get("PYTHONPATH", "")) if p)
+        cmd = [sys.executable, "-m", "tools.compile_check", "--cases", str(src), "--json", str(out),
                "--jobs", str(jobs), "--quiet"]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if not out.exists():
@@ -498,7 +500,7 @@ def _parse_config(text: str) -> tuple[str, tuple[int, ...]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fastkto.kernels.compile_check",
+    parser = argparse.ArgumentParser(prog="python -m tools.compile_check",
                                      description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, help="write the markdown report here")
     parser.add_argument("--json", type=Path, help="write the raw results here (JSON)")
@@ -533,7 +535,7 @@ def main(argv: list[str] | None = None) -> int:
             if not skip and arg not in ("--quiet", "--jobs") and not arg.startswith("--jobs="):
                 shown.append(arg)
             skip = arg == "--jobs"
-        command = " ".join(["python -m fastkto.kernels.compile_check", *shown])
+        command = " ".join(["python -m tools.compile_check", *shown])
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(_report(results, command, seconds))
     failures = [(r.case.label, p) for r in results for p in problems(r)]
