@@ -53,7 +53,7 @@ T_ROOF=${T_ROOF:-100} T_PEERS=${T_PEERS:-150} T_SWEEP=${T_SWEEP:-40} T_DEVICE=${
 T_COMPILE=${T_COMPILE:-25} T_STACK=${T_STACK:-40} T_BENCH=${T_BENCH:-40} TOTAL_S=${TOTAL_S:-470}
 # which methods and shapes: the roofline's in-process methods, the peers (PEER_ARGS: extra arguments, e.g.
 # "--shape 8192,4096,128256" for one shape)
-ROOF_GPU_METHODS=${ROOF_GPU_METHODS:-fastkto-triton,fastkto-torch,naive}
+ROOF_GPU_METHODS=${ROOF_GPU_METHODS:-fastkto-triton,fastkto-cublas,fastkto-torch,naive}
 PEER_METHODS=${PEER_METHODS:-trl,liger,cce}
 DEVICE_TESTS=${DEVICE_TESTS:-"tests/test_logprob.py tests/test_loss.py tests/test_fsdp1_cuda.py"}
 # the device tests that exercise the Triton path (the rest of those files also runs on the CPU in CI)
@@ -153,7 +153,7 @@ if [[ $DRY == 1 ]]; then
     ROOF_ARGS=(--device cpu --dtype float32 --shape 40,32,300 --softcap 20 --repeats 1 --peer-timeout 60)
     # (Liger's kernels fail under the interpreter: that would only show the error path, which the tests cover)
     step roofline "$T_ROOF" roofline.log env TRITON_INTERPRET=1 "$PY" -m benchmarks.roofline --measure \
-        "${ROOF_ARGS[@]}" --methods "${ROOF_METHODS:-fastkto-triton,naive}" --out "$OUT/roofline"
+        "${ROOF_ARGS[@]}" --methods "${ROOF_METHODS:-fastkto-triton,fastkto-cublas,naive}" --out "$OUT/roofline"
     step peers "$T_PEERS" peers.log env TRITON_INTERPRET=1 "$PY" -m benchmarks.roofline --measure --peers-only \
         "${ROOF_ARGS[@]}" --methods "${PEER_METHODS_DRY:-trl,cce}" --out "$OUT/peers"
     step sweep "$T_SWEEP" sweep.log env TRITON_INTERPRET=1 "$PY" -m benchmarks.roofline --measure "${ROOF_ARGS[@]}" \

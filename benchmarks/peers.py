@@ -40,7 +40,7 @@ def skip_reason(method: str, device: torch.device) -> str | None:
     """Why ``method`` cannot run on ``device`` here (missing package, needs CUDA), or None when it can."""
     if method in ("naive", "fastkto-torch", "fastkto"):
         return None
-    if method == "fastkto-triton":
+    if method in ("fastkto-triton", "fastkto-cublas"):
         if device.type != "cuda":
             return "needs CUDA (on the CPU Triton runs only in its interpreter, for tests; far too slow to time)"
         return _missing("triton", "pip install triton")

@@ -735,6 +735,7 @@ def _method_fns(labels, sc):
     return {
         "fastkto-triton": lambda h, w: fastkto.fused_logprobs(h, w, labels, softcap=sc, backend="triton"),
         "fastkto-torch": lambda h, w: fastkto.fused_logprobs(h, w, labels, softcap=sc, backend="torch"),
+        "fastkto-cublas": lambda h, w: fastkto.fused_logprobs(h, w, labels, softcap=sc, backend="cublas"),
         "naive": lambda h, w: naive_logprobs(h, w, labels, softcap=sc),
         "trl": lambda h, w: peers.trl_logprobs(h, w, labels, softcap=sc),
         "liger": lambda h, w: peers.liger_logprobs(h, w, labels, softcap=sc),
@@ -966,7 +967,8 @@ def _measure_methods(shape, methods, kinds, result, sink, guarded, budget_mib, d
     from . import peers
 
     for method in [m for m in methods if m not in PEERS] + [m for m in methods if m in PEERS]:
-        reason = None if (method == "fastkto-triton" and fl.INTERPRET) else peers.skip_reason(method, device)
+        interpreted = method in ("fastkto-triton", "fastkto-cublas") and fl.INTERPRET
+        reason = None if interpreted else peers.skip_reason(method, device)
         if reason:
             result["errors"][method] = f"skipped: {reason}"
             sink(result)

@@ -155,3 +155,63 @@ def test_results_are_bitwise_reproducible(seed):
                                   softcap=5.0, workspace_bytes=BUDGET)
         runs.append((*part, *grads))
     assert all(torch.equal(x, y) for x, y in zip(*runs))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Through the public API: backend="cublas"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_public_api_values_and_gradients(dtype, monkeypatch, seed):
+    # fused_logprobs on a (2, 13) batch with ignored tokens, bias and soft-cap, against the float64 reference; the
+    # default budget shrunk so that the call spans several blocks
+    from test_logprob import check_against_reference, make_inputs
+
+    monkeypatch.setenv("FASTKTO_WORKSPACE_MIB", str(BUDGET / 2**20))
+    hidden, weight, labels, bias = make_inputs((2, 13), 19, 101, dtype, bias=True)
+    check_against_reference(hidden, weight, labels, bias, backend="cublas", softcap=7.0)
+
+
+def test_public_api_token_stats_and_loss_module(seed):
+    from test_token_stats import _reference
+
+    import fastkto
+
+    hidden, weight, b, _, labels = _inputs(30, 16, 150, bias=True, gathered=False, outside=False)
+    labels[::4] = -100
+    got = fastkto.token_stats(hidden, weight, labels, fastkto.TOKEN_FIELDS, bias=b, softcap=4.0, backend="cublas",
+                              workspace_bytes=BUDGET)
+    want = _reference(hidden, weight, b, labels, 4.0, 1.0)
+    scored = labels != -100
+    for name in ("log_probs", "entropy", "mean_logits", "log_sum_sq_probs"):
+        torch.testing.assert_close(got[name][scored].double(), want[name][scored], rtol=0, atol=FWD_ATOL)
+    assert torch.equal(got["is_top1"][scored], want["is_top1"][scored])
+    # per-sequence sums (what the losses take) as the PyTorch path gives them
+    seqs = [fastkto.sequence_logps(hidden.view(3, 10, 16), weight, labels.view(3, 10), bias=b, softcap=4.0,
+                                   backend=name, workspace_bytes=BUDGET) for name in ("cublas", "torch")]
+    torch.testing.assert_close(seqs[0], seqs[1], rtol=0, atol=10 * FWD_ATOL)
+
+
+def test_kept_epilogue_compile_report_is_current():
+    """benchmarks/results/compile/epilogue_report.md lists today's launch shapes and variants, none spilling or at
+    255 registers (regenerate: python -m tools.compile_epilogue --out benchmarks/results/compile/epilogue_report.md,
+    TRITON_INTERPRET unset)."""
+    from pathlib import Path
+
+    from tools import compile_epilogue as ce
+
+    report = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "compile" / "epilogue_report.md"
+    rows = set()
+    for line in report.read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 8 and cells[0].startswith("_"):
+            assert cells[-1] == "yes", line
+            rows.add((cells[0], cells[1], cells[2], cells[3], cells[4]))
+    ge = _ge()
+    want = set()
+    for kernel, launch, sw in ce.variants():
+        n, v, w = ge._GPU_LAUNCH[launch]
+        for dtype in ce.DTYPES:
+            for target in ce.TARGETS:
+                want.add((f"_{kernel}_kernel", f"N{n} V{v} w{w}", dtype, f"sm_{target}", ce.variant_name(sw)))
+    assert rows == want

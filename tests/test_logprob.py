@@ -46,9 +46,10 @@ def make_inputs(lead, dim, vocab, dtype, *, ignore_frac=0.3, bias=False, device=
 
 
 def rounds_dz(backend, dtype):
-    """Whether this path rounds the logits' gradient to the 16-bit input dtype before its GEMMs: the Triton path
-    (on a GPU and under the interpreter) and the PyTorch path on CUDA; the CPU's PyTorch path keeps it fp32."""
-    return dtype != torch.float32 and (backend == "triton" or DEVICE == "cuda")
+    """Whether this path rounds the logits' gradient to the 16-bit input dtype before its GEMMs: the Triton and
+    cuBLAS-epilogue paths (on a GPU and under the interpreter) and the PyTorch path on CUDA; the CPU's PyTorch
+    path keeps it fp32."""
+    return dtype != torch.float32 and (backend in ("triton", "cublas") or DEVICE == "cuda")
 
 
 def grad_tol(dtype, amplification=None):

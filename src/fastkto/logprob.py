@@ -35,8 +35,8 @@ def triton_available() -> bool:
 
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
     """The implementation ``backend`` means for tensors on ``device``: a name of ``fastkto.kernels.IMPLEMENTATIONS``
-    ("triton" or "torch"). "auto" picks the first that accepts the tensors (Triton for CUDA tensors when installed
-    and, for bfloat16, sm_80 or newer; else PyTorch)."""
+    ("triton", "cublas" or "torch"). "auto" picks the first that accepts the tensors (Triton for CUDA tensors when
+    installed and, for bfloat16, sm_80 or newer; else PyTorch); it never picks "cublas", which is opt-in."""
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
@@ -217,7 +217,9 @@ def fused_logprobs(
         ignore_index: label value whose positions return exactly 0, get exactly zero gradient and cost no work.
         temperature: logits are divided by it after the soft-cap (> 0).
         softcap: if set, z = softcap * tanh(z / softcap) before the temperature (Gemma-2 uses 30).
-        backend: "auto" (Triton for CUDA tensors when importable, else PyTorch), "triton" or "torch".
+        backend: "auto" (Triton for CUDA tensors when importable, else PyTorch), "triton", "torch", or "cublas"
+            (opt-in, CUDA: cuBLAS products into fp32 blocks and Triton epilogues; bitwise reproducible, not
+            batch-invariant; ``fastkto.kernels.gemm_epilogue``).
         process_group: a torch.distributed group whose ranks hold the vocabulary slices (vocab-parallel head);
             all ranks pass the same hidden and labels.
         workspace_bytes: budget for temporaries (PyTorch path: tiles; Triton: split buffers); default

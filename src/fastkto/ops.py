@@ -255,6 +255,14 @@ def workspace_plan_bytes(direction: str, impl: str, device_type: str, tokens: in
     if m == 0 or vocab == 0:
         return 0
     budget = tiled.default_workspace_bytes(device_type) if workspace_bytes is None else int(workspace_bytes)
+    if impl == "cublas":  # blocks of fp32 raw logits in the workspace, in both directions
+        from .kernels import gemm_epilogue as ge
+
+        maker = dataclasses.replace(ge.TILE_MAKER, align=ge.GPU_ALIGN)
+        call = tiled.CallShape(m, vocab, dim, dtype, dtype, "cuda", gathered, False, False, softcap, need_weight,
+                               has_bias, True, stats=stats if direction == "forward" else 0)
+        plan = tiled.plan_tiles(call, maker, budget, False)
+        return _buffers(tiled.workspace_buffers(*plan, call, maker, backward=direction == "backward"))
     if impl == "triton":
         from .kernels import fused_logprob as fl
 

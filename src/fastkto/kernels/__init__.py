@@ -1,9 +1,10 @@
-"""The primitive's implementations: one contract, one tile loop, two ways to make a tile.
+"""The primitive's implementations: one contract, one tile loop, three ways to make a tile.
 
     tiled.py          the backward: one loop over (vocabulary chunk, token chunk) tiles (``backward_loop``), its
                       tile plan and workspace, and the tile iterator the PyTorch forward shares
     torch_chunked.py  a tile maker from PyTorch ops (every device) and the chunked PyTorch forward; the math
     fused_logprob.py  a tile maker as a Triton kernel (CUDA, Triton's interpreter) and the Triton forward
+    gemm_epilogue.py  a tile maker from a cuBLAS product and a Triton epilogue, and its forward (opt-in: "cublas")
     cpu_threads.py    CPU worker threads: vocabulary shards, one per thread, for both directions
     stats.py          the token statistics the forward carries along
 
@@ -102,6 +103,8 @@ def needs_cuda(name: str, interpreted: bool = False) -> Callable[[torch.device],
 IMPLEMENTATIONS: dict[str, Registration] = {
     "triton": Registration("fused_logprob", requires="triton", auto=_triton_auto,
                            unavailable=needs_cuda("triton", interpreted=True)),
+    # opt-in until a GPU has timed it against "triton" (benchmarks/results/h200, docs/gpu-roofline.md)
+    "cublas": Registration("gemm_epilogue", requires="triton", unavailable=needs_cuda("cublas", interpreted=True)),
     "torch": Registration("torch_chunked", auto=lambda device, dtype: True),
 }
 

@@ -32,7 +32,7 @@ from . import tiled
 from .fused_logprob import INTERPRET, _tile_dlogits, fold, store_rounded, transform
 from .tiled import TileMaker, default_workspace_bytes
 
-__all__ = ["logprob_fwd", "logprob_bwd", "make_dz", "TILE_MAKER", "INTERPRET"]
+__all__ = ["logprob_fwd", "logprob_bwd", "make_dz", "TILE_MAKER", "INTERPRET", "GPU_ALIGN"]
 
 
 @triton.jit
@@ -46,7 +46,8 @@ def _fold_kernel(
     # the blocks fold in a fixed order. ``v0``: the block's first column as a row of the weight (shard).
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < M
-    labels = tl.load(LABELS + offs_n, mask=n_mask, other=-1).to(tl.int64) - v0  # as columns of this block
+    # as columns of this block, in 32 bits (vocabularies are far below 2^31 rows)
+    labels = (tl.load(LABELS + offs_n, mask=n_mask, other=-1) - v0).to(tl.int32)
     m_i = tl.load(STATE + offs_n, mask=n_mask, other=float("-inf"))
     s_i = tl.load(STATE + state_stride + offs_n, mask=n_mask, other=0.0)
     t_i = tl.load(STATE + 2 * state_stride + offs_n, mask=n_mask, other=0.0)
@@ -60,9 +61,10 @@ def _fold_kernel(
         q_i = tl.load(STATE + 4 * state_stride + offs_n, mask=n_mask, other=0.0)
         u_i = tl.load(STATE + 5 * state_stride + offs_n, mask=n_mask, other=0.0)
         r_i = tl.load(STATE + 6 * state_stride + offs_n, mask=n_mask, other=0.0)
-    rows = offs_n.to(tl.int64)[:, None] * stride_a
+    # 32-bit offsets: a block lies in the workspace, far below 2^31 elements
+    rows = offs_n[:, None] * stride_a
     for c0 in range(0, V, BLOCK_V):
-        offs_v = (c0 + tl.arange(0, BLOCK_V)).to(tl.int64)
+        offs_v = c0 + tl.arange(0, BLOCK_V)
         v_mask = offs_v < V
         a = tl.load(A + rows + offs_v[None, :], mask=n_mask[:, None] & v_mask[None, :], other=0.0)
         z, _ = transform(a, B, offs_v, v_mask, softcap, inv_temp, HAS_BIAS, HAS_SOFTCAP)
@@ -90,9 +92,9 @@ def _dz_kernel(
     # one (BLOCK_N, BLOCK_V) piece of a backward tile: raw logits from the block, dz in DZ's dtype
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < M
-    offs_v = (tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
+    offs_v = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     v_mask = offs_v < V
-    labels = tl.load(LABELS + offs_n, mask=n_mask, other=-1).to(tl.int64)
+    labels = (tl.load(LABELS + offs_n, mask=n_mask, other=-1) - v0).to(tl.int32)  # as columns of this block
     lse = tl.load(LSE + offs_n, mask=n_mask, other=0.0)
     g = tl.load(GRAD + offs_n, mask=n_mask, other=0.0)
     if ENT_GRAD:  # the entropy's upstream gradient and the entropy itself (from the forward)
@@ -101,20 +103,23 @@ def _dz_kernel(
     else:
         g_ent = g
         ent = g
-    rows = offs_n.to(tl.int64)[:, None]
+    rows = offs_n[:, None]  # 32-bit offsets: a block and a dz tile lie in the workspace, below 2^31 elements
     mask = n_mask[:, None] & v_mask[None, :]
     a = tl.load(A + rows * stride_a + offs_v[None, :], mask=mask, other=0.0)
     z, t = transform(a, B, offs_v, v_mask, softcap, inv_temp, HAS_BIAS, HAS_SOFTCAP)
-    dz = _tile_dlogits(z, t, lse, g, g_ent, ent, labels - v0, offs_v, n_mask, v_mask, inv_temp, HAS_SOFTCAP,
+    dz = _tile_dlogits(z, t, lse, g, g_ent, ent, labels, offs_v, n_mask, v_mask, inv_temp, HAS_SOFTCAP,
                        ENT_GRAD)
     store_rounded(DZ + rows * stride_dz + offs_v[None, :], dz, mask, UPCAST)
 
 
-# Launch shapes (BLOCK_N, BLOCK_V, num_warps): element-wise passes over fp32 blocks, sized for 16 fp32 values per
-# thread and 16-byte loads along a row; not yet timed on a GPU. The interpreter takes small tiles, so that tests
+# Launch shapes (BLOCK_N, BLOCK_V, num_warps): element-wise passes over fp32 blocks, 16 fp32 values per thread
+# and 16-byte loads along a row; they compile without spills for sm_80 and sm_90 (benchmarks/results/compile/
+# epilogue_report.md); not yet timed on a GPU. The interpreter takes small tiles, so that tests
 # cover many tiles and ragged edges on small shapes.
-_GPU_LAUNCH = {"fold": (16, 256, 4), "dz": (32, 256, 8)}
-_INTERPRET_LAUNCH = {"fold": (16, 64, 1), "dz": (16, 64, 1)}
+# The fold with all statistics (STATS 2) holds more per tile (the arg-max's indices beside exp(z - m)): at 128
+# columns it sat at 255 registers, so it takes half-width tiles.
+_GPU_LAUNCH = {"fold": (16, 128, 4), "fold_stats2": (16, 64, 4), "dz": (16, 128, 4)}
+_INTERPRET_LAUNCH = {"fold": (16, 64, 1), "fold_stats2": (16, 64, 1), "dz": (16, 64, 1)}
 
 
 def _launch(kernel: str) -> tuple[int, int, int]:
@@ -147,8 +152,9 @@ def make_dz(h, w, b, labels, v0, lse, g, softcap, inv_temp, out, ws, ent=None) -
 
 # dz is rounded to the input dtype, as the fused kernel rounds it; tile sides are multiples of the epilogues'
 # blocks on a GPU (and of cuBLAS's preferred 16 rows); the interpreter's small blocks let tests cover ragged tiles
+GPU_ALIGN = (64, 256)
 TILE_MAKER = TileMaker(make_dz=make_dz, dz_dtype=lambda input_dtype, gemm_dtype: input_dtype, scratch=_scratch,
-                       align=(16, 64) if INTERPRET else (64, 256))
+                       align=(16, 64) if INTERPRET else GPU_ALIGN)
 
 
 def logprob_fwd(
@@ -189,7 +195,7 @@ def logprob_fwd(
     ws = tiled.Workspace(tiled.workspace_buffers(*plan, call, TILE_MAKER, backward=False), dev, tile=plan)
     n_chunk, v_chunk = min(plan[0], m_tokens), plan[1]
     softcap_arg, inv_temp = _transform_args(softcap, temperature)
-    block_n, block_v, warps = _launch("fold")
+    block_n, block_v, warps = _launch("fold_stats2" if stats >= 2 else "fold")
     single = n_chunk >= m_tokens  # one token chunk: its rows are gathered / converted once
     h_once = tiled.operand_rows(hidden, rows, 0, m_tokens, ws, "h", "h_src") if single else None
     for v0 in range(0, vocab, v_chunk):
@@ -229,11 +235,11 @@ def logprob_bwd(
     grad_entropy: torch.Tensor | None = None,
     entropy: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """cuBLAS-and-epilogue version of ``torch_chunked.logprob_bwd``: the shared tile loop (``tiled.logprob_bwd``)
+    """cuBLAS-and-epilogue version of ``torch_chunked.logprob_bwd``: the shared tile loop (``tiled.backward_loop``)
     with ``make_dz`` above; same arguments and (grad_hidden fp32 compact, grad_weight, grad_bias). ``tile`` forces
     the tile shape (tests); ``on_step`` marks the steps (``benchmarks.roofline``)."""
     bias = None if bias is None else bias.contiguous()  # unit-stride vectors for the kernel
-    return tiled.logprob_bwd(
+    return tiled.backward_loop(
         TILE_MAKER, hidden, weight, bias, rows, labels.contiguous(), lse.float().contiguous(),
         grad.float().contiguous(), softcap=softcap, temperature=temperature, need_hidden=need_hidden,
         need_weight=need_weight, need_bias=need_bias, workspace_bytes=workspace_bytes, tile=tile, on_step=on_step,
