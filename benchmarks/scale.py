@@ -434,18 +434,16 @@ def _head_weight(model):
 
 def _naive_logps(hidden, weight, labels, softcap, how):
     """Sequence log-prob sums of (B, T, D) hidden through a gathered (V, D) bf16 head the way trainers do."""
-    logits = hidden @ weight.T  # bf16 (B, T, V): outputs.logits
+    from fastkto import reference
+
     if how == "trl":
         from trl.trainer.utils import selective_log_softmax
 
-        if softcap is not None:
-            logits = softcap * torch.tanh(logits / softcap)
+        # bf16 (B, T, V): outputs.logits, soft-capped in bf16 as the model does
+        logits = reference.logits(hidden, weight, softcap=softcap, dtype=hidden.dtype, upcast="logits")
         per_token = selective_log_softmax(logits, labels)
     else:
-        z = logits.float()
-        if softcap is not None:
-            z = softcap * torch.tanh(z / softcap)
-        per_token = torch.log_softmax(z, -1).gather(-1, labels[..., None]).squeeze(-1)
+        per_token = reference.logprobs(hidden, weight, labels, softcap=softcap, dtype=torch.float32, upcast="logits")
     return per_token.sum(-1)
 
 

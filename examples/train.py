@@ -218,10 +218,9 @@ def batches(examples, size, seed, *, max_tokens=None, collate=None, min_rows=1):
 def naive_sequence_logps(head, hidden, labels, cu_seqlens=None):
     """Per-sequence log-probs through the full (B, T, V) float32 logits: what fastkto avoids building. Packed
     (``cu_seqlens``): the per-token values summed per sequence."""
-    from fastkto import packing
+    from fastkto import packing, reference
 
-    logp = torch.log_softmax(head.logits(hidden), dim=-1)
-    picked = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) * (labels != -100)
+    picked = reference.label_logprobs(head.logits(hidden), labels)
     if cu_seqlens is None:
         return picked.sum(-1)
     return packing.segment_sums(picked.reshape(-1), packing.check_cu_seqlens(cu_seqlens, labels.numel()))

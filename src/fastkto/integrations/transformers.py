@@ -55,7 +55,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .. import packing
+from .. import packing, reference
 from ..logprob import _packed_lengths, fused_logprobs, sequence_logps
 from .gguf import load_gguf_model, plain_model
 from .packed_attention import VARLEN_SDPA, PackedMaskRecorder, packed_layout, run_packed, use_varlen_sdpa
@@ -377,12 +377,8 @@ class LMHead:
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The materialized, transformed logits (..., V) in float32: for small metric chunks and naive baselines."""
         with gathered_parameters(self.weight, self.bias):
-            z = hidden.float() @ self.weight.float().T
-            if self.bias is not None:
-                z = z + self.bias.float()
-        if self.softcap is not None:
-            z = self.softcap * torch.tanh(z / self.softcap)
-        return z / self.temperature
+            return reference.logits(hidden, self.weight, self.bias, softcap=self.softcap,
+                                    temperature=self.temperature, dtype=torch.float32)
 
 
 def get_lm_head(model: torch.nn.Module, *, temperature: float = 1.0) -> LMHead:
