@@ -16,7 +16,7 @@ It holds (..., V) logits in ``dtype`` and their softmax for the backward: small 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -26,7 +26,7 @@ __all__ = ["LOGIT_TRANSFORMS", "transform_logits", "logits", "label_logprobs", "
 #: so far and the argument's value; an argument at its neutral value (None, or temperature 1.0) skips its step.
 #: Model configs map onto these arguments in ``fastkto.integrations.transformers`` (its docstring's table); the
 #: kernels apply the same formulas in-tile.
-LOGIT_TRANSFORMS: tuple[tuple[str, str, Callable[[torch.Tensor, object], torch.Tensor]], ...] = (
+LOGIT_TRANSFORMS: tuple[tuple[str, str, Callable[[torch.Tensor, Any], torch.Tensor]], ...] = (
     ("bias", "z = a + b", lambda z, b: z + b.to(z.dtype)),
     ("softcap", "z = c tanh(z / c)", lambda z, c: c * torch.tanh(z / c)),
     ("temperature", "z = z / T", lambda z, t: z / t),
