@@ -41,6 +41,8 @@ from . import distributed as _dist
 from ._checks import check_choice, check_nonnegative, check_positive, is_number
 
 if TYPE_CHECKING:  # re-exported at run time by __getattr__ below (fastkto.modules imports this module)
+    from torch.distributed import ProcessGroup
+
     from .modules import DPOLoss, KTOLoss
 
 __all__ = [
@@ -354,7 +356,8 @@ def _check_kto_hyper(beta, desirable_weight, undesirable_weight, loss_type) -> N
 # layer 1: the math on (B,) log-probabilities
 
 
-def kto_kl(policy_kl_logps: torch.Tensor, ref_kl_logps: torch.Tensor, process_group=None) -> torch.Tensor:
+def kto_kl(policy_kl_logps: torch.Tensor, ref_kl_logps: torch.Tensor,
+           process_group: ProcessGroup | None = None) -> torch.Tensor:
     """z0: KTO's reference point, a detached estimate of KL(pi_theta || pi_ref) from mismatched pairs.
 
     The KL pairs are completions scored under prompts they do not answer (e.g. prompt i with completion i+1),
@@ -394,7 +397,7 @@ def kto_loss(
     ref_logps: torch.Tensor,
     desirable: torch.Tensor,
     *,
-    kl=None,
+    kl: float | torch.Tensor | None = None,
     beta: float = 0.1,
     desirable_weight: float = 1.0,
     undesirable_weight: float = 1.0,
@@ -448,7 +451,7 @@ def kto_loss(
     return _kto_output(loss, losses, beta * ratio.detach(), z0, policy_logps, ref_logps, desirable)
 
 
-def _kto_reference_point(kl, loss_type: str, ratio: torch.Tensor) -> torch.Tensor:
+def _kto_reference_point(kl: float | torch.Tensor | None, loss_type: str, ratio: torch.Tensor) -> torch.Tensor:
     """z0 of ``kto_loss`` as a 0-d tensor of ratio's dtype and device: ``kl`` checked against ``loss_type``."""
     uses_kl = KTO_LOSSES[loss_type].uses_kl
     if kl is None and uses_kl:
@@ -503,7 +506,7 @@ def dpo_loss(
     loss_type: str = "sigmoid",
     label_smoothing: float = 0.0,
     discopop_tau: float = 0.05,
-    bco_delta=0.0,
+    bco_delta: float | torch.Tensor = 0.0,
 ) -> DPOOutput:
     """DPO and its TRL variants on per-sequence log-probabilities of P (chosen, rejected) pairs.
 

@@ -359,7 +359,7 @@ class LMHead:
         return fused_logprobs(hidden, self.weight, labels, **self.kwargs(), **kwargs)
 
     def sequence_logps(self, hidden: torch.Tensor, labels: torch.Tensor, *, average: bool = False,
-                       cu_seqlens: torch.Tensor | None = None, **kwargs):
+                       cu_seqlens: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
         """Per-sequence sums (``average=True``: means) over valid tokens, float32: shape labels.shape[:-1], or (S,)
         for a packed batch with ``cu_seqlens`` (see ``fastkto.sequence_logps``)."""
         if is_partitioned(self.weight) or is_partitioned(self.bias):
