@@ -436,14 +436,16 @@ def _naive_logps(hidden, weight, labels, softcap, how):
     """Sequence log-prob sums of (B, T, D) hidden through a gathered (V, D) bf16 head the way trainers do."""
     from fastkto import reference
 
+    # bf16 (B, T, V): outputs.logits, which a trainer holds (here: this local) while it computes the loss
+    logits = hidden @ weight.T
     if how == "trl":
         from trl.trainer.utils import selective_log_softmax
 
-        # bf16 (B, T, V): outputs.logits, soft-capped in bf16 as the model does
-        logits = reference.logits(hidden, weight, softcap=softcap, dtype=hidden.dtype, upcast="logits")
-        per_token = selective_log_softmax(logits, labels)
+        per_token = selective_log_softmax(reference.transform_logits(logits, softcap=softcap), labels)
     else:
-        per_token = reference.logprobs(hidden, weight, labels, softcap=softcap, dtype=torch.float32, upcast="logits")
+        z = reference.transform_logits(logits.float(), softcap=softcap)
+        # every label is scored here, so no mask (reference.label_logprobs' would add (B, T) tensors to the peak)
+        per_token = torch.log_softmax(z, -1).gather(-1, labels[..., None]).squeeze(-1)
     return per_token.sum(-1)
 
 

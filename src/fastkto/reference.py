@@ -92,7 +92,7 @@ def label_logprobs(z: torch.Tensor, labels: torch.Tensor, *, ignore_index: int =
     valid = labels != ignore_index
     safe = torch.where(valid, labels, 0).long()
     picked = torch.log_softmax(z, dim=-1).gather(-1, safe.unsqueeze(-1)).squeeze(-1)
-    return torch.where(valid, picked, torch.zeros_like(picked))
+    return torch.where(valid, picked, 0.0)  # a scalar: no (...)-sized zeros beside the result
 
 
 def logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, bias: torch.Tensor | None = None,
