@@ -100,6 +100,7 @@ def _collate(rows, device, pad_id: int):
 
 def e2e_point(method: str, batch: int, max_len: int, dtype: torch.dtype, device: torch.device, state: dict,
               seed: int = 0, beta: float = 0.1) -> Point:
+    from fastkto import reference
     from fastkto.integrations.transformers import get_lm_head, hidden_states
     from fastkto.loss import KTOLoss, kto_kl, kto_loss
 
@@ -119,9 +120,7 @@ def e2e_point(method: str, batch: int, max_len: int, dtype: torch.dtype, device:
 
     def naive_logps(m, i, a, y):  # the model's own (B, L, V) logits, float32 log_softmax, gather
         logits = m(input_ids=i, attention_mask=a).logits[:, :-1]
-        valid = y != -100
-        picked = torch.log_softmax(logits.float(), -1).gather(-1, torch.where(valid, y, 0)[..., None])[..., 0]
-        return (picked * valid).sum(-1)
+        return reference.label_logprobs(logits.float(), y).sum(-1)
 
     head, ref_head = get_lm_head(model), get_lm_head(ref)
     loss_fn = KTOLoss(beta, softcap=head.softcap, temperature=head.temperature)

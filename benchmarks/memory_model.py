@@ -93,7 +93,7 @@ def coefficients_from_results(path: Path | None) -> Coefficients:
     said so in ``source``, when there is none)."""
     if path is None or not Path(path).exists():
         return Coefficients(ANALYTIC_C_NAIVE, DEFAULT_WORKSPACE, "analytic (no results file found)")
-    from .run import summarize
+    from .report import summarize
 
     report = json.loads(Path(path).read_text())
     rows = [r for r in summarize(report["raw"]) if r["workload"] == "kto" and r.get("peak_extra_bytes") is not None]

@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import torch
 
+from fastkto import reference
+
 __all__ = ["naive_logprobs", "naive_sequence_logps", "max_abs_diff_against_reference"]
 
 
 def naive_logprobs(hidden, weight, labels, *, softcap=None, ignore_index=-100, upcast=torch.float32):
-    """log_softmax(hidden @ weight.T)[label] through the full logits.
+    """log_softmax(hidden @ weight.T)[label] through the full logits: ``fastkto.reference.logprobs`` with the matmul
+    in the inputs' dtype (``upcast="logits"``), as a trainer that materializes the logits computes it.
 
     Args:
         hidden: (..., D) float tensor; weight: (V, D) same dtype; labels: (...) integer, ``ignore_index`` masked.
@@ -27,12 +30,8 @@ def naive_logprobs(hidden, weight, labels, *, softcap=None, ignore_index=-100, u
     Returns:
         ``upcast`` tensor of labels' shape; exactly 0 where labels == ignore_index.
     """
-    logits = (hidden @ weight.T).to(upcast)
-    if softcap is not None:
-        logits = softcap * torch.tanh(logits / softcap)
-    valid = labels != ignore_index
-    picked = torch.log_softmax(logits, dim=-1).gather(-1, torch.where(valid, labels, 0).unsqueeze(-1)).squeeze(-1)
-    return picked * valid
+    return reference.logprobs(hidden, weight, labels, softcap=softcap, ignore_index=ignore_index, dtype=upcast,
+                              upcast="logits")
 
 
 def naive_sequence_logps(hidden, weight, labels, *, softcap=None, ignore_index=-100, upcast=torch.float32):
@@ -41,16 +40,13 @@ def naive_sequence_logps(hidden, weight, labels, *, softcap=None, ignore_index=-
 
 
 def _ref_chunks(hidden, weight, labels, softcap, vocab_chunk):
-    """Float64 logits of each vocabulary chunk: yields (v0, v1, z, tanh(a / c) or None)."""
-    h = hidden.double()
+    """Float64 logits of each vocabulary chunk: yields (v0, v1, z, dz/da or None), a the chunk's raw logits."""
+    h = hidden.double()  # once: the chunks' casts of it are then no-ops
     for v0 in range(0, weight.shape[0], vocab_chunk):
         v1 = min(v0 + vocab_chunk, weight.shape[0])
-        a = h @ weight[v0:v1].double().T
-        t = None
-        if softcap is not None:
-            t = torch.tanh(a / softcap)
-            a = softcap * t
-        yield v0, v1, a, t
+        z = reference.logits(h, weight[v0:v1], softcap=softcap, dtype=torch.float64)
+        # z = c tanh(a / c), so dz/da = 1 - tanh^2 = 1 - (z / c)^2
+        yield v0, v1, z, None if softcap is None else 1 - (z / softcap) ** 2
 
 
 @torch.no_grad()
@@ -81,12 +77,12 @@ def max_abs_diff_against_reference(hidden, weight, labels, grad_out, value, grad
     ref_dh = torch.zeros(hidden.shape, dtype=torch.float64, device=hidden.device)
     dw_err = dw_scale = 0.0
     h = hidden.double()
-    for v0, v1, z, t in _ref_chunks(hidden, weight, labels, softcap, vocab_chunk):
+    for v0, v1, z, dz_da in _ref_chunks(hidden, weight, labels, softcap, vocab_chunk):
         dz = -g[:, None] * torch.exp(z - lse[:, None])
         inside = (labels >= v0) & (labels < v1)
         dz[inside, labels[inside] - v0] += g[inside]
-        if t is not None:
-            dz = dz * (1 - t * t)
+        if dz_da is not None:
+            dz = dz * dz_da
         ref_dh += dz @ weight[v0:v1].double()
         ref_dw = dz.T @ h
         dw_scale = max(dw_scale, ref_dw.abs().max().item())

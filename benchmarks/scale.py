@@ -434,17 +434,17 @@ def _head_weight(model):
 
 def _naive_logps(hidden, weight, labels, softcap, how):
     """Sequence log-prob sums of (B, T, D) hidden through a gathered (V, D) bf16 head the way trainers do."""
-    logits = hidden @ weight.T  # bf16 (B, T, V): outputs.logits
+    from fastkto import reference
+
+    # bf16 (B, T, V): outputs.logits, which a trainer holds (here: this local) while it computes the loss
+    logits = hidden @ weight.T
     if how == "trl":
         from trl.trainer.utils import selective_log_softmax
 
-        if softcap is not None:
-            logits = softcap * torch.tanh(logits / softcap)
-        per_token = selective_log_softmax(logits, labels)
+        per_token = selective_log_softmax(reference.transform_logits(logits, softcap=softcap), labels)
     else:
-        z = logits.float()
-        if softcap is not None:
-            z = softcap * torch.tanh(z / softcap)
+        z = reference.transform_logits(logits.float(), softcap=softcap)
+        # every label is scored here, so no mask (reference.label_logprobs' would add (B, T) tensors to the peak)
         per_token = torch.log_softmax(z, -1).gather(-1, labels[..., None]).squeeze(-1)
     return per_token.sum(-1)
 

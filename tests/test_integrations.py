@@ -20,6 +20,7 @@ import torch
 transformers = pytest.importorskip("transformers", reason="the transformers integration needs transformers")
 
 from fastkto import data as D  # noqa: E402
+from fastkto import reference  # noqa: E402
 from fastkto.integrations import transformers as T  # noqa: E402
 from test_data import CHAT_TEMPLATE, make_char_tokenizer, smollm2_gguf  # noqa: E402
 
@@ -66,8 +67,7 @@ def padded_batch(n=3, t=12):
 def model_logprobs(model, ids, mask, labels):
     """Reference: log_softmax of the model's own logits in float64, at the next-token labels, 0 where masked."""
     logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
-    picked = torch.log_softmax(logits.double(), -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
-    return picked * (labels != -100)
+    return reference.label_logprobs(logits.double(), labels)
 
 
 def assert_grads_close(got, want, rtol=GRAD_RTOL):
@@ -127,7 +127,8 @@ def test_logit_transform_mapping():
     # a scale s before a soft-cap c equals soft-cap c / s, then temperature 1 / s
     softcap, temp = T.logit_transform(cfg(logit_scale=2.5, final_logit_softcapping=30.0))
     a = torch.linspace(-80, 80, 101, dtype=torch.float64)
-    torch.testing.assert_close(softcap * torch.tanh(a / softcap) / temp, 30.0 * torch.tanh(2.5 * a / 30.0))
+    torch.testing.assert_close(reference.transform_logits(a, softcap=softcap, temperature=temp),
+                               30.0 * torch.tanh(2.5 * a / 30.0))
     with pytest.raises(ValueError, match="logit scale"):
         T.logit_transform(cfg(logit_scale=-1.0))
     with pytest.raises(ValueError, match="temperature"):

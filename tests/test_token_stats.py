@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import fastkto
+from fastkto import reference
 from fastkto.kernels import stats as st
 from fastkto.kernels import torch_chunked
 
@@ -44,11 +45,7 @@ def _inputs(n, dim, vocab, *, dtype=torch.float32, scale=0.5, ignored=0.2, bias=
 
 def _reference(hidden, weight, bias, labels, softcap, temperature):
     """float64 fields of every row (ignored rows masked to 0 / False afterwards by the caller)."""
-    a = hidden.double() @ weight.double().T
-    if bias is not None:
-        a = a + bias.double()
-    z = a if softcap is None else softcap * torch.tanh(a / softcap)
-    z = z / temperature
+    z = reference.logits(hidden, weight, bias, softcap=softcap, temperature=temperature, dtype=torch.float64)
     logp = torch.log_softmax(z, -1)
     p = logp.exp()
     safe = labels.clamp(min=0)

@@ -23,9 +23,14 @@ the pre-pass; it is not run twice), and one all-reduce per optimizer step instea
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from . import distributed as _dist
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 __all__ = ["KLWindow"]
 
@@ -72,7 +77,8 @@ class KLWindow:
             raise ValueError("KLWindow.weight needs the window's micro-batches added first")
         return sequences / self._sequences
 
-    def z0(self, process_group=None, *, device: torch.device | str | None = None) -> torch.Tensor:
+    def z0(self, process_group: ProcessGroup | None = None, *,
+           device: torch.device | str | None = None) -> torch.Tensor:
         """0-d float32 z0 over the pairs added (and, with ``process_group``, over every rank's: one all-reduce of
         (sum, count); every rank of the group must call it, a rank with no pair too, passing ``device``)."""
         if self._sum is None:

@@ -594,7 +594,9 @@ class TokenBudgetSampler(torch.utils.data.Sampler):
         if self.shuffle:
             generator = torch.Generator().manual_seed(self.seed + self.epoch)
             order = torch.randperm(len(order), generator=generator).tolist()
-        batches, current, used = [], [], 0
+        batches: list[list[int]] = []
+        current: list[int] = []
+        used = 0
         for i in order:
             # a batch closed here holds min_rows examples or more: any min_rows examples fit the budget (checked
             # in __init__), so one with fewer always has room for the next

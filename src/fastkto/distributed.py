@@ -42,7 +42,8 @@ def labels_fingerprint(labels: torch.Tensor) -> torch.Tensor:
 
 
 def vocab_shard_layout(
-    local_vocab: int, dim: int, n_tokens: int, group, device=None, ok: bool = True, labels_hash=None
+    local_vocab: int, dim: int, n_tokens: int, group: dist.ProcessGroup | None,
+    device: torch.device | str | None = None, ok: bool = True, labels_hash: torch.Tensor | None = None,
 ) -> tuple[int, int] | None:
     """(this rank's first vocabulary id, total vocabulary) of a vocab-parallel head.
 
@@ -110,7 +111,7 @@ def combine_vocab_parallel(row_max, sum_exp, target, *extra, group):
     return tuple(out)
 
 
-def all_reduce_sum(tensor: torch.Tensor, group) -> torch.Tensor:
+def all_reduce_sum(tensor: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
     """Sum ``tensor`` in place over the ranks of ``group``; returns it."""
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
     return tensor
@@ -168,7 +169,8 @@ def _replicate(tensor):
     return local
 
 
-def gather_sharded(weight: torch.Tensor, bias: torch.Tensor | None = None, *, process_group=None):
+def gather_sharded(weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+                   process_group: dist.ProcessGroup | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Plain tensors pass through; a DTensor weight (or bias) is all-gathered into a plain full tensor.
 
     ``fused_logprobs`` calls this once per call, before any chunking: one all-gather of the weight (and one of the
@@ -211,7 +213,8 @@ def gather_sharded(weight: torch.Tensor, bias: torch.Tensor | None = None, *, pr
     return (_replicate(weight) if is_sharded(weight) else weight), (_replicate(bias) if is_sharded(bias) else bias)
 
 
-def gather_for_call(weight: torch.Tensor, bias: torch.Tensor | None = None, *, process_group=None):
+def gather_for_call(weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+                    process_group: dist.ProcessGroup | None = None):
     """``gather_sharded`` for one ``fused_logprobs`` call, plus a way to gather the same tensors again in backward.
 
     Returns ``(weight, bias, regather)``. ``regather`` is None when neither tensor is a DTensor. Otherwise it is a

@@ -41,6 +41,8 @@ from . import distributed as _dist
 from ._checks import check_choice, check_nonnegative, check_positive, is_number
 
 if TYPE_CHECKING:  # re-exported at run time by __getattr__ below (fastkto.modules imports this module)
+    from torch.distributed import ProcessGroup
+
     from .modules import DPOLoss, KTOLoss
 
 __all__ = [
@@ -354,7 +356,8 @@ def _check_kto_hyper(beta, desirable_weight, undesirable_weight, loss_type) -> N
 # layer 1: the math on (B,) log-probabilities
 
 
-def kto_kl(policy_kl_logps: torch.Tensor, ref_kl_logps: torch.Tensor, process_group=None) -> torch.Tensor:
+def kto_kl(policy_kl_logps: torch.Tensor, ref_kl_logps: torch.Tensor,
+           process_group: ProcessGroup | None = None) -> torch.Tensor:
     """z0: KTO's reference point, a detached estimate of KL(pi_theta || pi_ref) from mismatched pairs.
 
     The KL pairs are completions scored under prompts they do not answer (e.g. prompt i with completion i+1),
@@ -394,7 +397,7 @@ def kto_loss(
     ref_logps: torch.Tensor,
     desirable: torch.Tensor,
     *,
-    kl=None,
+    kl: float | torch.Tensor | None = None,
     beta: float = 0.1,
     desirable_weight: float = 1.0,
     undesirable_weight: float = 1.0,
@@ -432,27 +435,7 @@ def kto_loss(
     _check_desirable(desirable, n, policy_logps.device, "policy_logps")
 
     ratio = policy_logps - ref_logps
-    uses_kl = KTO_LOSSES[loss_type].uses_kl
-    if kl is None and uses_kl:
-        # z0 = 0 is a legitimate choice (the reference point at the reference model), but a silent default made a
-        # forgotten KL estimate look like a real one clamped at 0 in the logs
-        raise ValueError(
-            f"loss_type={loss_type!r} needs its reference point z0: pass kl=kto_kl(policy_kl_logps, ref_kl_logps) (the "
-            "KL estimate from mismatched pairs, as TRL computes by default), or kl=0.0 to use z0 = 0 explicitly"
-        )
-    if kl is None:
-        z0 = torch.zeros((), dtype=ratio.dtype, device=ratio.device)
-    elif not uses_kl:
-        raise ValueError(f"loss_type={loss_type!r} uses no KL estimate; pass kl=None")
-    else:
-        if not (is_number(kl) or isinstance(kl, torch.Tensor)):
-            raise TypeError(f"kl must be a number, a one-element tensor or None, got {type(kl).__name__}")
-        if isinstance(kl, torch.Tensor) and kl.numel() != 1:
-            raise ValueError(f"kl must hold one value (z0), got shape {tuple(kl.shape)}")
-        # a Python float goes straight to the loss dtype (torch.as_tensor would round it to float32 first), made on
-        # the device by a fill (a copy from the host would wait for the stream)
-        z0 = (kl.detach().reshape(()).to(device=ratio.device, dtype=ratio.dtype) if isinstance(kl, torch.Tensor)
-              else torch.full((), float(kl), dtype=ratio.dtype, device=ratio.device))
+    z0 = _kto_reference_point(kl, loss_type, ratio)
 
     # apo_zero_unpaired is the kto formula with z0 = 0 (it takes no kl). sigma(-x) stands for 1 - sigma(x): the
     # same value without cancellation when sigma(x) is close to 1.
@@ -465,23 +448,52 @@ def kto_loss(
     losses = weights * per_example
     loss = losses.mean()
 
-    with torch.no_grad():
-        rewards = beta * ratio.detach()
-        undesirable = ~desirable
-        n_des, n_und = desirable.sum(), undesirable.sum()
+    return _kto_output(loss, losses, beta * ratio.detach(), z0, policy_logps, ref_logps, desirable)
 
-        def class_mean(values, mask, count):  # NaN for an empty class, like an empty mean
-            return torch.where(mask, values, 0).sum() / count
 
-        return KTOOutput(
-            loss=loss, losses=losses.detach(), rewards=rewards, kl=z0,
-            policy_logps=policy_logps.detach(), ref_logps=ref_logps.detach(), desirable=desirable,
-            n_desirable=n_des, n_undesirable=n_und,
-            desirable_reward_mean=class_mean(rewards, desirable, n_des),
-            undesirable_reward_mean=class_mean(rewards, undesirable, n_und),
-            desirable_logps_mean=class_mean(policy_logps.detach(), desirable, n_des),
-            undesirable_logps_mean=class_mean(policy_logps.detach(), undesirable, n_und),
+def _kto_reference_point(kl: float | torch.Tensor | None, loss_type: str, ratio: torch.Tensor) -> torch.Tensor:
+    """z0 of ``kto_loss`` as a 0-d tensor of ratio's dtype and device: ``kl`` checked against ``loss_type``."""
+    uses_kl = KTO_LOSSES[loss_type].uses_kl
+    if kl is None and uses_kl:
+        # z0 = 0 is a legitimate choice (the reference point at the reference model), but a silent default made a
+        # forgotten KL estimate look like a real one clamped at 0 in the logs
+        raise ValueError(
+            f"loss_type={loss_type!r} needs its reference point z0: pass kl=kto_kl(policy_kl_logps, ref_kl_logps) (the "
+            "KL estimate from mismatched pairs, as TRL computes by default), or kl=0.0 to use z0 = 0 explicitly"
         )
+    if kl is None:
+        return torch.zeros((), dtype=ratio.dtype, device=ratio.device)
+    if not uses_kl:
+        raise ValueError(f"loss_type={loss_type!r} uses no KL estimate; pass kl=None")
+    if not (is_number(kl) or isinstance(kl, torch.Tensor)):
+        raise TypeError(f"kl must be a number, a one-element tensor or None, got {type(kl).__name__}")
+    if isinstance(kl, torch.Tensor) and kl.numel() != 1:
+        raise ValueError(f"kl must hold one value (z0), got shape {tuple(kl.shape)}")
+    # a Python float goes straight to the loss dtype (torch.as_tensor would round it to float32 first), made on
+    # the device by a fill (a copy from the host would wait for the stream)
+    if isinstance(kl, torch.Tensor):
+        return kl.detach().reshape(()).to(device=ratio.device, dtype=ratio.dtype)
+    return torch.full((), float(kl), dtype=ratio.dtype, device=ratio.device)
+
+
+@torch.no_grad()
+def _kto_output(loss, losses, rewards, z0, policy_logps, ref_logps, desirable) -> KTOOutput:
+    """``kto_loss``'s result: the loss with its graph, everything else detached, with the per-class means."""
+    undesirable = ~desirable
+    n_des, n_und = desirable.sum(), undesirable.sum()
+
+    def class_mean(values, mask, count):  # NaN for an empty class, like an empty mean
+        return torch.where(mask, values, 0).sum() / count
+
+    return KTOOutput(
+        loss=loss, losses=losses.detach(), rewards=rewards, kl=z0,
+        policy_logps=policy_logps.detach(), ref_logps=ref_logps.detach(), desirable=desirable,
+        n_desirable=n_des, n_undesirable=n_und,
+        desirable_reward_mean=class_mean(rewards, desirable, n_des),
+        undesirable_reward_mean=class_mean(rewards, undesirable, n_und),
+        desirable_logps_mean=class_mean(policy_logps.detach(), desirable, n_des),
+        undesirable_logps_mean=class_mean(policy_logps.detach(), undesirable, n_und),
+    )
 
 
 def dpo_loss(
@@ -494,7 +506,7 @@ def dpo_loss(
     loss_type: str = "sigmoid",
     label_smoothing: float = 0.0,
     discopop_tau: float = 0.05,
-    bco_delta=0.0,
+    bco_delta: float | torch.Tensor = 0.0,
 ) -> DPOOutput:
     """DPO and its TRL variants on per-sequence log-probabilities of P (chosen, rejected) pairs.
 

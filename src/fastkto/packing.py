@@ -198,7 +198,7 @@ def segment_counts(flags: torch.Tensor, lengths: torch.Tensor, width: int | None
     return torch.zeros(mask.shape, dtype=torch.long, device=flags.device).masked_scatter(mask, flags.long()).sum(1)
 
 
-def pack_padded(attention_mask: torch.Tensor, *tensors: torch.Tensor):
+def pack_padded(attention_mask: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Remove the padding of right-padded (B, T) tensors: each becomes (1, T_total), rows concatenated.
 
     Args:

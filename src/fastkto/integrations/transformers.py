@@ -25,6 +25,7 @@ and ``transform`` is the identity for most models. This module gets the pieces:
 
   A scale s applied before a soft-cap c is the same as soft-cap c / s and temperature 1 / s:
   c tanh(s a / c) = [(c / s) tanh(a / (c / s))] / (1 / s). A sampling temperature T divides on top of that.
+  fastkto's arguments apply as ``fastkto.reference.LOGIT_TRANSFORMS`` says (bias, soft-cap, temperature).
 
 Then ``head.logprobs(hidden, labels)`` equals ``log_softmax(model(input_ids).logits)`` gathered at the labels
 (``verify_lm_head`` checks exactly that on a small input, for architectures not in the table).
@@ -55,7 +56,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .. import packing
+from .. import packing, reference
 from ..logprob import _packed_lengths, fused_logprobs, sequence_logps
 from .gguf import load_gguf_model, plain_model
 from .packed_attention import VARLEN_SDPA, PackedMaskRecorder, packed_layout, run_packed, use_varlen_sdpa
@@ -241,7 +242,7 @@ def _check_tie(inner: torch.nn.Module) -> None:
     """ValueError if the model declares a tied embedding / LM head but holds them as two parameters (FSDP2 units
     that split the tied pair, or a copy), which would train them apart."""
     config = getattr(inner, "config", None)
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text = config.get_text_config() if config is not None and hasattr(config, "get_text_config") else config
     if not getattr(text, "tie_word_embeddings", False) or not getattr(inner, "_tied_weights_keys", None):
         return
     get_in, get_out = getattr(inner, "get_input_embeddings", None), getattr(inner, "get_output_embeddings", None)
@@ -279,7 +280,7 @@ def _head_module(inner: torch.nn.Module) -> torch.nn.Module:
     weight = getattr(head, "weight", None)
     # a ZeRO-3 partitioned weight is an empty tensor on its own; its shape is in ds_shape
     shape = getattr(weight, "ds_shape", None) if is_partitioned(weight) else getattr(weight, "shape", None)
-    if not isinstance(weight, torch.Tensor) or len(shape) != 2:
+    if not isinstance(weight, torch.Tensor) or shape is None or len(shape) != 2:
         raise ValueError(f"the LM head {type(head).__name__} has no (vocab, hidden) weight matrix")
     return head
 
@@ -358,7 +359,7 @@ class LMHead:
         return fused_logprobs(hidden, self.weight, labels, **self.kwargs(), **kwargs)
 
     def sequence_logps(self, hidden: torch.Tensor, labels: torch.Tensor, *, average: bool = False,
-                       cu_seqlens: torch.Tensor | None = None, **kwargs):
+                       cu_seqlens: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
         """Per-sequence sums (``average=True``: means) over valid tokens, float32: shape labels.shape[:-1], or (S,)
         for a packed batch with ``cu_seqlens`` (see ``fastkto.sequence_logps``)."""
         if is_partitioned(self.weight) or is_partitioned(self.bias):
@@ -377,12 +378,8 @@ class LMHead:
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The materialized, transformed logits (..., V) in float32: for small metric chunks and naive baselines."""
         with gathered_parameters(self.weight, self.bias):
-            z = hidden.float() @ self.weight.float().T
-            if self.bias is not None:
-                z = z + self.bias.float()
-        if self.softcap is not None:
-            z = self.softcap * torch.tanh(z / self.softcap)
-        return z / self.temperature
+            return reference.logits(hidden, self.weight, self.bias, softcap=self.softcap,
+                                    temperature=self.temperature, dtype=torch.float32)
 
 
 def get_lm_head(model: torch.nn.Module, *, temperature: float = 1.0) -> LMHead:
@@ -502,7 +499,7 @@ def _capture_of(backbone: torch.nn.Module) -> _Capture:
 
 
 @functools.cache
-def _takes_logits_to_keep(cls: type) -> bool:
+def _takes_logits_to_keep(cls) -> bool:  # cls: a model class (hashable, so cached per class)
     import inspect
 
     try:
@@ -515,7 +512,7 @@ def _run_capturing(model: torch.nn.Module, inner: torch.nn.Module, backbone: tor
                    **kwargs):
     """Call ``model`` (the outermost wrapper) with the LM head on zero positions; the backbone's output."""
     around = ", ".join(wrappers)
-    if not _takes_logits_to_keep(type(inner)):
+    if not _takes_logits_to_keep(type(inner)):  # type: ignore[arg-type]  # a class hashes; torch is Any to mypy
         raise ValueError(
             f"{type(inner).__name__}.forward takes no logits_to_keep, so running it through {around} (which fastkto "
             "must call, not bypass) would build the full (B, T, V) logits: run this model without that wrapper"

@@ -118,7 +118,7 @@ def _metric_fields(head, hidden, labels, mask, fields, workspace_bytes=None):
     return head_token_stats(head, hidden, labels, tuple(fields))
 
 
-def add_fastkto_lm_head(  # noqa: C901 - one installer per field set; issue 24 names its closure for a split
+def add_fastkto_lm_head(
     model: torch.nn.Module,
     temperature: float = 1.0,
     cast_lm_head_to_fp32: bool = False,
@@ -169,50 +169,12 @@ def add_fastkto_lm_head(  # noqa: C901 - one installer per field set; issue 24 n
         text_config = self.config.get_text_config()
         if getattr(text_config, "output_router_logits", False):
             kwargs.setdefault("output_router_logits", True)
-        # looked up on every call: FSDP, DeepSpeed and PEFT replace modules after the patch
-        backbone = _backbone_module(self)  # inside the model's own call: its wrappers have run
-        if padding_free:
-            backbone_out, hidden, keep = _packed_backbone(backbone, args, kwargs)
-            # hidden state t scores shift_labels[t] = labels[t + 1]; at padding it is 0, so nothing may be scored there
-            given, real = (shift_labels, keep) if shift_labels is not None else (labels[:, 1:], keep[:, :-1])
-            if tuple(given.shape) != tuple(real.shape) or bool((given[~real] != -100).any()):
-                raise ValueError("padding_free: labels must have the batch's (B, T) shape and be -100 on padding "
-                                 "positions (they have no token to score)")
-        else:
-            backbone_out = backbone(*args, **kwargs)
-            hidden = backbone_out.last_hidden_state
-        if shift_labels is None:
-            hidden, labels = hidden[:, :-1], labels[:, 1:]
-        else:
-            labels = shift_labels
-        head = get_lm_head(self, temperature=temperature)
-        device = head.weight.device.type
-        # the head's matmul inputs: float32 when asked; under autocast its dtype (what fastkto.fused_logprobs and
-        # nn.Linear would use there); else the head's dtype. Decided once here so that the log-probs and the metric
-        # pass see the same inputs; autocast is then switched off (fastkto accumulates in float32 itself).
-        dtype = head.weight.dtype
-        if cast_lm_head_to_fp32:
-            dtype = torch.float32
-        elif torch.is_autocast_enabled(device):
-            dtype = torch.get_autocast_dtype(device)
-        if dtype != head.weight.dtype:
-            if _is_partitioned(head.weight):
-                raise NotImplementedError(
-                    f"the LM head is DeepSpeed ZeRO-3 partitioned in {head.weight.dtype} and the head was asked to "
-                    f"run in {dtype} (cast_lm_head_to_fp32 or autocast): let DeepSpeed hold the model in the dtype "
-                    "to score in (its bf16 / fp16 settings), or turn cast_lm_head_to_fp32 off"
-                )
-            bias = None if head.bias is None else head.bias.to(dtype)
-            head = dataclasses.replace(head, weight=head.weight.to(dtype), bias=bias)
+        backbone_out, hidden, labels = _backbone_hidden(self, args, kwargs, labels, shift_labels, padding_free)
+        head = _scoring_head(self, temperature, cast_lm_head_to_fp32)
         # the backbone may end on another device than the head (device_map)
-        hidden, labels = hidden.to(head.weight.device, dtype), labels.to(head.weight.device)
+        hidden, labels = hidden.to(head.weight.device, head.weight.dtype), labels.to(head.weight.device)
         mask = labels != -100
-        with torch.autocast(device, enabled=False):
-            if metric_names:  # one pass through the head: the log-probs and every requested field
-                metrics = head_token_stats(head, hidden, labels, ("log_probs", *metric_names))
-                log_probs = metrics.pop("log_probs")
-            else:
-                log_probs, metrics = head.logprobs(hidden, labels), {}
+        log_probs, metrics = _score(head, hidden, labels, metric_names)
         count = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
         loss = -log_probs.sum() / count
         aux_loss = None
@@ -225,6 +187,60 @@ def add_fastkto_lm_head(  # noqa: C901 - one installer per field set; issue 24 n
 
     model.forward = types.MethodType(forward, model)
     setattr(model, _MARK, True)
+
+
+def _backbone_hidden(model, args, kwargs, labels, shift_labels, padding_free: bool):
+    """(the backbone's output, hidden states, labels) of one fused-head forward, aligned so that hidden state t
+    scores label t: ``labels`` (B, T) are shifted here (hidden states (B, T - 1, D)), ``shift_labels`` (B, T)
+    are taken as given. ``padding_free`` runs the backbone packed (``_packed_backbone``)."""
+    # looked up on every call: FSDP, DeepSpeed and PEFT replace modules after the patch
+    backbone = _backbone_module(model)  # inside the model's own call: its wrappers have run
+    if padding_free:
+        backbone_out, hidden, keep = _packed_backbone(backbone, args, kwargs)
+        # hidden state t scores shift_labels[t] = labels[t + 1]; at padding it is 0, so nothing may be scored there
+        given, real = (shift_labels, keep) if shift_labels is not None else (labels[:, 1:], keep[:, :-1])
+        if tuple(given.shape) != tuple(real.shape) or bool((given[~real] != -100).any()):
+            raise ValueError("padding_free: labels must have the batch's (B, T) shape and be -100 on padding "
+                             "positions (they have no token to score)")
+    else:
+        backbone_out = backbone(*args, **kwargs)
+        hidden = backbone_out.last_hidden_state
+    if shift_labels is None:
+        return backbone_out, hidden[:, :-1], labels[:, 1:]
+    return backbone_out, hidden, shift_labels
+
+
+def _scoring_head(model, temperature: float, cast_lm_head_to_fp32: bool):
+    """The model's ``LMHead`` in the dtype its matmul inputs take: float32 when asked; under autocast the autocast
+    dtype (what ``fastkto.fused_logprobs`` and ``nn.Linear`` would use there); else the head's own dtype. Decided
+    once per forward so that the log-probs and the metric fields see the same inputs."""
+    head = get_lm_head(model, temperature=temperature)
+    device = head.weight.device.type
+    dtype = head.weight.dtype
+    if cast_lm_head_to_fp32:
+        dtype = torch.float32
+    elif torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+    if dtype == head.weight.dtype:
+        return head
+    if _is_partitioned(head.weight):
+        raise NotImplementedError(
+            f"the LM head is DeepSpeed ZeRO-3 partitioned in {head.weight.dtype} and the head was asked to "
+            f"run in {dtype} (cast_lm_head_to_fp32 or autocast): let DeepSpeed hold the model in the dtype "
+            "to score in (its bf16 / fp16 settings), or turn cast_lm_head_to_fp32 off"
+        )
+    bias = None if head.bias is None else head.bias.to(dtype)
+    return dataclasses.replace(head, weight=head.weight.to(dtype), bias=bias)
+
+
+def _score(head, hidden, labels, metric_names: tuple[str, ...]) -> tuple[torch.Tensor, dict]:
+    """(per-token log-probs, {metric field: tensor}) of labels' shape, from one pass through ``head``, with
+    autocast off (the inputs are already in the head's dtype; fastkto accumulates in float32 itself)."""
+    with torch.autocast(head.weight.device.type, enabled=False):
+        if not metric_names:
+            return head.logprobs(hidden, labels), {}
+        metrics = head_token_stats(head, hidden, labels, ("log_probs", *metric_names))
+    return metrics.pop("log_probs"), metrics
 
 
 def _packed_backbone(backbone, args, kwargs):
