@@ -87,3 +87,38 @@ def test_a_32b_step_on_fake_tensors_labels_its_peak():
         # fp32 master shards: 4 bytes per parameter over 8 ranks; Adam's two moments twice that
         assert r.breakdown["parameters"] == pytest.approx(4 * r.params / 8, rel=1e-3)
         assert r.breakdown["optimizer state"] == pytest.approx(8 * r.params / 8, rel=1e-3)
+
+
+def test_trl_fused_head_on_cuda_holds_its_own_buffers():
+    """TRL 1.16's fused head as the curve simulates it on CUDA (``trl_on_cuda``: compacted rows, Triton folds that
+    allocate nothing): its backward ends holding the saved row copy (N D bf16), the fp32 accumulators of the
+    hidden and weight gradients and their bf16 casts, and one 4096 x 32768 bf16 tile buffer; counted by hand."""
+    n, v, d = 6000, 40000, 64  # two token chunks, two vocabulary chunks
+    with scale.trl_on_cuda():
+        got = scale.head_only(n, v, d, head="trl")["peak"]
+    tile = 4096 * 32768 * 2
+    expected = n * d * 2 + v * d * (4 + 2) + n * d * (4 + 2) + tile
+    stats = 16 * n * 4  # TRL's per-token statistics and outputs (fp32 vectors): an upper bound
+    assert expected <= got <= expected + stats
+
+
+def test_curve_extrapolates_the_trl_naive_and_fastkto_heads_to_the_full_depth():
+    """The curve simulates micro-batches 1, 2 and 4 at depths 4 and 6 and predicts every micro-batch at the full
+    depth (here 9) from their event logs: at four sizes (the smallest, one between, two beyond) the prediction
+    equals a step simulated at the full depth, TRL's fused head (``trl_on_cuda``) included. A card limit set
+    between two sizes is found."""
+    base = scale.Setup(model="tiny-llama", world=2, layers=9, head="naive")
+    verify = [("trl", 1), ("trl", 3), ("trl", 7), ("naive", 5), ("fastkto", 6)]
+    curves = {c["setup"]["head"]: c for c in scale.curve(base, 0.0, sizes=(2, 4), seq=128, max_batch=8,
+                                                         depths=(4, 6), verify=verify)}
+    for head, batch in verify:
+        (check,) = [k for k in curves[head]["checks"] if k["batch"] == batch]
+        assert check["predicted_gb"] == pytest.approx(check["simulated_gb"], abs=1e-5)  # 10 kB
+        assert check["predicted_phase"] == check["simulated_phase"]
+    assert all(c["setup"]["layers"] == 9 and c["method"] == "extrapolated" for c in curves.values())
+    # a card 1 MB above the naive head's peak at 6 x 128 tokens: its largest fitting micro-batch is 6
+    points = curves["naive"]["points"]
+    peaks = {p["batch"]: p["peak_gb"] * scale.GB for p in points}
+    assert peaks[7] - peaks[6] > 1e6
+    overhead = scale.CARDS["80GB"] - (peaks[6] + 1e6)
+    assert scale.largest_fitting(points, overhead)["80GB"] == 6 * 128
