@@ -12,8 +12,10 @@ others hold the same shapes), and one training step runs as the ``docs/scale-out
     ->  AdamW step (foreach, as on CUDA)  ->  zero_grad
 
 fp32 master weights, bf16 compute (``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)``), ``fully_shard``
-per decoder layer, then the backbone, the untied head and the root; activation checkpointing (non-reentrant) unless
-``--no-checkpointing``; the reference precomputed (log-probs in the batch) or held (a frozen bf16 FSDP2 copy).
+per decoder layer, then the backbone, the untied head and the root (a tied head stays in the root, one parameter
+with the embedding; the naive and TRL heads then use the root's unsharded weight, fastkto gathers the shard);
+activation checkpointing (non-reentrant) unless ``--no-checkpointing``; the reference precomputed (log-probs in
+the batch) or held (a frozen bf16 FSDP2 copy).
 
 Heads (``--head``):
   naive    the gathered bf16 head weight (kept by autograd until backward, as FSDP keeps a head in its root
@@ -181,8 +183,8 @@ def build(cfg, mesh, *, checkpointing: bool, trainable: bool = True):
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         for layer in model.model.layers:
             fully_shard(layer, mesh=mesh, mp_policy=mp)
-        fully_shard(model.model, mesh=mesh, mp_policy=mp)
-        if not cfg.tie_word_embeddings:
+        if not cfg.tie_word_embeddings:  # a tied head stays in the root with the embedding: one parameter
+            fully_shard(model.model, mesh=mesh, mp_policy=mp)
             fully_shard(model.lm_head, mesh=mesh, mp_policy=mp)
         fully_shard(model, mesh=mesh, mp_policy=mp)
     model.to_empty(device="cpu")
@@ -807,7 +809,11 @@ def _forward(s, tracker, model, ref_model, ids, labels, kl_ids, ref_logps, desir
             loss = out.loss
         else:
             how = s.head
-            w16 = gather_sharded(weight.to(torch.bfloat16))[0]  # kept for backward, as a root-unit head is
+            now = _head_weight(model)
+            if model.config.tie_word_embeddings and not hasattr(now, "_local_tensor"):
+                w16 = now  # the root's unsharded bf16 embedding, held since its forward: the model's own head
+            else:
+                w16 = gather_sharded(weight.to(torch.bfloat16))[0]  # kept for backward, as a root-unit head is
             policy = _naive_logps(hidden, w16, labels, softcap, how)
             with torch.no_grad():
                 ref = ref_logps
@@ -969,7 +975,11 @@ def curve(base: Setup, overhead: float, heads=("naive", "trl", "fastkto"), sizes
         mine = [r for r in got if r.setup["head"] == head]
         direct = {r.setup["batch"]: r for r in mine if r.setup["layers"] == full}
         at, how, exact = _predictor(mine, direct, sizes, depths, full)
-        out.append(_head_curve(base, head, at, direct, how, exact, full, mine[0].params, sizes, depths, seq,
+        by_depth = {r.setup["layers"]: r.params for r in mine}
+        if full not in by_depth:  # parameters are affine in the depth too
+            (d1, p1), (d2, p2) = sorted(by_depth.items())[:2]
+            by_depth[full] = p1 + (p2 - p1) * (full - d1) // (d2 - d1)
+        out.append(_head_curve(base, head, at, direct, how, exact, full, by_depth[full], sizes, depths, seq,
                                max_batch, overhead))
     return out
 
@@ -1065,9 +1075,11 @@ def report(curves: list[dict], out_dir) -> str:
              "over W GPUs, bf16 compute, fp32 master weights, fused AdamW, activation checkpointing, KTO with the KL "
              "pass, reference log-probs precomputed. Heads: `naive` (bf16 logits, fp32 log-softmax), `trl` (TRL "
              "1.16's trainers' fused chunked head, `trl.kernels.ChunkedLogProbFunction`, as on CUDA), `fastkto` "
-             "(its Triton path's workspace). Two micro-batches per head are simulated (`interpolated_from`); every "
-             "other one is interpolated from their event logs (each allocation's size is affine in B), B = 1 "
-             "simulated where it decides the 80 GB card. GB = 1e9 bytes.", "",
+             "(its Triton path's workspace). `extrapolated`: B = 1, 2 and 8 simulated at 4 and 6 layers, every B at "
+             "the model's depth predicted from their event logs (each allocation is affine in B, the depth L and B L;"
+             " checked against full-depth steps in `tests/test_scale.py` and below); `interpolated`: two "
+             "micro-batches simulated at full depth (`--depths full`), the others from their event logs; "
+             "`simulated`: that step itself. GB = 1e9 bytes.", "",
              "| model | GPUs | head | 80 GB | 141 GB | command |", "|---|---|---|---|---|---|"]
 
     def cell(c, card):
@@ -1085,8 +1097,7 @@ def report(curves: list[dict], out_dir) -> str:
             lines.append(f"| {model} ({c['params'] / 1e9:.1f} B, {layers} layers) | {world} | "
                          f"{c['setup']['head']} | {cell(c, '80GB')} | {cell(c, '141GB')} | `{curve_command(c)}` |")
     lines += ["", "Peaks per GPU (before the overhead) at powers of two and at each card's limit (the last fitting "
-              "micro-batch and the next one); `simulated`: a step simulated at that size, `interpolated`: from the "
-              "two simulated sizes' event logs:", "",
+              "micro-batch and the next one):", "",
               "| model | head | B x T | tokens per GPU | peak | how | phase of the peak | params | grads | optimizer "
               "| FSDP buffers | activations | loss head |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for (model, _world), cs in by_model.items():
@@ -1101,7 +1112,7 @@ def report(curves: list[dict], out_dir) -> str:
                     continue
                 b = p["breakdown_gb"]
                 lines.append(f"| {model} | {c['setup']['head']} | {p['batch']} x {p['seq']} | {p['tokens_per_gpu']} | "
-                             f"{p['peak_gb']:.1f} | {'simulated' if p['simulated'] else 'interpolated'} | "
+                             f"{p['peak_gb']:.1f} | {p.get('how', 'simulated')} | "
                              f"{p['peak_phase']} | {b['parameters']:.1f} | {b['gradients']:.1f} | "
                              f"{b['optimizer state'] + b['optimizer temporaries']:.1f} | {b['FSDP buffers']:.1f} | "
                              f"{b['activations']:.1f} | {b['loss head']:.1f} |")
@@ -1129,19 +1140,19 @@ def _plot(by_model: dict, overhead: float, path) -> None:
         for c in cs:
             pts = c["points"]
             line, = ax.plot([p["tokens_per_gpu"] / 1024 for p in pts], [p["peak_gb"] + overhead for p in pts],
-                            label=c["setup"]["head"], lw=1.4)
+                            label=c["setup"]["head"], lw=1.4, ls="--" if c["setup"]["head"] == "trl" else "-")
             sim = [p for p in pts if p["simulated"]]
             ax.plot([p["tokens_per_gpu"] / 1024 for p in sim], [p["peak_gb"] + overhead for p in sim], "o",
                     color=line.get_color(), ms=4)
         for card, cap in CARDS.items():
             ax.axhline(cap / GB, color="grey", lw=0.8, ls="--")
             ax.text(2, cap / GB + 2, card, fontsize=7, color="grey")
-        ax.set_xlim(0, 128)
+        ax.set_xlim(0, 1.05 * max(p["tokens_per_gpu"] for c in cs for p in c["points"]) / 1024)
         ax.set_title(f"{model}, {world} GPUs", fontsize=9)
         ax.set_xlabel("K tokens per GPU per micro-batch")
         ax.set_ylim(0, 200)
     axes[0][0].set_ylabel(f"peak per GPU + {overhead:g} GB (GB)")
-    axes[0][0].legend(fontsize=8, title="dots: simulated", title_fontsize=7)
+    axes[0][0].legend(fontsize=8, title="dots: simulated at full depth", title_fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
