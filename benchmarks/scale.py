@@ -2,7 +2,7 @@
 
     python -m benchmarks.scale --model qwen2.5-32b --world 8 --batch 4 --seq 2048 --head fastkto
     python -m benchmarks.scale --model llama-3.1-70b --world 16 --batch 2 --seq 4096 --head naive --json
-    python -m benchmarks.scale --model qwen2.5-32b --curve        # largest tokens per GPU on 80 / 141 GB cards
+    python -m benchmarks.scale --model qwen2.5-32b --head naive,trl,fastkto --curve   # largest tokens per GPU
 
 No GPU and no memory are needed: the model is built from its published hyper-parameters (no hub access) on
 ``FakeTensorMode``, sharded with FSDP2 over a fake process group of ``--world`` ranks (rank 0 is simulated; the
@@ -12,19 +12,31 @@ others hold the same shapes), and one training step runs as the ``docs/scale-out
     ->  AdamW step (foreach, as on CUDA)  ->  zero_grad
 
 fp32 master weights, bf16 compute (``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)``), ``fully_shard``
-per decoder layer, then the backbone, the untied head and the root; activation checkpointing (non-reentrant) unless
-``--no-checkpointing``; the reference precomputed (log-probs in the batch) or held (a frozen bf16 FSDP2 copy).
+per decoder layer, then the backbone, the untied head and the root (a tied head stays in the root, one parameter
+with the embedding; the naive and TRL heads then use the root's unsharded weight, fastkto gathers the shard);
+activation checkpointing (non-reentrant) unless ``--no-checkpointing``; the reference precomputed (log-probs in
+the batch) or held (a frozen bf16 FSDP2 copy).
 
 Heads (``--head``):
   naive    the gathered bf16 head weight (kept by autograd until backward, as FSDP keeps a head in its root
            unit), bf16 logits, their fp32 copy (soft-capped for Gemma-2), log_softmax, gather.
-  trl      bf16 logits from the gathered head, log-probs by TRL's own ``selective_log_softmax`` (the row loop it
-           runs where its Triton kernel does not: on CUDA TRL >= 1.x may use a fused kernel over the same logits).
+  trl      TRL 1.16's trainers' fused head (``add_fused_lm_head``: ``trl.kernels.ChunkedLogProbFunction`` on the
+           gathered bf16 head, 4096-token x 32768-vocabulary tiles, fp32 gradient accumulators), as it runs on
+           CUDA (``trl_on_cuda``): the scored rows copied, folds and fp32-output GEMMs in place.
+  trl-logits  bf16 logits, log-probs by TRL's ``selective_log_softmax`` (its row loop; older TRL trainers).
   fastkto  ``KTOLoss`` / ``DPOLoss`` on the sharded head (a DTensor, cast to bf16 per shard: fastkto gathers it
            per call and frees it). The tile workspace of the path that would run (``--impl triton``: the CUDA
            kernels' split buffers and their backward plan; ``torch``: the PyTorch tiles) is accounted explicitly:
            the fake paths report the bytes the real call holds beyond its outputs (``fastkto.ops.on_fake_transient``,
            computed with the real planning functions) and the tracker adds them at that moment.
+
+The curve (``--curve``): the largest micro-batch B x 4096 per GPU that fits an 80 GB and a 141 GB card. A
+fake step costs about a second per layer on one core, so the curve does not simulate the full depth: it simulates
+B = 1, 2 and 8 at 4 and 6 layers and predicts every B at the model's depth from the event logs (``extrapolate``:
+each event's bytes are affine in B, L and B L; the layers between the second and the second-last change by the
+same amount per layer, so their highest point is at one of those). ``tests/test_scale.py`` checks the prediction
+against full-depth steps; ``--verify HEAD:B`` adds such a check to a curve; ``--depths full`` simulates the full
+depth instead (``interpolate`` between two micro-batches).
 
 The tracker (``StepTracker``) is a dispatch mode that records every storage an operation creates (and FSDP2's
 storage resizes), freed when the storage dies, and keeps the event log; the peak's live set is rebuilt from the
@@ -57,7 +69,6 @@ from dataclasses import dataclass, field
 import torch
 
 GB = 1e9
-DEBUG = False
 DEFAULT_OVERHEAD_GB = 6.0  # CUDA context + NCCL communicators + allocator fragmentation, per GPU (stated, not derived)
 CARDS = {"80GB": 80e9, "141GB": 141e9}
 CATEGORIES = ("parameters", "gradients", "optimizer state", "optimizer temporaries", "FSDP buffers", "activations",
@@ -172,12 +183,27 @@ def build(cfg, mesh, *, checkpointing: bool, trainable: bool = True):
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         for layer in model.model.layers:
             fully_shard(layer, mesh=mesh, mp_policy=mp)
-        fully_shard(model.model, mesh=mesh, mp_policy=mp)
-        if not cfg.tie_word_embeddings:
+        if not cfg.tie_word_embeddings:  # a tied head stays in the root with the embedding: one parameter
+            fully_shard(model.model, mesh=mesh, mp_policy=mp)
             fully_shard(model.lm_head, mesh=mesh, mp_policy=mp)
         fully_shard(model, mesh=mesh, mp_policy=mp)
     model.to_empty(device="cpu")
+    for i, layer in enumerate(model.model.layers):
+        # labels the events with the layer that makes them: its forward, and its backward (from the moment its
+        # output's gradient exists: the recomputation, the gradients; with FSDP2's unshard of the layer below);
+        # the curve's depth extrapolation keeps the first two and the last two layers' events
+        layer.register_forward_pre_hook(lambda *args, i=i: _LAYER.__setitem__(0, i), prepend=True)
+        layer.register_forward_hook(lambda module, args, out, i=i: _label_backward(out, i))
     return model
+
+
+def _label_backward(out, i: int) -> None:
+    t = out[0] if isinstance(out, tuple) else out
+    if isinstance(t, torch.Tensor) and t.requires_grad:
+        t.register_hook(lambda grad: _LAYER.__setitem__(0, i))
+
+
+_LAYER = [-1]  # the decoder layer whose forward (or checkpoint recomputation) ran last; -1 before the first
 
 
 # -------------------------------------------------------------------------------------------------------- tracker
@@ -221,6 +247,10 @@ class StepTracker(torch.utils._python_dispatch.TorchDispatchMode):
         self.info: dict[int, tuple[int, str, str]] = {}  # key -> (bytes, allocation tag, phase)
         self.size: dict[int, int] = {}
         self.events: list[tuple[int, int]] = []
+        self.event_phase: list[int] = []  # per event: an index into phase_names (the curve's trace alignment)
+        self.event_layer: list[int] = []  # per event: the decoder layer last entered (-1: none yet this step)
+        self.phase_names: list[str] = []
+        self._phase_index: dict[str, int] = {}
         self.current = self.peak = self.start_bytes = 0
         self.peak_event = -1
         self.peak_phase = ""
@@ -266,8 +296,15 @@ class StepTracker(torch.utils._python_dispatch.TorchDispatchMode):
     def _add(self, key: int, delta: int) -> None:
         self.current += delta
         self.events.append((key, delta))
+        phase = self._phase()
+        index = self._phase_index.get(phase)
+        if index is None:
+            index = self._phase_index[phase] = len(self.phase_names)
+            self.phase_names.append(phase)
+        self.event_phase.append(index)
+        self.event_layer.append(_LAYER[0])
         if self.current > self.peak:
-            self.peak, self.peak_event, self.peak_phase = self.current, len(self.events) - 1, self._phase()
+            self.peak, self.peak_event, self.peak_phase = self.current, len(self.events) - 1, phase
 
     def _free(self, key: int, addr: int) -> None:
         if self.key_of.get(addr) == key:
@@ -338,8 +375,12 @@ class StepTracker(torch.utils._python_dispatch.TorchDispatchMode):
 
     # -- the peak's live set
     def live_at_peak(self) -> dict[int, int]:
+        return self.live_at(self.peak_event)
+
+    def live_at(self, event: int) -> dict[int, int]:
+        """The storages alive just after event ``event`` (an index into ``events``) and their bytes."""
         live: dict[int, int] = {}
-        for key, delta in self.events[: self.peak_event + 1]:
+        for key, delta in self.events[: event + 1]:
             live[key] = live.get(key, 0) + delta
         return {k: v for k, v in live.items() if v > 0}
 
@@ -402,6 +443,7 @@ class Result:
     seconds: float = 0.0
     start_bytes: int = 0  # live when the tracked step began (parameters, optimizer state, the batch)
     phase_seconds: dict = field(default_factory=dict)
+    trace: tuple | None = field(default=None, repr=False)  # (tracker, gradient keys): the curve's interpolation
 
     def as_dict(self) -> dict:
         return {"setup": self.setup, "params": self.params, "peak_gb": self.peak_bytes / GB,
@@ -432,13 +474,60 @@ def _head_weight(model):
     return inner.embed_tokens.weight if model.config.tie_word_embeddings else model.lm_head.weight
 
 
+HEADS = ("naive", "trl", "trl-logits", "fastkto")
+TRL_OUTPUTS = ("log_probs", "entropy", "mean_logits")  # what TRL 1.16's KTOTrainer asks its fused head for
+
+
+def _trl_fused_logps(hidden, weight, labels, softcap):
+    """Sequence log-prob sums as TRL 1.16's trainers compute them (``trl.trainer.utils.add_fused_lm_head``):
+    ``ChunkedLogProbFunction`` on the scored rows (on CUDA ``hidden[mask]``, a copy saved for backward), 4096-token
+    x 32768-vocabulary bf16 tiles, fp32 gradient accumulators for the hidden states and the head weight."""
+    from trl.kernels.chunked_logprob import ChunkedLogProbFunction
+    from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE
+
+    mask = labels != -100
+    rows = hidden.reshape(-1, hidden.shape[-1])
+    if _TRL_CUDA[0]:
+        # on CUDA TRL scores hidden[mask], a copy; every position is scored here, and a boolean index has no
+        # shape on fake tensors, so the copy is all the rows
+        rows = rows.clone()
+    lp = ChunkedLogProbFunction.apply(rows, weight, None, labels.clamp(min=0).reshape(-1), 1.0,
+                                      _CHUNKED_LOGPROB_CHUNK_SIZE, softcap, 1.0, TRL_OUTPUTS)[0]
+    return lp.view(mask.shape).masked_fill(~mask, 0).sum(-1)
+
+
+_TRL_CUDA = [False]  # set while a fake step plans for CUDA (TRL's Triton folds and its compacted rows)
+
+
+@contextlib.contextmanager
+def trl_on_cuda():
+    """TRL's fused head as it runs on CUDA: compacted rows, each tile folded in place by a Triton kernel and the
+    gradients accumulated by fp32-output GEMMs (no temporaries). On fake CPU tensors TRL would take its PyTorch
+    fold and cast each 4096 x 32768 tile to fp32 for the GEMMs, which a GPU does not, so these become no-ops here
+    (values do not matter on fake tensors; memory is the buffers TRL itself allocates)."""
+    import trl.kernels.chunked_logprob as ck
+
+    saved = ck._forward_tile, ck._backward_tile, ck._addmm_fp32
+    # the folds, and the fp32-output GEMM that accumulates the gradients on CUDA (elsewhere TRL casts each tile to
+    # fp32 first): in place, nothing allocated
+    ck._forward_tile = ck._backward_tile = ck._addmm_fp32 = lambda *args, **kwargs: None
+    _TRL_CUDA[0] = True
+    try:
+        yield
+    finally:
+        ck._forward_tile, ck._backward_tile, ck._addmm_fp32 = saved
+        _TRL_CUDA[0] = False
+
+
 def _naive_logps(hidden, weight, labels, softcap, how):
     """Sequence log-prob sums of (B, T, D) hidden through a gathered (V, D) bf16 head the way trainers do."""
     from fastkto import reference
 
+    if how == "trl":
+        return _trl_fused_logps(hidden, weight, labels, softcap)
     # bf16 (B, T, V): outputs.logits, which a trainer holds (here: this local) while it computes the loss
     logits = hidden @ weight.T
-    if how == "trl":
+    if how == "trl-logits":
         from trl.trainer.utils import selective_log_softmax
 
         per_token = selective_log_softmax(reference.transform_logits(logits, softcap=softcap), labels)
@@ -456,14 +545,15 @@ def run_step(s: Setup, tracker: StepTracker | None = None, around=None) -> Resul
 
 
 def run_steps(s: Setup, sizes, *, tracker: StepTracker | None = None, around=None, stop=None) -> list[Result]:
-    """One build of ``s``'s model, then one tracked step per (batch, seq) of ``sizes`` (in order; each a steady-state
-    step: the optimizer state exists). ``stop(result)`` ends the sweep early when it returns True."""
+    """One build of ``s``'s model, then one tracked step per (batch, seq) or (batch, seq, head) of ``sizes`` (in
+    order; each a steady-state step: the optimizer state exists). ``stop(result)`` ends the sweep early when it
+    returns True; ``sizes`` may be a generator that reads the results so far (through ``stop``)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from fastkto import ops
 
-    if s.head not in ("naive", "trl", "fastkto"):
-        raise ValueError(f"head must be naive, trl or fastkto, got {s.head!r}")
+    if s.head not in HEADS:
+        raise ValueError(f"head must be one of {HEADS}, got {s.head!r}")
     if s.loss not in ("kto", "dpo"):
         raise ValueError(f"loss must be kto or dpo, got {s.loss!r}")
     if s.optimizer not in ("fused", "foreach", "for-loop"):
@@ -475,8 +565,9 @@ def run_steps(s: Setup, sizes, *, tracker: StepTracker | None = None, around=Non
     fake = s.device == "fake"
     mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
     target = ops.simulate_target(s.target, s.impl) if fake else contextlib.nullcontext()
+    trl = trl_on_cuda() if fake and s.target == "cuda" else contextlib.nullcontext()
     results = []
-    with fake_world(s.world) as mesh, mode, target:
+    with fake_world(s.world) as mesh, mode, target, trl:
         torch.manual_seed(0)
         model = build(cfg, mesh, checkpointing=s.checkpointing)
         n_params = sum(p.numel() for p in model.parameters())  # DTensors: the global count
@@ -493,8 +584,10 @@ def run_steps(s: Setup, sizes, *, tracker: StepTracker | None = None, around=Non
         opt.step()
         opt.zero_grad(set_to_none=True)
         build_seconds = time.perf_counter() - t0
-        for i, (b, t) in enumerate(sizes):
-            size = Setup(**{**s.__dict__, "batch": b, "seq": t})
+        for i, (b, t, *head) in enumerate(sizes):
+            size = Setup(**{**s.__dict__, "batch": b, "seq": t, "head": head[0] if head else s.head})
+            if size.head not in HEADS:  # sizes may be a generator: checked as it comes
+                raise ValueError(f"head must be one of {HEADS}, got {size.head!r}")
             r = _tracked_step(size, cfg, n_params, model, ref_model, params, opt,
                               tracker if i == 0 and tracker is not None else StepTracker(), around)
             r.phase_seconds = {"build": round(build_seconds, 2) if i == 0 else 0.0, **r.phase_seconds}
@@ -510,6 +603,7 @@ def _tracked_step(s, cfg, n_params, model, ref_model, params, opt, tracker, arou
 
     t0 = time.perf_counter()
     tracker.phase = "setup"
+    _LAYER[0] = -1
     softcap = getattr(cfg, "final_logit_softcapping", None)
     b, t, v = s.batch, s.seq, cfg.vocab_size
     ids = torch.randint(0, v, (b, t))
@@ -553,26 +647,127 @@ def _tracked_step(s, cfg, n_params, model, ref_model, params, opt, tracker, arou
     finally:
         if gc_was:
             gc.enable()
-    live = tracker.live_at_peak()
-    breakdown = dict.fromkeys(CATEGORIES, 0)
-    for key, nbytes in live.items():
-        _, tag, _ = tracker.info[key]
-        if key in grads:
-            cat = "gradients"
-        elif tag in ("parameters", "optimizer state", "activations"):
-            cat = tag
-        else:
-            cat = {"head": "loss head", "fsdp": "FSDP buffers", "optimizer": "optimizer temporaries"}.get(
-                tag, "activations")
-            if DEBUG and cat == "activations":
-                print("  live", nbytes / GB, tag, tracker.info[key][2], file=sys.stderr)
-        breakdown[cat] += nbytes
     setup = dict(s.__dict__)
     setup["layers"] = cfg.num_hidden_layers
     setup["tokens_per_gpu"] = s.batch * s.seq
     phases = {k: v for k, v in tracker.phase_seconds.items() if k != "setup"}
+    trace = Trace.of(tracker, grads, cfg.num_hidden_layers)
+    breakdown = dict(zip(CATEGORIES, (int(x) for x in trace.by_category[tracker.peak_event])))
     return Result(setup, n_params, tracker.peak, tracker.peak_phase, breakdown, time.perf_counter() - t0,
-                  tracker.start_bytes, phases)
+                  tracker.start_bytes, phases, trace=trace)
+
+
+def _category(tracker: StepTracker, grads: set, key: int) -> str:
+    _, tag, _ = tracker.info[key]
+    if key in grads:
+        return "gradients"
+    if tag in ("parameters", "optimizer state", "activations"):
+        return tag
+    return {"head": "loss head", "fsdp": "FSDP buffers", "optimizer": "optimizer temporaries"}.get(tag, "activations")
+
+
+@dataclass
+class Trace:
+    """A tracked step's event log as arrays: after each event, the live bytes of each category (``CATEGORIES``
+    order), the event's phase and its storage key. Two steps that differ only in the micro-batch make the same
+    events with sizes affine in it; ``interpolate`` uses that."""
+    by_category: object  # (events, categories) int64
+    phase: object  # (events,) int: index into phase_names
+    phase_names: list
+    keys: object  # (events,) int64
+    layer: object = None  # (events,) int: the decoder layer last entered (-1: none yet)
+    layers: int = 0
+
+    @classmethod
+    def of(cls, tracker: StepTracker, grads: set, layers: int = 0) -> Trace:
+        import numpy as np
+
+        n = len(tracker.events)
+        keys = np.fromiter((k for k, _ in tracker.events), dtype=np.int64, count=n)
+        deltas = np.fromiter((d for _, d in tracker.events), dtype=np.int64, count=n)
+        index = {c: i for i, c in enumerate(CATEGORIES)}
+        cat_of_key = np.zeros(tracker._next, dtype=np.int64)
+        for key in tracker.info:
+            cat_of_key[key] = index[_category(tracker, grads, key)]
+        cat = cat_of_key[keys]
+        by_category = np.stack([np.cumsum(np.where(cat == i, deltas, 0)) for i in range(len(CATEGORIES))], axis=1)
+        return cls(by_category, np.asarray(tracker.event_phase, dtype=np.int64), list(tracker.phase_names), keys,
+                   np.asarray(tracker.event_layer, dtype=np.int64), layers)
+
+    def aligned(self, compress: bool, ends: bool = False):
+        """Indices of the events to align with another step's, and their signature (phase, sign of the change).
+        Events under ``TRACE_MIN_BYTES`` are left out: a first step makes a few 8-byte constants that later steps
+        reuse. ``compress``: each run of loss-head events is replaced by its highest point (TRL's head loops once
+        per 4096-token chunk, so its event count grows with the tokens; each full chunk's iteration reaches the
+        same height, affine in the tokens). ``ends``: only the events outside the decoder layers and those of the
+        first two and last two layers (``extrapolate``); the signature then names which of the four."""
+        import numpy as np
+
+        total = self.by_category.sum(1)
+        deltas = np.diff(total, prepend=0)
+        big = np.abs(deltas) >= TRACE_MIN_BYTES
+        head = np.array(["loss head" in name for name in self.phase_names], dtype=bool)[self.phase]
+        L = self.layers
+        role = np.full(len(total), -9, dtype=np.int64)  # -9: a middle layer's event, left out with ends
+        for layer, r in ((-1, -1), (0, 0), (1, 1), (L - 2, 2), (L - 1, 3)):
+            role[self.layer == layer] = r
+        keep = role != -9 if ends else np.ones(len(total), dtype=bool)
+        if ends:  # registering the parameters and optimizer state: one event per tensor, more with depth
+            setup = np.flatnonzero(self.phase == _index(self.phase_names, "setup"))
+            keep[setup[:-1]] = False
+        # runs merged into their highest point: the loss head's (compress); the optimizer step's with ends (fused
+        # AdamW groups its tensors, more groups with depth)
+        merge = (head & compress) | (ends & (self.phase == _index(self.phase_names, "optimizer")))
+        idx = np.flatnonzero((big | merge) & keep)
+        if merge.any():
+            cuts = np.flatnonzero(np.diff(merge[idx].astype(np.int8)) | np.diff(self.phase[idx])) + 1
+            kept = []
+            for seg in np.split(idx, cuts):
+                kept.append(seg[np.argmax(total[seg])][None] if len(seg) and merge[seg[0]] else seg)
+            idx = np.concatenate(kept)
+        sign = np.where(merge[idx], 0, np.sign(deltas[idx]))
+        rl = role[idx] if ends else np.zeros(len(idx), dtype=np.int64)
+        return idx, [(self.phase_names[p], int(g), int(r)) for p, g, r in zip(self.phase[idx], sign, rl)]
+
+
+TRACE_MIN_BYTES = 1024
+
+
+def _index(names: list, name: str) -> int:
+    return names.index(name) if name in names else -2
+
+
+def interpolate(a: Result, b: Result):
+    """A function of the micro-batch (sequences per GPU) that returns the peak bytes, its phase and its breakdown,
+    from two steps of the same model and head that differ only in the micro-batch (``a.setup["batch"]`` <
+    ``b.setup["batch"]``). Each event's live bytes are affine in the micro-batch (every size is batch x a constant,
+    plus constants), so the events' bytes at any micro-batch follow from the two steps, and the peak is their
+    maximum. Raises ValueError when the two event logs do not align."""
+    import numpy as np
+
+    ta, tb = a.trace, b.trace
+    ba, bb = a.setup["batch"], b.setup["batch"]
+    if not ba < bb:
+        raise ValueError(f"interpolate needs two micro-batches in increasing order, got {ba} and {bb}")
+    (ia, sa), (ib, sb) = ta.aligned(False), tb.aligned(False)
+    exact = sa == sb
+    if not exact:
+        (ia, sa), (ib, sb) = ta.aligned(True), tb.aligned(True)
+    if sa != sb:
+        raise ValueError(f"the two steps' event logs do not align ({len(sa)} and {len(sb)} events after merging "
+                         "the loss head's runs): simulate each micro-batch instead")
+    names_a = [name for name, *_ in sa]
+    ca, cb = ta.by_category[ia].astype(np.float64), tb.by_category[ib].astype(np.float64)
+    slope = (cb - ca) / (bb - ba)
+
+    def at(batch: int):
+        cats = ca + slope * (batch - ba)
+        e = int(np.argmax(cats.sum(1)))
+        breakdown = dict(zip(CATEGORIES, (float(x) for x in cats[e])))
+        return float(cats[e].sum()), names_a[e], breakdown
+
+    at.exact = exact
+    return at
 
 
 def _forward(s, tracker, model, ref_model, ids, labels, kl_ids, ref_logps, desirable, softcap):
@@ -614,7 +809,11 @@ def _forward(s, tracker, model, ref_model, ids, labels, kl_ids, ref_logps, desir
             loss = out.loss
         else:
             how = s.head
-            w16 = gather_sharded(weight.to(torch.bfloat16))[0]  # kept for backward, as a root-unit head is
+            now = _head_weight(model)
+            if model.config.tie_word_embeddings and not hasattr(now, "_local_tensor"):
+                w16 = now  # the root's unsharded bf16 embedding, held since its forward: the model's own head
+            else:
+                w16 = gather_sharded(weight.to(torch.bfloat16))[0]  # kept for backward, as a root-unit head is
             policy = _naive_logps(hidden, w16, labels, softcap, how)
             with torch.no_grad():
                 ref = ref_logps
@@ -676,33 +875,192 @@ def head_only(tokens: int, vocab: int, dim: int, *, head: str = "fastkto", impl:
 
 
 # ----------------------------------------------------------------------------------------------------------- curve
+def extrapolate(results: list[Result]):
+    """A function of (micro-batch, depth) that returns the peak bytes, its phase and its breakdown, from steps of
+    the same model and head at two micro-batches x two depths (or one micro-batch x two depths), all at least 4
+    layers. Each event's live bytes are affine in the micro-batch B and the depth L together with their product
+    (parameters, gradients and optimizer state grow with L, checkpoints with B L, a layer's activations and the
+    head with B). Within the decoder layers the bytes change by the same amount from one layer to the next, so the
+    highest point of the middle layers is at the second or the second-last layer: the events of the first two and
+    last two layers and those outside the layers are kept, aligned, and fitted exactly. Raises ValueError when the
+    event logs do not align."""
+    import numpy as np
+
+    pts = [(r.setup["batch"], r.trace.layers) for r in results]
+    batches, depths = sorted({b for b, _ in pts}), sorted({d for _, d in pts})
+    if len(depths) != 2 or len(batches) > 2 or len(set(pts)) != len(pts) or len(pts) != 2 * len(batches) or \
+            depths[0] < 4:
+        raise ValueError(f"extrapolate needs steps at two depths >= 4 x one or two micro-batches, got {pts}")
+    for compress in (False, True):
+        al = [r.trace.aligned(compress, ends=True) for r in results]
+        if all(sig == al[0][1] for _, sig in al):
+            break
+    else:
+        raise ValueError("the steps' event logs do not align (first two and last two layers, the loss head's runs "
+                         "merged): simulate the full depth instead")
+
+    def basis(b, d):
+        return [1.0, b, d, b * d] if len(batches) == 2 else [1.0, d]
+
+    m = np.array([basis(b, d) for b, d in pts])
+    y = np.stack([r.trace.by_category[idx].astype(np.float64) for r, (idx, _) in zip(results, al)])
+    coef = np.linalg.solve(m, y.reshape(len(pts), -1)).reshape(m.shape[1], *y.shape[1:])
+    names = [name for name, *_ in al[0][1]]
+
+    def at(batch: int, layers: int):
+        cats = np.tensordot(np.array(basis(batch, layers)), coef, 1)
+        e = int(np.argmax(cats.sum(1)))
+        return float(cats[e].sum()), names[e], dict(zip(CATEGORIES, (float(x) for x in cats[e])))
+
+    at.exact = not compress
+    return at
+
+
 CURVE_SEQ = 4096
-CURVE_BATCHES = (1, 2, 4, 8, 16)
+# the two micro-batches simulated per head; every other one follows from their event logs. Not 1: a batch of one
+# makes a few tensors contiguous for free (size-1 dimensions), so its log differs; it is simulated directly when
+# the smaller simulated size does not fit the smallest card
+CURVE_SIZES = (2, 8)
+CURVE_MAX_BATCH = 64
 
 
-def curve(base: Setup, overhead: float, batches=CURVE_BATCHES, seq: int = CURVE_SEQ, log=None) -> dict:
-    """Peaks at micro-batches of ``batches`` x ``seq`` tokens per GPU (one build, the sweep stops at the first size
-    over the largest card), and for each card of ``CARDS`` the largest tokens per GPU whose peak plus
-    ``overhead`` bytes fits (0: none of the sizes)."""
-    largest = max(CARDS.values())
-    results = run_steps(base, [(b, seq) for b in batches], stop=lambda r: r.peak_bytes + overhead > largest)
-    points = []
-    for r in results:
-        points.append({"tokens_per_gpu": r.setup["tokens_per_gpu"], "batch": r.setup["batch"], "seq": seq,
-                       "peak_gb": r.peak_bytes / GB, "peak_phase": r.peak_phase,
-                       "breakdown_gb": {k: v / GB for k, v in r.breakdown.items()}, "seconds": round(r.seconds, 1)})
+CURVE_DEPTHS = (4, 6)  # the two depths simulated; the model's own depth is extrapolated from them
+
+
+def curve(base: Setup, overhead: float, heads=("naive", "trl", "fastkto"), sizes=CURVE_SIZES, seq: int = CURVE_SEQ,
+          max_batch: int = CURVE_MAX_BATCH, depths=CURVE_DEPTHS, verify=(), log=None) -> list[dict]:
+    """For each head of ``heads``, the peak per GPU at every micro-batch of 1..``max_batch`` sequences of ``seq``
+    tokens, at the model's depth (``base.layers`` or its own), and for each card of ``CARDS`` the largest tokens
+    per GPU whose peak plus ``overhead`` bytes fits (0: none).
+
+    Simulated: micro-batches 1 and ``sizes`` at the two ``depths`` (shallow copies of the model: seconds per step);
+    every micro-batch at the full depth follows from their event logs (``extrapolate``; micro-batch 1 from its own
+    two, since a batch of one makes a few tensors contiguous for free). ``depths=None``: the full depth is simulated
+    at ``sizes`` (and at 1 when the smaller does not fit the smallest card) and interpolated (``interpolate``).
+    ``verify``: (head, batch) pairs also simulated at the full depth, whose simulated and predicted peaks are both
+    recorded."""
+    b1, b2 = sizes
+    if not 1 < b1 < b2:
+        raise ValueError(f"sizes must be two increasing micro-batches above 1, got {sizes}")
+    full = base.layers or model_config(base.model).num_hidden_layers
+    got: list[Result] = []
+
+    def collect(r):
+        got.append(r)
         if log:
             log(r)
-    fits = {card: max([p["tokens_per_gpu"] for p in points if p["peak_gb"] * GB + overhead <= cap], default=0)
-            for card, cap in CARDS.items()}
-    return {"setup": {**base.__dict__, "seq": seq, "layers": results[0].setup["layers"]},
-            "params": results[0].params, "overhead_gb": overhead / GB, "points": points,
-            "largest_tokens_per_gpu": fits}
+        return False
+
+    if depths is not None:
+        for depth in depths:
+            run_steps(Setup(**{**base.__dict__, "layers": depth}),
+                      [(b, seq, h) for h in heads for b in (1, b1, b2)], stop=collect)
+        if verify:
+            run_steps(Setup(**{**base.__dict__, "layers": full}), [(b, seq, h) for h, b in verify], stop=collect)
+    else:
+        smallest = min(CARDS.values())
+
+        def plan():
+            for head in heads:
+                yield b1, seq, head
+                yield b2, seq, head
+                if interpolate(got[-2], got[-1])(b1)[0] + overhead > smallest:
+                    yield 1, seq, head
+            for head, b in verify:
+                yield b, seq, head
+
+        run_steps(Setup(**{**base.__dict__, "layers": full}), plan(), stop=collect)
+    out = []
+    for head in heads:
+        mine = [r for r in got if r.setup["head"] == head]
+        direct = {r.setup["batch"]: r for r in mine if r.setup["layers"] == full}
+        at, how, exact = _predictor(mine, direct, sizes, depths, full)
+        by_depth = {r.setup["layers"]: r.params for r in mine}
+        if full not in by_depth:  # parameters are affine in the depth too
+            (d1, p1), (d2, p2) = sorted(by_depth.items())[:2]
+            by_depth[full] = p1 + (p2 - p1) * (full - d1) // (d2 - d1)
+        out.append(_head_curve(base, head, at, direct, how, exact, full, by_depth[full], sizes, depths, seq,
+                               max_batch, overhead))
+    return out
+
+
+def _predictor(mine: list, direct: dict, sizes, depths, full: int):
+    """``at(batch)`` -> (peak bytes, phase, breakdown) or None at the full depth, from one head's steps."""
+    b1, b2 = sizes
+    if depths is not None:
+        shallow = [r for r in mine if r.setup["layers"] != full]
+        big = extrapolate([r for r in shallow if r.setup["batch"] in (b1, b2)])
+        one = extrapolate([r for r in shallow if r.setup["batch"] == 1])
+        return (lambda batch: (one if batch == 1 else big)(batch, full)), "extrapolated", big.exact
+    inner = interpolate(direct[b1], direct[b2])
+
+    def at(batch):
+        if batch == 1:
+            r = direct.get(1)
+            return (r.peak_bytes, r.peak_phase, r.breakdown) if r else None
+        return inner(batch)
+
+    return at, "interpolated", inner.exact
+
+
+def _head_curve(base: Setup, head: str, at, direct: dict, how: str, exact: bool, layers: int, params: int,
+                sizes, depths, seq: int, max_batch: int, overhead: float) -> dict:
+    """One head's curve: ``at(batch)`` predicts (peak bytes, phase, breakdown) or None; ``direct``: the steps
+    simulated at the full depth, by micro-batch."""
+    points = []
+    for batch in range(1, max_batch + 1):
+        r = direct.get(batch)
+        pred = at(batch)
+        if pred is None:
+            continue
+        peak, phase, breakdown = pred
+        point = {"tokens_per_gpu": batch * seq, "batch": batch, "seq": seq, "peak_gb": peak / GB,
+                 "peak_phase": phase, "breakdown_gb": {k: v / GB for k, v in breakdown.items()},
+                 "how": "simulated" if r is not None and how == "interpolated" and batch in (1, *sizes) else how,
+                 "simulated": r is not None}
+        if r is not None:
+            point.update(simulated_peak_gb=r.peak_bytes / GB, simulated_phase=r.peak_phase,
+                         seconds=round(r.seconds, 1))
+        points.append(point)
+        if peak + overhead > max(CARDS.values()) and batch >= max(direct, default=0):
+            break
+    checks = [{"batch": p["batch"], "simulated_gb": p["simulated_peak_gb"], "predicted_gb": p["peak_gb"],
+               "simulated_phase": p["simulated_phase"], "predicted_phase": p["peak_phase"]}
+              for p in points if p["simulated"] and p["how"] != "simulated"]
+    return {"setup": {**base.__dict__, "head": head, "seq": seq, "layers": layers}, "params": params,
+            "overhead_gb": overhead / GB, "method": how, "micro_batches": [1, *sizes], "depths": depths,
+            "aligned_exactly": exact, "points": points, "checks": checks,
+            "largest_tokens_per_gpu": largest_fitting(points, overhead), "max_batch": max_batch}
+
+
+def largest_fitting(points: list[dict], overhead: float) -> dict[str, int]:
+    """For each card of ``CARDS``, the most tokens per GPU of ``points`` (in increasing size) such that it and every
+    smaller point fit: peak + ``overhead`` bytes <= capacity (0: none)."""
+    fits = {}
+    for card, cap in CARDS.items():
+        fitting = 0
+        for p in points:
+            if p["peak_gb"] * GB + overhead > cap:
+                break
+            fitting = p["tokens_per_gpu"]
+        fits[card] = fitting
+    return fits
+
+
+def curve_command(c: dict) -> str:
+    """The command line that makes curve ``c`` (and the other heads of its run)."""
+    st = c["setup"]
+    sizes = c.get("interpolated_from", list(CURVE_SIZES))
+    cmd = f"python -m benchmarks.scale --model {st['model']} --world {st['world']} --head naive,trl,fastkto --curve"
+    if tuple(sizes) != CURVE_SIZES:
+        cmd += f" --curve-sizes {sizes[0]},{sizes[1]}"
+    return cmd
 
 
 def report(curves: list[dict], out_dir) -> str:
-    """Writes ``curve.md`` (the largest tokens per GPU per model, head and card, and every simulated point) and
-    ``curve.png`` (peak per GPU against tokens per GPU, one panel per model) under ``out_dir``; returns the table."""
+    """Writes ``curve.md`` (the largest tokens per GPU per model, head and card; the peaks at chosen micro-batches
+    with their breakdown; the interpolation's checks) and ``curve.png`` (peak per GPU + overhead against tokens per
+    GPU, one panel per model) under ``out_dir``; returns the markdown."""
     from pathlib import Path
 
     out_dir = Path(out_dir)
@@ -711,59 +1069,92 @@ def report(curves: list[dict], out_dir) -> str:
     for c in curves:
         by_model.setdefault((c["setup"]["model"], c["setup"]["world"]), []).append(c)
     overhead = curves[0]["overhead_gb"]
-    lines = [f"Largest micro-batch (tokens per GPU, B x {curves[0]['setup']['seq']}) whose simulated peak + "
-             f"{overhead:g} GB overhead fits the card; FSDP2, bf16 compute, fp32 master weights and AdamW "
-             "(fused), activation checkpointing, KTO with the KL pass, reference log-probs precomputed. "
-             "`python -m benchmarks.scale --model M --world W --head fastkto,naive --curve` "
-             "(TRL's head: `--head trl`; not in this table).", "",
-             "| model | GPUs | head | 80 GB | 141 GB |", "|---|---|---|---|---|"]
+    seq = curves[0]["setup"]["seq"]
+    lines = [f"Largest micro-batch per GPU (tokens, B x {seq}) whose simulated peak + {overhead:g} GB overhead (CUDA "
+             "context, NCCL, allocator fragmentation: stated, not simulated) fits the card, B = 1, 2, 3, ...; FSDP2 "
+             "over W GPUs, bf16 compute, fp32 master weights, fused AdamW, activation checkpointing, KTO with the KL "
+             "pass, reference log-probs precomputed. Heads: `naive` (bf16 logits, fp32 log-softmax), `trl` (TRL "
+             "1.16's trainers' fused chunked head, `trl.kernels.ChunkedLogProbFunction`, as on CUDA), `fastkto` "
+             "(its Triton path's workspace). `extrapolated`: B = 1, 2 and 8 simulated at 4 and 6 layers, every B at "
+             "the model's depth predicted from their event logs (each allocation is affine in B, the depth L and B L;"
+             " checked against full-depth steps in `tests/test_scale.py` and below); `interpolated`: two "
+             "micro-batches simulated at full depth (`--depths full`), the others from their event logs; "
+             "`simulated`: that step itself. GB = 1e9 bytes.", "",
+             "| model | GPUs | head | 80 GB | 141 GB | command |", "|---|---|---|---|---|---|"]
+
+    def cell(c, card):
+        tokens = c["largest_tokens_per_gpu"][card]
+        if not tokens:
+            return "none"
+        top = max(p["tokens_per_gpu"] for p in c["points"])
+        b = tokens // seq
+        return (">= " if tokens == top and c["points"][-1]["peak_gb"] * GB + overhead * GB <= CARDS[card] else "") + \
+            f"{tokens} ({b} x {seq})"
+
     for (model, world), cs in by_model.items():
         for c in cs:
-            f = c["largest_tokens_per_gpu"]
-            top = max(p["tokens_per_gpu"] for p in c["points"])
-
-            def cell(card):
-                # the largest size of the sweep fitting: the limit lies beyond it
-                return f">= {f[card]}" if f[card] == top else (str(f[card]) if f[card] else "none")
-
             layers = c["setup"]["layers"] or model_config(model).num_hidden_layers
             lines.append(f"| {model} ({c['params'] / 1e9:.1f} B, {layers} layers) | {world} | "
-                         f"{c['setup']['head']} | {cell('80GB')} | {cell('141GB')} |")
-    lines += ["", "Every simulated point (GB = 1e9 bytes per GPU, before the overhead):", "",
-              "| model | head | tokens per GPU | peak | phase of the peak | params | grads | optimizer | FSDP buffers "
-              "| activations | loss head |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+                         f"{c['setup']['head']} | {cell(c, '80GB')} | {cell(c, '141GB')} | `{curve_command(c)}` |")
+    lines += ["", "Peaks per GPU (before the overhead) at powers of two and at each card's limit (the last fitting "
+              "micro-batch and the next one):", "",
+              "| model | head | B x T | tokens per GPU | peak | how | phase of the peak | params | grads | optimizer "
+              "| FSDP buffers | activations | loss head |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for (model, _world), cs in by_model.items():
         for c in cs:
+            show = {1, 2, 4, 8, 16, 32, 64}
+            for card in CARDS:
+                b = c["largest_tokens_per_gpu"][card] // seq
+                show |= {b, b + 1}
+            show |= {p["batch"] for p in c["points"] if p["simulated"]}
             for p in c["points"]:
+                if p["batch"] not in show:
+                    continue
                 b = p["breakdown_gb"]
-                lines.append(f"| {model} | {c['setup']['head']} | {p['tokens_per_gpu']} | {p['peak_gb']:.1f} | "
+                lines.append(f"| {model} | {c['setup']['head']} | {p['batch']} x {p['seq']} | {p['tokens_per_gpu']} | "
+                             f"{p['peak_gb']:.1f} | {p.get('how', 'simulated')} | "
                              f"{p['peak_phase']} | {b['parameters']:.1f} | {b['gradients']:.1f} | "
                              f"{b['optimizer state'] + b['optimizer temporaries']:.1f} | {b['FSDP buffers']:.1f} | "
                              f"{b['activations']:.1f} | {b['loss head']:.1f} |")
+    checks = [(c, k) for cs in by_model.values() for c in cs for k in c.get("checks", [])]
+    if checks:
+        lines += ["", "Interpolation checked against steps simulated directly at other sizes (`--verify HEAD:B`):",
+                  "", "| model | head | B | simulated | predicted | phase |", "|---|---|---|---|---|---|"]
+        for c, k in checks:
+            lines.append(f"| {c['setup']['model']} | {c['setup']['head']} | {k['batch']} | {k['simulated_gb']:.3f} GB "
+                         f"| {k['predicted_gb']:.3f} GB | {k['simulated_phase']} |")
     table = "\n".join(lines) + "\n"
     (out_dir / "curve.md").write_text(table)
+    _plot(by_model, overhead, out_dir / "curve.png")
+    return table
+
+
+def _plot(by_model: dict, overhead: float, path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(by_model), figsize=(4.2 * len(by_model), 3.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(by_model), figsize=(4.2 * len(by_model), 3.9), squeeze=False)
     for ax, ((model, world), cs) in zip(axes[0], by_model.items()):
         for c in cs:
-            xs = [p["tokens_per_gpu"] for p in c["points"]]
-            ax.plot(xs, [p["peak_gb"] + overhead for p in c["points"]], marker="o", label=c["setup"]["head"])
+            pts = c["points"]
+            line, = ax.plot([p["tokens_per_gpu"] / 1024 for p in pts], [p["peak_gb"] + overhead for p in pts],
+                            label=c["setup"]["head"], lw=1.4, ls="--" if c["setup"]["head"] == "trl" else "-")
+            sim = [p for p in pts if p["simulated"]]
+            ax.plot([p["tokens_per_gpu"] / 1024 for p in sim], [p["peak_gb"] + overhead for p in sim], "o",
+                    color=line.get_color(), ms=4)
         for card, cap in CARDS.items():
             ax.axhline(cap / GB, color="grey", lw=0.8, ls="--")
-            ax.text(xs[0] if xs else 4096, cap / GB + 2, card, fontsize=7, color="grey")
-        ax.set_xscale("log", base=2)
+            ax.text(2, cap / GB + 2, card, fontsize=7, color="grey")
+        ax.set_xlim(0, 1.05 * max(p["tokens_per_gpu"] for c in cs for p in c["points"]) / 1024)
         ax.set_title(f"{model}, {world} GPUs", fontsize=9)
-        ax.set_xlabel("tokens per GPU per micro-batch")
+        ax.set_xlabel("K tokens per GPU per micro-batch")
         ax.set_ylim(0, 200)
     axes[0][0].set_ylabel(f"peak per GPU + {overhead:g} GB (GB)")
-    axes[0][0].legend(fontsize=8)
+    axes[0][0].legend(fontsize=8, title="dots: simulated at full depth", title_fontsize=7)
     fig.tight_layout()
-    fig.savefig(out_dir / "curve.png", dpi=110)
-    return table
+    fig.savefig(path, dpi=110)
 
 
 def _fmt_result(r: Result) -> str:
@@ -785,7 +1176,8 @@ def main(argv=None) -> int:
     p.add_argument("--world", type=int, default=8, help="FSDP2 ranks (a fake process group)")
     p.add_argument("--batch", type=int, default=4, help="sequences per rank per micro-batch")
     p.add_argument("--seq", type=int, default=2048, help="tokens per sequence")
-    p.add_argument("--head", default="fastkto", help="naive, trl, fastkto, or a comma-separated list")
+    p.add_argument("--head", default="fastkto", help="naive, trl (TRL 1.16's fused head), trl-logits (TRL's "
+                                                     "selective_log_softmax on the logits), fastkto, or a list")
     p.add_argument("--impl", default="triton", choices=("triton", "torch"), help="fastkto's path (workspace plan)")
     p.add_argument("--loss", default="kto", choices=("kto", "dpo"))
     p.add_argument("--ref", default="precomputed", choices=("precomputed", "held"))
@@ -793,8 +1185,15 @@ def main(argv=None) -> int:
     p.add_argument("--optimizer", default="fused", choices=("fused", "foreach", "for-loop"),
                    help="AdamW implementation (foreach, CUDA's default, holds a copy of a moment while it runs)")
     p.add_argument("--layers", type=int, default=None, help="override the depth (quick runs)")
-    p.add_argument("--curve", action="store_true", help="largest tokens per GPU that fit the 80 / 141 GB cards "
-                                                        "(micro-batches 1..16 x 4096; --batch and --seq ignored)")
+    p.add_argument("--curve", action="store_true",
+                   help="largest tokens per GPU that fit the 80 / 141 GB cards: micro-batches of B x 4096 tokens, "
+                        "B = 1..--max-batch, at the model's depth extrapolated from B = 1 and --curve-sizes "
+                        "simulated at --depths; --batch and --seq ignored")
+    p.add_argument("--curve-sizes", default="2,8", help="the two micro-batches above 1 simulated per head (--curve)")
+    p.add_argument("--depths", default="4,6", help="the two depths simulated (--curve), or 'full': simulate the "
+                                                   "model's depth at --curve-sizes and interpolate between")
+    p.add_argument("--max-batch", type=int, default=CURVE_MAX_BATCH, help="largest micro-batch of the curve")
+    p.add_argument("--verify", default="", help="HEAD:B,... micro-batches also simulated directly (--curve)")
     p.add_argument("--overhead", type=float, default=DEFAULT_OVERHEAD_GB, help="GB added to the peak for the cards")
     p.add_argument("--json", action="store_true")
     p.add_argument("--report", nargs="+", metavar="CURVE_JSON",
@@ -811,15 +1210,21 @@ def main(argv=None) -> int:
                 ref=args.ref, checkpointing=not args.no_checkpointing, optimizer=args.optimizer, layers=args.layers)
     out = []
     if args.curve:
-        for head in heads:
-            c = curve(Setup(**{**base, "head": head}), args.overhead * GB,
-                      log=lambda r: print(f"  {r.setup['head']:8} {r.setup['tokens_per_gpu']:6} tokens per GPU: "
-                                          f"{r.peak_bytes / GB:7.2f} GB ({r.peak_phase}, {r.seconds:.0f} s)",
-                                          file=sys.stderr))
-            out.append(c)
-            if not args.json:
-                print(f"{args.model} {head:8} " + ", ".join(
+        sizes = tuple(int(b) for b in args.curve_sizes.split(","))
+        verify = [(h, int(b)) for h, b in (v.split(":") for v in args.verify.split(",") if v)]
+        depths = None if args.depths == "full" else tuple(int(d) for d in args.depths.split(","))
+        out = curve(Setup(**base, head=heads[0]), args.overhead * GB, heads=heads, sizes=sizes,
+                    max_batch=args.max_batch, depths=depths, verify=verify,
+                    log=lambda r: print(f"  {r.setup['head']:8} {r.setup['tokens_per_gpu']:6} tokens per GPU: "
+                                        f"{r.peak_bytes / GB:7.2f} GB ({r.peak_phase}, {r.seconds:.0f} s)",
+                                        file=sys.stderr, flush=True))
+        if not args.json:
+            for c in out:
+                print(f"{args.model} {c['setup']['head']:8} " + ", ".join(
                     f"{card}: {tokens} tokens per GPU" for card, tokens in c["largest_tokens_per_gpu"].items()))
+                for k in c["checks"]:
+                    print(f"  check at B={k['batch']}: simulated {k['simulated_gb']:.3f} GB, predicted "
+                          f"{k['predicted_gb']:.3f} GB")
     else:
         for head in heads:
             r = run_step(Setup(**base, head=head))

@@ -87,3 +87,38 @@ def test_a_32b_step_on_fake_tensors_labels_its_peak():
         # fp32 master shards: 4 bytes per parameter over 8 ranks; Adam's two moments twice that
         assert r.breakdown["parameters"] == pytest.approx(4 * r.params / 8, rel=1e-3)
         assert r.breakdown["optimizer state"] == pytest.approx(8 * r.params / 8, rel=1e-3)
+
+
+def test_trl_fused_head_on_cuda_holds_its_own_buffers():
+    """TRL 1.16's fused head as the curve simulates it on CUDA (``trl_on_cuda``: compacted rows, Triton folds that
+    allocate nothing): its backward ends holding the saved row copy (N D bf16), the fp32 accumulators of the
+    hidden and weight gradients and their bf16 casts, and one 4096 x 32768 bf16 tile buffer; counted by hand."""
+    n, v, d = 6000, 40000, 64  # two token chunks, two vocabulary chunks
+    with scale.trl_on_cuda():
+        got = scale.head_only(n, v, d, head="trl")["peak"]
+    tile = 4096 * 32768 * 2
+    expected = n * d * 2 + v * d * (4 + 2) + n * d * (4 + 2) + tile
+    stats = 16 * n * 4  # TRL's per-token statistics and outputs (fp32 vectors): an upper bound
+    assert expected <= got <= expected + stats
+
+
+@pytest.mark.slow
+def test_curve_extrapolates_trl_head_to_the_full_depth():
+    """The curve simulates micro-batches 1, 2 and 3 at depths 4 and 5 and predicts every micro-batch at the full
+    depth (here 7) from their event logs: at micro-batches 1 and 5 the prediction equals a step simulated at the
+    full depth, with TRL's fused head as on CUDA (``trl_on_cuda``). A card limit set between two sizes is found.
+    (The naive and fastkto heads: checked the same way at full depth in docs/scale-out.md; one head keeps this
+    test to 7 small steps.)"""
+    base = scale.Setup(model="tiny-llama", world=2, layers=7, head="trl")
+    (c,) = scale.curve(base, 0.0, heads=("trl",), sizes=(2, 3), seq=64, max_batch=6, depths=(4, 5),
+                       verify=[("trl", 1), ("trl", 5)])
+    assert c["setup"]["layers"] == 7 and c["method"] == "extrapolated"
+    assert [k["batch"] for k in c["checks"]] == [1, 5]
+    for check in c["checks"]:
+        assert check["predicted_gb"] == pytest.approx(check["simulated_gb"], abs=1e-6)  # 1 kB
+        assert check["predicted_phase"] == check["simulated_phase"]
+    # a card 100 kB above the peak at 4 x 64 tokens: the largest fitting micro-batch is 4
+    peaks = {p["batch"]: p["peak_gb"] * scale.GB for p in c["points"]}
+    assert peaks[5] - peaks[4] > 1e5
+    overhead = scale.CARDS["80GB"] - (peaks[4] + 1e5)
+    assert scale.largest_fitting(c["points"], overhead)["80GB"] == 4 * 64
