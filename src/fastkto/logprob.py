@@ -344,9 +344,11 @@ def _logprobs(hidden, weight, labels, *, bias, ignore_index, temperature, softca
             error = err
         sizes = (0, 0, 0) if error else (weight.shape[0], hidden.shape[-1], labels.numel())
         labels_hash = None if error else _dist.labels_fingerprint(labels)
-        layout = _dist.vocab_shard_layout(*sizes, process_group, ok=error is None, labels_hash=labels_hash)
+        layout = _dist.vocab_shard_layout(sizes[0], sizes[1], sizes[2], process_group, ok=error is None,
+                                          labels_hash=labels_hash)
         if error is not None:
             raise error
+        assert layout is not None  # None only for ok=False, which raised above
         vocab_offset, vocab_total = layout
 
     hidden2d = hidden.reshape(-1, hidden.shape[-1])

@@ -24,17 +24,20 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from types import ModuleType
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from . import kernels
 
 __all__ = ["implementation", "compact_rows", "forward_compute", "backward_compute", "scatter_rows",
            "on_fake_transient", "simulate_target", "workspace_plan_bytes"]
 
 
-def implementation(name: str) -> ModuleType:
+def implementation(name: str) -> kernels.Implementation:
     """The module that makes the tiles: a name of ``fastkto.kernels.IMPLEMENTATIONS`` (``"torch"``: chunked PyTorch,
-    ``"triton"``: the kernels)."""
+    ``"triton"``: the fused kernels, ``"cublas"``: cuBLAS products and Triton epilogues)."""
     from . import kernels
 
     return kernels.load(name)

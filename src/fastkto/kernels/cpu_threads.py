@@ -38,6 +38,7 @@ _POOL_LOCK = threading.Lock()
 
 
 def _chunk(maker: tiled.TileMaker) -> int:
+    assert maker.cpu_tile is not None, "CPU threads shard by the tile maker's CPU tile"
     return maker.cpu_tile[1]
 
 

@@ -38,6 +38,7 @@ import math
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -148,7 +149,7 @@ class TileMaker:
 
     make_dz: Callable
     dz_dtype: Callable[[torch.dtype, torch.dtype], torch.dtype]
-    scratch: Callable[[int, int, torch.dtype, bool, bool], dict]
+    scratch: Callable[..., dict]  # (n, v, gemm_dtype, softcap, backward[, extra])
     align: tuple[int, int] = (1, 1)
     cpu_tile: tuple[int, int] | None = None
 
@@ -366,6 +367,7 @@ def operand_rows(src: torch.Tensor, rows: torch.Tensor | None, r0: int, r1: int,
     if src.dtype == out.dtype:
         return torch.index_select(src, 0, rows[r0:r1], out=out)
     # gather in the source dtype, then convert: no temporary outside the workspace
+    assert src_name is not None, "a gather with a conversion needs the source-dtype buffer"
     return out.copy_(torch.index_select(src, 0, rows[r0:r1], out=ws.view(src_name, r1 - r0, src.shape[1])))
 
 
@@ -431,6 +433,7 @@ def tiles(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     docstring says why), sized by ``ws.tile``. Operands are made when the loop reaches them, through the
     workspace (``operand_rows``): w once per vocabulary chunk, h once per tile, or once per call when one token
     chunk covers every scored row. ``tokens`` (M) > 0 and V > 0."""
+    assert ws.tile is not None, "the workspace of a tile loop carries its plan"
     n_plan, v_chunk = ws.tile
     n_chunk = min(n_plan, tokens)
     single = n_chunk >= tokens  # one token chunk: its operand rows are made once, not once per vocabulary chunk
@@ -503,9 +506,9 @@ def backward_loop(
         grad_hidden: (M, D) float32, compact (row i belongs to hidden row ``rows[i]``), or None.
         grad_weight: (V, D) in weight's dtype, or None.  grad_bias: (V,) in bias's dtype, or None.
     """
-    opts = dict(softcap=softcap, temperature=temperature, need_hidden=need_hidden, need_weight=need_weight,
-                need_bias=need_bias, workspace_bytes=workspace_bytes, size_by_budget=size_by_budget, tile=tile,
-                on_step=on_step)
+    opts: dict[str, Any] = dict(softcap=softcap, temperature=temperature, need_hidden=need_hidden,
+                                need_weight=need_weight, need_bias=need_bias, workspace_bytes=workspace_bytes,
+                                size_by_budget=size_by_budget, tile=tile, on_step=on_step)
     if out is None and workspace is None:
         small = pad_small_call(hidden, rows, labels, lse, grad, grad_entropy, entropy)
         if small is not None:  # a few tokens on the CPU: rounded as in a large call (``MIN_CPU_ROWS``)
