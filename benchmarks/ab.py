@@ -7,7 +7,8 @@ Each round runs one subprocess per checkout (``PYTHONPATH`` set to it), alternat
 subprocess times ``--repeats`` KTOLoss forward + backward calls (SmolLM2-135M's head: D = 576, V = 49152, float32,
 4 rows, the first half of each row a prompt, reference and KL passes) after a warm-up, reporting its median.
 Interleaving spreads the host's drift over both sides; the result is the median over rounds of each side and
-their ratio. ``--busy N`` keeps N processes spinning on a core each for the whole run (a shared machine).
+their ratio, with the range of the per-round ratios. ``--busy N`` keeps N processes spinning for the whole run (a
+shared machine), process i pinned to core i. ``os.getloadavg()`` is recorded before and after every subprocess.
 """
 
 from __future__ import annotations
@@ -69,21 +70,25 @@ def main(argv=None) -> int:
     parser.add_argument("--busy", type=int, default=0)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
-    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.busy)]
-    try:
+    from .trainer_step import busy_cores
+
+    load_start, loads = os.getloadavg(), []
+    with busy_cores(args.busy):
         times = {"base": [], "new": []}
         for r in range(args.rounds):
             order = ("base", "new") if r % 2 == 0 else ("new", "base")
             for side in order:
+                before = os.getloadavg()
                 times[side].append(_time(getattr(args, side), args.tokens, args.repeats))
-    finally:
-        for p in spinners:
-            p.kill()
+                loads.append({"round": r, "side": side, "before": before, "after": os.getloadavg()})
     base, new = statistics.median(times["base"]), statistics.median(times["new"])
+    ratios = [n / b for b, n in zip(times["base"], times["new"], strict=True)]
     report = {"command": "python -m benchmarks.ab " + " ".join(argv if argv is not None else sys.argv[1:]),
               "base": args.base, "new": args.new, "busy": args.busy, "tokens_per_row": args.tokens,
-              "load_average_start": os.getloadavg(), "seconds": times, "median_base_s": base, "median_new_s": new,
-              "ratio_new_over_base": new / base, "spread_base": [min(times["base"]), max(times["base"])],
+              "load_average_start": load_start, "load_average_end": os.getloadavg(), "loads": loads,
+              "seconds": times, "median_base_s": base, "median_new_s": new,
+              "ratio_new_over_base": new / base, "round_ratios": ratios, "ratio_spread": [min(ratios), max(ratios)],
+              "spread_base": [min(times["base"]), max(times["base"])],
               "spread_new": [min(times["new"]), max(times["new"])], "when": time.strftime("%Y-%m-%d %H:%M")}
     print(json.dumps(report, indent=2))
     if args.out:

