@@ -21,7 +21,7 @@ def test_trainer_step_times_both_heads_and_writes_the_report(tmp_path, one_threa
 
     out = tmp_path / "report.json"
     argv = ["--models", "tiny", "--trainers", "kto,dpo", "--min-tokens", "16", "--max-tokens", "64", "--rounds",
-            "2", "--warmup", "1", "--steps", "1", "--threads", "1", "--device", "cpu", "--out", str(out)]
+            "1", "--warmup", "1", "--steps", "1", "--threads", "1", "--device", "cpu", "--out", str(out)]
     assert trainer_step.main(argv) == 0
     report = json.loads(out.read_text())
     for key in ("command", "commit", "when", "machine", "precision", "busy", "load_start", "load_end", "results"):
@@ -38,16 +38,14 @@ def test_trainer_step_times_both_heads_and_writes_the_report(tmp_path, one_threa
         # KTO: 2 rows (and their 2 KL rows); DPO: 2 pairs, chosen and rejected
         assert shape["sequences"] == (2 if result["trainer"] == "kto" else 4)
         assert 0 < shape["scored_tokens"] < shape["tokens"] <= shape["sequences"] * shape["padded_length"]
-        assert len(result["rounds"]) == 2
-        assert [r["order"] for r in result["rounds"]] == [["trl", "fastkto"], ["fastkto", "trl"]]
+        assert [r["order"] for r in result["rounds"]] == [["trl", "fastkto"]]
         for entry in result["rounds"]:
             for side in ("trl", "fastkto"):
                 assert len(entry[side]["step_s"]) == 2 and len(entry[side]["kept_s"]) == 1
                 assert all(t > 0 for t in entry[side]["step_s"])
                 assert len(entry[side]["load_before"]) == 3 and len(entry[side]["load_after"]) == 3
-        kept = {s: sorted(t for e in result["rounds"] for t in e[s]["kept_s"]) for s in ("trl", "fastkto")}
-        for side in ("trl", "fastkto"):
-            assert result["median_step_s"][side] == pytest.approx((kept[side][0] + kept[side][1]) / 2)
+        for side in ("trl", "fastkto"):  # the timed step, not the warm-up
+            assert result["median_step_s"][side] == result["rounds"][0][side]["step_s"][1]
         assert result["ratio_fastkto_over_trl"] == pytest.approx(result["median_step_s"]["fastkto"]
                                                                  / result["median_step_s"]["trl"])
         assert result["ratio_spread"][0] <= result["ratio_spread"][1]
