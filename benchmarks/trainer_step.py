@@ -369,12 +369,20 @@ def run(args) -> dict:
                               vocab=model.config.vocab_size, hidden=model.config.hidden_size,
                               row_tokens=[args.min_tokens, args.max_tokens])
                 report["results"].append(result)
+                if args.out:  # what is measured so far survives a run stopped later
+                    _write(args.out, {**report, "complete": False})
                 print(f"{name} {kind}: trl {1e3 * result['median_step_s']['trl']:.1f} ms, fastkto "
                       f"{1e3 * result['median_step_s']['fastkto']:.1f} ms per step "
                       f"(ratio {result['ratio_fastkto_over_trl']:.3f})", flush=True)
             del model
         report["load_end"] = os.getloadavg()
+    report["complete"] = True
     return report
+
+
+def _write(path: Path, report: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=1) + "\n")
 
 
 def parse_args(argv=None):
@@ -434,8 +442,7 @@ def main(argv=None) -> int:
     report = run(args)
     print_table(report)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=1) + "\n")
+        _write(args.out, report)
         print(f"wrote {args.out}")
     return 0
 

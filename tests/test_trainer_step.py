@@ -26,7 +26,7 @@ def test_trainer_step_times_both_heads_and_writes_the_report(tmp_path, one_threa
     report = json.loads(out.read_text())
     for key in ("command", "commit", "when", "machine", "precision", "busy", "load_start", "load_end", "results"):
         assert key in report, key
-    assert report["command"].endswith(" ".join(argv))
+    assert report["command"].endswith(" ".join(argv)) and report["complete"] is True
     assert report["machine"]["device"] == "cpu" and report["machine"]["torch_threads"] == 1
     assert [(r["model"], r["trainer"]) for r in report["results"]] == [("tiny", "kto"), ("tiny", "dpo")]
     expected = {"kto": {"trl": "KTOTrainer", "fastkto": "FastKTOTrainer"},
