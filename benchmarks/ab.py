@@ -5,9 +5,11 @@
 
 Each round runs one subprocess per checkout (``PYTHONPATH`` set to it), alternating which goes first, and each
 subprocess times ``--repeats`` KTOLoss forward + backward calls (SmolLM2-135M's head: D = 576, V = 49152, float32,
-4 rows, the first half of each row a prompt, reference and KL passes) after a warm-up, reporting its median.
+4 rows, the first half of each row a prompt, reference and KL passes) after a warm-up, reporting its median wall
+time and median process CPU time (on an oversubscribed host the CPU time moves less with the other tenants' load).
 Interleaving spreads the host's drift over both sides; the result is the median over rounds of each side and
-their ratio. ``--busy N`` keeps N processes spinning on a core each for the whole run (a shared machine).
+their ratio, with the range of the per-round ratios. ``--busy N`` keeps N processes spinning for the whole run (a
+shared machine), process i pinned to core i. ``os.getloadavg()`` is recorded before and after every subprocess.
 """
 
 from __future__ import annotations
@@ -40,23 +42,24 @@ def step():
                   kl_ref_hidden=h)
     out.loss.backward()
 step()
-times = []
+times, cpu = [], []
 for _ in range(repeats):
-    t = time.perf_counter(); step(); times.append(time.perf_counter() - t)
-print(statistics.median(times), fastkto.__file__)
+    t, c = time.perf_counter(), time.process_time(); step()
+    times.append(time.perf_counter() - t); cpu.append(time.process_time() - c)
+print(statistics.median(times), statistics.median(cpu), fastkto.__file__)
 """
 
 
-def _time(checkout: str, tokens: int, repeats: int) -> float:
+def _time(checkout: str, tokens: int, repeats: int) -> tuple[float, float]:
     root = Path(checkout).resolve()
     # a src/ layout checkout (since the move) or a flat one (older commits)
     env = {**os.environ, "PYTHONPATH": str(root / "src" if (root / "src" / "fastkto").is_dir() else root)}
     # run from elsewhere: "python -c" puts the working directory (a checkout, maybe) first on sys.path
     out = subprocess.run([sys.executable, "-c", _CHILD, str(tokens), str(repeats)], env=env, check=True, cwd="/",
                          capture_output=True, text=True).stdout.split()
-    if not out[1].startswith(str(Path(checkout).resolve())):
-        raise RuntimeError(f"{checkout}: imported fastkto from {out[1]}")
-    return float(out[0])
+    if not out[2].startswith(str(Path(checkout).resolve())):
+        raise RuntimeError(f"{checkout}: imported fastkto from {out[2]}")
+    return float(out[0]), float(out[1])
 
 
 def main(argv=None) -> int:
@@ -69,21 +72,28 @@ def main(argv=None) -> int:
     parser.add_argument("--busy", type=int, default=0)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
-    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.busy)]
-    try:
-        times = {"base": [], "new": []}
+    from .trainer_step import busy_cores
+
+    load_start, loads = os.getloadavg(), []
+    with busy_cores(args.busy):
+        times, cpu = {"base": [], "new": []}, {"base": [], "new": []}
         for r in range(args.rounds):
             order = ("base", "new") if r % 2 == 0 else ("new", "base")
             for side in order:
-                times[side].append(_time(getattr(args, side), args.tokens, args.repeats))
-    finally:
-        for p in spinners:
-            p.kill()
+                before = os.getloadavg()
+                wall, used = _time(getattr(args, side), args.tokens, args.repeats)
+                times[side].append(wall)
+                cpu[side].append(used)
+                loads.append({"round": r, "side": side, "before": before, "after": os.getloadavg()})
     base, new = statistics.median(times["base"]), statistics.median(times["new"])
+    ratios = [n / b for b, n in zip(times["base"], times["new"], strict=True)]
     report = {"command": "python -m benchmarks.ab " + " ".join(argv if argv is not None else sys.argv[1:]),
               "base": args.base, "new": args.new, "busy": args.busy, "tokens_per_row": args.tokens,
-              "load_average_start": os.getloadavg(), "seconds": times, "median_base_s": base, "median_new_s": new,
-              "ratio_new_over_base": new / base, "spread_base": [min(times["base"]), max(times["base"])],
+              "load_average_start": load_start, "load_average_end": os.getloadavg(), "loads": loads,
+              "seconds": times, "cpu_seconds": cpu, "median_cpu_base_s": statistics.median(cpu["base"]),
+              "median_cpu_new_s": statistics.median(cpu["new"]), "median_base_s": base, "median_new_s": new,
+              "ratio_new_over_base": new / base, "round_ratios": ratios, "ratio_spread": [min(ratios), max(ratios)],
+              "spread_base": [min(times["base"]), max(times["base"])],
               "spread_new": [min(times["new"]), max(times["new"])], "when": time.strftime("%Y-%m-%d %H:%M")}
     print(json.dumps(report, indent=2))
     if args.out:
