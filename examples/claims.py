@@ -1,7 +1,7 @@
 """The KTO paper's practical claims, tested at small scale: SmolLM2-135M-Instruct on the shipped hh-rlhf pairs.
 
     python -m examples.claims                  # the recorded run (examples/results/claims/, 52 min on 1 busy thread)
-    python -m examples.claims --quick --out /tmp/claims-quick     # every arm for 2 steps (CI's smoke test)
+    python -m examples.claims --quick --out /tmp/claims-quick     # every arm, 2 steps, 4-block model (CI's test)
     python -m examples.claims --plot-only      # redraw the plots and summary from the logs in --out
 
 Arms (every one from the same checkpoint, the same optimizer, the same number of sequences per step):
@@ -33,8 +33,11 @@ every arm starts from the same model) and every ``--eval-every`` steps:
 * ``eos_logratio``: log pi - log pi_ref of the end-of-turn token where each held-out chosen completion ends
   (teacher-forced, the same completions as the KL): below 0, the policy stops later than the reference, a
   cheap proxy for longer answers;
-* ``gen_len``: mean number of tokens greedy decoding generates (EOS included, capped at ``--gen-tokens``) on the
-  first ``--gen-prompts`` held-out prompts; ``gen_capped``: the fraction that hit the cap.
+* ``gen_len``: mean number of tokens greedy decoding of the whole policy generates until the end-of-turn token
+  (EOS counted; ``--gen-tokens`` for an answer that never stops) on ``--gen-prompts`` never-trained prompts (the
+  held-out pairs' prompts, then those of rows after the pool), batched with a KV cache; ``gen_capped``: the
+  fraction that hit the cap; ``gen/lengths``: every prompt's length, so that the summary can compare the last
+  evaluation with step 0 prompt by prompt.
 
 Logs: ``OUT/<arm>/seed<k>/log.jsonl`` (one JSON object per step; evaluations on their steps), ``OUT/config.json``,
 ``OUT/summary.json`` (final values per arm: mean, seed spread), ``OUT/curves.png`` and ``OUT/final.png``.
