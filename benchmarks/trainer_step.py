@@ -99,8 +99,9 @@ def load_model(name: str, pairs, device: torch.device):
     ``MODELS``; random weights are initialized on ``device`` (seconds for head-heavy's 0.65 B on a CPU)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from fastkto.assets import SMOLLM2_GGUF, find_smollm2_gguf
+
     from .e2e import SMOLLM2_135M_CONFIG
-    from .realdata import GGUF_NAME, find_smollm2_gguf
 
     layout, _, _ = MODELS[name]
     gguf = find_smollm2_gguf()
@@ -109,7 +110,7 @@ def load_model(name: str, pairs, device: torch.device):
     if gguf is not None and config["vocab_size"] >= 49152:
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=GGUF_NAME)
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=SMOLLM2_GGUF)
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token  # padded positions are masked out
         tok_desc = "SmolLM2-135M-Instruct's (GGUF)"
@@ -120,8 +121,8 @@ def load_model(name: str, pairs, device: torch.device):
     if name == "smollm2" and gguf is not None:
         from fastkto.integrations.gguf import load_gguf_model
 
-        model = load_gguf_model(str(gguf.parent), GGUF_NAME).to(device)
-        desc = f"SmolLM2-135M-Instruct ({GGUF_NAME}, dequantized to float32)"
+        model = load_gguf_model(str(gguf.parent), SMOLLM2_GGUF).to(device)
+        desc = f"SmolLM2-135M-Instruct ({SMOLLM2_GGUF}, dequantized to float32)"
     else:
         torch.manual_seed(0)
         with device:
