@@ -40,8 +40,8 @@ import triton.language as tl
 from . import tiled
 from .tiled import TileMaker, default_workspace_bytes
 
-__all__ = ["logprob_fwd", "logprob_bwd", "make_dz", "TILE_MAKER", "INTERPRET", "KernelConfig", "gpu_configs",
-           "select_config", "launch_meta"]
+__all__ = ["logprob_fwd", "logprob_bwd", "kernel_backward_loop", "make_dz", "TILE_MAKER", "INTERPRET", "KernelConfig",
+           "gpu_configs", "select_config", "launch_meta"]
 
 
 def _interpreting() -> bool:
@@ -538,13 +538,19 @@ def logprob_bwd(
     """Triton version of ``torch_chunked.logprob_bwd``: the shared tile loop (``tiled.backward_loop``) with the fused
     dz kernel; same arguments and (grad_hidden fp32 compact, grad_weight, grad_bias). ``tile`` forces the tile
     shape (tests); ``on_step`` marks the steps (``benchmarks.roofline``)."""
-    # unit-stride vectors for the kernel; the loop gives it unit-stride rows
-    bias = None if bias is None else bias.contiguous()
+    return kernel_backward_loop(
+        TILE_MAKER, hidden, weight, bias, rows, labels, lse, grad, softcap=softcap, temperature=temperature,
+        need_hidden=need_hidden, need_weight=need_weight, need_bias=need_bias, workspace_bytes=workspace_bytes,
+        tile=tile, on_step=on_step, grad_entropy=grad_entropy, entropy=entropy)
+
+
+def kernel_backward_loop(maker, hidden, weight, bias, rows, labels, lse, grad, *, grad_entropy=None, entropy=None,
+                         **opts):
+    """``tiled.backward_loop`` with ``maker``'s Triton kernel reading the per-token vectors and the bias: they are
+    made unit-stride (and fp32) here; the loop gives the kernel unit-stride rows. ``opts``: the loop's keywords."""
+    def vector(t):
+        return None if t is None else t.float().contiguous()
+
     return tiled.backward_loop(
-        TILE_MAKER, hidden, weight, bias, rows, labels.contiguous(), lse.float().contiguous(),
-        grad.float().contiguous(),
-        softcap=softcap, temperature=temperature, need_hidden=need_hidden, need_weight=need_weight,
-        need_bias=need_bias, workspace_bytes=workspace_bytes, tile=tile, on_step=on_step,
-        grad_entropy=None if grad_entropy is None else grad_entropy.float().contiguous(),
-        entropy=None if entropy is None else entropy.float().contiguous(),
-    )
+        maker, hidden, weight, None if bias is None else bias.contiguous(), rows, labels.contiguous(), vector(lse),
+        vector(grad), grad_entropy=vector(grad_entropy), entropy=vector(entropy), **opts)

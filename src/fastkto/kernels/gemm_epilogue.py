@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from . import tiled
-from .fused_logprob import INTERPRET, _tile_dlogits, fold, store_rounded, transform
+from .fused_logprob import INTERPRET, _tile_dlogits, fold, kernel_backward_loop, store_rounded, transform
 from .tiled import TileMaker, default_workspace_bytes
 
 __all__ = ["logprob_fwd", "logprob_bwd", "make_dz", "TILE_MAKER", "INTERPRET", "GPU_ALIGN"]
@@ -172,7 +172,7 @@ def logprob_fwd(
     """cuBLAS-and-epilogue version of ``torch_chunked.logprob_fwd``: same arguments and partial statistics
     (row_max, sum_exp, target_logit, each (M,) float32, and with ``stats`` > 0 the extra partials of ``stats.py``).
 
-    Walks (vocabulary chunk, token chunk) blocks planned within ``workspace_bytes`` by ``tiled.plan_tiles``: each
+    Walks the (vocabulary chunk, token chunk) blocks of ``tiled.tiles``, planned within ``workspace_bytes``: each
     block's raw logits are one cuBLAS product into the workspace, folded by ``_fold_kernel`` into the rows' running
     statistics in vocabulary order.
     """
@@ -193,25 +193,17 @@ def logprob_fwd(
     call = tiled.call_shape(hidden, weight, bias, rows, labels, softcap, stats=stats)
     plan = tiled.plan_tiles(call, TILE_MAKER, budget, size_by_budget=dev.type == "cpu")
     ws = tiled.Workspace(tiled.workspace_buffers(*plan, call, TILE_MAKER, backward=False), dev, tile=plan)
-    n_chunk, v_chunk = min(plan[0], m_tokens), plan[1]
     softcap_arg, inv_temp = _transform_args(softcap, temperature)
     block_n, block_v, warps = _launch("fold_stats2" if stats >= 2 else "fold")
-    single = n_chunk >= m_tokens  # one token chunk: its rows are gathered / converted once
-    h_once = tiled.operand_rows(hidden, rows, 0, m_tokens, ws, "h", "h_src") if single else None
-    for v0 in range(0, vocab, v_chunk):
-        v1 = min(v0 + v_chunk, vocab)
-        w = tiled.operand_rows(weight, None, v0, v1, ws, "w")
-        b = None if bias is None else bias[v0:v1]
-        for n0 in range(0, m_tokens, n_chunk):
-            n1 = min(n0 + n_chunk, m_tokens)
-            h = h_once if single else tiled.operand_rows(hidden, rows, n0, n1, ws, "h", "h_src")
-            a = ws.view("a", n1 - n0, v1 - v0)
-            tiled.matmul_fp32(a, h, w.T, accumulate=False)
-            _fold_kernel[(triton.cdiv(n1 - n0, block_n),)](
-                a, a if b is None else b, labels[n0:n1], state[:, n0:], n1 - n0, v1 - v0, a.stride(0), v0,
-                state.stride(0), softcap_arg, inv_temp, HAS_BIAS=b is not None, HAS_SOFTCAP=softcap is not None,
-                STATS=stats, BLOCK_N=block_n, BLOCK_V=block_v, num_warps=warps,
-            )
+    for t in tiled.tiles(hidden, weight, bias, rows, m_tokens, ws):
+        n, v = t.n1 - t.n0, t.v1 - t.v0
+        a = ws.view("a", n, v)
+        tiled.matmul_fp32(a, t.h, t.w.T, accumulate=False)
+        _fold_kernel[(triton.cdiv(n, block_n),)](
+            a, a if t.b is None else t.b, labels[t.n0:t.n1], state[:, t.n0:], n, v, a.stride(0), t.v0,
+            state.stride(0), softcap_arg, inv_temp, HAS_BIAS=t.b is not None, HAS_SOFTCAP=softcap is not None,
+            STATS=stats, BLOCK_N=block_n, BLOCK_V=block_v, num_warps=warps,
+        )
     return tuple(state)
 
 
@@ -238,11 +230,7 @@ def logprob_bwd(
     """cuBLAS-and-epilogue version of ``torch_chunked.logprob_bwd``: the shared tile loop (``tiled.backward_loop``)
     with ``make_dz`` above; same arguments and (grad_hidden fp32 compact, grad_weight, grad_bias). ``tile`` forces
     the tile shape (tests); ``on_step`` marks the steps (``benchmarks.roofline``)."""
-    bias = None if bias is None else bias.contiguous()  # unit-stride vectors for the kernel
-    return tiled.backward_loop(
-        TILE_MAKER, hidden, weight, bias, rows, labels.contiguous(), lse.float().contiguous(),
-        grad.float().contiguous(), softcap=softcap, temperature=temperature, need_hidden=need_hidden,
-        need_weight=need_weight, need_bias=need_bias, workspace_bytes=workspace_bytes, tile=tile, on_step=on_step,
-        grad_entropy=None if grad_entropy is None else grad_entropy.float().contiguous(),
-        entropy=None if entropy is None else entropy.float().contiguous(),
-    )
+    return kernel_backward_loop(
+        TILE_MAKER, hidden, weight, bias, rows, labels, lse, grad, softcap=softcap, temperature=temperature,
+        need_hidden=need_hidden, need_weight=need_weight, need_bias=need_bias, workspace_bytes=workspace_bytes,
+        tile=tile, on_step=on_step, grad_entropy=grad_entropy, entropy=entropy)
