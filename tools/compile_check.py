@@ -9,7 +9,8 @@ checks what a kernel engineer checks by hand:
   what Triton reports as ``n_spills``) and STACK:0. ptxas places spills in the stack frame, so STACK is the one
   that catches them: 8 B to 4 KiB frames with 8 to 4136 bytes of spill stores are what this check found before the
   tile shapes were changed (``ptxas -v`` on the same PTX lists the spill stores behind each frame);
-- at most 255 registers per thread (ptxas' hard limit, so a larger value means a parsing error);
+- at most 255 registers per thread (ptxas' hard limit, so a larger value means a parsing error), and headroom: a
+  variant at 255 must also compile without spills under a ``HEADROOM_CAP`` (232) register cap;
 - shared memory (Triton's dynamic allocation plus the cubin's static part) within what one block can opt in to:
   163 KiB on sm_80, 227 KiB on sm_90;
 - the matrix products use the tensor-core instruction the target offers, read from the PTX: Hopper's ``wgmma``
@@ -62,14 +63,19 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-__all__ = ["Case", "Result", "cases", "stats_cases", "compile_case", "run_checks", "problems", "expected_mma",
-           "parse_res_usage", "tensor_core_ops", "format_table", "summary", "main", "KERNELS", "DTYPES", "TARGETS",
-           "SHARED_LIMIT", "MAX_REGISTERS"]
+__all__ = ["Case", "Result", "cases", "stats_cases", "compile_case", "run_checks", "check_headroom", "problems",
+           "expected_mma", "parse_res_usage", "tensor_core_ops", "format_table", "summary", "main", "KERNELS",
+           "DTYPES", "TARGETS", "SHARED_LIMIT", "MAX_REGISTERS", "HEADROOM_CAP"]
 
 TARGETS = (80, 90)
 # the largest shared memory one block may opt in to (cudaFuncAttributeMaxDynamicSharedMemorySize), in bytes
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 MAX_REGISTERS = 255
+# A variant at the ceiling is compiled again under this cap: spill-free there, its 255 registers are ptxas' choice
+# (it takes what the launch allows when that helps its schedule; Triton 3.6's ptxas does so for every 16-bit
+# forward), not what the kernel needs, and ~10 % of the file is left for a compiler or code change. 8 warps at
+# 129-255 registers give one block per SM either way, so the cap would not change occupancy.
+HEADROOM_CAP = 232
 # dtype name -> (Triton pointer element type, the dispatch's width key in gpu_configs(), torch dtype name)
 DTYPES = {"bf16": ("bf16", "16", "bfloat16"), "fp16": ("fp16", "16", "float16"), "fp32": ("fp32", "32", "float32")}
 # torch.get_float32_matmul_precision() values that make the dispatch pick each fp32 product precision
@@ -96,7 +102,7 @@ class Case:
     target: int  # compute capability: 80 or 90
     variant: str  # the switches that are on: "none", "bias+rows+softcap", ...
     switches: tuple[tuple[str, bool], ...]  # sorted (name, on) pairs of _switch_sets
-    config: tuple[int, int, int, int, int] | None = None
+    config: tuple[int, ...] | None = None  # KernelConfig's fields: 5, or 6 with its register cap
     maxnreg: int | None = None
 
     @property
@@ -117,6 +123,10 @@ class Result:
     stack: int = -1  # stack frame per thread: where ptxas puts spills
     mma: dict[str, int] = field(default_factory=dict)  # "wgmma.bf16" -> PTX instruction count, ...
     ptx_sha256: str = ""  # identifies the PTX, so a GPU run can confirm it launches exactly this compilation
+    # local + stack bytes when compiled again under HEADROOM_CAP registers (variants at 255 only): -1 not compiled
+    # again, -2 that compilation failed
+    capped_spill: int = -1
+    capped_at: int = HEADROOM_CAP  # the cap of that compilation
     error: str = ""
     seconds: float = 0.0
 
@@ -235,6 +245,8 @@ def _launch_meta(case: Case):
     finally:
         torch.set_float32_matmul_precision(previous)
     options = {"num_warps": meta.pop("num_warps"), "num_stages": meta.pop("num_stages")}
+    if "maxnreg" in meta:  # a configuration's own cap
+        options["maxnreg"] = meta.pop("maxnreg")
     if case.maxnreg:
         options["maxnreg"] = case.maxnreg
     return getattr(fl, KERNELS[case.kernel]), meta, options, cfg
@@ -293,7 +305,8 @@ def compile_case(case: Case) -> Result:
     result = Result(case)
     try:
         fn, meta, options, cfg = _launch_meta(case)
-        result.config = f"N{cfg.BLOCK_N} V{cfg.BLOCK_V} D{cfg.BLOCK_D} w{cfg.num_warps} s{cfg.num_stages}"
+        result.config = f"N{cfg.BLOCK_N} V{cfg.BLOCK_V} D{cfg.BLOCK_D} w{cfg.num_warps} s{cfg.num_stages}" + (
+            f" r{cfg.maxnreg}" if cfg.maxnreg else "")
         names = [p.name for p in fn.params]
         constexprs = {p.name for p in fn.params if p.is_constexpr}
         if constexprs != set(meta):
@@ -352,6 +365,10 @@ def problems(result: Result) -> list[str]:
         out.append(f"{result.stack}-byte stack frame (register spills)")
     if not 0 < result.registers <= MAX_REGISTERS:
         out.append(f"{result.registers} registers per thread (expected 1..{MAX_REGISTERS})")
+    elif result.registers == MAX_REGISTERS and result.capped_spill != 0:
+        why = {-1: "not compiled under a cap", -2: "its compilation under a cap failed"}.get(
+            result.capped_spill, f"{result.capped_spill} B of spills under a {result.capped_at}-register cap")
+        out.append(f"at the {MAX_REGISTERS}-register ceiling with no headroom shown ({why})")
     if result.shared > SHARED_LIMIT[case.target]:
         out.append(f"{result.shared} bytes of shared memory > the sm_{case.target} limit {SHARED_LIMIT[case.target]}")
     want = expected_mma(case)
@@ -366,19 +383,20 @@ def problems(result: Result) -> list[str]:
 def format_table(results: list[Result]) -> str:
     """A markdown table, one row per result."""
     head = ("| kernel | config | dtype | target | variant | registers | shared (B) | local/spill (B) | stack (B) "
-            "| wgmma | tensor-core ops (PTX count) | ok |")
+            f"| spill at {HEADROOM_CAP} regs (B) | wgmma | tensor-core ops (PTX count) | ok |")
     rows = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in results:
         c = r.case
         dtype = f"{c.dtype} ({c.precision})" if c.dtype == "fp32" else c.dtype
         lead = f"| {KERNELS[c.kernel]} | {r.config} | {dtype} | sm_{c.target} | {c.variant} "
         if r.error:
-            rows.append(lead + "| - | - | - | - | - | - | FAIL: compilation error |")
+            rows.append(lead + "| - | - | - | - | - | - | - | FAIL: compilation error |")
             continue
         ops = ", ".join(f"{k} x{v}" for k, v in sorted(r.mma.items())) or "none (FMA)"
         wgmma = "yes" if any(k.startswith("wgmma") for k in r.mma) else "no"
         bad = problems(r)
-        rows.append(lead + f"| {r.registers} | {r.shared} | {r.local} | {r.stack} | {wgmma} | {ops} "
+        capped = {-1: "-", -2: "failed"}.get(r.capped_spill, str(r.capped_spill))
+        rows.append(lead + f"| {r.registers} | {r.shared} | {r.local} | {r.stack} | {capped} | {wgmma} | {ops} "
                     f"| {'FAIL: ' + '; '.join(bad) if bad else 'yes'} |")
     return "\n".join(rows)
 
@@ -433,7 +451,7 @@ def _report(results: list[Result], command: str, seconds: float) -> str:
     ])
 
 
-def _compile_all(todo: list[Case], jobs: int) -> list[Result]:
+def _compile_many(todo: list[Case], jobs: int) -> list[Result]:
     if jobs <= 1 or len(todo) <= 1:
         return [compile_case(c) for c in todo]
     # processes, not threads: most of the time is Python code generation and MLIR passes that hold the GIL;
@@ -442,8 +460,20 @@ def _compile_all(todo: list[Case], jobs: int) -> list[Result]:
         return list(pool.map(compile_case, todo, chunksize=4))
 
 
+def check_headroom(results: list[Result], jobs: int | None = None, cap: int = HEADROOM_CAP) -> list[Result]:
+    """Compile every uncapped result at the 255-register ceiling again under ``cap`` registers and record its
+    spills in ``capped_spill`` (in place); returns ``results``. ``run_checks`` does this for its own results."""
+    at_ceiling = [r for r in results if not r.error and r.registers >= MAX_REGISTERS and r.case.maxnreg is None]
+    if at_ceiling:
+        capped = run_checks([replace(r.case, maxnreg=cap) for r in at_ceiling], jobs)
+        for r, c in zip(at_ceiling, capped):
+            r.capped_spill, r.capped_at = (-2 if c.error else c.local + c.stack), cap
+    return results
+
+
 def run_checks(todo: list[Case] | None = None, jobs: int | None = None) -> list[Result]:
-    """Compile ``todo`` (default: ``cases()``) and return the results in the same order.
+    """Compile ``todo`` (default: ``cases()``) and return the results in the same order, with the headroom of
+    those at the register ceiling (``check_headroom``).
 
     In a process whose kernels are interpreter objects, the work runs in a child Python without TRITON_INTERPRET.
     ``jobs`` compiles in that many processes (default: the CPU count, at most 8).
@@ -453,7 +483,7 @@ def run_checks(todo: list[Case] | None = None, jobs: int | None = None) -> list[
     todo = cases() if todo is None else list(todo)
     jobs = jobs or min(os.cpu_count() or 1, 8)
     if not fl.INTERPRET:
-        return _compile_all(todo, jobs)
+        return check_headroom(_compile_many(todo, jobs), jobs)
     with tempfile.TemporaryDirectory() as tmp:
         src, out = Path(tmp) / "cases.json", Path(tmp) / "results.json"
         src.write_text(json.dumps([asdict(c) for c in todo]))
@@ -493,9 +523,10 @@ def _parse_config(text: str) -> tuple[str, tuple[int, ...]]:
         values = tuple(int(v) for v in shape.split(","))
     except ValueError:
         values, kernel, width = (), "", ""
-    if kernel not in KERNELS or width not in ("16", "32") or len(values) != 5:
-        raise argparse.ArgumentTypeError(f"--config expects KERNEL/WIDTH=BLOCK_N,BLOCK_V,BLOCK_D,WARPS,STAGES with "
-                                         f"KERNEL in {sorted(KERNELS)} and WIDTH 16 or 32, got {text!r}")
+    if kernel not in KERNELS or width not in ("16", "32") or len(values) not in (5, 6):
+        raise argparse.ArgumentTypeError(
+            f"--config expects KERNEL/WIDTH=BLOCK_N,BLOCK_V,BLOCK_D,WARPS,STAGES[,MAXNREG] with KERNEL in "
+            f"{sorted(KERNELS)} and WIDTH 16 or 32, got {text!r}")
     return f"{kernel}/{width}", values
 
 
@@ -510,7 +541,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="the token-statistics variants (stats_cases) instead of the plain kernels' matrix")
     parser.add_argument("--only", action="append", default=[], metavar="TEXT",
                         help="keep the cases whose label (e.g. dz-bf16-sm90-bias+softcap) contains TEXT; repeatable")
-    parser.add_argument("--config", action="append", default=[], type=_parse_config, metavar="K/W=N,V,D,WARPS,STAGES",
+    parser.add_argument("--config", action="append", default=[], type=_parse_config,
+                        metavar="K/W=N,V,D,WARPS,STAGES[,MAXNREG]",
                         help="compile kernel K for width W (16 or 32 bits) with this tile shape instead; repeatable")
     parser.add_argument("--maxnreg", type=int, default=None, help="cap the registers per thread")
     parser.add_argument("--cases", type=Path, help=argparse.SUPPRESS)  # JSON list of Cases (run_checks' child)
