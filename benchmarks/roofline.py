@@ -1025,8 +1025,10 @@ def _kernel_registers() -> list[dict]:
             for k in kernels:
                 try:
                     getattr(k, "_init_handles", lambda: None)()
+                    meta = k.metadata  # the launch options, so that a sweep's rows can be told apart
                     out.append({"kernel": name, "n_regs": k.n_regs, "n_spills": k.n_spills,
-                                "shared": k.metadata.shared,
+                                "shared": meta.shared, **{o: getattr(meta, o, None) for o in
+                                                          ("num_warps", "num_stages", "maxnreg")},
                                 "constants": {str(c): str(v) for c, v in
                                               getattr(k, "constants", {}).items()} if hasattr(k, "constants")
                                 else None})
@@ -1035,16 +1037,21 @@ def _kernel_registers() -> list[dict]:
     return out
 
 
-# The tile configurations the GPU check times (16-bit inputs; BLOCK_N, BLOCK_V, BLOCK_D, num_warps, num_stages).
-# The first of each is the default. The default stays fixed (no autotuning at run time: plans and bits must not
-# depend on a search); the sweep tells one GPU run which to make the default. tests/test_compile.py checks that
-# each compiles for sm_90 without spills, so the run spends no time on one that cannot.
-# Run 1 (one shape) ranked 4 stages first for the forward; the list keeps the candidates near it for the
-# three-shape sweep that decides the default (64-row and 64-column tiles were 22-52 % slower: dropped).
+# The tile configurations the GPU check times (16-bit inputs; BLOCK_N, BLOCK_V, BLOCK_D, num_warps, num_stages
+# and optionally a register cap, ``fused_logprob.KernelConfig``). The first of each is the default (run 3 made the
+# forward's 4 stages so). The default stays fixed (no autotuning at run time: plans and bits must not depend on a
+# search); the sweep tells one GPU run which to make the default, and records a configuration that fails to
+# compile or launch. 64-row and 64-column tiles were 22-52 % slower in run 1: dropped.
+# The capped rows: under Triton 3.6 (the GPU image's) ptxas gives every 16-bit forward variant all 255 registers,
+# though each compiles without spills under a 232 cap (benchmarks/results/compile/compile_report_triton3.6.md);
+# one block per SM either way, so the cap costs or gains only through ptxas' schedule: the run measures which.
+# Compiled for sm_90 with the capped shapes (tools.compile_check --config fwd/16=128,128,64,8,4,232 --config
+# dz/16=128,128,64,8,3,232): no spills under 3.6; under 3.9 the forward's soft-cap variants spill 8 B.
 SWEEP_CONFIGS = {
-    "fwd": [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 8, 5), (128, 256, 64, 8, 3),
-            (128, 256, 64, 8, 4), (128, 128, 32, 8, 4)],
-    "dz": [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (128, 256, 64, 8, 4)],
+    "fwd": [(128, 128, 64, 8, 4), (128, 128, 64, 8, 3), (128, 128, 64, 8, 5), (128, 256, 64, 8, 3),
+            (128, 256, 64, 8, 4), (128, 128, 32, 8, 4), (128, 128, 64, 8, 4, 232)],
+    "dz": [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (128, 256, 64, 8, 4),
+           (128, 128, 64, 8, 3, 232)],
 }
 
 
@@ -1217,6 +1224,11 @@ def _measure_all(args, shapes, budget) -> int:
                 report.__setitem__("sweep", rows), write()), configs=configs)
         except Exception as exc:  # noqa: BLE001
             report["errors"]["sweep"] = f"{type(exc).__name__}: {exc}"[:500]
+        try:  # the registers the device's ptxas gave each configuration (the capped rows among them)
+            report["kernels"] = _kernel_registers()
+        except Exception as exc:  # noqa: BLE001
+            report["errors"]["registers"] = f"{type(exc).__name__}: {exc}"[:500]
+        write()
     missing = dict(report["errors"])
     for r in results:
         missing.update({f"{r['shape']}/{k}": v for k, v in r["errors"].items() if not v.startswith("skipped")})

@@ -313,6 +313,17 @@ def test_memory_model_gpu_column_is_the_plans_buffers():
 
 # ------------------------------------------------------------------------------------------------ roofline
 
+def test_sweep_starts_with_the_shipped_configurations():
+    """The sweep's first configuration of each kernel is what the dispatch launches (its rows are marked default
+    and every other row is compared with them); a capped row carries a cap below ptxas' 255."""
+    from fastkto.kernels import fused_logprob as fl
+
+    for kernel, cfgs in roofline.SWEEP_CONFIGS.items():
+        assert fl.KernelConfig(*cfgs[0]) == fl.gpu_configs()[(kernel, "16")], kernel
+        assert len(set(cfgs)) == len(cfgs), f"{kernel}: a configuration is listed twice"
+        assert all(len(c) == 5 or (len(c) == 6 and 0 < c[5] < 255) for c in cfgs), cfgs
+
+
 def test_roofline_rows_follow_the_plan_and_meet_the_targets():
     out = roofline.rows(roofline.SHAPES, 128)
     assert all(set(r) == {"scenario", "shape", "step", "flops", "hbm_bytes", "predicted_ms", "maker"} for r in out)

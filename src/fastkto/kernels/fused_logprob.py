@@ -65,7 +65,7 @@ def _tile_logits(
     # z = transform(H[rows] @ W[offs_v].T + b): a (BLOCK_N, BLOCK_V) fp32 tile, and tanh(a / c) for the backward
     acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
     h_ptrs = H + rows[:, None] * stride_h
-    w_ptrs = W + offs_v[None, :] * stride_w
+    w_ptrs = W + offs_v.to(tl.int64)[None, :] * stride_w
     for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
         d_mask = offs_d < D
@@ -156,7 +156,7 @@ def _token_tile(ROWS, LABELS, n0, M, HAS_ROWS: tl.constexpr, BLOCK_N: tl.constex
         rows = tl.load(ROWS + offs_n, mask=n_mask, other=0).to(tl.int64)
     else:
         rows = offs_n.to(tl.int64)
-    labels = tl.load(LABELS + offs_n, mask=n_mask, other=-1).to(tl.int64)
+    labels = tl.load(LABELS + offs_n, mask=n_mask, other=-1).to(tl.int32)
     return offs_n, n_mask, rows, labels
 
 
@@ -188,7 +188,7 @@ def _logprob_fwd_kernel(
     v_begin = pid_s * cols_per_split
     v_end = tl.minimum(v_begin + cols_per_split, V)
     for v0 in range(v_begin, v_end, BLOCK_V):
-        offs_v = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
+        offs_v = v0 + tl.arange(0, BLOCK_V)
         v_mask = offs_v < v_end
         z, t = _tile_logits(H, W, B, rows, n_mask, offs_v, v_mask, D, stride_h, stride_w, softcap, inv_temp,
                             HAS_BIAS, HAS_SOFTCAP, UPCAST, PRECISION, BLOCK_N, BLOCK_V, BLOCK_D)
@@ -232,7 +232,7 @@ def _logprob_dz_kernel(
     else:
         g_ent = g
         ent = g
-    offs_v = (pid_v * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
+    offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     v_mask = offs_v < V
     z, t = _tile_logits(H, W, B, rows, n_mask, offs_v, v_mask, D, stride_h, stride_w, softcap, inv_temp,
                         HAS_BIAS, HAS_SOFTCAP, UPCAST, PRECISION, BLOCK_N, BLOCK_V, BLOCK_D)
@@ -267,6 +267,8 @@ class KernelConfig:
     BLOCK_D: int
     num_warps: int
     num_stages: int
+    # a register cap for ptxas (None: its own choice, up to 255); only the GPU check's sweep sets one
+    maxnreg: int | None = None
 
 
 # 16-bit inputs: 128-wide tiles feed Hopper's wgmma (64-row warpgroup instructions) and Ampere's mma.sync; fp32:
@@ -289,9 +291,12 @@ _GPU_CONFIGS = {
 # stack frames on sm_80 and sm_90, at 255 registers; dz ENT_GRAD with a soft-cap: 24 B on sm_80; found by
 # ``compile_check --stats``). Half-width vocabulary tiles halve the fp32 tile each thread holds; the split
 # columns stay multiples of the plain tile, so the splits are the same.
+# The fp32 forward's 128-register cap raises ptxas' budget rather than lowering it: left to itself, ptxas (Triton
+# 3.6's and 3.9's) aimed at 3 blocks per SM, used 80 registers and spilled 8-16 B in eight IEEE variants; capped at
+# 128 (2 blocks per SM) it keeps everything in 104-128 registers.
 _STATS_CONFIGS = {
     ("fwd", "16"): KernelConfig(128, 64, 64, 8, 3),
-    ("fwd", "32"): KernelConfig(64, 32, 16, 8, 3),
+    ("fwd", "32"): KernelConfig(64, 32, 16, 8, 3, 128),
     ("dz", "16"): KernelConfig(128, 64, 64, 8, 3),
     ("dz", "32"): KernelConfig(64, 32, 16, 8, 3),
 }
@@ -383,6 +388,8 @@ def launch_meta(kernel, dtype, bias, rows, softcap, temperature, cfg=None, stats
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
+    if cfg.maxnreg is not None:
+        meta["maxnreg"] = cfg.maxnreg
     if kernel == "fwd":
         meta["HAS_ROWS"] = rows is not None
         meta["STATS"] = int(stats)
