@@ -210,8 +210,9 @@ def test_kept_epilogue_compile_report_is_current():
     ge = _ge()
     want = set()
     for kernel, launch, sw in ce.variants():
-        n, v, w = ge._GPU_LAUNCH[launch]
+        n, v, w, regs = ge._GPU_LAUNCH[launch]
+        shape = f"N{n} V{v} w{w}" + (f" r{regs}" if regs else "")
         for dtype in ce.DTYPES:
             for target in ce.TARGETS:
-                want.add((f"_{kernel}_kernel", f"N{n} V{v} w{w}", dtype, f"sm_{target}", ce.variant_name(sw)))
+                want.add((f"_{kernel}_kernel", shape, dtype, f"sm_{target}", ce.variant_name(sw)))
     assert rows == want

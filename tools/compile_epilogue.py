@@ -29,7 +29,8 @@ def variants() -> list[tuple[str, str, dict]]:
             out.append(("fold", "fold_stats2" if stats == 2 else "fold",
                         dict(HAS_BIAS=bias, HAS_SOFTCAP=softcap, STATS=stats)))
         for ent in (False, True):
-            out.append(("dz", "dz", dict(HAS_BIAS=bias, HAS_SOFTCAP=softcap, ENT_GRAD=ent, UPCAST=False)))
+            out.append(("dz", "dz_ent" if ent else "dz",
+                        dict(HAS_BIAS=bias, HAS_SOFTCAP=softcap, ENT_GRAD=ent, UPCAST=False)))
     return out
 
 
@@ -50,7 +51,7 @@ def compile_one(kernel: str, launch: str, switches: dict, dtype: str, target: in
     from tools.compile_check import _res_usage
 
     fn = {"fold": ge._fold_kernel, "dz": ge._dz_kernel}[kernel]
-    block_n, block_v, warps = ge._GPU_LAUNCH[launch]
+    block_n, block_v, warps, regs = ge._GPU_LAUNCH[launch]
     meta = dict(switches, BLOCK_N=block_n, BLOCK_V=block_v)
     names = [p.name for p in fn.params]
     signature = {}
@@ -69,9 +70,11 @@ def compile_one(kernel: str, launch: str, switches: dict, dtype: str, target: in
             signature[n] = "i32"
     constants = {(names.index(n),): v for n, v in meta.items()}
     kernel_c = triton.compile(ASTSource(fn, signature, constexprs=constants), target=GPUTarget("cuda", target, 32),
-                              options=dict(num_warps=warps, enable_fp_fusion=True))
+                              options=dict(num_warps=warps, enable_fp_fusion=True,
+                                           **({} if regs is None else {"maxnreg": regs})))
     usage = _res_usage(kernel_c.asm["cubin"])
-    return {"kernel": fn.__name__, "launch": f"N{block_n} V{block_v} w{warps}", "dtype": dtype,
+    return {"kernel": fn.__name__, "launch": f"N{block_n} V{block_v} w{warps}" + (f" r{regs}" if regs else ""),
+            "dtype": dtype,
             "target": f"sm_{target}", "variant": variant_name(switches), "registers": usage["REG"],
             "stack": usage["STACK"], "local": usage["LOCAL"]}
 

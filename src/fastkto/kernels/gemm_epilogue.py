@@ -112,18 +112,26 @@ def _dz_kernel(
     store_rounded(DZ + rows * stride_dz + offs_v[None, :], dz, mask, UPCAST)
 
 
-# Launch shapes (BLOCK_N, BLOCK_V, num_warps): element-wise passes over fp32 blocks, 16 fp32 values per thread
-# and 16-byte loads along a row; they compile without spills for sm_80 and sm_90 (benchmarks/results/compile/
-# epilogue_report.md); not yet timed on a GPU. The interpreter takes small tiles, so that tests
-# cover many tiles and ragged edges on small shapes.
+# Launch shapes (BLOCK_N, BLOCK_V, num_warps, register cap or None): element-wise passes over fp32 blocks, 16 fp32
+# values per thread and 16-byte loads along a row; they compile without spills for sm_80 and sm_90 under Triton
+# 3.6 and 3.9 (benchmarks/results/compile/epilogue_report*.md); not yet timed on a GPU. The interpreter takes
+# small tiles, so that tests cover many tiles and ragged edges on small shapes.
 # The fold with all statistics (STATS 2) holds more per tile (the arg-max's indices beside exp(z - m)): at 128
 # columns it sat at 255 registers, so it takes half-width tiles.
-_GPU_LAUNCH = {"fold": (16, 128, 4), "fold_stats2": (16, 64, 4), "dz": (16, 128, 4)}
-_INTERPRET_LAUNCH = {"fold": (16, 64, 1), "fold_stats2": (16, 64, 1), "dz": (16, 64, 1)}
+# The dz with the entropy term ("dz_ent") takes a cap that raises ptxas' budget: left to itself, Triton 3.6's ptxas
+# aimed at 4 blocks per SM, used 128 registers and spilled 8 B (sm_80, with a soft-cap); under a 160 cap it keeps
+# everything in 140-160 registers, 3 blocks per SM, as the variants without a soft-cap already ran.
+_GPU_LAUNCH: dict[str, tuple[int, int, int, int | None]] = {
+    "fold": (16, 128, 4, None), "fold_stats2": (16, 64, 4, None), "dz": (16, 128, 4, None),
+    "dz_ent": (16, 128, 4, 160)}
+_INTERPRET_LAUNCH: dict[str, tuple[int, int, int, int | None]] = {
+    "fold": (16, 64, 1, None), "fold_stats2": (16, 64, 1, None), "dz": (16, 64, 1, None), "dz_ent": (16, 64, 1, None)}
 
 
-def _launch(kernel: str) -> tuple[int, int, int]:
-    return (_INTERPRET_LAUNCH if INTERPRET else _GPU_LAUNCH)[kernel]
+def _launch(kernel: str) -> tuple[int, int, dict]:
+    """(BLOCK_N, BLOCK_V, launch options) of an epilogue launch."""
+    block_n, block_v, warps, regs = (_INTERPRET_LAUNCH if INTERPRET else _GPU_LAUNCH)[kernel]
+    return block_n, block_v, {"num_warps": warps} if regs is None else {"num_warps": warps, "maxnreg": regs}
 
 
 def _transform_args(softcap: float | None, temperature: float) -> tuple[float, float]:
@@ -141,12 +149,12 @@ def make_dz(h, w, b, labels, v0, lse, g, softcap, inv_temp, out, ws, ent=None) -
     n, v = out.shape
     a = ws.view("a", n, v)
     tiled.matmul_fp32(a, h, w.T, accumulate=False)
-    block_n, block_v, warps = _launch("dz")
+    block_n, block_v, options = _launch("dz" if ent is None else "dz_ent")
     g_ent, entropy = (g, g) if ent is None else ent
     _dz_kernel[(triton.cdiv(n, block_n), triton.cdiv(v, block_v))](
         a, a if b is None else b, labels, lse, g, g_ent, entropy, out, n, v, a.stride(0), out.stride(0), v0,
         softcap if softcap is not None else 1.0, inv_temp, HAS_BIAS=b is not None, HAS_SOFTCAP=softcap is not None,
-        ENT_GRAD=ent is not None, UPCAST=INTERPRET, BLOCK_N=block_n, BLOCK_V=block_v, num_warps=warps,
+        ENT_GRAD=ent is not None, UPCAST=INTERPRET, BLOCK_N=block_n, BLOCK_V=block_v, **options,
     )
 
 
@@ -194,7 +202,7 @@ def logprob_fwd(
     plan = tiled.plan_tiles(call, TILE_MAKER, budget, size_by_budget=dev.type == "cpu")
     ws = tiled.Workspace(tiled.workspace_buffers(*plan, call, TILE_MAKER, backward=False), dev, tile=plan)
     softcap_arg, inv_temp = _transform_args(softcap, temperature)
-    block_n, block_v, warps = _launch("fold_stats2" if stats >= 2 else "fold")
+    block_n, block_v, options = _launch("fold_stats2" if stats >= 2 else "fold")
     for t in tiled.tiles(hidden, weight, bias, rows, m_tokens, ws):
         n, v = t.n1 - t.n0, t.v1 - t.v0
         a = ws.view("a", n, v)
@@ -202,7 +210,7 @@ def logprob_fwd(
         _fold_kernel[(triton.cdiv(n, block_n),)](
             a, a if t.b is None else t.b, labels[t.n0:t.n1], state[:, t.n0:], n, v, a.stride(0), t.v0,
             state.stride(0), softcap_arg, inv_temp, HAS_BIAS=t.b is not None, HAS_SOFTCAP=softcap is not None,
-            STATS=stats, BLOCK_N=block_n, BLOCK_V=block_v, num_warps=warps,
+            STATS=stats, BLOCK_N=block_n, BLOCK_V=block_v, **options,
         )
     return tuple(state)
 
