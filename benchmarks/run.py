@@ -154,8 +154,9 @@ def _workload_groups(args, profile: dict):
             for loss in e2e["losses"]:
                 for layout in args.layouts:
                     yield workload, f"SmolLM2-135M-Instruct, {loss.upper()}, hh-rlhf", dict(
-                        shape="smollm2-135m", sizes=list(range(e2e["batches"])), batch=e2e["batch"][loss],
-                        masking="real", loss=loss, layout=layout, max_row=e2e["max_row"], check=None)
+                        shape="smollm2-135m", sizes=list(range(args.batches or e2e["batches"])),
+                        batch=e2e["batch"][loss], masking="real", loss=loss, layout=layout, max_row=e2e["max_row"],
+                        check=None)
 
 
 def _runnable_methods(args, device, profile: dict, workload: str, group: str, skipped: list[dict]) -> list[str]:
@@ -294,6 +295,8 @@ def parse_args(argv=None):
     p.add_argument("--layouts", default="padded",
                    help=f"the e2e steps' batch layouts, subset of {LAYOUTS}; with padded and a packed one the report "
                         "gives packed / padded ratios")
+    p.add_argument("--batches", type=int, default=None,
+                   help="e2e: different random hh-rlhf batches per job (default: the machine profile's)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
     p.add_argument("--dtype", default=None, help="float32 / bfloat16 (default: float32 on CPU, bfloat16 on CUDA)")
     p.add_argument("--out", default=None, help="output folder (default benchmarks/results/<machine>[-quick][-busyN])")
@@ -326,8 +329,8 @@ def parse_args(argv=None):
     if args.threads not in (None, "auto") and not (args.threads.isdigit() and int(args.threads) >= 1):
         p.error(f"--threads must be 'auto' or a number >= 1, got {args.threads!r}")
     args.threads = int(args.threads) if args.threads not in (None, "auto") else args.threads
-    if args.profile < 0:
-        p.error(f"--profile must be >= 1, got {args.profile}")
+    if args.profile < 0 or (args.batches is not None and args.batches < 1):
+        p.error(f"--profile and --batches must be >= 1, got {args.profile} and {args.batches}")
     return args
 
 
