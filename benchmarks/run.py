@@ -404,7 +404,7 @@ def main(argv=None) -> int:
     rows = summarize(results)
     target_rows = all_targets(rows, device)
     print_report(console, rows, skipped, target_rows, machine)
-    if args.quick:
+    if args.quick and not (args.warmup or args.repeats):
         console.print("[yellow]--quick: no warm-up and one pass per size; these numbers check the harness, they do "
                       "not measure speed (first sizes include one-time costs)[/yellow]")
     plots = write_plots(rows, out, machine)
