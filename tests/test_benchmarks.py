@@ -304,6 +304,14 @@ def test_dry_run_plans_one_process_per_method_on_the_cpu(capsys):
         run.parse_args(["--workloads", "nope"])
 
 
+def test_saved_runs_from_before_the_axes_still_summarize(capsys):
+    # cpu-2core-busy1 was saved when --busy was one number for the whole run: its rows carry no busy or layout
+    assert run.main(["--summary", str(ROOT / "benchmarks" / "results" / "cpu-2core-busy1")]) == 0
+    text = capsys.readouterr().out
+    assert "kto: smollm2-135m, no masking, 1 busy process" in text
+    assert "primitive (SmolLM2 head, 1 busy process): time <= 1.2x naive" in text
+
+
 def test_plan_has_layout_and_busy_axes(capsys):
     args = run.parse_args(["--quick", "--workloads", "e2e", "--layouts", "padded,packed", "--busy", "0,1",
                            "--profile", "--threads", "auto", "--batches", "2"])
