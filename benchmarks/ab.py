@@ -72,7 +72,7 @@ def main(argv=None) -> int:
     parser.add_argument("--busy", type=int, default=0)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
-    from .trainer_step import busy_cores
+    from .measure import busy_cores
 
     load_start, loads = os.getloadavg(), []
     with busy_cores(args.busy):

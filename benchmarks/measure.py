@@ -21,6 +21,9 @@ what was live when the pass began (the inputs):
   allocation of the block that ends as ``.grad``. Subtracting the final gradients from the overall peak
   instead would be wrong when the peak comes before the gradients exist (the naive head's softmax backward).
   Device-side workspaces that bypass PyTorch's allocator would not show here; the RSS / CUDA peak would.
+
+Conditions and details: ``busy_cores`` spins processes beside a measurement (a core taken by another program);
+``op_profile`` lists the operations of one pass (``torch.profiler``), to see which ones a busy core slows down.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ import ctypes.util
 import gc
 import os
 import statistics
+import subprocess
+import sys
 import threading
 import time
 
@@ -260,3 +265,41 @@ def memory_pass(point, device: torch.device, allocator: bool = True) -> dict:
 
 def process_info() -> dict:
     return {"pid": os.getpid(), "threads": torch.get_num_threads()}
+
+
+@contextlib.contextmanager
+def busy_cores(n: int):
+    """``n`` processes spinning for as long as the block runs, process i pinned to core i of this process's cores
+    (a core taken by another program, as on a shared laptop or CI runner); yields the pinned cores, kills the
+    processes on exit, whatever the block raised."""
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    pinned = [cores[i % len(cores)] for i in range(n)]
+    code = "import os, sys\nif hasattr(os, 'sched_setaffinity'): os.sched_setaffinity(0, {int(sys.argv[1])})\n" \
+           "while True: pass"
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(core)], stdin=subprocess.DEVNULL,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for core in pinned]
+    try:
+        yield pinned
+    finally:
+        for p in procs:
+            p.kill()
+        for p in procs:
+            p.wait()
+
+
+def op_profile(point, top: int = 12) -> list[dict]:
+    """The ``top`` aten operations of one pass by self time: {op, calls, self_ms, ms_per_call}.
+
+    ``torch.profiler`` sees the calling thread only: with fastkto's CPU worker threads (which run the shards'
+    operations) it shows the calling thread's share, and the wall time stays the measure. A parallel region waits
+    for its slowest thread, so under a busy core the short operations are the ones whose time per call grows."""
+    from torch.profiler import ProfilerActivity, profile
+
+    clear_grads(point.leaves)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        point.run()
+    clear_grads(point.leaves)
+    rows = [{"op": e.key, "calls": e.count, "self_ms": e.self_cpu_time_total / 1e3,
+             "ms_per_call": e.self_cpu_time_total / 1e3 / e.count}
+            for e in prof.key_averages() if e.key.startswith("aten::") and e.count]
+    return sorted(rows, key=lambda r: -r["self_ms"])[:top]

@@ -188,24 +188,6 @@ def step_timer(device: torch.device):
     return StepTimer()
 
 
-@contextlib.contextmanager
-def busy_cores(n: int):
-    """``n`` processes spinning for as long as the block runs, process i pinned to core i (a core taken by another
-    program); killed on exit."""
-    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count()))
-    code = "import os, sys\nif hasattr(os, 'sched_setaffinity'): os.sched_setaffinity(0, {int(sys.argv[1])})\n" \
-           "while True: pass"
-    procs = [subprocess.Popen([sys.executable, "-c", code, str(cores[i % len(cores)])], stdin=subprocess.DEVNULL,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for i in range(n)]
-    try:
-        yield [cores[i % len(cores)] for i in range(n)]
-    finally:
-        for p in procs:
-            p.kill()
-        for p in procs:
-            p.wait()
-
-
 def _trainers(kind: str, model, tokenizer, data, device, batch: int, max_tokens: int, steps: int, out_dir: str):
     """{side: (trainer, timer)} for ``kind`` ("kto" or "dpo"), each side on its own copies of ``model``."""
     import trl
@@ -344,6 +326,7 @@ def run(args) -> dict:
     """Measure every (model, trainer) of ``args`` (parsed by ``parse_args``); returns the report."""
     import datasets
 
+    from .measure import busy_cores
     from .realdata import load_pairs
 
     datasets.disable_progress_bars()

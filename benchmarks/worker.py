@@ -9,9 +9,11 @@ increasing order: first the timing passes of every size, then the memory passes 
 for why in that order), then the accuracy check on the small check size. It writes OUT.json after each stage,
 so a crash or a timeout still leaves what was measured, and records the error instead of raising.
 
-SPEC keys: workload (primitive, kto, dpo, e2e), methods (list), shape, sizes (tokens for primitive, T for the steps and
-e2e), batch, masking (none / real), dtype, device, seed, warmup, repeats, warmup_each_size (bool or methods),
-allocator (bool: profile the memory pass), check (dict or null).
+SPEC keys: workload (primitive, kto, dpo, e2e), methods (list), shape, sizes (tokens for primitive, T for the steps,
+batch indices for e2e), batch, masking (none / real), dtype, device, seed, warmup, repeats, warmup_each_size (bool
+or methods), allocator (bool: profile the memory pass), check (dict or null), profile (0 / null, or the number of
+operations to list from one more pass at the largest size, ``benchmarks.measure.op_profile``); e2e only: loss
+(kto / dpo), layout (padded / packed / packed_dense), max_row.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import traceback
 
 import torch
 
-from .measure import lower_mmap_threshold, memory_pass, process_info, time_passes
+from .measure import lower_mmap_threshold, memory_pass, op_profile, process_info, time_passes
 from .peers import skip_reason
 from .workloads import build_point, run_check
 
@@ -32,8 +34,7 @@ def _point(spec: dict, size, state: dict):
     if spec["workload"] == "e2e":
         from .e2e import e2e_point
 
-        return e2e_point(spec["method"], spec["batch"], size, getattr(torch, spec["dtype"]),
-                         torch.device(spec["device"]), state, seed=spec["seed"])
+        return e2e_point(spec, size, state)
     return build_point(spec, size, state)
 
 
@@ -63,6 +64,11 @@ def run_spec(spec: dict, write) -> dict:
         for entry, size in zip(result["points"], spec["sizes"]):
             point = _point(spec, size, state)
             entry.update(memory_pass(point, device, allocator=spec.get("allocator", True)))
+            del point
+            write(result)
+        if spec.get("profile"):  # the operations of one more pass at the largest size
+            point = _point(spec, spec["sizes"][-1], state)
+            result["profile"] = {"size": spec["sizes"][-1], "ops": op_profile(point, spec["profile"])}
             del point
             write(result)
         if spec.get("check"):

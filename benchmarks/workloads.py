@@ -13,6 +13,9 @@ kto        a whole KTO step on the SmolLM2-135M head: policy forward + backward,
 dpo        a whole DPO (sigmoid) step: policy forward + backward over chosen and rejected rows, reference forward.
 masking    "none": every position scored; "real": the prompt / completion / padding proportions of real
            hh-rlhf batches (``benchmarks.realdata``).
+e2e        (``benchmarks.e2e``) a KTO / DPO step of SmolLM2-135M-Instruct, backbone included, on real hh-rlhf rows,
+           padded or packed; "batch" examples per batch ("kto": rows, each with its KL pair; "dpo": pairs), rows of
+           at most "max_row" tokens, "batches" different batches (the job's sizes are the batch indices).
 """
 
 from __future__ import annotations
@@ -73,7 +76,8 @@ PROFILES = {
                       "gemma2-2b": [8, 16, 32]},
         "steps": {"shape": "smollm2-135m", "batch": 4, "T": [64, 128, 256]},
         "check": {"primitive_tokens": 4, "primitive_vocab_rows": 16384, "batch": 4, "T": 16},
-        "e2e": {"batch": 4, "T": 128},
+        # packed.py's batches (issue 14's targets); one per job, as a padded KTO step takes 20-50 s here
+        "e2e": {"losses": ["kto", "dpo"], "batch": {"kto": 8, "dpo": 4}, "max_row": 512, "batches": 1},
     },
     "quick": {
         "dtype": "float32",
@@ -81,7 +85,7 @@ PROFILES = {
         "primitive": {"smollm2-135m": [32, 64, 128], "gemma2-2b": [2, 4]},
         "steps": {"shape": "smollm2-135m", "batch": 4, "T": [16, 32, 64]},
         "check": {"primitive_tokens": 4, "primitive_vocab_rows": 16384, "batch": 4, "T": 8},
-        "e2e": {"batch": 2, "T": 32},
+        "e2e": {"losses": ["kto", "dpo"], "batch": {"kto": 2, "dpo": 2}, "max_row": 64, "batches": 1},
     },
     "cuda": {
         # sizes so that the naive peak (~12 bytes per logit) is ~1.5, 3 and 6 GB
@@ -94,7 +98,7 @@ PROFILES = {
                       "qwen2.5-32b": [1024, 2048, 4096], "gemma2-2b": [512, 1024, 2048]},
         "steps": {"shape": "llama3-8b", "batch": 8, "T": [128, 256, 512]},
         "check": {"primitive_tokens": 256, "batch": 4, "T": 64},
-        "e2e": {"batch": 8, "T": 512},
+        "e2e": {"losses": ["kto", "dpo"], "batch": {"kto": 16, "dpo": 8}, "max_row": 1024, "batches": 2},
     },
 }
 

@@ -253,18 +253,45 @@ def test_quick_runs_do_not_grade_targets(capsys):
     assert "missed" in capsys.readouterr().out
 
 
-def test_busy_processes_run_for_the_block_and_stop():
+def _children() -> set[int]:
     import psutil
 
-    with run.busy_processes(2) as procs:
-        time.sleep(0.5)
-        assert all(proc.poll() is None for proc in procs)
-        assert all(psutil.Process(proc.pid).cpu_percent(interval=0.3) > 20 for proc in procs)  # really spinning
-    assert all(proc.poll() is not None for proc in procs)
-    args = run.parse_args(["--busy", "1"])
-    assert args.busy == 1
-    with pytest.raises(SystemExit):
-        run.parse_args(["--busy", "-1"])
+    return {p.pid for p in psutil.Process().children() if p.is_running() and p.status() != psutil.STATUS_ZOMBIE}
+
+
+def test_busy_cores_spin_pinned_for_the_block_and_stop():
+    import psutil
+
+    with measure.busy_cores(2) as cores:
+        procs = [psutil.Process(pid) for pid in _children()]
+        time.sleep(0.3)
+        assert len(procs) == 2 and all(p.cpu_percent(interval=0.3) > 20 for p in procs)  # really spinning
+        if hasattr(os, "sched_getaffinity"):
+            assert sorted(c for p in procs for c in p.cpu_affinity()) == sorted(cores)  # one core each
+    assert not _children()
+
+
+def test_run_condition_stops_the_spinners_when_the_worker_fails(tmp_path, monkeypatch):
+    """The spinners of a busy job run while its worker runs and are gone after it, whether the worker failed (an
+    error result) or the harness itself was interrupted; each result records its condition."""
+    seen = []
+
+    def failing_worker(job, tmp, index, timeout, threads, on_progress):
+        seen.append((len(_children()), threads))
+        if index == 1:
+            raise KeyboardInterrupt
+        return [{"spec": {**job, "method": "naive"}, "points": [], "error": "worker exited with 1: boom"}]
+
+    monkeypatch.setattr(run, "run_job", failing_worker)
+    monkeypatch.setattr("fastkto.assets.idle_cores", lambda: 1)
+    job = {"workload": "kto", "group": "g", "methods": ["naive"], "busy": 1}
+    (got,) = run.run_condition(job, tmp_path, 0, 10, threads="auto")
+    assert got["error"] and got["busy"] == 1 and len(got["busy_cores"]) == 1 and got["worker_threads"] == 1
+    assert not _children()
+    with pytest.raises(KeyboardInterrupt):
+        run.run_condition({**job, "busy": 2}, tmp_path, 1, 10, threads=3)
+    assert not _children()
+    assert seen == [(1, 1), (2, 3)]  # the spinners ran beside the worker; "auto" counted the idle cores
 
 
 def test_dry_run_plans_one_process_per_method_on_the_cpu(capsys):
@@ -275,6 +302,34 @@ def test_dry_run_plans_one_process_per_method_on_the_cpu(capsys):
     assert {s["method"] for s in skipped} == {"fastkto-triton", "cce"}
     with pytest.raises(SystemExit):
         run.parse_args(["--workloads", "nope"])
+
+
+def test_saved_runs_from_before_the_axes_still_summarize(capsys):
+    # cpu-2core-busy1 was saved when --busy was one number for the whole run: its rows carry no busy or layout
+    assert run.main(["--summary", str(ROOT / "benchmarks" / "results" / "cpu-2core-busy1")]) == 0
+    text = capsys.readouterr().out
+    assert "kto: smollm2-135m, no masking, 1 busy process" in text
+    assert "primitive (SmolLM2 head, 1 busy process): time <= 1.2x naive" in text
+
+
+def test_plan_has_layout_and_busy_axes(capsys):
+    args = run.parse_args(["--quick", "--workloads", "e2e", "--layouts", "padded,packed", "--busy", "0,1",
+                           "--profile", "--threads", "auto", "--batches", "2"])
+    assert (args.layouts, args.busy, args.profile, args.threads) == (["padded", "packed"], [0, 1], 12, "auto")
+    assert run.output_name(args, torch.device("cpu")).endswith("-quick-busy0-1")
+    jobs, _ = run.plan_jobs(args, torch.device("cpu"), workloads.PROFILES["quick"])
+    e2e = workloads.PROFILES["quick"]["e2e"]
+    plan = [(j["loss"], j["layout"], j["methods"][0], j["busy"]) for j in jobs]
+    # every (loss, layout, method) quiet then busy, one after the other (both conditions see the same host)
+    assert plan == [(loss, layout, m, b) for loss in ("kto", "dpo") for layout in ("padded", "packed")
+                    for m in ("naive", "fastkto") for b in (0, 1)]
+    assert all(j["sizes"] == [0, 1] and j["batch"] == e2e["batch"][j["loss"]]
+               and j["max_row"] == e2e["max_row"] and j["profile"] == 12 for j in jobs)
+    assert run.parse_args([]).busy == [0] and run.parse_args([]).layouts == ["padded"]
+    for bad in (["--busy", "-1"], ["--busy", "x"], ["--layouts", "padded,rolled"], ["--threads", "0"],
+                ["--batches", "0"]):
+        with pytest.raises(SystemExit):
+            run.parse_args(bad)
 
 
 # ------------------------------------------------------------------------------------------------ memory model
@@ -518,65 +573,119 @@ def test_gpu_check_script_parses():
     subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "gpu_check.sh")], check=True)
 
 
-def test_e2e_step_without_the_gguf_runs_both_heads(monkeypatch):
-    # the GPU image's path: SmolLM2-135M's architecture with random weights, random ids of real lengths. Two of
-    # its 30 decoder layers: the same code path, vocabulary, width and tied head, at a fifteenth of the backbone
+@pytest.fixture
+def one_thread():
+    """Tiny models run fastest single-threaded on a shared 2-core machine (30x here beside another job); restored
+    after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _tiny_smollm2(monkeypatch):
+    """benchmarks.e2e without the GGUF (the GPU image's path: random weights, random ids of the real rows'
+    lengths), on a 2-layer, 64-wide SmolLM2: the same code path at a fraction of the cost."""
     from benchmarks import e2e
 
     monkeypatch.setattr(e2e, "find_smollm2_gguf", lambda: None)
-    monkeypatch.setattr(e2e, "SMOLLM2_135M_CONFIG", {**e2e.SMOLLM2_135M_CONFIG, "num_hidden_layers": 2})
+    monkeypatch.setattr(e2e, "SMOLLM2_135M_CONFIG", {
+        **e2e.SMOLLM2_135M_CONFIG, "num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512})
+    return e2e
+
+
+def _e2e_spec(**kw) -> dict:
+    return {"workload": "e2e", "shape": "smollm2-135m", "masking": "real", "method": "fastkto", "loss": "kto",
+            "layout": "padded", "batch": 4, "max_row": 96, "sizes": [0], "seed": 0, "dtype": "float32",
+            "device": "cpu", **kw}
+
+
+@pytest.mark.parametrize("loss", ["kto", "dpo"])
+def test_e2e_layouts_compute_the_real_tokens_and_agree_on_the_gradients(loss, monkeypatch, one_thread):
+    """The SmolLM2 step in every layout with both heads, on the same examples: the packed layouts compute only the
+    real tokens and score the same ones, and every (layout, head) gives the model the same gradients."""
+    e2e = _tiny_smollm2(monkeypatch)
     state: dict = {}
-    for method in ("naive", "fastkto"):
-        point = e2e.e2e_point(method, 2, 24, torch.float32, torch.device("cpu"), state)
-        assert "random weights" in point.info["model"] and 0 < point.scored < point.tokens
-        point.run()
-        grads = [p.grad for p in point.leaves]
-        assert all(g is not None for g in grads)
-        if method == "naive":
-            first = [g.clone() for g in grads]
-        measure.clear_grads(point.leaves)
-    # both heads give the model the same gradients (float32: the backbone's rounding dominates)
-    for a, b in zip(first, grads):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-3)
+    info, grads = {}, {}
+    for layout in e2e.LAYOUTS:
+        for method in ("naive", "fastkto"):
+            point = e2e.e2e_point(_e2e_spec(loss=loss, layout=layout, method=method, batch=4 if loss == "kto"
+                                            else 2), 0, state)
+            point.run()
+            grads[layout, method] = [p.grad.clone() for p in point.leaves]
+            measure.clear_grads(point.leaves)
+            info[layout] = point.info
+    pad, pk, dense = info["padded"], info["packed"], info["packed_dense"]
+    assert "random weights" in pad["model"] and pk["shape"][0] == 1 and pk["sequences"] == pad["sequences"] == 4
+    assert pk["positions"] == pk["real_tokens"] == pad["real_tokens"] < pad["positions"]
+    assert dense["positions"] == pk["positions"] and pk["scored_tokens"] == pad["scored_tokens"] > 0
+    # float32 throughout: the layouts and heads differ only in summation order (attention per row or over the
+    # padded batch, logits materialized or tiled), ~1e-6 relative on these O(1e-2) gradients
+    first = grads["padded", "naive"]
+    for key, got in grads.items():
+        for a, b in zip(first, got):
+            torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-3, msg=str(key))
+    with pytest.raises(ValueError, match="layout must be"):
+        e2e.e2e_point(_e2e_spec(layout="rolled"), 0, state)
 
 
-def test_contention_profile_runs(tmp_path):
-    from benchmarks import contention
+def test_worker_measures_the_e2e_step_and_profiles_it(monkeypatch, one_thread):
+    from benchmarks import worker
 
-    out = tmp_path / "c.json"
-    assert contention.main(["--tokens", "32", "--vocab", "2048", "--dim", "16", "--repeats", "1", "--out",
-                            str(out)]) == 0
-    report = json.loads(out.read_text())
-    quiet, busy = report["conditions"]
-    assert (quiet["busy_processes"], busy["busy_processes"]) == (0, 1)
-    assert all(c["fastkto_s"] > 0 and c["naive_s"] > 0 and c["profile"] for c in report["conditions"])
+    _tiny_smollm2(monkeypatch)
+    monkeypatch.setattr(worker, "lower_mmap_threshold", lambda: None)  # leave this process's malloc as it is
+    spec = _e2e_spec(layout="packed", method="naive", sizes=[0, 1], warmup=0, repeats=1, profile=5, check=None)
+    result = worker.run_spec(spec, lambda r: None)
+    assert result["error"] is None, result.get("traceback")
+    assert [p["batch_index"] for p in result["points"]] == [0, 1]
+    assert all(p["time_s"] > 0 and p["alloc_peak_bytes"] > 0 and p["tokens"] == p["real_tokens"]
+               for p in result["points"])
+    ops = result["profile"]["ops"]
+    assert result["profile"]["size"] == 1 and 0 < len(ops) <= 5 and all(o["op"].startswith("aten::") for o in ops)
+    assert ops == sorted(ops, key=lambda o: -o["self_ms"]) and all(o["ms_per_call"] > 0 for o in ops)
 
 
-def test_packed_benchmark_smoke(tmp_path):
-    """benchmarks/packed.py end to end on a tiny random Llama: every loss x layout measured on the same rows, the
-    packed layouts compute only the real tokens and score the same ones, the report and summary are written."""
-    from benchmarks import packed
+def test_report_gives_packed_and_busy_ratios_profiles_and_targets(capsys):
+    from rich.console import Console
 
-    before = torch.get_num_threads()
-    report = packed.main(["--tiny", "--repeats", "1", "--warmup", "0", "--batches", "1", "--threads", "1",
-                          "--max-row", "96", "--layouts", "padded,packed,packed_dense", "--out", str(tmp_path)])
-    assert torch.get_num_threads() == before  # restored
-    rows = {(r["loss"], r["layout"]): r for r in report["rows"]}
-    assert set(rows) == {(loss, lay) for loss in ("kto", "dpo") for lay in packed.LAYOUTS}
-    for loss in ("kto", "dpo"):
-        pad, pk = rows[loss, "padded"], rows[loss, "packed"]
-        assert pk["shape"][0] == 1 and pk["sequences"] == pad["sequences"] == 8
-        assert pk["positions"] == pk["real_tokens"] == pad["real_tokens"] < pad["positions"]
-        assert pk["scored_tokens"] == pad["scored_tokens"] > 0
-        assert all(r["time_s"] > 0 and r["alloc_peak_bytes"] > 0 and r["peak_bytes"] > 0 for r in (pad, pk))
-    assert {(s["loss"], s["layout"]) for s in report["summary"]} == {(loss, lay) for loss in ("kto", "dpo")
-                                                                      for lay in packed.LAYOUTS[1:]}
-    assert report["targets"] == []  # the tiny model grades nothing
-    saved = json.loads((tmp_path / "packed.json").read_text())
-    assert saved["rows"] == json.loads(json.dumps(report["rows"]))
-    assert "| kto | packed |" in (tmp_path / "summary.md").read_text()
-    with pytest.raises(SystemExit):
-        packed.parse_args(["--layouts", "packed"])
+    def result(method, layout, busy, times, tokens, profile=None):
+        points = [{"size": i, "tokens": n, "scored": 10, "B": 8, "time_s": t, "alloc_peak_bytes": n,
+                   "peak_bytes": 2 * n, "peak_extra_bytes": n} for i, (t, n) in enumerate(zip(times, tokens))]
+        return {"spec": {"workload": "e2e", "method": method, "loss": "kto", "layout": layout, "masking": "real"},
+                "group": "SmolLM2-135M-Instruct, KTO, hh-rlhf", "busy": busy, "points": points, "check": None,
+                "error": None, "profile": profile and {"size": 1, "ops": profile}}
+
+    def ops(ms):
+        return [{"op": "aten::mm", "calls": 4, "self_ms": 4 * ms, "ms_per_call": ms}]
+
+    results = [result("fastkto", "padded", 0, [10.0, 20.0], [1000, 2000], ops(2.0)),
+               result("fastkto", "packed", 0, [5.0, 8.0], [500, 800]),
+               result("naive", "padded", 0, [20.0, 25.0], [1000, 2000]),
+               result("fastkto", "padded", 1, [15.0, 30.0], [1000, 2000], ops(5.0)),
+               result("fastkto", "packed", 1, [6.0, 9.0], [500, 800]),
+               result("naive", "padded", 1, [20.0, 30.0], [1000, 2000])]
+    rows = report.summarize(results)
+    layout = {s["busy"]: s for s in report.paired_ratios(rows, "layout", "padded")}
+    assert set(layout) == {0, 1} and layout[0]["time"] == [0.5, 0.4] and layout[0]["time_median"] == 0.45
+    assert layout[0]["tokens"] == layout[0]["tensor_peak"] == layout[0]["rss_peak"] == [0.5, 0.4]
+    busy = {(s["layout"], s["method"]): s for s in report.paired_ratios(rows, "busy", 0)}
+    assert set(busy) == {("padded", "fastkto"), ("packed", "fastkto"), ("padded", "naive")}
+    assert busy["padded", "fastkto"]["time"] == [1.5, 1.5]
+    assert busy["packed", "fastkto"]["time_median"] == pytest.approx((6 / 5 + 9 / 8) / 2)
+    # fastkto against naive, quiet then busy: 0.5, 0.8 -> 0.75, 1.0
+    assert busy["padded", "fastkto"]["base_x_naive"] == [0.5, 0.8] and busy["padded", "fastkto"]["x_naive"] == \
+        [0.75, 1.0]
+    got = {t["target"]: t["met"] for t in report.all_targets(rows, torch.device("cpu"))}
+    assert got["SmolLM2 KTO step, hh-rlhf batches of 8, quiet: packed time <= 0.6x padded"]
+    assert got["SmolLM2 KTO step, hh-rlhf batches of 8, 1 busy: packed peak memory <= padded (tensor-level and RSS)"]
+    machine = {"name": "m", "device": "cpu"}
+    report.print_report(Console(width=250), rows, [], [], machine)
+    text = capsys.readouterr().out
+    assert "packed / padded" in text and "busy / quiet" in text and "0.45x (0.40-0.50)" in text
+    assert "operations of one pass" in text and "2.5" in text  # aten::mm 2.0 -> 5.0 ms per call
+    md = report.markdown_tables(rows)
+    assert "**e2e: SmolLM2-135M-Instruct, KTO, hh-rlhf, packed, 1 busy process**" in md and "**busy / quiet**" in md
 
 
 # ------------------------------------------------------------------------------------------------ the GPU check's
