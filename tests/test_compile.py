@@ -165,7 +165,7 @@ def test_checks_catch_real_compiler_defects():
     no_wgmma = replace(base["fwd-bf16-sm90-none"], config=(16, 128, 64, 4, 2))
     # 4 stages of 64x256 + 256x128 bf16 operand tiles: 384 KiB of shared memory
     big_smem = replace(base["fwd-bf16-sm90-none"], config=(64, 128, 256, 4, 4))
-    r_spill, r_mma, r_smem = cc.run_checks([spill, no_wgmma, big_smem], jobs=2)
+    r_spill, r_mma, r_smem = cc.run_checks([spill, no_wgmma, big_smem], jobs=1)
     assert not (r_spill.error or r_mma.error or r_smem.error), (r_spill.error, r_mma.error, r_smem.error)
     assert r_spill.stack + r_spill.local > 0 and any("spill" in p for p in cc.problems(r_spill))
     assert r_mma.mma.get("mma.sync.bf16", 0) > 0
