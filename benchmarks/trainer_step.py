@@ -102,15 +102,14 @@ def load_model(name: str, pairs, device: torch.device):
     from fastkto.assets import SMOLLM2_GGUF, find_smollm2_gguf
 
     from .e2e import SMOLLM2_135M_CONFIG
+    from .realdata import load_tokenizer
 
     layout, _, _ = MODELS[name]
     gguf = find_smollm2_gguf()
     config = SMOLLM2_135M_CONFIG if layout is None else layout
     tokenizer, tok_desc = None, None
     if gguf is not None and config["vocab_size"] >= 49152:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=SMOLLM2_GGUF)
+        tokenizer = load_tokenizer()
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token  # padded positions are masked out
         tok_desc = "SmolLM2-135M-Instruct's (GGUF)"

@@ -267,7 +267,8 @@ class KernelConfig:
     BLOCK_D: int
     num_warps: int
     num_stages: int
-    # a register cap for ptxas (None: its own choice, up to 255); only the GPU check's sweep sets one
+    # a register cap for ptxas (None: its own choice, up to 255): the fp32 statistics forward's (below) and the GPU
+    # check's sweep rows
     maxnreg: int | None = None
 
 
