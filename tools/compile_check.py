@@ -63,9 +63,9 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-__all__ = ["Case", "Result", "cases", "stats_cases", "compile_case", "run_checks", "check_headroom", "problems",
-           "expected_mma", "parse_res_usage", "tensor_core_ops", "format_table", "summary", "main", "KERNELS",
-           "DTYPES", "TARGETS", "SHARED_LIMIT", "MAX_REGISTERS", "HEADROOM_CAP"]
+__all__ = ["Case", "Result", "cases", "stats_cases", "compile_kernel", "compile_case", "run_checks", "check_headroom",
+           "problems", "expected_mma", "parse_res_usage", "tensor_core_ops", "format_table", "summary", "main",
+           "KERNELS", "DTYPES", "TARGETS", "SHARED_LIMIT", "MAX_REGISTERS", "HEADROOM_CAP"]
 
 TARGETS = (80, 90)
 # the largest shared memory one block may opt in to (cudaFuncAttributeMaxDynamicSharedMemorySize), in bytes
@@ -295,37 +295,44 @@ def tensor_core_ops(ptx: str) -> dict[str, int]:
     return counts
 
 
-def compile_case(case: Case) -> Result:
-    """Compile one case with triton.compile for its target and measure it; errors are recorded, not raised."""
+def compile_kernel(case: Case):
+    """(Triton's compiled kernel, the KernelConfig) for one case, built as a launch with the dispatch's constexprs
+    and a typical model's alignment would build it; raises on a compiler error."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    fn, meta, options, cfg = _launch_meta(case)
+    names = [p.name for p in fn.params]
+    constexprs = {p.name for p in fn.params if p.is_constexpr}
+    if constexprs != set(meta):
+        raise RuntimeError(f"{fn.__name__} has constexprs {sorted(constexprs)} but the dispatch passes "
+                           f"{sorted(meta)}: update compile_check")
+    types = _arg_types(case, meta)
+    unknown = [n for n in names if n not in constexprs and n not in types]
+    if unknown:
+        raise RuntimeError(f"{fn.__name__}: no type known for arguments {unknown}: update compile_check")
+    signature = {n: "constexpr" if n in constexprs else types[n] for n in names}
+    # keys as argument-index paths: the form every Triton from 3.2 to 3.9 accepts
+    constants = {(names.index(n),): v for n, v in meta.items()}
+    # 16-byte alignment for the pointers (torch allocations) and the integers that are multiples of 16
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
+             if signature[n].startswith("*") or n in _ALIGNED_INTS}
+    # enable_fp_fusion=True is the launch default of Triton 3.6 - 3.9; passing it keeps 3.9 from warning
+    kernel = triton.compile(ASTSource(fn, signature, constexprs=constants, attrs=attrs),
+                            target=GPUTarget("cuda", case.target, 32),
+                            options=dict(options, enable_fp_fusion=True))
+    return kernel, cfg
+
+
+def compile_case(case: Case) -> Result:
+    """Compile one case with triton.compile for its target and measure it; errors are recorded, not raised."""
     start = time.perf_counter()
     result = Result(case)
     try:
-        fn, meta, options, cfg = _launch_meta(case)
+        kernel, cfg = compile_kernel(case)
         result.config = f"N{cfg.BLOCK_N} V{cfg.BLOCK_V} D{cfg.BLOCK_D} w{cfg.num_warps} s{cfg.num_stages}" + (
             f" r{cfg.maxnreg}" if cfg.maxnreg else "")
-        names = [p.name for p in fn.params]
-        constexprs = {p.name for p in fn.params if p.is_constexpr}
-        if constexprs != set(meta):
-            raise RuntimeError(f"{fn.__name__} has constexprs {sorted(constexprs)} but the dispatch passes "
-                               f"{sorted(meta)}: update compile_check")
-        types = _arg_types(case, meta)
-        unknown = [n for n in names if n not in constexprs and n not in types]
-        if unknown:
-            raise RuntimeError(f"{fn.__name__}: no type known for arguments {unknown}: update compile_check")
-        signature = {n: "constexpr" if n in constexprs else types[n] for n in names}
-        # keys as argument-index paths: the form every Triton from 3.2 to 3.9 accepts
-        constants = {(names.index(n),): v for n, v in meta.items()}
-        # 16-byte alignment for the pointers (torch allocations) and the integers that are multiples of 16
-        attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
-                 if signature[n].startswith("*") or n in _ALIGNED_INTS}
-        # enable_fp_fusion=True is the launch default of Triton 3.6 - 3.9; passing it keeps 3.9 from warning
-        kernel = triton.compile(ASTSource(fn, signature, constexprs=constants, attrs=attrs),
-                                target=GPUTarget("cuda", case.target, 32),
-                                options=dict(options, enable_fp_fusion=True))
         usage = _res_usage(kernel.asm["cubin"])
         result.registers, result.stack, result.local = usage["REG"], usage["STACK"], usage["LOCAL"]
         result.shared = kernel.metadata.shared + usage["SHARED"]
