@@ -61,13 +61,16 @@ LOSSES = ("kto", "dpo")
 def load_model(dtype: torch.dtype, device: torch.device):
     """(model, tokenizer or None, description): the real SmolLM2-135M-Instruct, or its architecture with random
     weights when the GGUF is not installed."""
-    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     gguf = find_smollm2_gguf()
     if gguf is not None:
+        from fastkto.integrations.gguf import load_gguf_model
+
         from .realdata import load_tokenizer
 
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=dtype)
+        # the loader trainer_step uses too: the GGUF's weights in a plain (trainable) model
+        model = load_gguf_model(str(gguf.parent), gguf.name, dtype=dtype)
         desc = f"SmolLM2-135M-Instruct ({gguf.name}, dequantized to {str(dtype).split('.')[-1]})"
         tokenizer = load_tokenizer()
     else:
