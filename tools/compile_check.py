@@ -76,6 +76,7 @@ MAX_REGISTERS = 255
 # forward), not what the kernel needs, and ~10 % of the file is left for a compiler or code change. 8 warps at
 # 129-255 registers give one block per SM either way, so the cap would not change occupancy.
 HEADROOM_CAP = 232
+NOT_CAPPED, CAP_FAILED = -1, -2  # Result.capped_spill's two values that are not byte counts
 # dtype name -> (Triton pointer element type, the dispatch's width key in gpu_configs(), torch dtype name)
 DTYPES = {"bf16": ("bf16", "16", "bfloat16"), "fp16": ("fp16", "16", "float16"), "fp32": ("fp32", "32", "float32")}
 # torch.get_float32_matmul_precision() values that make the dispatch pick each fp32 product precision
@@ -123,9 +124,9 @@ class Result:
     stack: int = -1  # stack frame per thread: where ptxas puts spills
     mma: dict[str, int] = field(default_factory=dict)  # "wgmma.bf16" -> PTX instruction count, ...
     ptx_sha256: str = ""  # identifies the PTX, so a GPU run can confirm it launches exactly this compilation
-    # local + stack bytes when compiled again under HEADROOM_CAP registers (variants at 255 only): -1 not compiled
-    # again, -2 that compilation failed
-    capped_spill: int = -1
+    # local + stack bytes when compiled again under HEADROOM_CAP registers (variants at 255 only), or NOT_CAPPED,
+    # CAP_FAILED
+    capped_spill: int = NOT_CAPPED
     capped_at: int = HEADROOM_CAP  # the cap of that compilation
     error: str = ""
     seconds: float = 0.0
@@ -373,7 +374,7 @@ def problems(result: Result) -> list[str]:
     if not 0 < result.registers <= MAX_REGISTERS:
         out.append(f"{result.registers} registers per thread (expected 1..{MAX_REGISTERS})")
     elif result.registers == MAX_REGISTERS and result.capped_spill != 0:
-        why = {-1: "not compiled under a cap", -2: "its compilation under a cap failed"}.get(
+        why = {NOT_CAPPED: "not compiled under a cap", CAP_FAILED: "its compilation under a cap failed"}.get(
             result.capped_spill, f"{result.capped_spill} B of spills under a {result.capped_at}-register cap")
         out.append(f"at the {MAX_REGISTERS}-register ceiling with no headroom shown ({why})")
     if result.shared > SHARED_LIMIT[case.target]:
@@ -402,7 +403,7 @@ def format_table(results: list[Result]) -> str:
         ops = ", ".join(f"{k} x{v}" for k, v in sorted(r.mma.items())) or "none (FMA)"
         wgmma = "yes" if any(k.startswith("wgmma") for k in r.mma) else "no"
         bad = problems(r)
-        capped = {-1: "-", -2: "failed"}.get(r.capped_spill, str(r.capped_spill))
+        capped = {NOT_CAPPED: "-", CAP_FAILED: "failed"}.get(r.capped_spill, str(r.capped_spill))
         rows.append(lead + f"| {r.registers} | {r.shared} | {r.local} | {r.stack} | {capped} | {wgmma} | {ops} "
                     f"| {'FAIL: ' + '; '.join(bad) if bad else 'yes'} |")
     return "\n".join(rows)
@@ -474,7 +475,7 @@ def check_headroom(results: list[Result], jobs: int | None = None, cap: int = HE
     if at_ceiling:
         capped = run_checks([replace(r.case, maxnreg=cap) for r in at_ceiling], jobs)
         for r, c in zip(at_ceiling, capped):
-            r.capped_spill, r.capped_at = (-2 if c.error else c.local + c.stack), cap
+            r.capped_spill, r.capped_at = (CAP_FAILED if c.error else c.local + c.stack), cap
     return results
 
 
