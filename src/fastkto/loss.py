@@ -349,6 +349,9 @@ def _check_kto_hyper(beta, desirable_weight, undesirable_weight, loss_type) -> N
     check_positive("beta", beta)
     check_nonnegative("desirable_weight", desirable_weight)
     check_nonnegative("undesirable_weight", undesirable_weight)
+    if not torch.compiler.is_compiling() and desirable_weight == undesirable_weight == 0:
+        raise ValueError("desirable_weight and undesirable_weight cannot both be 0: the loss would be 0 for every "
+                         "batch, with no gradient (set the class you want trained to a weight > 0)")
     check_choice("loss_type", loss_type, KTO_LOSS_TYPES)
 
 
@@ -418,7 +421,8 @@ def kto_loss(
         policy_logps: (B,) floating, usually with gradient: sum (or mean) of the policy's completion log-probs.
         ref_logps: (B,) floating: the same for the reference model (gradient, if any, is not blocked here).
         desirable: (B,) bool: True where the completion is labelled desirable.
-        kl: z0 as a float or a 0-d / one-element tensor (e.g. from ``kto_kl``), used as given and detached.
+        kl: z0 as a float >= 0 or a 0-d / one-element tensor (e.g. from ``kto_kl``), used as given and detached
+            (a tensor's value is not checked: that would be a host sync).
             Required with loss_type="kto": ``kl=0.0`` is z0 = 0 (TRL's ``calculate_kl=False``), chosen
             explicitly; None raises ValueError. Not accepted with "apo_zero_unpaired", which has no z0.
         beta: > 0, the reward scale (TRL default 0.1).
@@ -473,6 +477,14 @@ def _kto_reference_point(kl: float | torch.Tensor | None, loss_type: str, ratio:
     # the device by a fill (a copy from the host would wait for the stream)
     if isinstance(kl, torch.Tensor):
         return kl.detach().reshape(()).to(device=ratio.device, dtype=ratio.dtype)
+    # z0 estimates KL(policy || reference) >= 0 (kto_kl and TRL clamp their estimate at 0): a negative or
+    # non-finite number is a bug upstream, not a reference point (a tensor is not read: no host sync)
+    if torch.compiler.is_compiling():
+        pass  # dynamic=True traces Python numbers symbolically: their values are checked by the eager calls
+    elif not math.isfinite(kl):
+        raise ValueError(f"kl must be finite (z0, a KL estimate), got {kl}")
+    elif kl < 0:
+        raise ValueError(f"kl must be >= 0 (z0 estimates a KL divergence; kto_kl clamps its estimate at 0), got {kl}")
     return torch.full((), float(kl), dtype=ratio.dtype, device=ratio.device)
 
 
