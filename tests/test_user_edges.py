@@ -98,3 +98,58 @@ def test_kto_refuses_both_class_weights_zero():
     with pytest.raises(ValueError, match="cannot both be 0"):
         fastkto.KTOLoss(desirable_weight=0, undesirable_weight=0.0)
     assert kto_loss(p, r, d, kl=0.0, desirable_weight=0.0).loss > 0  # one class switched off: allowed
+
+
+def test_shift_labels_refuses_an_ignore_index_that_is_a_scored_token():
+    ids, mask = torch.tensor([[1, 2, 3, 5]]), torch.tensor([[0, 0, 1, 1]])
+    # token 5 is scored: with ignore_index=5 it used to vanish from the loss, silently
+    with pytest.raises(ValueError, match=r"ignore_index=5 is the id of a scored token"):
+        fastkto.shift_labels(ids, mask, ignore_index=5)
+    assert fastkto.shift_labels(ids, mask, ignore_index=7).tolist() == [[7, 3, 5, 7]]  # no clash: allowed
+
+
+def test_token_stats_fields_are_checked():
+    h, w, y = torch.randn(2, 3, 4), torch.randn(7, 4), torch.randint(0, 7, (2, 3))
+    with pytest.raises(TypeError, match="fields must be a name or a sequence of names"):
+        fastkto.token_stats(h, w, y, fields=None)
+    with pytest.raises(ValueError, match="fields must name at least one"):  # used to return log_probs unasked
+        fastkto.token_stats(h, w, y, fields=())
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(hidden=torch.randn(2, 3, 0), weight=torch.randn(7, 0)), ValueError, r"hidden size D >= 1"),
+    (dict(ignore_index=2**70), ValueError, r"ignore_index must fit in int64"),
+    (dict(temperature=1e-39), ValueError, r"temperature must be >= 1.17.*e-38"),  # 1 / T overflowed float32
+    (dict(softcap=1e-39), ValueError, r"softcap must be >= 1.17.*e-38"),
+])
+def test_primitive_edge_arguments_are_named(kwargs, error, match):
+    args = dict(hidden=torch.randn(2, 3, 4), weight=torch.randn(7, 4), labels=torch.randint(0, 7, (2, 3)))
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        fastkto.fused_logprobs(args.pop("hidden"), args.pop("weight"), args.pop("labels"), **args)
+
+
+def test_ignore_index_range_is_checked_everywhere():
+    with pytest.raises(ValueError, match="ignore_index must fit in int64"):
+        fastkto.KTOLoss(ignore_index=-(2**64))
+    with pytest.raises(ValueError, match="ignore_index must fit in int64"):
+        fastkto.shift_labels(torch.ones(1, 3, dtype=torch.long), torch.ones(1, 3), ignore_index=2**63)
+
+
+def test_suggest_kto_weights_takes_numpy_counts():
+    np = pytest.importorskip("numpy")
+    # counts from a DataFrame or an array sum are NumPy integers
+    assert fastkto.suggest_kto_weights(np.int64(1000), np.int32(3000)) == fastkto.suggest_kto_weights(1000, 3000)
+    with pytest.raises(TypeError, match="n_desirable must be an int count"):
+        fastkto.suggest_kto_weights(np.float64(1000), 3000)
+
+
+def test_kto_kl_names_a_process_group_that_is_not_one():
+    p = torch.randn(3)
+    with pytest.raises(TypeError, match="process_group must be a torch.distributed ProcessGroup"):
+        fastkto.kto_kl(p, p, process_group="world")  # used to fail in all_reduce: 'str' has no 'allreduce'
+
+
+def test_token_budget_sampler_refuses_fractional_lengths():
+    with pytest.raises(TypeError, match="lengths must be ints"):  # int(3.7) = 3 used to be counted
+        D.TokenBudgetSampler([3.7, 4.0], 8)

@@ -69,9 +69,11 @@ def check_choice(name: str, value, choices: tuple[str, ...]) -> str:
 
 
 def check_int(name: str, value) -> int:
-    """A Python int, not a bool (any value: e.g. ``ignore_index``)."""
+    """A Python int, not a bool, that fits in int64 (e.g. ``ignore_index``, compared with int64 tensors)."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if not -(2**63) <= value < 2**63:
+        raise ValueError(f"{name} must fit in int64 (it is compared with int64 label tensors), got {value}")
     return value
 
 

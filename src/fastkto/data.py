@@ -34,6 +34,7 @@ import torch
 
 from . import packing
 from ._checks import check_bool, check_count, check_int
+from .value_checks import host_reads_allowed
 
 __all__ = [
     "HUMAN",
@@ -372,6 +373,11 @@ def shift_labels(input_ids: torch.Tensor, completion_mask: torch.Tensor, *, igno
     check_int("ignore_index", ignore_index)
     labels = torch.full(input_ids.shape, ignore_index, dtype=torch.long, device=input_ids.device)
     scored = completion_mask[:, 1:].to(device=input_ids.device) != 0
+    # a non-negative ignore_index may be a real token id: that token would drop out of the loss unseen
+    if ignore_index >= 0 and host_reads_allowed(input_ids) \
+            and bool((scored & (input_ids[:, 1:] == ignore_index)).any()):
+        raise ValueError(f"ignore_index={ignore_index} is the id of a scored token in input_ids, which would be "
+                         f"left out of the loss; use an ignore_index outside the vocabulary (-100)")
     labels[:, :-1] = torch.where(scored, input_ids[:, 1:].long(), ignore_index)
     return labels
 
@@ -606,7 +612,11 @@ class TokenBudgetSampler(torch.utils.data.Sampler):
 
     def __init__(self, lengths: Sequence[int], max_tokens: int, *, shuffle: bool = True, seed: int = 0,
                  min_rows: int = 1, drop_last: bool = False):
-        lengths = [int(n) for n in lengths]
+        try:  # ints and NumPy integers; int(3.7) would count 3 tokens
+            lengths = [operator.index(n) for n in lengths]
+        except TypeError:
+            raise TypeError("lengths must be ints (each example's token count, e.g. collator.tokens(example))"
+                            ) from None
         check_count("max_tokens", max_tokens)
         check_count("min_rows", min_rows)
         if any(n < 1 for n in lengths):

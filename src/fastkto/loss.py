@@ -30,6 +30,7 @@ reward shift, the cross-rank mean of z0).
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -381,6 +382,10 @@ def kto_kl(policy_kl_logps: torch.Tensor, ref_kl_logps: torch.Tensor,
     """
     _check_logps("policy_kl_logps", policy_kl_logps)
     _check_logps("ref_kl_logps", ref_kl_logps, policy_kl_logps.shape[0])
+    if (process_group is not None and torch.distributed.is_available()
+            and not isinstance(process_group, torch.distributed.ProcessGroup)):
+        raise TypeError(f"process_group must be a torch.distributed ProcessGroup (or None), got "
+                        f"{type(process_group).__name__}")
     if process_group is None and policy_kl_logps.shape[0] == 0:
         raise ValueError("kto_kl needs at least one KL pair (policy_kl_logps has shape (0,))")
     with torch.no_grad():
@@ -606,7 +611,8 @@ def suggest_kto_weights(n_desirable: int, n_undesirable: int, *, ratio: float = 
         (desirable_weight, undesirable_weight) as floats, to pass to ``kto_loss`` / ``KTOLoss``.
     """
     for name, value in (("n_desirable", n_desirable), ("n_undesirable", n_undesirable)):
-        if isinstance(value, bool) or not isinstance(value, int):
+        # numbers.Integral: NumPy integers too (counts summed from an array or a DataFrame)
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
             raise TypeError(f"{name} must be an int count, got {type(value).__name__}")
         if value < 1:
             raise ValueError(f"{name} must be >= 1 (a class with no example needs no weight), got {value}")
@@ -617,6 +623,7 @@ def suggest_kto_weights(n_desirable: int, n_undesirable: int, *, ratio: float = 
     if not 1.0 <= ratio <= upper + 1e-12:
         bound = "4/3" if rule == "early" else "3/2"
         raise ValueError(f"ratio must lie in [1, {bound}] (the KTO paper's {rule} range), got {ratio}")
+    n_desirable, n_undesirable = int(n_desirable), int(n_undesirable)
     if n_desirable <= n_undesirable * ratio:
         return ratio * n_undesirable / n_desirable, 1.0
     return 1.0, n_desirable / (ratio * n_undesirable)
