@@ -153,3 +153,30 @@ def test_kto_kl_names_a_process_group_that_is_not_one():
 def test_token_budget_sampler_refuses_fractional_lengths():
     with pytest.raises(TypeError, match="lengths must be ints"):  # int(3.7) = 3 used to be counted
         D.TokenBudgetSampler([3.7, 4.0], 8)
+
+
+def _tiny_llama():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=2)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def test_hidden_states_checks_its_token_inputs():
+    from fastkto.integrations.transformers import hidden_states
+
+    model = _tiny_llama()
+    ids = torch.randint(0, 64, (2, 7))
+    mask = torch.ones(2, 7, dtype=torch.long)
+    # a mask of another length was dropped by transformers when its columns were all ones (hidden states of the
+    # unmasked rows, silently), else failed inside SDPA
+    with pytest.raises(ValueError, match=r"attention_mask must have input_ids' shape \(2, 7\), got \(2, 5\)"):
+        hidden_states(model, ids, mask[:, :5])
+    with pytest.raises(TypeError, match="input_ids must be an integer tensor of token ids, got torch.float32"):
+        hidden_states(model, ids.float(), mask)
+    with pytest.raises(ValueError, match=r"input_ids must have shape \(B, T\), got \(7,\)"):
+        hidden_states(model, ids[0])
+    with pytest.raises(ValueError, match=r"input_ids is empty: got shape \(0, 7\)"):
+        hidden_states(model, ids[:0], mask[:0])
+    assert hidden_states(model, ids.int(), mask.bool()).shape == (2, 7, 16)  # int32 ids, a bool mask: fine
