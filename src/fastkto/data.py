@@ -355,7 +355,8 @@ def shift_labels(input_ids: torch.Tensor, completion_mask: torch.Tensor, *, igno
         input_ids: (B, T) integer token ids, as fed to the model.
         completion_mask: (B, T) bool or 0/1 integer: 1 on the completion tokens (the ones to score), 0 on prompt
             and padding (TRL's ``completion_mask``; the collators here return it too).
-        ignore_index: the label of unscored positions (-100, as everywhere in fastkto and transformers).
+        ignore_index: the label of unscored positions (-100, as everywhere in fastkto and transformers); a value
+            >= 0 that equals a scored token's id raises ValueError (that token would silently go unscored).
 
     Returns:
         (B, T) int64 labels on input_ids' device, to pair with ``hidden_states(model, input_ids)`` of shape
@@ -522,7 +523,8 @@ class KTOCollator(_Truncation):
     ``kl_completion_mask``, ``kl_labels`` (B, T') int64.
 
     Raises ValueError for a missing key, a label that is not bool or 0/1, an empty completion, a batch of one with
-    ``kl``, or truncation that leaves a sequence no completion token.
+    ``kl``, or truncation that leaves a sequence no completion token; TypeError / ValueError for token ids that are
+    not a 1-d sequence of ints >= 0 (lists, integer tensors and NumPy arrays are accepted).
     """
 
     kl: bool = True
