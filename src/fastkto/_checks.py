@@ -22,6 +22,7 @@ __all__ = [
     "check_int",
     "check_bool",
     "check_count",
+    "check_process_group",
 ]
 
 
@@ -82,6 +83,14 @@ def check_bool(name: str, value, *, optional: bool = False) -> bool | None:
     if not (isinstance(value, bool) or (optional and value is None)):
         raise TypeError(f"{name} must be a bool{' or None' if optional else ''}, got {type(value).__name__}")
     return value
+
+
+def check_process_group(name: str, value) -> None:
+    """None or a ``torch.distributed.ProcessGroup`` (``dist.group.WORLD`` is one once initialized): anything else
+    would fail inside a collective ("'str' object has no attribute 'allreduce'")."""
+    if value is not None and torch.distributed.is_available() \
+            and not isinstance(value, torch.distributed.ProcessGroup):
+        raise TypeError(f"{name} must be a torch.distributed ProcessGroup (or None), got {type(value).__name__}")
 
 
 def check_count(name: str, value, *, minimum: int = 1, optional: bool = False) -> int | None:

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from . import distributed as _dist
-from ._checks import check_choice, check_nonnegative, check_positive, is_number
+from ._checks import check_choice, check_nonnegative, check_positive, check_process_group, is_number
 
 if TYPE_CHECKING:  # re-exported at run time by __getattr__ below (fastkto.modules imports this module)
     from torch.distributed import ProcessGroup
@@ -382,10 +382,7 @@ def kto_kl(policy_kl_logps: torch.Tensor, ref_kl_logps: torch.Tensor,
     """
     _check_logps("policy_kl_logps", policy_kl_logps)
     _check_logps("ref_kl_logps", ref_kl_logps, policy_kl_logps.shape[0])
-    if (process_group is not None and torch.distributed.is_available()
-            and not isinstance(process_group, torch.distributed.ProcessGroup)):
-        raise TypeError(f"process_group must be a torch.distributed ProcessGroup (or None), got "
-                        f"{type(process_group).__name__}")
+    check_process_group("process_group", process_group)
     if process_group is None and policy_kl_logps.shape[0] == 0:
         raise ValueError("kto_kl needs at least one KL pair (policy_kl_logps has shape (0,))")
     with torch.no_grad():
