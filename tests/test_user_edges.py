@@ -218,3 +218,21 @@ def test_kl_window_weight_is_a_share_of_the_window():
             window.weight(bad)
     with pytest.raises(ValueError, match=r"policy_kl_logps must be a 1-D floating tensor, got .*torch.int64"):
         window.add(torch.ones(3, dtype=torch.long), torch.ones(3))  # the message used to name only (3,)
+
+
+def test_per_sequence_inputs_on_another_device_are_named():
+    # a reference column precomputed on the CPU next to a policy on the GPU failed inside the subtraction
+    # ("Expected all tensors to be on the same device"); the meta device stands in for the GPU here
+    p, elsewhere = torch.randn(4), torch.randn(4, device="meta")
+    d = torch.tensor([True, False, True, False])
+    with pytest.raises(ValueError, match=r"ref_logps is on meta but policy_logps is on cpu"):
+        kto_loss(p, elsewhere, d, kl=0.0)
+    with pytest.raises(ValueError, match=r"ref_chosen_logps is on meta but policy_chosen_logps is on cpu"):
+        fastkto.dpo_loss(p, p, elsewhere, p)
+    with pytest.raises(ValueError, match=r"ref_kl_logps is on meta but policy_kl_logps is on cpu"):
+        fastkto.kto_kl(p, elsewhere)
+    h, w = torch.randn(4, 3, 8), torch.randn(11, 8)
+    y = torch.randint(0, 11, (4, 3))
+    y[:, -1] = -100
+    with pytest.raises(ValueError, match=r"ref_logps is on meta but policy_hidden is on cpu"):
+        fastkto.KTOLoss()(h, w, y, d, ref_logps=elsewhere, kl=0.0)

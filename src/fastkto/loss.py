@@ -291,8 +291,9 @@ class DPOOutput:
 # argument checks
 
 
-def _check_logps(name: str, t, size: int | None = None) -> torch.Tensor:
-    """A floating (n,) tensor; with ``size``, n must equal it."""
+def _check_logps(name: str, t, size: int | None = None, like: tuple[str, torch.Tensor] | None = None
+                 ) -> torch.Tensor:
+    """A floating (n,) tensor; with ``size``, n must equal it; with ``like`` = (its name, a tensor), on its device."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of per-sequence log-probabilities, got {type(t).__name__}")
     if not t.dtype.is_floating_point:
@@ -301,6 +302,9 @@ def _check_logps(name: str, t, size: int | None = None) -> torch.Tensor:
         raise ValueError(f"{name} must have shape (B,), got {tuple(t.shape)}")
     if size is not None and t.shape[0] != size:
         raise ValueError(f"{name} must have shape ({size},) like the other per-sequence inputs, got {tuple(t.shape)}")
+    if like is not None and isinstance(like[1], torch.Tensor) and t.device != like[1].device:
+        raise ValueError(f"{name} is on {t.device} but {like[0]} is on {like[1].device}: move it there "
+                         f"({name}.to({str(like[1].device)!r}))")
     return t
 
 
@@ -381,7 +385,7 @@ def kto_kl(policy_kl_logps: torch.Tensor, ref_kl_logps: torch.Tensor,
         With a group and no pair on any rank it is 0.
     """
     _check_logps("policy_kl_logps", policy_kl_logps)
-    _check_logps("ref_kl_logps", ref_kl_logps, policy_kl_logps.shape[0])
+    _check_logps("ref_kl_logps", ref_kl_logps, policy_kl_logps.shape[0], ("policy_kl_logps", policy_kl_logps))
     check_process_group("process_group", process_group)
     if process_group is None and policy_kl_logps.shape[0] == 0:
         raise ValueError("kto_kl needs at least one KL pair (policy_kl_logps has shape (0,))")
@@ -437,7 +441,7 @@ def kto_loss(
     """
     _check_kto_hyper(beta, desirable_weight, undesirable_weight, loss_type)
     n = _batch_size("policy_logps", policy_logps, "sequence")
-    _check_logps("ref_logps", ref_logps, n)
+    _check_logps("ref_logps", ref_logps, n, ("policy_logps", policy_logps))
     _check_desirable(desirable, n, policy_logps.device, "policy_logps")
 
     ratio = policy_logps - ref_logps
@@ -551,9 +555,10 @@ def dpo_loss(
     """
     _check_dpo_hyper(beta, loss_type, label_smoothing, discopop_tau)
     pairs = _batch_size("policy_chosen_logps", policy_chosen_logps, "pair")
-    _check_logps("policy_rejected_logps", policy_rejected_logps, pairs)
-    _check_logps("ref_chosen_logps", ref_chosen_logps, pairs)
-    _check_logps("ref_rejected_logps", ref_rejected_logps, pairs)
+    first = ("policy_chosen_logps", policy_chosen_logps)
+    _check_logps("policy_rejected_logps", policy_rejected_logps, pairs, first)
+    _check_logps("ref_chosen_logps", ref_chosen_logps, pairs, first)
+    _check_logps("ref_rejected_logps", ref_rejected_logps, pairs, first)
     if not (is_number(bco_delta) or isinstance(bco_delta, torch.Tensor)):
         raise TypeError(f"bco_delta must be a number or a 0-d tensor, got {type(bco_delta).__name__}")
     if isinstance(bco_delta, torch.Tensor):
