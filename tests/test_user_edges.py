@@ -236,3 +236,15 @@ def test_per_sequence_inputs_on_another_device_are_named():
     y[:, -1] = -100
     with pytest.raises(ValueError, match=r"ref_logps is on meta but policy_hidden is on cpu"):
         fastkto.KTOLoss()(h, w, y, d, ref_logps=elsewhere, kl=0.0)
+
+
+def test_flags_are_bools_not_truthy_strings():
+    # bool("False") is True: drop_last="False" dropped the last batch, shuffle="no" shuffled
+    with pytest.raises(TypeError, match="drop_last must be a bool"):
+        D.TokenBudgetSampler([3, 4], 8, drop_last="False")
+    with pytest.raises(TypeError, match="shuffle must be a bool"):
+        D.TokenBudgetSampler([3, 4], 8, shuffle="no")
+    with pytest.raises(TypeError, match="seed must be an int"):
+        D.TokenBudgetSampler([3, 4], 8, seed=1.5)
+    with pytest.raises(TypeError, match="chat_template must be a bool or None"):
+        D.tokenize_prompt_completion(None, "hi", "there", chat_template="no")

@@ -283,6 +283,7 @@ def tokenize_prompt_completion(
 
     Raises ValueError when the completion has no token.
     """
+    check_bool("chat_template", chat_template, optional=True)
     use_template = _has_chat_template(tokenizer) if chat_template is None else chat_template
     if use_template:
         if not _has_chat_template(tokenizer):
@@ -621,6 +622,9 @@ class TokenBudgetSampler(torch.utils.data.Sampler):
                             ) from None
         check_count("max_tokens", max_tokens)
         check_count("min_rows", min_rows)
+        check_bool("shuffle", shuffle)
+        check_bool("drop_last", drop_last)
+        check_int("seed", seed)
         if any(n < 1 for n in lengths):
             raise ValueError("lengths must all be >= 1 (an example takes at least one token)")
         if len(lengths) < min_rows:
