@@ -385,7 +385,8 @@ def main(argv=None) -> dict:
     for step in bar:
         batch = to_dev(collate(next(data_iter)))
         start = time.time()
-        measure = step <= 3 or step % args.memory_every == 0
+        # track_peak_memory measures cpu and cuda devices only
+        measure = (step <= 3 or step % args.memory_every == 0) and torch.device(args.device).type in ("cpu", "cuda")
         with track_peak_memory(args.device) if measure else contextlib.nullcontext() as mem:
             result = runner.loss(batch)
             optimizer.zero_grad(set_to_none=True)

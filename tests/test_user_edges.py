@@ -248,3 +248,12 @@ def test_flags_are_bools_not_truthy_strings():
         D.TokenBudgetSampler([3, 4], 8, seed=1.5)
     with pytest.raises(TypeError, match="chat_template must be a bool or None"):
         D.tokenize_prompt_completion(None, "hi", "there", chat_template="no")
+
+
+def test_track_peak_memory_refuses_devices_it_cannot_measure():
+    from fastkto.memory import track_peak_memory
+
+    # any device other than cuda used to run the CPU profiler: the peak of CPU allocations, reported for "mps"
+    with pytest.raises(ValueError, match=r"device must be a cpu or cuda device, got 'mps'"):
+        with track_peak_memory("mps"):
+            pass
