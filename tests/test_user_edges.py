@@ -123,6 +123,8 @@ def test_token_stats_fields_are_checked():
     (dict(ignore_index=2**70), ValueError, r"ignore_index must fit in int64"),
     (dict(temperature=1e-39), ValueError, r"temperature must be >= 1.17.*e-38"),  # 1 / T overflowed float32
     (dict(softcap=1e-39), ValueError, r"softcap must be >= 1.17.*e-38"),
+    # failed in the operator's schema: "Expected a value of type 'Optional[int]'"
+    (dict(workspace_bytes=1e20), ValueError, r"workspace_bytes must be < 2\*\*63"),
 ])
 def test_primitive_edge_arguments_are_named(kwargs, error, match):
     args = dict(hidden=torch.randn(2, 3, 4), weight=torch.randn(7, 4), labels=torch.randint(0, 7, (2, 3)))

@@ -221,7 +221,8 @@ def fused_logprobs(
         labels: hidden's leading shape (...), integer: ``labels[..., t]`` is the token scored from
             ``hidden[..., t]`` (no shift inside). Values in [0, V_total) or ``ignore_index``.
         bias: (V,) in weight's dtype, or None (this rank's slice with ``process_group``).
-        ignore_index: label value whose positions return exactly 0, get exactly zero gradient and cost no work.
+        ignore_index: label value whose positions return exactly 0, get exactly zero gradient and cost no work
+            (an int64; a value in [0, V) makes that token id unscorable).
         temperature: logits are divided by it after the soft-cap (> 0).
         softcap: if set, z = softcap * tanh(z / softcap) before the temperature (Gemma-2 uses 30).
         backend: "auto" (Triton for CUDA tensors when importable, else PyTorch), "triton", "torch", or "cublas"
@@ -341,6 +342,8 @@ def _logprobs(hidden, weight, labels, *, bias, ignore_index, temperature, softca
         budget = None
         if workspace_bytes is not None:
             _check_number("workspace_bytes", workspace_bytes)
+            if not torch.compiler.is_compiling() and workspace_bytes >= 2**63:  # the operator schema: an int64
+                raise ValueError(f"workspace_bytes must be < 2**63, got {workspace_bytes}")
             budget = int(workspace_bytes)
         w, b, regather = _dist.gather_for_call(weight, bias, process_group=process_group)
         return w, b, regather, resolve_backend(backend, hidden.device, hidden.dtype), budget
