@@ -61,7 +61,7 @@ def _check_number(name: str, value, *, optional: bool = False) -> None:
         raise ValueError(f"{name} must be >= {_TINY} (the kernels multiply by 1 / {name}, a float32), got {value}")
 
 
-_TINY = torch.finfo(torch.float32).tiny  # 1 / _TINY is the largest power of 2 float32 holds
+_TINY = torch.finfo(torch.float32).tiny  # 2**-126: its inverse, 2**126, is still a finite float32
 
 
 def _check_inputs(hidden, weight, labels, bias, ignore_index, temperature, softcap) -> None:  # noqa: C901 - a list
