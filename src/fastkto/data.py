@@ -355,7 +355,8 @@ def shift_labels(input_ids: torch.Tensor, completion_mask: torch.Tensor, *, igno
     Args:
         input_ids: (B, T) integer token ids, as fed to the model.
         completion_mask: (B, T) bool or 0/1 integer: 1 on the completion tokens (the ones to score), 0 on prompt
-            and padding (TRL's ``completion_mask``; the collators here return it too).
+            and padding (TRL's ``completion_mask``; the collators here return it too). Column 0 is never scored:
+            no hidden state predicts a row's first token (a completion needs at least one prompt token, e.g. BOS).
         ignore_index: the label of unscored positions (-100, as everywhere in fastkto and transformers); a value
             >= 0 that equals a scored token's id raises ValueError (that token would silently go unscored).
 
