@@ -79,9 +79,18 @@ DATA = ROOT / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
 from fastkto.assets import SMOLLM2_INSTALL, find_smollm2_gguf, idle_cores  # noqa: E402, F401 (--threads auto)
 
 
+class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default once: an option whose help already says it (default None) gets no "(default:
+    None)" appended."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None and "(default:" in (action.help or "") else \
+            super()._get_help_string(action)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=_DefaultsHelp)
     p.add_argument("--loss", choices=("kto", "dpo"), default="kto", help="the alignment loss")
     p.add_argument("--head", choices=("fastkto", "naive"), default="fastkto",
                    help="fastkto: losses from hidden states; naive: log_softmax of materialized logits")
@@ -376,7 +385,8 @@ def main(argv=None) -> dict:
     for step in bar:
         batch = to_dev(collate(next(data_iter)))
         start = time.time()
-        measure = step <= 3 or step % args.memory_every == 0
+        # track_peak_memory measures cpu and cuda devices only
+        measure = (step <= 3 or step % args.memory_every == 0) and torch.device(args.device).type in ("cpu", "cuda")
         with track_peak_memory(args.device) if measure else contextlib.nullcontext() as mem:
             result = runner.loss(batch)
             optimizer.zero_grad(set_to_none=True)

@@ -41,9 +41,18 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
 
 
+class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default once: an option whose help already says it (default None) gets no "(default:
+    None)" appended."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None and "(default:" in (action.help or "") else \
+            super()._get_help_string(action)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=_DefaultsHelp)
     p.add_argument("--steps", type=int, default=3, help="optimizer steps")
     p.add_argument("--batch", type=int, default=4, help="KTO examples per step (>= 2 for the KL pairs)")
     p.add_argument("--examples", type=int, default=32, help="training rows taken from the data file")

@@ -47,3 +47,21 @@ def test_readme_quick_start_runs_fast_with_sane_numbers():
     assert 0 < metrics["loss"] < 1 and math.isfinite(metrics["kl"]) and metrics["kl"] >= 0
     assert all(math.isfinite(v) for v in metrics.values())
     assert namespace["hidden"].grad is not None and namespace["weight"].grad is not None
+
+
+def test_readme_losses_block_runs_after_the_quick_start():
+    """The Losses section's block used names no block defines (``lm_head``, ``ref_lm_head``): NameError. It
+    continues the Quick start, run here on small sizes (the Quick start test runs it at full size)."""
+    quick = quick_start_code()
+    sizes = "B, T, D, V = 4, 256, 576, 49152"
+    assert sizes in quick and "arange(T) >= 100" in quick
+    section = README.read_text().split("## Losses", 1)[1].split("\n## ", 1)[0]
+    (losses,) = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    namespace: dict = {}
+    with contextlib.redirect_stdout(io.StringIO()):
+        exec(compile(quick.replace(sizes, "B, T, D, V = 4, 12, 16, 50").replace("arange(T) >= 100", "arange(T) >= 5"),
+                     "quick-start", "exec"), namespace)  # noqa: S102 - the README's own code
+        exec(compile(losses, str(README) + ":losses", "exec"), namespace)  # noqa: S102
+    out = namespace["out"]
+    assert type(out).__name__ == "DPOOutput" and math.isfinite(out.loss.item())
+    out.loss.backward()

@@ -22,6 +22,7 @@ __all__ = [
     "check_int",
     "check_bool",
     "check_count",
+    "check_process_group",
 ]
 
 
@@ -69,9 +70,11 @@ def check_choice(name: str, value, choices: tuple[str, ...]) -> str:
 
 
 def check_int(name: str, value) -> int:
-    """A Python int, not a bool (any value: e.g. ``ignore_index``)."""
+    """A Python int, not a bool, that fits in int64 (e.g. ``ignore_index``, compared with int64 tensors)."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if not -(2**63) <= value < 2**63:
+        raise ValueError(f"{name} must fit in int64 (it is compared with int64 label tensors), got {value}")
     return value
 
 
@@ -80,6 +83,14 @@ def check_bool(name: str, value, *, optional: bool = False) -> bool | None:
     if not (isinstance(value, bool) or (optional and value is None)):
         raise TypeError(f"{name} must be a bool{' or None' if optional else ''}, got {type(value).__name__}")
     return value
+
+
+def check_process_group(name: str, value) -> None:
+    """None or a ``torch.distributed.ProcessGroup`` (``dist.group.WORLD`` is one once initialized): anything else
+    would fail inside a collective ("'str' object has no attribute 'allreduce'")."""
+    if value is not None and torch.distributed.is_available() \
+            and not isinstance(value, torch.distributed.ProcessGroup):
+        raise TypeError(f"{name} must be a torch.distributed ProcessGroup (or None), got {type(value).__name__}")
 
 
 def check_count(name: str, value, *, minimum: int = 1, optional: bool = False) -> int | None:

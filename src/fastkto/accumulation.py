@@ -50,8 +50,8 @@ class KLWindow:
         ``sequences``: the micro-batch's sequence count for ``weight`` (default K, one KL pair per sequence)."""
         for name, t in (("policy_kl_logps", policy_kl_logps), ("ref_kl_logps", ref_kl_logps)):
             if not isinstance(t, torch.Tensor) or t.ndim != 1 or not t.is_floating_point():
-                raise ValueError(f"{name} must be a 1-D floating tensor, got "
-                                 f"{type(t).__name__ if not isinstance(t, torch.Tensor) else tuple(t.shape)}")
+                got = f"{tuple(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(f"{name} must be a 1-D floating tensor, got {got}")
         if ref_kl_logps.shape != policy_kl_logps.shape:
             raise ValueError(f"ref_kl_logps must have policy_kl_logps' shape {tuple(policy_kl_logps.shape)}, got "
                              f"{tuple(ref_kl_logps.shape)}")
@@ -75,6 +75,10 @@ class KLWindow:
         whole window's mean loss)."""
         if self._sequences == 0:
             raise ValueError("KLWindow.weight needs the window's micro-batches added first")
+        # a negative factor would flip the micro-batch's gradient, one past the total over-weight it
+        if isinstance(sequences, bool) or not isinstance(sequences, int) or not 0 <= sequences <= self._sequences:
+            raise ValueError(f"sequences must be an int in [0, {self._sequences}] (the micro-batch's share of the "
+                             f"sequences added), got {sequences!r}")
         return sequences / self._sequences
 
     def z0(self, process_group: ProcessGroup | None = None, *,

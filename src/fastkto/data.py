@@ -23,6 +23,7 @@ with no slicing. ``shift_labels(input_ids, completion_mask)`` is that shift on i
 from __future__ import annotations
 
 import logging
+import operator
 import os
 import re
 from collections.abc import Sequence
@@ -32,7 +33,8 @@ from typing import Any
 import torch
 
 from . import packing
-from ._checks import check_count, check_int
+from ._checks import check_bool, check_count, check_int
+from .value_checks import host_reads_allowed
 
 __all__ = [
     "HUMAN",
@@ -281,6 +283,7 @@ def tokenize_prompt_completion(
 
     Raises ValueError when the completion has no token.
     """
+    check_bool("chat_template", chat_template, optional=True)
     use_template = _has_chat_template(tokenizer) if chat_template is None else chat_template
     if use_template:
         if not _has_chat_template(tokenizer):
@@ -352,8 +355,10 @@ def shift_labels(input_ids: torch.Tensor, completion_mask: torch.Tensor, *, igno
     Args:
         input_ids: (B, T) integer token ids, as fed to the model.
         completion_mask: (B, T) bool or 0/1 integer: 1 on the completion tokens (the ones to score), 0 on prompt
-            and padding (TRL's ``completion_mask``; the collators here return it too).
-        ignore_index: the label of unscored positions (-100, as everywhere in fastkto and transformers).
+            and padding (TRL's ``completion_mask``; the collators here return it too). Column 0 is never scored:
+            no hidden state predicts a row's first token (a completion needs at least one prompt token, e.g. BOS).
+        ignore_index: the label of unscored positions (-100, as everywhere in fastkto and transformers); a value
+            >= 0 that equals a scored token's id raises ValueError (that token would silently go unscored).
 
     Returns:
         (B, T) int64 labels on input_ids' device, to pair with ``hidden_states(model, input_ids)`` of shape
@@ -371,6 +376,11 @@ def shift_labels(input_ids: torch.Tensor, completion_mask: torch.Tensor, *, igno
     check_int("ignore_index", ignore_index)
     labels = torch.full(input_ids.shape, ignore_index, dtype=torch.long, device=input_ids.device)
     scored = completion_mask[:, 1:].to(device=input_ids.device) != 0
+    # a non-negative ignore_index may be a real token id: that token would drop out of the loss unseen
+    if ignore_index >= 0 and host_reads_allowed(input_ids) \
+            and bool((scored & (input_ids[:, 1:] == ignore_index)).any()):
+        raise ValueError(f"ignore_index={ignore_index} is the id of a scored token in input_ids, which would be "
+                         f"left out of the loss; use an ignore_index outside the vocabulary (-100)")
     labels[:, :-1] = torch.where(scored, input_ids[:, 1:].long(), ignore_index)
     return labels
 
@@ -391,6 +401,8 @@ class _Truncation:
             hint = (" (the tokenizer has no pad token: pass pad_token_id=tokenizer.eos_token_id; padded positions "
                     "are masked out of attention and labels, so EOS is safe)") if self.pad_token_id is None else ""
             raise TypeError(f"pad_token_id must be an int, got {self.pad_token_id!r}{hint}")
+        if self.pad_token_id < 0:  # fed to the model's embedding as an index: -100 belongs in labels only
+            raise ValueError(f"pad_token_id must be >= 0 (a token id the model can embed), got {self.pad_token_id}")
         check_count("max_length", self.max_length, optional=True)
         check_count("max_prompt_length", self.max_prompt_length, optional=True)
         check_count("pad_to_multiple_of", self.pad_to_multiple_of, optional=True)
@@ -403,10 +415,13 @@ class _Truncation:
         if self.packed and self.pad_to_multiple_of is not None:
             raise ValueError("pad_to_multiple_of does not apply to packed batches (packed=True has no padding)")
 
-    def sequence(self, prompt_ids: Sequence[int], completion_ids: Sequence[int], where: str) -> tuple[list, int]:
+    def sequence(self, prompt_ids: Sequence[int], completion_ids: Sequence[int], where: str,
+                 completion_key: str = "completion_ids") -> tuple[list, int]:
         """(token ids, prompt length) after truncation: the prompt keeps its last ``max_prompt_length`` tokens, then
-        the sequence keeps its first ``max_length`` tokens (the completion loses its end)."""
-        prompt, completion = list(prompt_ids), list(completion_ids)
+        the sequence keeps its first ``max_length`` tokens (the completion loses its end). ``completion_key`` names
+        the completion in errors."""
+        prompt = _token_ids(prompt_ids, where, "prompt_ids")
+        completion = _token_ids(completion_ids, where, completion_key)
         if not prompt:
             raise ValueError(f"{where}: empty prompt_ids; the first completion token needs a token before it (BOS)")
         if not completion:
@@ -456,6 +471,34 @@ class _Truncation:
                 "labels": labels, "cu_seqlens": cu_seqlens}
 
 
+def _token_ids(ids, where: str, key: str) -> list[int]:
+    """``ids`` (a list of ints, a 1-d integer tensor or NumPy array) as a list of Python ints >= 0; TypeError /
+    ValueError naming ``key`` otherwise (``torch.tensor`` would truncate 1.7 to 1 and a negative id reaches the
+    embedding as an index)."""
+    if isinstance(ids, (str, bytes)) or not hasattr(ids, "__iter__"):
+        raise TypeError(f"{where}: {key} must be a sequence of ints (token ids), got {type(ids).__name__}")
+    shape = getattr(ids, "shape", None)
+    if shape is not None and len(shape) != 1:
+        raise ValueError(f"{where}: {key} must be 1-d (one sequence of token ids), got shape {tuple(shape)}")
+    if isinstance(ids, torch.Tensor):
+        if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+            raise TypeError(f"{where}: {key} must hold ints (token ids), got a {ids.dtype} tensor")
+        out = ids.tolist()
+    else:
+        out = []
+        for token in ids:
+            try:  # ints and NumPy integers; floats and nested lists have no __index__, and bool is refused
+                if isinstance(token, bool):
+                    raise TypeError
+                out.append(operator.index(token))
+            except TypeError:
+                raise TypeError(f"{where}: {key} must hold ints (token ids), got {type(token).__name__} "
+                                f"{token!r}") from None
+    if out and min(out) < 0:
+        raise ValueError(f"{where}: {key} must be token ids >= 0, got {min(out)}")
+    return out
+
+
 def _field(example: dict[str, Any], key: str, i: int):
     if key not in example:
         raise ValueError(f"example {i} has no {key!r} key (found {sorted(example)}); tokenize the data first")
@@ -482,10 +525,15 @@ class KTOCollator(_Truncation):
     ``kl_completion_mask``, ``kl_labels`` (B, T') int64.
 
     Raises ValueError for a missing key, a label that is not bool or 0/1, an empty completion, a batch of one with
-    ``kl``, or truncation that leaves a sequence no completion token.
+    ``kl``, or truncation that leaves a sequence no completion token; TypeError / ValueError for token ids that are
+    not a 1-d sequence of ints >= 0 (lists, integer tensors and NumPy arrays are accepted).
     """
 
     kl: bool = True
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_bool("kl", self.kl)
 
     def tokens(self, example: dict[str, Any]) -> int:
         """The tokens ``example`` takes in a batch after truncation (its KL pair takes about as many): what
@@ -532,7 +580,7 @@ class PairedCollator(_Truncation):
     def tokens(self, example: dict[str, Any]) -> int:
         """The tokens ``example`` (both its sequences) takes in a batch after truncation (``TokenBudgetSampler``)."""
         prompt = _field(example, "prompt_ids", 0)
-        return sum(len(self.sequence(prompt, _field(example, key, 0), key)[0])
+        return sum(len(self.sequence(prompt, _field(example, key, 0), key, key)[0])
                    for key in ("chosen_ids", "rejected_ids"))
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
@@ -541,7 +589,7 @@ class PairedCollator(_Truncation):
         rows = []
         for key in ("chosen_ids", "rejected_ids"):
             for i, e in enumerate(examples):
-                rows.append(self.sequence(_field(e, "prompt_ids", i), _field(e, key, i), f"example {i} ({key})"))
+                rows.append(self.sequence(_field(e, "prompt_ids", i), _field(e, key, i), f"example {i} ({key})", key))
         return self.collate(rows)
 
 
@@ -568,9 +616,16 @@ class TokenBudgetSampler(torch.utils.data.Sampler):
 
     def __init__(self, lengths: Sequence[int], max_tokens: int, *, shuffle: bool = True, seed: int = 0,
                  min_rows: int = 1, drop_last: bool = False):
-        lengths = [int(n) for n in lengths]
+        try:  # ints and NumPy integers; int(3.7) would count 3 tokens
+            lengths = [operator.index(n) for n in lengths]
+        except TypeError:
+            raise TypeError("lengths must be ints (each example's token count, e.g. collator.tokens(example))"
+                            ) from None
         check_count("max_tokens", max_tokens)
         check_count("min_rows", min_rows)
+        check_bool("shuffle", shuffle)
+        check_bool("drop_last", drop_last)
+        check_int("seed", seed)
         if any(n < 1 for n in lengths):
             raise ValueError("lengths must all be >= 1 (an example takes at least one token)")
         if len(lengths) < min_rows:

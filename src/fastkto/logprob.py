@@ -18,6 +18,7 @@ import torch
 from . import distributed as _dist
 from . import kernels as _kernels
 from . import ops, packing
+from ._checks import check_int
 from .value_checks import ValueChecks
 
 __all__ = ["fused_logprobs", "token_stats", "TOKEN_FIELDS", "sequence_logps", "BACKENDS", "triton_available",
@@ -56,6 +57,11 @@ def _check_number(name: str, value, *, optional: bool = False) -> None:
         return  # dynamic=True traces Python numbers symbolically: their values are checked by the eager calls
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"{name} must be a finite number > 0, got {value}")
+    if name in ("temperature", "softcap") and value < _TINY:
+        raise ValueError(f"{name} must be >= {_TINY} (the kernels multiply by 1 / {name}, a float32), got {value}")
+
+
+_TINY = torch.finfo(torch.float32).tiny  # 2**-126: its inverse, 2**126, is still a finite float32
 
 
 def _check_inputs(hidden, weight, labels, bias, ignore_index, temperature, softcap) -> None:  # noqa: C901 - a list
@@ -74,6 +80,8 @@ def _check_inputs(hidden, weight, labels, bias, ignore_index, temperature, softc
         )
     if hidden.dim() < 1:
         raise ValueError("hidden must have shape (..., D), got a 0-d tensor")
+    if hidden.shape[-1] == 0:
+        raise ValueError(f"hidden must have a hidden size D >= 1, got shape {tuple(hidden.shape)}")
     if weight.dim() != 2:
         raise ValueError(f"weight must have shape (V, D), got {tuple(weight.shape)}")
     if weight.shape[1] != hidden.shape[-1]:
@@ -104,8 +112,7 @@ def _check_inputs(hidden, weight, labels, bias, ignore_index, temperature, softc
             "hidden, weight, labels and bias must hold data, but some are on the meta device (a model built under "
             "init_empty_weights / device_map='meta' and never materialized): load or move them to cpu / cuda first"
         )
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    check_int("ignore_index", ignore_index)
     _check_number("temperature", temperature)
     _check_number("softcap", softcap, optional=True)
 
@@ -214,7 +221,8 @@ def fused_logprobs(
         labels: hidden's leading shape (...), integer: ``labels[..., t]`` is the token scored from
             ``hidden[..., t]`` (no shift inside). Values in [0, V_total) or ``ignore_index``.
         bias: (V,) in weight's dtype, or None (this rank's slice with ``process_group``).
-        ignore_index: label value whose positions return exactly 0, get exactly zero gradient and cost no work.
+        ignore_index: label value whose positions return exactly 0, get exactly zero gradient and cost no work
+            (an int64; a value in [0, V) makes that token id unscorable).
         temperature: logits are divided by it after the soft-cap (> 0).
         softcap: if set, z = softcap * tanh(z / softcap) before the temperature (Gemma-2 uses 30).
         backend: "auto" (Triton for CUDA tensors when importable, else PyTorch), "triton", "torch", or "cublas"
@@ -223,7 +231,7 @@ def fused_logprobs(
         process_group: a torch.distributed group whose ranks hold the vocabulary slices (vocab-parallel head);
             all ranks pass the same hidden and labels.
         workspace_bytes: budget for temporaries (PyTorch path: tiles; Triton: split buffers); default
-            ``$FASTKTO_WORKSPACE_MIB`` MiB or 64 MiB.
+            ``$FASTKTO_WORKSPACE_MIB`` MiB, else 128 MiB on CUDA and 64 MiB elsewhere.
 
     Returns:
         float32 tensor of labels' shape. Differentiable w.r.t. hidden, weight and bias for any upstream gradient;
@@ -299,7 +307,13 @@ def token_stats(
 
     if isinstance(fields, str):
         fields = (fields,)
-    fields = tuple(fields)
+    try:
+        fields = tuple(fields)
+    except TypeError:
+        raise TypeError(f"fields must be a name or a sequence of names from {TOKEN_FIELDS}, got "
+                        f"{type(fields).__name__}") from None
+    if not fields:
+        raise ValueError(f"fields must name at least one of {TOKEN_FIELDS}")
     for name in fields:
         if name not in TOKEN_FIELDS:
             raise ValueError(f"fields must name entries of {TOKEN_FIELDS}, got {name!r}")
@@ -328,6 +342,8 @@ def _logprobs(hidden, weight, labels, *, bias, ignore_index, temperature, softca
         budget = None
         if workspace_bytes is not None:
             _check_number("workspace_bytes", workspace_bytes)
+            if not torch.compiler.is_compiling() and workspace_bytes >= 2**63:  # the operator schema: an int64
+                raise ValueError(f"workspace_bytes must be < 2**63, got {workspace_bytes}")
             budget = int(workspace_bytes)
         w, b, regather = _dist.gather_for_call(weight, bias, process_group=process_group)
         return w, b, regather, resolve_backend(backend, hidden.device, hidden.dtype), budget

@@ -30,6 +30,7 @@ reward shift, the cross-rank mean of z0).
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -38,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from . import distributed as _dist
-from ._checks import check_choice, check_nonnegative, check_positive, is_number
+from ._checks import check_choice, check_nonnegative, check_positive, check_process_group, is_number
 
 if TYPE_CHECKING:  # re-exported at run time by __getattr__ below (fastkto.modules imports this module)
     from torch.distributed import ProcessGroup
@@ -290,8 +291,9 @@ class DPOOutput:
 # argument checks
 
 
-def _check_logps(name: str, t, size: int | None = None) -> torch.Tensor:
-    """A floating (n,) tensor; with ``size``, n must equal it."""
+def _check_logps(name: str, t, size: int | None = None, like: tuple[str, torch.Tensor] | None = None
+                 ) -> torch.Tensor:
+    """A floating (n,) tensor; with ``size``, n must equal it; with ``like`` = (its name, a tensor), on its device."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of per-sequence log-probabilities, got {type(t).__name__}")
     if not t.dtype.is_floating_point:
@@ -300,6 +302,9 @@ def _check_logps(name: str, t, size: int | None = None) -> torch.Tensor:
         raise ValueError(f"{name} must have shape (B,), got {tuple(t.shape)}")
     if size is not None and t.shape[0] != size:
         raise ValueError(f"{name} must have shape ({size},) like the other per-sequence inputs, got {tuple(t.shape)}")
+    if like is not None and isinstance(like[1], torch.Tensor) and t.device != like[1].device:
+        raise ValueError(f"{name} is on {t.device} but {like[0]} is on {like[1].device}: move it there "
+                         f"({name}.to({str(like[1].device)!r}))")
     return t
 
 
@@ -349,6 +354,9 @@ def _check_kto_hyper(beta, desirable_weight, undesirable_weight, loss_type) -> N
     check_positive("beta", beta)
     check_nonnegative("desirable_weight", desirable_weight)
     check_nonnegative("undesirable_weight", undesirable_weight)
+    if not torch.compiler.is_compiling() and desirable_weight == undesirable_weight == 0:
+        raise ValueError("desirable_weight and undesirable_weight cannot both be 0: the loss would be 0 for every "
+                         "batch, with no gradient (set the class you want trained to a weight > 0)")
     check_choice("loss_type", loss_type, KTO_LOSS_TYPES)
 
 
@@ -377,7 +385,8 @@ def kto_kl(policy_kl_logps: torch.Tensor, ref_kl_logps: torch.Tensor,
         With a group and no pair on any rank it is 0.
     """
     _check_logps("policy_kl_logps", policy_kl_logps)
-    _check_logps("ref_kl_logps", ref_kl_logps, policy_kl_logps.shape[0])
+    _check_logps("ref_kl_logps", ref_kl_logps, policy_kl_logps.shape[0], ("policy_kl_logps", policy_kl_logps))
+    check_process_group("process_group", process_group)
     if process_group is None and policy_kl_logps.shape[0] == 0:
         raise ValueError("kto_kl needs at least one KL pair (policy_kl_logps has shape (0,))")
     with torch.no_grad():
@@ -418,7 +427,8 @@ def kto_loss(
         policy_logps: (B,) floating, usually with gradient: sum (or mean) of the policy's completion log-probs.
         ref_logps: (B,) floating: the same for the reference model (gradient, if any, is not blocked here).
         desirable: (B,) bool: True where the completion is labelled desirable.
-        kl: z0 as a float or a 0-d / one-element tensor (e.g. from ``kto_kl``), used as given and detached.
+        kl: z0 as a float >= 0 or a 0-d / one-element tensor (e.g. from ``kto_kl``), used as given and detached
+            (a tensor's value is not checked: that would be a host sync).
             Required with loss_type="kto": ``kl=0.0`` is z0 = 0 (TRL's ``calculate_kl=False``), chosen
             explicitly; None raises ValueError. Not accepted with "apo_zero_unpaired", which has no z0.
         beta: > 0, the reward scale (TRL default 0.1).
@@ -431,7 +441,7 @@ def kto_loss(
     """
     _check_kto_hyper(beta, desirable_weight, undesirable_weight, loss_type)
     n = _batch_size("policy_logps", policy_logps, "sequence")
-    _check_logps("ref_logps", ref_logps, n)
+    _check_logps("ref_logps", ref_logps, n, ("policy_logps", policy_logps))
     _check_desirable(desirable, n, policy_logps.device, "policy_logps")
 
     ratio = policy_logps - ref_logps
@@ -473,6 +483,14 @@ def _kto_reference_point(kl: float | torch.Tensor | None, loss_type: str, ratio:
     # the device by a fill (a copy from the host would wait for the stream)
     if isinstance(kl, torch.Tensor):
         return kl.detach().reshape(()).to(device=ratio.device, dtype=ratio.dtype)
+    # z0 estimates KL(policy || reference) >= 0 (kto_kl and TRL clamp their estimate at 0): a negative or
+    # non-finite number is a bug upstream, not a reference point (a tensor is not read: no host sync)
+    if torch.compiler.is_compiling():
+        pass  # dynamic=True traces Python numbers symbolically: their values are checked by the eager calls
+    elif not math.isfinite(kl):
+        raise ValueError(f"kl must be finite (z0, a KL estimate), got {kl}")
+    elif kl < 0:
+        raise ValueError(f"kl must be >= 0 (z0 estimates a KL divergence; kto_kl clamps its estimate at 0), got {kl}")
     return torch.full((), float(kl), dtype=ratio.dtype, device=ratio.device)
 
 
@@ -537,9 +555,10 @@ def dpo_loss(
     """
     _check_dpo_hyper(beta, loss_type, label_smoothing, discopop_tau)
     pairs = _batch_size("policy_chosen_logps", policy_chosen_logps, "pair")
-    _check_logps("policy_rejected_logps", policy_rejected_logps, pairs)
-    _check_logps("ref_chosen_logps", ref_chosen_logps, pairs)
-    _check_logps("ref_rejected_logps", ref_rejected_logps, pairs)
+    first = ("policy_chosen_logps", policy_chosen_logps)
+    _check_logps("policy_rejected_logps", policy_rejected_logps, pairs, first)
+    _check_logps("ref_chosen_logps", ref_chosen_logps, pairs, first)
+    _check_logps("ref_rejected_logps", ref_rejected_logps, pairs, first)
     if not (is_number(bco_delta) or isinstance(bco_delta, torch.Tensor)):
         raise TypeError(f"bco_delta must be a number or a 0-d tensor, got {type(bco_delta).__name__}")
     if isinstance(bco_delta, torch.Tensor):
@@ -594,7 +613,8 @@ def suggest_kto_weights(n_desirable: int, n_undesirable: int, *, ratio: float = 
         (desirable_weight, undesirable_weight) as floats, to pass to ``kto_loss`` / ``KTOLoss``.
     """
     for name, value in (("n_desirable", n_desirable), ("n_undesirable", n_undesirable)):
-        if isinstance(value, bool) or not isinstance(value, int):
+        # numbers.Integral: NumPy integers too (counts summed from an array or a DataFrame)
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
             raise TypeError(f"{name} must be an int count, got {type(value).__name__}")
         if value < 1:
             raise ValueError(f"{name} must be >= 1 (a class with no example needs no weight), got {value}")
@@ -605,6 +625,7 @@ def suggest_kto_weights(n_desirable: int, n_undesirable: int, *, ratio: float = 
     if not 1.0 <= ratio <= upper + 1e-12:
         bound = "4/3" if rule == "early" else "3/2"
         raise ValueError(f"ratio must lie in [1, {bound}] (the KTO paper's {rule} range), got {ratio}")
+    n_desirable, n_undesirable = int(n_desirable), int(n_undesirable)
     if n_desirable <= n_undesirable * ratio:
         return ratio * n_undesirable / n_desirable, 1.0
     return 1.0, n_desirable / (ratio * n_undesirable)

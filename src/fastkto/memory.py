@@ -30,8 +30,11 @@ class PeakMemory:
 @contextlib.contextmanager
 def track_peak_memory(device: torch.device | str = "cpu"):
     """``with track_peak_memory(dev) as m: ...`` then ``m.peak`` is the peak extra bytes of tensors allocated
-    inside the block (above what was live when it began)."""
+    inside the block (above what was live when it began). ``device``: a cpu or cuda device (ValueError otherwise:
+    the CPU profiler would report the CPU's allocations for it)."""
     device = torch.device(device)
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be a cpu or cuda device, got {device.type!r}")
     result = PeakMemory()
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -277,7 +277,7 @@ class _PreferenceLoss(torch.nn.Module):
         if ref_logps is not None:
             if ref_hidden is not None:
                 raise ValueError(f"pass {prefix}_logps or {prefix}_hidden, not both")
-            return _check_logps(f"{prefix}_logps", ref_logps, n).detach()
+            return _check_logps(f"{prefix}_logps", ref_logps, n, (hidden_name, hidden)).detach()
         if ref_hidden is None:
             raise ValueError(
                 f"the reference is missing: pass {prefix}_logps ({n},) (precomputed) or {prefix}_hidden "

@@ -110,14 +110,24 @@ def check_cu_seqlens_values(checks, cu_seqlens, lengths, total: int, *, name: st
 
 def cu_seqlens_from_lengths(lengths, *, device: torch.device | str | None = None,
                             dtype: torch.dtype = torch.int32) -> torch.Tensor:
-    """(S + 1,) cu_seqlens of sequences of the given lengths (a list of ints or an integer tensor)."""
+    """(S + 1,) cu_seqlens of sequences of the given lengths (a list of ints or an integer tensor), in ``dtype``
+    (int32, flash-attention's, or int64). An empty list gives ``[0]``; a total that ``dtype`` cannot hold raises."""
+    if dtype not in _INT_DTYPES:
+        raise TypeError(f"dtype must be torch.int32 or torch.int64 (cu_seqlens are offsets), got {dtype}")
     lengths = torch.as_tensor(lengths, device=device)
+    if lengths.numel() == 0 and lengths.dim() == 1:
+        lengths = lengths.long()  # torch.as_tensor([]) is float32: no sequence is still a layout
     if lengths.dtype.is_floating_point or lengths.dtype == torch.bool or lengths.dim() != 1:
         raise ValueError(f"lengths must be a 1-d sequence of ints, got {shape_of(lengths)} {lengths.dtype}")
-    if bool((lengths < 0).any()):
-        raise ValueError("lengths must be >= 0")
+    running = torch.cumsum(lengths.long(), 0)
+    if lengths.numel():
+        negative, total = torch.stack([(lengths < 0).any().long(), running[-1]]).tolist()
+        if negative:
+            raise ValueError("lengths must be >= 0")
+        if total > torch.iinfo(dtype).max:  # the copy below would wrap around to negative offsets
+            raise ValueError(f"{dtype} cannot hold the packed total of {total} tokens: pass dtype=torch.int64")
     out = torch.zeros(lengths.shape[0] + 1, dtype=dtype, device=lengths.device)
-    out[1:] = torch.cumsum(lengths, 0)
+    out[1:] = running
     return out
 
 
@@ -167,10 +177,23 @@ def position_ids_from_cu_seqlens(cu_seqlens: torch.Tensor) -> torch.Tensor:
     return torch.arange(total, device=cu_seqlens.device) - starts
 
 
-def _padded_mask(lengths: torch.Tensor, width: int | None = None) -> torch.Tensor:
-    """(S, width) bool, width = the longest length by default: True on the first lengths[i] entries of row i."""
+def _padded_mask(lengths: torch.Tensor, width: int | None = None, *, total: int | None = None,
+                 name: str = "values") -> torch.Tensor:
+    """(S, width) bool, width = the longest length by default: True on the first lengths[i] entries of row i.
+    Reading the width, with ``total`` given, also checks that the lengths are >= 0 and sum to ``total`` (the
+    length of the tensor ``name``): a shorter layout would take the first tokens silently."""
     if width is None:
-        width = int(lengths.max()) if lengths.numel() else 0  # a host sync: callers that know it pass width
+        # a host sync: callers that know the width pass it
+        if lengths.numel():
+            low, summed, width = torch.stack([lengths.min(), lengths.sum(), lengths.max()]).tolist()
+        else:
+            low, summed, width = 0, 0, 0
+        if total is not None:
+            if low < 0:
+                raise ValueError(f"lengths must be >= 0, got {low}")
+            if summed != total:
+                raise ValueError(f"lengths must sum to {name}' length {total} (one length per packed sequence), got "
+                                 f"{summed}")
     return torch.arange(width, device=lengths.device) < lengths[:, None]
 
 
@@ -180,21 +203,36 @@ def segment_sums(values: torch.Tensor, lengths: torch.Tensor, width: int | None 
     The values are scattered into a zero-padded (S, longest) matrix in their packed order and summed along its
     rows: the reduction a padded batch of the same rows (padded to its longest row) computes, with no atomic adds,
     so the result is deterministic on every device. Differentiable (the backward is a masked gather). ``width``:
-    the longest length when known, else read from ``lengths`` (a host sync); while ``torch.compile`` traces (no
-    read, and no (S, T_total) matrix) ``torch.segment_reduce`` sums instead.
+    the longest length when known (the caller then vouches for ``lengths``, as ``sequence_logps`` does with a
+    checked layout), else read from ``lengths`` with their checks (>= 0, summing to T_total) at one host sync;
+    while ``torch.compile`` traces (no read, and no (S, T_total) matrix) ``torch.segment_reduce`` sums instead.
     """
+    _check_segments("values", values, lengths)
     if width is None and not host_reads_allowed(values, lengths):
         return torch.segment_reduce(values, "sum", lengths=lengths, unsafe=True)
-    mask = _padded_mask(lengths, width)
+    mask = _padded_mask(lengths, width, total=values.shape[0], name="values")
     return values.new_zeros(mask.shape).masked_scatter(mask, values).sum(dim=1)
+
+
+def _check_segments(name: str, values, lengths) -> None:
+    """``segment_sums`` / ``segment_counts``' shape and dtype checks (no values read)."""
+    if not isinstance(values, torch.Tensor) or values.dim() != 1:
+        raise ValueError(f"{name} must have shape (T_total,) (the packed tokens), got {shape_of(values)}")
+    if not isinstance(lengths, torch.Tensor) or lengths.dtype.is_floating_point or lengths.dtype.is_complex \
+            or lengths.dtype == torch.bool:
+        got = lengths.dtype if isinstance(lengths, torch.Tensor) else type(lengths).__name__
+        raise TypeError(f"lengths must be an integer tensor of sequence lengths, got {got}")
+    if lengths.dim() != 1:
+        raise ValueError(f"lengths must have shape (S,), got {shape_of(lengths)}")
 
 
 def segment_counts(flags: torch.Tensor, lengths: torch.Tensor, width: int | None = None) -> torch.Tensor:
     """Per-sequence counts of True in packed bool ``flags`` (T_total,) -> (S,) int64 (``width`` as in
     ``segment_sums``)."""
+    _check_segments("flags", flags, lengths)
     if width is None and not host_reads_allowed(flags, lengths):  # exact: counts are far below 2^24
         return torch.segment_reduce(flags.float(), "sum", lengths=lengths, unsafe=True).round().long()
-    mask = _padded_mask(lengths, width)
+    mask = _padded_mask(lengths, width, total=flags.shape[0], name="flags")
     return torch.zeros(mask.shape, dtype=torch.long, device=flags.device).masked_scatter(mask, flags.long()).sum(1)
 
 

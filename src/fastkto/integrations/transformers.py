@@ -458,6 +458,7 @@ def backbone_outputs(model: torch.nn.Module, input_ids: torch.Tensor | None,
         # backbone alone is the same computation without the head; otherwise the wrapper is called
         run = functools.partial(_run_capturing, model, inner, backbone, wrappers) if wrappers else backbone
     config = inner.config
+    _check_token_inputs(input_ids, attention_mask)
     packed = packed_layout(input_ids, attention_mask, position_ids, cu_seqlens, kwargs)
     if packed is None:
         if position_ids is not None:
@@ -465,6 +466,26 @@ def backbone_outputs(model: torch.nn.Module, input_ids: torch.Tensor | None,
         return run(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
     impl = str(getattr(config, "_attn_implementation", None))
     return run_packed(run, type(backbone).__name__, impl, input_ids, packed, kwargs)
+
+
+def _check_token_inputs(input_ids, attention_mask) -> None:
+    """input_ids (B, T) integer and a 2-d attention_mask of its shape, checked before the model sees them: the
+    model would fail inside its embedding or attention, or (a shorter all-ones mask) drop the mask silently."""
+    if input_ids is None:
+        return  # inputs_embeds: the model checks them
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dtype.is_floating_point or input_ids.dtype.is_complex \
+            or input_ids.dtype == torch.bool:
+        got = input_ids.dtype if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+        raise TypeError(f"input_ids must be an integer tensor of token ids, got {got}")
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must have shape (B, T), got {tuple(input_ids.shape)} (one row: input_ids[None])")
+    if input_ids.numel() == 0:
+        raise ValueError(f"input_ids is empty: got shape {tuple(input_ids.shape)}")
+    # a 4-d mask is a custom (B, 1, T, T) attention mask, which transformers takes as it is
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() <= 2 \
+            and tuple(attention_mask.shape) != tuple(input_ids.shape):
+        raise ValueError(f"attention_mask must have input_ids' shape {tuple(input_ids.shape)}, got "
+                         f"{tuple(attention_mask.shape)}")
 
 
 class _Capture:
