@@ -37,12 +37,13 @@ def _inputs(tokens: int, dim: int, vocab: int, device: str, dtype: torch.dtype):
     return h, w, y.to(device), desirable.to(device)
 
 
-def _loss_fn(labels, desirable):
+def _loss_fn(labels, desirable, ref_weight):
+    """The KTO loss of (h, w); ``ref_weight``: the reference head, a frozen copy (not a view of the trained w)."""
     kto = KTOLoss(beta=0.1)
     kl_labels = labels.roll(1, 0)
 
     def fn(h, w):
-        return kto(h, w, labels, desirable, ref_hidden=h.detach() * 0.5, ref_weight=w.detach(),
+        return kto(h, w, labels, desirable, ref_hidden=h.detach() * 0.5, ref_weight=ref_weight,
                    kl_hidden=h.detach().roll(1, 0), kl_labels=kl_labels, kl_ref_hidden=h.detach()).loss
 
     return fn
@@ -154,7 +155,7 @@ def main(argv=None) -> int:
     report = {"device": args.device, "torch": torch.__version__, "tokens": args.tokens, "dim": args.dim,
               "vocab": args.vocab, "dtype": str(dtype)}
     h, w, y, desirable = _inputs(args.tokens, args.dim, args.vocab, args.device, dtype)
-    fn = _loss_fn(y, desirable)
+    fn = _loss_fn(y, desirable, w.clone())
     checks = {"syncs": (lambda: count_syncs(fn, h, w)) if cuda else None,
               "compile": lambda: compile_check(fn, h, w, "inductor" if cuda else "aot_eager"),
               "cuda_graphs": (lambda: cuda_graph_check(fn, h, w)) if cuda else None}

@@ -122,15 +122,16 @@ def _entry(name, hidden, labels, weight, bias):
         "sequence_logps_packed": lambda h, w, b: fastkto.sequence_logps(
             _cat(h), w, py, cu_seqlens=cu, bias=b, backend="torch").sum(),
         "kto": lambda h, w, b: kto(h, w, labels, desirable, bias=b, ref_hidden=ref_h, ref_weight=w.detach() * 0.9,
-                                   ref_bias=b.detach(), kl_hidden=kl_h, kl_labels=kl_y, kl_ref_hidden=ref_h).loss,
+                                   ref_bias=b.detach().clone(), kl_hidden=kl_h, kl_labels=kl_y,
+                                   kl_ref_hidden=ref_h).loss,
         "kto_packed": lambda h, w, b: kto(_cat(h), w, py, desirable, bias=b, cu_seqlens=cu,
-                                          ref_hidden=pref, ref_weight=w.detach() * 0.9, ref_bias=b.detach(),
+                                          ref_hidden=pref, ref_weight=w.detach() * 0.9, ref_bias=b.detach().clone(),
                                           kl_hidden=pkl[0], kl_labels=pkl[1], kl_cu_seqlens=pkl[2],
                                           kl_ref_hidden=pkl[0] * 0.5).loss,
         "dpo": lambda h, w, b: dpo(h, w, labels, bias=b, ref_hidden=ref_h, ref_weight=w.detach() * 0.9,
-                                   ref_bias=b.detach()).loss,
+                                   ref_bias=b.detach().clone()).loss,
         "dpo_packed": lambda h, w, b: dpo(_cat(h), w, py, bias=b, cu_seqlens=cu, ref_hidden=pref,
-                                          ref_weight=w.detach() * 0.9, ref_bias=b.detach()).loss,
+                                          ref_weight=w.detach() * 0.9, ref_bias=b.detach().clone()).loss,
     }
     return fns[name]
 
@@ -335,15 +336,16 @@ def test_fake_tensors_run_every_entry_point_at_a_32b_head():
                                      cu_seqlens=torch.tensor([0, n // 2, n]))
         assert seq.shape == (2,)
         desirable = torch.tensor([True, False])
-        kto = KTOLoss()(h, w, y, desirable, ref_hidden=h.detach(), ref_weight=w.detach(), kl_hidden=h.detach(),
-                        kl_labels=y, kl_ref_hidden=h.detach())
+        kto = KTOLoss()(h, w, y, desirable, ref_hidden=h.detach(), ref_weight=w.detach().clone(),
+                        kl_hidden=h.detach(), kl_labels=y, kl_ref_hidden=h.detach())
         kto.loss.backward()
         dpo = DPOLoss()(h, w, y, ref_logps=torch.zeros(2))
         dpo.loss.backward()
         assert kto.loss.shape == () and dpo.loss.shape == ()
         flat_h, flat_y, cu = h.reshape(n, dim), y.reshape(n), torch.tensor([0, n // 2, n])
         packed_kto = KTOLoss()(flat_h, w, flat_y, desirable, cu_seqlens=cu, ref_logps=torch.zeros(2), kl=0.0)
-        packed_dpo = DPOLoss()(flat_h, w, flat_y, cu_seqlens=cu, ref_hidden=flat_h.detach(), ref_weight=w.detach())
+        packed_dpo = DPOLoss()(flat_h, w, flat_y, cu_seqlens=cu, ref_hidden=flat_h.detach(),
+                                ref_weight=w.detach().clone())
         (packed_kto.loss + packed_dpo.loss).backward()
         assert w.grad.shape == w.shape
 

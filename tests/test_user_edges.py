@@ -259,3 +259,27 @@ def test_track_peak_memory_refuses_devices_it_cannot_measure():
     with pytest.raises(ValueError, match=r"device must be a cpu or cuda device, got 'mps'"):
         with track_peak_memory("mps"):
             pass
+
+
+def test_a_reference_head_that_is_a_view_of_the_trained_head_is_refused():
+    """ref_weight=weight.detach() (or ref_bias=bias.detach()) of a head that trains: the same memory, which the
+    optimizer updates in place, so the 'reference' would follow the policy step by step. A frozen copy is the
+    reference; a frozen policy head may be shared."""
+    from fastkto.loss import DPOLoss, KTOLoss
+
+    g = torch.Generator().manual_seed(0)
+    h, w, b = torch.randn(2, 5, 8, generator=g), torch.randn(11, 8, generator=g), torch.randn(11, generator=g)
+    y = torch.randint(0, 11, (2, 5), generator=g)
+    y[:, -1] = -100  # shifted labels: the last position is never scored
+    d = torch.tensor([True, False])
+    hp, wp, bp = h.clone().requires_grad_(), w.clone().requires_grad_(), b.clone().requires_grad_()
+    with pytest.raises(ValueError, match="ref_weight shares memory with weight, which requires grad"):
+        KTOLoss()(hp, wp, y, d, ref_hidden=h, ref_weight=wp.detach(), kl=0.0)
+    with pytest.raises(ValueError, match="ref_weight shares memory"):
+        DPOLoss()(hp, wp, y, ref_hidden=h, ref_weight=wp.detach().t().t())  # any view of that memory
+    with pytest.raises(ValueError, match="ref_bias shares memory with bias"):
+        KTOLoss()(hp, wp, y, d, bias=bp, ref_hidden=h, ref_weight=w, ref_bias=bp.detach(), kl=0.0)
+    ok = KTOLoss()(hp, wp, y, d, bias=bp, ref_hidden=h, ref_weight=wp.detach().clone(), ref_bias=b, kl=0.0)
+    ok.loss.backward()
+    frozen = w.clone()  # a frozen policy head (LoRA): the reference may be the same tensor
+    KTOLoss()(hp, frozen, y, d, ref_hidden=h, ref_weight=frozen.detach(), kl=0.0)

@@ -111,6 +111,15 @@ def _layout_errors_first(batch: _Batch):
         raise
 
 
+def _aliases_trained(ref, trained) -> bool:
+    """True when ``ref`` is a view of the memory of ``trained``, a tensor that requires grad (its optimizer updates
+    that memory in place). Not read while Dynamo traces (no data pointers there): the eager calls check it."""
+    if not (isinstance(ref, torch.Tensor) and isinstance(trained, torch.Tensor) and trained.requires_grad
+            and ref.device == trained.device and host_reads_allowed(ref, trained)):
+        return False
+    return ref.untyped_storage().data_ptr() == trained.untyped_storage().data_ptr()
+
+
 def _reference_head(prefix, weight, bias, ref_weight, ref_bias):
     """The (weight, bias) that score the reference pass named by ``prefix`` ("ref" or "kl_ref").
 
@@ -131,6 +140,11 @@ def _reference_head(prefix, weight, bias, ref_weight, ref_bias):
                 f"(weight.requires_grad False, as with LoRA) needs no ref_weight"
             )
         ref_weight = weight.detach() if isinstance(weight, torch.Tensor) else weight
+    elif _aliases_trained(ref_weight, weight):
+        raise ValueError(
+            f"ref_weight shares memory with weight, which requires grad: the reference head would change with every "
+            f"optimizer step of the policy's (e.g. ref_weight=weight.detach()); {how}"
+        )
     elif isinstance(ref_weight, torch.Tensor) and isinstance(weight, torch.Tensor) and ref_weight.dim() == 2 \
             and weight.dim() == 2 and ref_weight.shape[0] != weight.shape[0]:
         raise ValueError(
@@ -138,6 +152,10 @@ def _reference_head(prefix, weight, bias, ref_weight, ref_bias):
             f"{tuple(ref_weight.shape)} and {tuple(weight.shape)}, (V, D)): the reference must score the same "
             f"vocabulary (a reference with a resized or different tokenizer cannot be compared token by token)"
         )
+    if _aliases_trained(ref_bias, bias):
+        raise ValueError("ref_bias shares memory with bias, which requires grad: the reference bias would change with "
+                         "every optimizer step; pass the reference model's LM-head bias or a frozen copy taken before "
+                         "training (bias.detach().clone())")
     if ref_bias is None and isinstance(bias, torch.Tensor):
         if bias.requires_grad:
             raise ValueError(
