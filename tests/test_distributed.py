@@ -388,6 +388,15 @@ def _vocab_parallel_bad_input(rank, world):
     with pytest.raises(TypeError, match="DTensor and process_group"):
         fastkto.fused_logprobs(torch.randn(3, 8), w, torch.zeros(3, dtype=torch.long), process_group=group,
                                backend="torch")
+    # a sharded trainable head whose detached view is passed as the reference head: refused (the local shards
+    # share memory), while a frozen copy is taken
+    from fastkto.loss import KTOLoss
+
+    w = distribute_tensor(torch.randn(10, 8), _STATE["mesh"], [Shard(0)]).requires_grad_()
+    h, y, d = torch.randn(2, 3, 8), torch.tensor([[1, 2, -100], [3, 4, -100]]), torch.tensor([True, False])
+    with pytest.raises(ValueError, match="ref_weight shares memory with weight"):
+        KTOLoss(backend="torch")(h, w, y, d, ref_hidden=h, ref_weight=w.detach(), kl=0.0)
+    KTOLoss(backend="torch")(h, w, y, d, ref_hidden=h, ref_weight=w.detach().clone(), kl=0.0).loss.backward()
     # the workers are still in step: a collective after all the errors completes
     t = torch.ones(1)
     dist.all_reduce(t, group=group)

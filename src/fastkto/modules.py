@@ -24,6 +24,7 @@ from torch import Tensor
 from . import labels as _labels
 from . import packing
 from ._checks import check_bool, check_choice, check_int, check_positive, shape_of
+from .distributed import is_sharded
 from .logprob import BACKENDS, _check_inputs, _sequence_logps, check_sequence_values
 from .loss import (
     DPO_LOSSES,
@@ -117,7 +118,20 @@ def _aliases_trained(ref, trained) -> bool:
     if not (isinstance(ref, torch.Tensor) and isinstance(trained, torch.Tensor) and trained.requires_grad
             and ref.device == trained.device and host_reads_allowed(ref, trained)):
         return False
-    return ref.untyped_storage().data_ptr() == trained.untyped_storage().data_ptr()
+    ptr = _storage_pointer(ref)
+    return ptr is not None and ptr == _storage_pointer(trained)
+
+
+def _storage_pointer(t: Tensor) -> int | None:
+    """The address of the memory under ``t``: a DTensor's local shard's (FSDP2, tensor parallel); None for a
+    wrapper subclass that has no memory of its own."""
+    if is_sharded(t):
+        with torch.no_grad():
+            t = t.to_local()
+    try:
+        return t.untyped_storage().data_ptr()
+    except RuntimeError:  # "invalid python storage": a wrapper subclass
+        return None
 
 
 def _reference_head(prefix, weight, bias, ref_weight, ref_bias):
