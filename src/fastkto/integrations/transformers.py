@@ -138,6 +138,21 @@ def _is_module_wrapper(model: torch.nn.Module) -> bool:
     return (isinstance(engine, type) and isinstance(model, engine)) or _is_fsdp1(model) or not hasattr(model, "config")
 
 
+def _is_ddp(model: torch.nn.Module) -> bool:
+    """``DistributedDataParallel`` anywhere in ``model``'s chain of wrappers (it may sit inside ``torch.compile``)."""
+    ddp = getattr(sys.modules.get("torch.nn.parallel"), "DistributedDataParallel", None)
+    for _ in range(8):
+        if isinstance(ddp, type) and isinstance(model, ddp):
+            return True
+        inner = getattr(model, "_orig_mod", None)
+        if not isinstance(inner, torch.nn.Module):
+            inner = model.module if _is_module_wrapper(model) else None
+        if inner is None:
+            return False
+        model = inner
+    return False
+
+
 def _is_fsdp1(model: torch.nn.Module) -> bool:
     """``FullyShardedDataParallel`` (FSDP1), recognised by type without importing torch.distributed."""
     fsdp = sys.modules.get("torch.distributed.fsdp")
@@ -150,7 +165,9 @@ class _AfterRootOutput(torch.autograd.Function):
     gradient, which costs nothing. FSDP1 starts its backward from hooks on the root's forward outputs (it then
     marks the root's parameters as in backward and queues the callback that waits for the gradient reductions);
     the loss reaches the model through the backbone's output, not the root's, so without this those hooks would
-    never fire and the root's post-backward hook would find its parameters still in forward."""
+    never fire and the root's post-backward hook would find its parameters still in forward. DDP with
+    ``static_graph=True`` likewise queues its first iteration's delayed all-reduce from a node on its outputs
+    (``_DDPSink``): without this the ranks kept their own gradients, silently."""
 
     @staticmethod
     def forward(ctx, hidden, root_output):
@@ -547,7 +564,7 @@ def _run_capturing(model: torch.nn.Module, inner: torch.nn.Module, backbone: tor
         )
     out = outputs[0]
     logits = getattr(root_output, "logits", None)
-    if (_is_fsdp1(model) and isinstance(logits, torch.Tensor) and logits.requires_grad
+    if ((_is_fsdp1(model) or _is_ddp(model)) and isinstance(logits, torch.Tensor) and logits.requires_grad
             and isinstance(getattr(out, "last_hidden_state", None), torch.Tensor)):
         out.last_hidden_state = _AfterRootOutput.apply(out.last_hidden_state, logits)
     return out
