@@ -317,6 +317,14 @@ def test_zero3_partitioned_head_runs_inside_its_module_hooks(seed):
 
     with pytest.raises(ValueError, match="no module to gather it"):
         T.LMHead(module.weight).logprobs(hidden, labels)
+    # the partitioned weight itself, passed to the primitive or a loss module, holds no data: named as such
+    import fastkto
+    from fastkto.loss import DPOLoss
+
+    for call in (lambda: fastkto.sequence_logps(hidden, module.weight, labels),
+                 lambda: DPOLoss()(hidden, module.weight, labels, ref_logps=torch.zeros(2))):
+        with pytest.raises(ValueError, match=r"weight is a DeepSpeed ZeRO-3 partitioned parameter.*get_lm_head"):
+            call()
 
 
 class _RootWrapper(torch.nn.Module):

@@ -75,6 +75,13 @@ def _check_inputs(hidden, weight, labels, bias, ignore_index, temperature, softc
         )
     if hidden.dim() < 1:
         raise ValueError("hidden must have shape (..., D), got a 0-d tensor")
+    if weight.dim() != 2 and getattr(weight, "ds_shape", None) is not None:
+        raise ValueError(
+            f"weight is a DeepSpeed ZeRO-3 partitioned parameter (shape {tuple(weight.shape)} on this rank, "
+            f"{tuple(weight.ds_shape)} in full): it holds no data outside its module's forward. Score with "
+            "fastkto.integrations.transformers.get_lm_head(model).sequence_logps(hidden, labels), which runs inside "
+            "the head module's ZeRO-3 hooks, and take the loss from fastkto.loss.kto_loss / dpo_loss"
+        )
     if weight.dim() != 2:
         raise ValueError(f"weight must have shape (V, D), got {tuple(weight.shape)}")
     if weight.shape[1] != hidden.shape[-1]:
