@@ -370,6 +370,41 @@ def test_fsdp1_root_output_joins_the_backward(monkeypatch, seed):
     assert wrapper.pre_backward_calls == 1, "without the join the root's hook never fires (the test can fail)"
 
 
+class _BreakingWrapper(torch.nn.Module):
+    """A ``.module`` wrapper whose forward breaks Dynamo's graph, as DDP's does (Dynamo skips its inner call)."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, **kwargs):
+        torch._dynamo.graph_break()
+        return self.module(**kwargs)
+
+
+def test_hidden_states_of_a_wrapper_inside_a_compiled_function(seed):
+    """``torch.compile`` of a function that calls ``hidden_states(wrapper, ...)``, a wrapper whose forward breaks the
+    graph (DDP, or a print): Dynamo replayed the capture hook's append besides the hook's own run, so the same output
+    was recorded twice and every call from the second on raised "called the backbone more than once" (found with
+    a step compiled around DDP). Two calls, equal to eager in values and gradients."""
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**COMMON, "num_hidden_layers": 1})).eval()
+    wrapper = _BreakingWrapper(model)
+    ids, mask, labels = padded_batch()
+    params = list(model.parameters())
+    want_hidden = T.hidden_states(model, ids, mask)
+    want = torch.autograd.grad(T.get_lm_head(model).sequence_logps(want_hidden[:, :-1], labels).sum(), params)
+    torch._dynamo.reset()
+    try:
+        run = torch.compile(lambda ids, mask: T.hidden_states(wrapper, ids, mask), backend="eager")
+        for _ in range(2):
+            hidden = run(ids, mask)
+            got = torch.autograd.grad(T.get_lm_head(wrapper).sequence_logps(hidden[:, :-1], labels).sum(), params)
+            torch.testing.assert_close(hidden, want_hidden, rtol=0, atol=1e-6)
+            assert_grads_close(got, want)
+    finally:
+        torch._dynamo.reset()
+
+
 def test_module_forward_swap_restores_an_instance_forward():
     """Wrappers (accelerate's hooks) set ``module.forward`` on the instance: it must survive fastkto's call."""
     module = torch.nn.Identity()

@@ -547,6 +547,10 @@ def _run_capturing(model: torch.nn.Module, inner: torch.nn.Module, backbone: tor
         outputs = capture.outputs
     finally:
         capture.active, capture.outputs = False, []
+    if len(outputs) > 1 and all(o is outputs[0] for o in outputs):
+        # one output recorded twice: a step compiled around DDP replays the hook's append (a side effect of a frame
+        # Dynamo traced) besides the hook's own run; a backbone called twice gives two different objects
+        outputs = outputs[:1]
     if _is_fsdp2(inner) and _root_resharded(inner):
         raise ValueError(
             f"fully_shard({type(inner).__name__}, reshard_after_forward=True) at the root: hidden_states calls the "
