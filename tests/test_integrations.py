@@ -389,14 +389,15 @@ def test_hidden_states_of_a_wrapper_inside_a_compiled_function(seed):
     a step compiled around DDP). Two calls, equal to eager in values and gradients."""
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**COMMON, "num_hidden_layers": 1})).eval()
     wrapper = _BreakingWrapper(model)
-    ids, mask, labels = padded_batch()
     params = list(model.parameters())
-    want_hidden = T.hidden_states(model, ids, mask)
-    want = torch.autograd.grad(T.get_lm_head(model).sequence_logps(want_hidden[:, :-1], labels).sum(), params)
     torch._dynamo.reset()
     try:
         run = torch.compile(lambda ids, mask: T.hidden_states(wrapper, ids, mask), backend="eager")
-        for _ in range(2):
+        for _ in range(2):  # a new batch each call: a stale output would show
+            ids, mask, labels = padded_batch()
+            want_hidden = T.hidden_states(model, ids, mask)
+            want = torch.autograd.grad(T.get_lm_head(model).sequence_logps(want_hidden[:, :-1], labels).sum(),
+                                       params)
             hidden = run(ids, mask)
             got = torch.autograd.grad(T.get_lm_head(wrapper).sequence_logps(hidden[:, :-1], labels).sum(), params)
             torch.testing.assert_close(hidden, want_hidden, rtol=0, atol=1e-6)
