@@ -384,9 +384,10 @@ class _BreakingWrapper(torch.nn.Module):
 
 def test_hidden_states_of_a_wrapper_inside_a_compiled_function(seed):
     """``torch.compile`` of a function that calls ``hidden_states(wrapper, ...)``, a wrapper whose forward breaks the
-    graph (DDP, or a print): Dynamo replayed the capture hook's append besides the hook's own run, so the same output
-    was recorded twice and every call from the second on raised "called the backbone more than once" (found with
-    a step compiled around DDP). Two calls, equal to eager in values and gradients."""
+    graph (DDP does): the compiled frame installed the capture hook again on every call (its lookup of the installed
+    one is not guarded), so from the second call on each output was recorded twice and the call raised "called the
+    backbone more than once" (found with a step compiled around DDP). Two calls, equal to eager in values and
+    gradients, and one hook."""
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**COMMON, "num_hidden_layers": 1})).eval()
     wrapper = _BreakingWrapper(model)
     params = list(model.parameters())
@@ -402,6 +403,7 @@ def test_hidden_states_of_a_wrapper_inside_a_compiled_function(seed):
             got = torch.autograd.grad(T.get_lm_head(wrapper).sequence_logps(hidden[:, :-1], labels).sum(), params)
             torch.testing.assert_close(hidden, want_hidden, rtol=0, atol=1e-6)
             assert_grads_close(got, want)
+        assert len(model.model._forward_hooks) == 1
     finally:
         torch._dynamo.reset()
 

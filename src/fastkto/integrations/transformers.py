@@ -509,6 +509,18 @@ def _capture_of(backbone: torch.nn.Module) -> _Capture:
     new graph that contains the hook."""
     capture = backbone.__dict__.get("_fastkto_capture")
     if capture is None:
+        capture = _install_capture(backbone)
+    return capture
+
+
+@torch._dynamo.disable
+def _install_capture(backbone: torch.nn.Module) -> _Capture:
+    """Installs the capture slot and hook once, outside Dynamo. Traced (first use inside a compiled caller), the
+    lookup above is not guarded, so that frame takes this branch on every call: each call then added one more hook
+    (every backbone output recorded once per hook: "called the backbone more than once") and a new slot. Run
+    eagerly, the check below sees the slot the first call installed."""
+    capture = backbone.__dict__.get("_fastkto_capture")
+    if capture is None:
         capture = _Capture()
         backbone.register_forward_hook(_capture_hook)
         backbone.__dict__["_fastkto_capture"] = capture
@@ -547,10 +559,6 @@ def _run_capturing(model: torch.nn.Module, inner: torch.nn.Module, backbone: tor
         outputs = capture.outputs
     finally:
         capture.active, capture.outputs = False, []
-    if len(outputs) > 1 and all(o is outputs[0] for o in outputs):
-        # one output recorded twice: a step compiled around DDP replays the hook's append (a side effect of a frame
-        # Dynamo traced) besides the hook's own run; a backbone called twice gives two different objects
-        outputs = outputs[:1]
     if _is_fsdp2(inner) and _root_resharded(inner):
         raise ValueError(
             f"fully_shard({type(inner).__name__}, reshard_after_forward=True) at the root: hidden_states calls the "
