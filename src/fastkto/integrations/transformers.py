@@ -509,11 +509,12 @@ def _capture_of(backbone: torch.nn.Module) -> _Capture:
     new graph that contains the hook."""
     capture = backbone.__dict__.get("_fastkto_capture")
     if capture is None:
-        capture = _install_capture(backbone)
+        import torch._dynamo  # loaded with any transformers model already; not at fastkto's import (2 s)
+
+        capture = torch._dynamo.disable(_install_capture)(backbone)
     return capture
 
 
-@torch._dynamo.disable
 def _install_capture(backbone: torch.nn.Module) -> _Capture:
     """Installs the capture slot and hook once, outside Dynamo. Traced (first use inside a compiled caller), the
     lookup above is not guarded, so that frame takes this branch on every call: each call then added one more hook
