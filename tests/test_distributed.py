@@ -890,6 +890,11 @@ def _fsdp2_root_llama(rank, world, seed, tied, head_unit=False):
             head = T.get_lm_head(model)
             assert head.weight is model.lm_head.weight
         kinds.add(f"step {step}: {type(head.weight).__name__}")
+        if step == 0:  # the materialized logits (naive baselines, metric chunks) gather a DTensor head too
+            with torch.no_grad():
+                want_logits = single(input_ids=ids[rows], use_cache=False).logits[:, :3].double()
+                torch.testing.assert_close(head.logits(hidden[:, :3].detach()).double(), want_logits, rtol=0,
+                                           atol=ATOL_VALUE)
         logps = head.sequence_logps(hidden, labels[rows])
         kto_loss(logps, ref_logps[rows], desirable[rows], kl=0.5, beta=0.5).loss.backward()
         want = dict(single.named_parameters())

@@ -57,6 +57,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import packing, reference
+from ..distributed import gather_sharded
 from ..logprob import _packed_lengths, fused_logprobs, sequence_logps
 from .gguf import load_gguf_model, plain_model
 from .packed_attention import VARLEN_SDPA, PackedMaskRecorder, packed_layout, run_packed, use_varlen_sdpa
@@ -393,10 +394,13 @@ class LMHead:
                               **self.kwargs(), **kwargs)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The materialized, transformed logits (..., V) in float32: for small metric chunks and naive baselines."""
+        """The materialized, transformed logits (..., V) in float32: for small metric chunks and naive baselines.
+        A ZeRO-3 partitioned head is gathered for the call; a DTensor (FSDP2-sharded) one is all-gathered, its
+        gradient reduce-scattered as ``fused_logprobs`` does (``fastkto.distributed.gather_sharded``)."""
         with gathered_parameters(self.weight, self.bias):
-            return reference.logits(hidden, self.weight, self.bias, softcap=self.softcap,
-                                    temperature=self.temperature, dtype=torch.float32)
+            weight, bias = gather_sharded(self.weight, self.bias)
+            return reference.logits(hidden, weight, bias, softcap=self.softcap, temperature=self.temperature,
+                                    dtype=torch.float32)
 
 
 def get_lm_head(model: torch.nn.Module, *, temperature: float = 1.0) -> LMHead:
