@@ -835,6 +835,31 @@ def test_ddp_llama_through_hidden_states_matches_single_process(cluster, seed, t
     cluster.run(_ddp_llama, seed, tied)
 
 
+def _ddp_static_graph_llama(rank, world, seed):
+    """``DistributedDataParallel(static_graph=True)`` (what reentrant gradient checkpointing under DDP needs) starts
+    its first backward's all-reduce from a node on the wrapper's outputs; the loss reaches the model through the
+    backbone's output instead, so ``hidden_states`` must route the backward through the root's output too. Two
+    iterations: the first (the graph recorded, the all-reduce delayed to the end of backward) and a steady one."""
+    import copy
+
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    model, (batch,) = _llama_setup(seed, world, False)
+    single = copy.deepcopy(model)
+    _llama_kto_loss(single, batch, slice(None)).backward()
+    want = dict(single.named_parameters())
+    ddp = DDP(model, process_group=_STATE["group"], static_graph=True)
+    for step in range(2):
+        model.zero_grad(set_to_none=True)
+        _llama_kto_loss(ddp, batch, slice(rank * 2, (rank + 1) * 2)).backward()
+        for name, p in model.named_parameters():
+            _check_grad(f"DDP(static_graph) step {step} {name}", p.grad, want[name].grad.double())
+
+
+def test_ddp_static_graph_through_hidden_states_syncs_gradients(cluster, seed):
+    cluster.run(_ddp_static_graph_llama, seed)
+
+
 def _fsdp2_root_llama(rank, world, seed, tied, head_unit=False):
     """docs/scale-out.md's FSDP2 layout (each decoder layer a unit, the root unit holding the embeddings, the final
     norm and the head, tied or not): 3 SGD steps with momentum equal one process on the whole batch, gradients and
@@ -874,6 +899,11 @@ def _fsdp2_root_llama(rank, world, seed, tied, head_unit=False):
             head = T.get_lm_head(model)
             assert head.weight is model.lm_head.weight
         kinds.add(f"step {step}: {type(head.weight).__name__}")
+        if step == 0:  # the materialized logits (naive baselines, metric chunks) gather a DTensor head too
+            with torch.no_grad():
+                want_logits = single(input_ids=ids[rows], use_cache=False).logits[:, :3].double()
+                torch.testing.assert_close(head.logits(hidden[:, :3].detach()).double(), want_logits, rtol=0,
+                                           atol=ATOL_VALUE)
         logps = head.sequence_logps(hidden, labels[rows])
         kto_loss(logps, ref_logps[rows], desirable[rows], kl=0.5, beta=0.5).loss.backward()
         want = dict(single.named_parameters())

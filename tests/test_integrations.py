@@ -317,6 +317,14 @@ def test_zero3_partitioned_head_runs_inside_its_module_hooks(seed):
 
     with pytest.raises(ValueError, match="no module to gather it"):
         T.LMHead(module.weight).logprobs(hidden, labels)
+    # the partitioned weight itself, passed to the primitive or a loss module, holds no data: named as such
+    import fastkto
+    from fastkto.loss import DPOLoss
+
+    for call in (lambda: fastkto.sequence_logps(hidden, module.weight, labels),
+                 lambda: DPOLoss()(hidden, module.weight, labels, ref_logps=torch.zeros(2))):
+        with pytest.raises(ValueError, match=r"weight is a DeepSpeed ZeRO-3 partitioned parameter.*get_lm_head"):
+            call()
 
 
 class _RootWrapper(torch.nn.Module):
@@ -360,6 +368,44 @@ def test_fsdp1_root_output_joins_the_backward(monkeypatch, seed):
     monkeypatch.setattr(T, "_is_fsdp1", lambda m: False)
     T.get_lm_head(wrapper).sequence_logps(T.hidden_states(wrapper, ids, mask)[:, :-1], labels).sum().backward()
     assert wrapper.pre_backward_calls == 1, "without the join the root's hook never fires (the test can fail)"
+
+
+class _BreakingWrapper(torch.nn.Module):
+    """A ``.module`` wrapper whose forward breaks Dynamo's graph, as DDP's does (Dynamo skips its inner call)."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, **kwargs):
+        torch._dynamo.graph_break()
+        return self.module(**kwargs)
+
+
+def test_hidden_states_of_a_wrapper_inside_a_compiled_function(seed):
+    """``torch.compile`` of a function that calls ``hidden_states(wrapper, ...)``, a wrapper whose forward breaks the
+    graph (DDP does): the compiled frame installed the capture hook again on every call (its lookup of the installed
+    one is not guarded), so from the second call on each output was recorded twice and the call raised "called the
+    backbone more than once" (found with a step compiled around DDP). Two calls, equal to eager in values and
+    gradients, and one hook."""
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**COMMON, "num_hidden_layers": 1})).eval()
+    wrapper = _BreakingWrapper(model)
+    params = list(model.parameters())
+    torch._dynamo.reset()
+    try:
+        run = torch.compile(lambda ids, mask: T.hidden_states(wrapper, ids, mask), backend="eager")
+        for _ in range(2):  # a new batch each call: a stale output would show
+            ids, mask, labels = padded_batch()
+            want_hidden = T.hidden_states(model, ids, mask)
+            want = torch.autograd.grad(T.get_lm_head(model).sequence_logps(want_hidden[:, :-1], labels).sum(),
+                                       params)
+            hidden = run(ids, mask)
+            got = torch.autograd.grad(T.get_lm_head(wrapper).sequence_logps(hidden[:, :-1], labels).sum(), params)
+            torch.testing.assert_close(hidden, want_hidden, rtol=0, atol=1e-6)
+            assert_grads_close(got, want)
+        assert len(model.model._forward_hooks) == 1
+    finally:
+        torch._dynamo.reset()
 
 
 def test_module_forward_swap_restores_an_instance_forward():

@@ -440,6 +440,33 @@ def test_autocast_runs_the_head_in_the_autocast_dtype(backend, seed):
     assert h.grad.dtype == torch.float32 and torch.equal(h.grad, h2.grad) and torch.equal(w.grad, w2.grad)
 
 
+def test_autocast_accepts_a_head_in_another_dtype_in_every_entry_point(seed):
+    """Under autocast an fp32 hidden state meets a bf16 head (a bf16 copy of the head, a norm computed in fp32):
+    every entry point casts both to the autocast dtype, as fused_logprobs does, instead of refusing them with an
+    error that asks for autocast. Equal to the explicit cast."""
+    from fastkto.loss import DPOLoss, KTOLoss
+
+    hidden, weight, labels, _ = make_inputs((4, 9), 24, 60, torch.float32)
+    labels[:, 0] = 7  # every row scored
+    w16 = weight.bfloat16()
+    desirable = torch.tensor([True, False, True, False])
+    calls = {
+        "sequence_logps": lambda h, w: fastkto.sequence_logps(h, w, labels, backend="torch"),
+        "KTOLoss": lambda h, w: KTOLoss(beta=0.5, backend="torch")(h, w, labels, desirable, ref_logps=-torch.ones(4),
+                                                                   kl=0.1).loss,
+        "DPOLoss": lambda h, w: DPOLoss(beta=0.5, backend="torch")(h, w, labels, ref_logps=-torch.ones(4)).loss,
+    }
+    for name, call in calls.items():
+        h, h2 = hidden.clone().requires_grad_(), hidden.clone().requires_grad_()
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
+            got = call(h, w16)
+        want = call(h2.bfloat16(), w16)
+        got.sum().backward()
+        want.sum().backward()
+        assert torch.equal(got, want), name
+        assert h.grad.dtype == torch.float32 and torch.equal(h.grad, h2.grad), name
+
+
 @pytest.mark.parametrize("accumulate_support", [(True, True), (True, False)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_torch_path_in_its_cuda_form(monkeypatch, accumulate_support, dtype, seed):

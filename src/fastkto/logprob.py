@@ -72,7 +72,8 @@ def _check_inputs(hidden, weight, labels, bias, ignore_index, temperature, softc
         raise TypeError(f"hidden must be float32, bfloat16 or float16, got {hidden.dtype}")
     if weight.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"weight must be float32, bfloat16 or float16, got {weight.dtype}")
-    if hidden.dtype != weight.dtype:
+    # under autocast every entry point casts hidden, weight and bias to the autocast dtype first (``_autocast``)
+    if hidden.dtype != weight.dtype and not _autocasting(hidden):
         raise TypeError(
             f"hidden and weight must share a dtype, got hidden {hidden.dtype} and weight {weight.dtype}: run the call "
             f"under torch.autocast (as the model's own head runs in mixed precision), or cast one of them, e.g. "
@@ -82,6 +83,13 @@ def _check_inputs(hidden, weight, labels, bias, ignore_index, temperature, softc
         raise ValueError("hidden must have shape (..., D), got a 0-d tensor")
     if hidden.shape[-1] == 0:
         raise ValueError(f"hidden must have a hidden size D >= 1, got shape {tuple(hidden.shape)}")
+    if weight.dim() != 2 and getattr(weight, "ds_shape", None) is not None:
+        raise ValueError(
+            f"weight is a DeepSpeed ZeRO-3 partitioned parameter (shape {tuple(weight.shape)} on this rank, "
+            f"{tuple(weight.ds_shape)} in full): it holds no data outside its module's forward. Score with "
+            "fastkto.integrations.transformers.get_lm_head(model).sequence_logps(hidden, labels), which runs inside "
+            "the head module's ZeRO-3 hooks, and take the loss from fastkto.loss.kto_loss / dpo_loss"
+        )
     if weight.dim() != 2:
         raise ValueError(f"weight must have shape (V, D), got {tuple(weight.shape)}")
     if weight.shape[1] != hidden.shape[-1]:
@@ -102,7 +110,7 @@ def _check_inputs(hidden, weight, labels, bias, ignore_index, temperature, softc
             raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
         if bias.shape != (weight.shape[0],):
             raise ValueError(f"bias must have shape (V,) = ({weight.shape[0]},), got {tuple(bias.shape)}")
-        if bias.dtype != weight.dtype:
+        if bias.dtype != weight.dtype and not _autocasting(hidden):
             raise TypeError(f"bias must have weight's dtype {weight.dtype}, got {bias.dtype}")
     devices = {t.device for t in (hidden, weight, labels) + (() if bias is None else (bias,))}
     if len(devices) > 1:
@@ -117,12 +125,17 @@ def _check_inputs(hidden, weight, labels, bias, ignore_index, temperature, softc
     _check_number("softcap", softcap, optional=True)
 
 
+def _autocasting(hidden) -> bool:
+    """True when ``_autocast`` will cast a call's floating inputs (autocast is on for hidden's device)."""
+    return (isinstance(hidden, torch.Tensor) and hidden.device.type != "meta"
+            and torch.is_autocast_enabled(hidden.device.type))
+
+
 def _autocast(hidden, weight, bias):
     """Under ``torch.autocast`` the head runs in the autocast dtype, as an ``nn.Linear`` would there; the casts are
     ordinary autograd ops, so fp32 master weights get fp32 gradients."""
     # meta tensors have no autocast state to ask about; _check_inputs names them
-    if (not isinstance(hidden, torch.Tensor) or hidden.device.type == "meta"
-            or not torch.is_autocast_enabled(hidden.device.type)):
+    if not _autocasting(hidden):
         return hidden, weight, bias
     dtype = torch.get_autocast_dtype(hidden.device.type)
 

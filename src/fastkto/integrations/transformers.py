@@ -57,6 +57,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import packing, reference
+from ..distributed import gather_sharded
 from ..logprob import _packed_lengths, fused_logprobs, sequence_logps
 from .gguf import load_gguf_model, plain_model
 from .packed_attention import VARLEN_SDPA, PackedMaskRecorder, packed_layout, run_packed, use_varlen_sdpa
@@ -138,6 +139,21 @@ def _is_module_wrapper(model: torch.nn.Module) -> bool:
     return (isinstance(engine, type) and isinstance(model, engine)) or _is_fsdp1(model) or not hasattr(model, "config")
 
 
+def _is_ddp(model: torch.nn.Module) -> bool:
+    """``DistributedDataParallel`` anywhere in ``model``'s chain of wrappers (it may sit inside ``torch.compile``)."""
+    ddp = getattr(sys.modules.get("torch.nn.parallel"), "DistributedDataParallel", None)
+    for _ in range(8):
+        if isinstance(ddp, type) and isinstance(model, ddp):
+            return True
+        inner = getattr(model, "_orig_mod", None)
+        if not isinstance(inner, torch.nn.Module):
+            inner = model.module if _is_module_wrapper(model) else None
+        if inner is None:
+            return False
+        model = inner
+    return False
+
+
 def _is_fsdp1(model: torch.nn.Module) -> bool:
     """``FullyShardedDataParallel`` (FSDP1), recognised by type without importing torch.distributed."""
     fsdp = sys.modules.get("torch.distributed.fsdp")
@@ -150,7 +166,9 @@ class _AfterRootOutput(torch.autograd.Function):
     gradient, which costs nothing. FSDP1 starts its backward from hooks on the root's forward outputs (it then
     marks the root's parameters as in backward and queues the callback that waits for the gradient reductions);
     the loss reaches the model through the backbone's output, not the root's, so without this those hooks would
-    never fire and the root's post-backward hook would find its parameters still in forward."""
+    never fire and the root's post-backward hook would find its parameters still in forward. DDP with
+    ``static_graph=True`` likewise queues its first iteration's delayed all-reduce from a node on its outputs
+    (``_DDPSink``): without this the ranks kept their own gradients, silently."""
 
     @staticmethod
     def forward(ctx, hidden, root_output):
@@ -376,10 +394,13 @@ class LMHead:
                               **self.kwargs(), **kwargs)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The materialized, transformed logits (..., V) in float32: for small metric chunks and naive baselines."""
+        """The materialized, transformed logits (..., V) in float32: for small metric chunks and naive baselines.
+        A ZeRO-3 partitioned head is gathered for the call; a DTensor (FSDP2-sharded) one is all-gathered, its
+        gradient reduce-scattered as ``fused_logprobs`` does (``fastkto.distributed.gather_sharded``)."""
         with gathered_parameters(self.weight, self.bias):
-            return reference.logits(hidden, self.weight, self.bias, softcap=self.softcap,
-                                    temperature=self.temperature, dtype=torch.float32)
+            weight, bias = gather_sharded(self.weight, self.bias)
+            return reference.logits(hidden, weight, bias, softcap=self.softcap, temperature=self.temperature,
+                                    dtype=torch.float32)
 
 
 def get_lm_head(model: torch.nn.Module, *, temperature: float = 1.0) -> LMHead:
@@ -513,6 +534,19 @@ def _capture_of(backbone: torch.nn.Module) -> _Capture:
     new graph that contains the hook."""
     capture = backbone.__dict__.get("_fastkto_capture")
     if capture is None:
+        import torch._dynamo  # loaded with any transformers model already; not at fastkto's import (2 s)
+
+        capture = torch._dynamo.disable(_install_capture)(backbone)
+    return capture
+
+
+def _install_capture(backbone: torch.nn.Module) -> _Capture:
+    """Installs the capture slot and hook once, outside Dynamo. Traced (first use inside a compiled caller), the
+    lookup above is not guarded, so that frame takes this branch on every call: each call then added one more hook
+    (every backbone output recorded once per hook: "called the backbone more than once") and a new slot. Run
+    eagerly, the check below sees the slot the first call installed."""
+    capture = backbone.__dict__.get("_fastkto_capture")
+    if capture is None:
         capture = _Capture()
         backbone.register_forward_hook(_capture_hook)
         backbone.__dict__["_fastkto_capture"] = capture
@@ -568,7 +602,7 @@ def _run_capturing(model: torch.nn.Module, inner: torch.nn.Module, backbone: tor
         )
     out = outputs[0]
     logits = getattr(root_output, "logits", None)
-    if (_is_fsdp1(model) and isinstance(logits, torch.Tensor) and logits.requires_grad
+    if ((_is_fsdp1(model) or _is_ddp(model)) and isinstance(logits, torch.Tensor) and logits.requires_grad
             and isinstance(getattr(out, "last_hidden_state", None), torch.Tensor)):
         out.last_hidden_state = _AfterRootOutput.apply(out.last_hidden_state, logits)
     return out
