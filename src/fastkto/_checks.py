@@ -23,6 +23,7 @@ __all__ = [
     "check_bool",
     "check_count",
     "check_process_group",
+    "check_integer_tensor",
 ]
 
 
@@ -34,6 +35,14 @@ def is_number(value) -> bool:
 def shape_of(t) -> str:
     """The shape of a tensor as a tuple string, or the type name of anything else (for error messages)."""
     return str(tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__
+
+
+def check_integer_tensor(name: str, value, what: str) -> None:
+    """TypeError unless ``value`` is a tensor of integers (not bool): ``what`` says what they are."""
+    if not isinstance(value, torch.Tensor) or value.dtype.is_floating_point or value.dtype.is_complex \
+            or value.dtype == torch.bool:
+        got = value.dtype if isinstance(value, torch.Tensor) else type(value).__name__
+        raise TypeError(f"{name} must be an integer tensor of {what}, got {got}")
 
 
 def _number(name: str, value) -> bool:

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from . import packing
-from ._checks import check_bool, check_count, check_int
+from ._checks import check_bool, check_count, check_int, check_integer_tensor
 from .value_checks import host_reads_allowed
 
 __all__ = [
@@ -364,10 +364,7 @@ def shift_labels(input_ids: torch.Tensor, completion_mask: torch.Tensor, *, igno
         (B, T) int64 labels on input_ids' device, to pair with ``hidden_states(model, input_ids)`` of shape
         (B, T, D) without any slicing.
     """
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dtype.is_floating_point or input_ids.dtype.is_complex \
-            or input_ids.dtype == torch.bool:
-        got = input_ids.dtype if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
-        raise TypeError(f"input_ids must be an integer tensor of token ids, got {got}")
+    check_integer_tensor("input_ids", input_ids, "token ids")
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must have shape (B, T), got {tuple(input_ids.shape)}")
     if not isinstance(completion_mask, torch.Tensor) or tuple(completion_mask.shape) != tuple(input_ids.shape):

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import shape_of
+from ._checks import check_integer_tensor, shape_of
 from .value_checks import ValueChecks, host_reads_allowed
 
 __all__ = [
@@ -218,10 +218,7 @@ def _check_segments(name: str, values, lengths) -> None:
     """``segment_sums`` / ``segment_counts``' shape and dtype checks (no values read)."""
     if not isinstance(values, torch.Tensor) or values.dim() != 1:
         raise ValueError(f"{name} must have shape (T_total,) (the packed tokens), got {shape_of(values)}")
-    if not isinstance(lengths, torch.Tensor) or lengths.dtype.is_floating_point or lengths.dtype.is_complex \
-            or lengths.dtype == torch.bool:
-        got = lengths.dtype if isinstance(lengths, torch.Tensor) else type(lengths).__name__
-        raise TypeError(f"lengths must be an integer tensor of sequence lengths, got {got}")
+    check_integer_tensor("lengths", lengths, "sequence lengths")
     if lengths.dim() != 1:
         raise ValueError(f"lengths must have shape (S,), got {shape_of(lengths)}")
 

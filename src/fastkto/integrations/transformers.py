@@ -57,6 +57,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import packing, reference
+from .._checks import check_integer_tensor
 from ..distributed import gather_sharded
 from ..logprob import _packed_lengths, fused_logprobs, sequence_logps
 from .gguf import load_gguf_model, plain_model
@@ -494,10 +495,7 @@ def _check_token_inputs(input_ids, attention_mask) -> None:
     model would fail inside its embedding or attention, or (a shorter all-ones mask) drop the mask silently."""
     if input_ids is None:
         return  # inputs_embeds: the model checks them
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dtype.is_floating_point or input_ids.dtype.is_complex \
-            or input_ids.dtype == torch.bool:
-        got = input_ids.dtype if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
-        raise TypeError(f"input_ids must be an integer tensor of token ids, got {got}")
+    check_integer_tensor("input_ids", input_ids, "token ids")
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must have shape (B, T), got {tuple(input_ids.shape)} (one row: input_ids[None])")
     if input_ids.numel() == 0:
