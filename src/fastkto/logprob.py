@@ -48,7 +48,9 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> s
     return backend
 
 
-def _check_number(name: str, value, *, optional: bool = False) -> None:
+def _check_number(name: str, value, *, optional: bool = False, inverted: bool = False) -> None:
+    """A finite number > 0 (or None when ``optional``); ``inverted``: the kernels multiply by its float32 inverse,
+    so it must be at least float32's smallest normal."""
     if optional and value is None:
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -57,7 +59,7 @@ def _check_number(name: str, value, *, optional: bool = False) -> None:
         return  # dynamic=True traces Python numbers symbolically: their values are checked by the eager calls
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"{name} must be a finite number > 0, got {value}")
-    if name in ("temperature", "softcap") and value < _TINY:
+    if inverted and value < _TINY:
         raise ValueError(f"{name} must be >= {_TINY} (the kernels multiply by 1 / {name}, a float32), got {value}")
 
 
@@ -121,8 +123,8 @@ def _check_inputs(hidden, weight, labels, bias, ignore_index, temperature, softc
             "init_empty_weights / device_map='meta' and never materialized): load or move them to cpu / cuda first"
         )
     check_int("ignore_index", ignore_index)
-    _check_number("temperature", temperature)
-    _check_number("softcap", softcap, optional=True)
+    _check_number("temperature", temperature, inverted=True)
+    _check_number("softcap", softcap, optional=True, inverted=True)
 
 
 def _autocasting(hidden) -> bool:
