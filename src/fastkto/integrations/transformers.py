@@ -109,8 +109,8 @@ def unwrap_model(model: torch.nn.Module, *, allow_prompt_learning: bool = False)
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    for _ in range(8):  # wrappers nest a few levels at most
-        peft = _peft_model(model)
+    for level in _wrapper_chain(model):  # the last, innermost level is the answer
+        peft = _peft_model(level)
         if peft is not None:
             config = peft.peft_config.get(peft.active_adapter)
             if not allow_prompt_learning and config is not None and getattr(config, "is_prompt_learning", False):
@@ -118,14 +118,24 @@ def unwrap_model(model: torch.nn.Module, *, allow_prompt_learning: bool = False)
                     "prompt-learning PEFT methods (prefix / prompt tuning) inject virtual tokens in PeftModel.forward, "
                     "which running the backbone directly would skip; use an adapter method such as LoRA"
                 )
+    return level
+
+
+def _wrapper_chain(model: torch.nn.Module):
+    """``model``, then each model inside it, outermost first: a PEFT model's base model, ``torch.compile``'s
+    ``_orig_mod``, a ``.module`` wrapper's module (DDP, FSDP1, a DeepSpeed engine); the last is the innermost."""
+    yield model
+    for _ in range(8):  # wrappers nest a few levels at most
+        peft = _peft_model(model)
+        if peft is not None:
             model = peft.get_base_model()
         elif hasattr(model, "_orig_mod"):
             model = model._orig_mod
         elif _is_module_wrapper(model):
             model = model.module
         else:
-            return model
-    return model
+            return
+        yield model
 
 
 def _is_module_wrapper(model: torch.nn.Module) -> bool:
@@ -143,16 +153,7 @@ def _is_module_wrapper(model: torch.nn.Module) -> bool:
 def _is_ddp(model: torch.nn.Module) -> bool:
     """``DistributedDataParallel`` anywhere in ``model``'s chain of wrappers (it may sit inside ``torch.compile``)."""
     ddp = getattr(sys.modules.get("torch.nn.parallel"), "DistributedDataParallel", None)
-    for _ in range(8):
-        if isinstance(ddp, type) and isinstance(model, ddp):
-            return True
-        inner = getattr(model, "_orig_mod", None)
-        if not isinstance(inner, torch.nn.Module):
-            inner = model.module if _is_module_wrapper(model) else None
-        if inner is None:
-            return False
-        model = inner
-    return False
+    return isinstance(ddp, type) and any(isinstance(level, ddp) for level in _wrapper_chain(model))
 
 
 def _is_fsdp1(model: torch.nn.Module) -> bool:
@@ -186,22 +187,17 @@ def _wrappers(model: torch.nn.Module) -> list[str]:
     backbone directly would skip: ``.module`` wrappers (DDP, FSDP1, a DeepSpeed engine), ``torch.compile``,
     ``model.compile()`` and an FSDP2 root (``fully_shard``). PEFT adapters live in the backbone's layers: not listed."""
     names = []
-    for _ in range(8):
-        if getattr(model, "_compiled_call_impl", None) is not None:
-            names.append(f"{type(model).__name__}.compile()")
-        if _is_fsdp2(model):
-            names.append(f"fully_shard({type(model).__name__})")
-        peft = _peft_model(model)
-        if peft is not None:
-            model = peft.get_base_model()
-        elif hasattr(model, "_orig_mod"):
+    for level in _wrapper_chain(model):
+        if getattr(level, "_compiled_call_impl", None) is not None:
+            names.append(f"{type(level).__name__}.compile()")
+        if _is_fsdp2(level):
+            names.append(f"fully_shard({type(level).__name__})")
+        if _peft_model(level) is not None:
+            continue
+        if hasattr(level, "_orig_mod"):
             names.append("torch.compile")
-            model = model._orig_mod
-        elif _is_module_wrapper(model):
-            names.append(type(model).__name__)
-            model = model.module
-        else:
-            break
+        elif _is_module_wrapper(level):
+            names.append(type(level).__name__)
     return names
 
 
